@@ -1,0 +1,232 @@
+"""The MQTT bus for asyncio services, on paho-mqtt 2.x.
+
+paho's network thread does the I/O and reconnects with backoff; every callback is handed to the
+asyncio loop with ``call_soon_threadsafe``, so service code never runs in paho's thread.
+Subscriptions are remembered and restored on every (re)connect, which also brings retained
+state back. Incoming payloads are validated by the topic registry; a bad one is logged, counted
+and dropped before any service code sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import ssl
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion
+
+from chargegate import payloads as p
+from chargegate.topics import Registry, TopicSpec
+
+log = structlog.get_logger("chargegate.bus")
+
+Handler = Callable[["Message"], Awaitable[None] | None]
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    spec: TopicSpec
+    params: dict[str, str]
+    payload: p.Payload
+    retained: bool
+
+
+@dataclass
+class _Sub:
+    filter: str
+    name: str | None  # registry name; None = raw
+    handler: Handler | None = None
+    queue: asyncio.Queue[Any] | None = None
+
+
+@dataclass
+class BusSettings:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    tls_insecure: bool = False
+    keepalive: int = 15
+    reconnect_min_s: float = 0.2
+    reconnect_max_s: float = 2.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Bus:
+    """A typed MQTT connection for one service."""
+
+    def __init__(self, service: str, registry: Registry, settings: BusSettings,
+                 will: p.Payload | None = None, will_topic: str | None = None) -> None:
+        self.service = service
+        self.registry = registry
+        self.settings = settings
+        self.connected = asyncio.Event()
+        self.connections = 0  # successful connects so far
+        self.dropped_publishes = 0
+        self._subs: list[_Sub] = []
+        self._on_connect: list[Callable[[], Awaitable[None] | None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+        self._logged_down = False
+        client_id = f"{service}-{uuid.uuid4().hex[:8]}"
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+        self._client.max_queued_messages_set(10_000)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=max(1, int(settings.reconnect_max_s)))
+        if settings.username:
+            self._client.username_pw_set(settings.username, settings.password)
+        if settings.ca_file or settings.cert_file:
+            self._client.tls_set(ca_certs=settings.ca_file, certfile=settings.cert_file,
+                                 keyfile=settings.key_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            self._client.tls_insecure_set(settings.tls_insecure)
+        if will is not None and will_topic is not None:
+            self._client.will_set(will_topic, will.to_json(), qos=1, retain=True)
+        self._client.on_connect = self._paho_connect
+        self._client.on_disconnect = self._paho_disconnect
+        self._client.on_message = self._paho_message
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self, wait: float | None = None) -> None:
+        """Connect in the background (retrying until the broker is there)."""
+        self._loop = asyncio.get_running_loop()
+        self._client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive)
+        self._client.loop_start()
+        if wait is not None:
+            await asyncio.wait_for(self.connected.wait(), wait)
+
+    async def stop(self, final: p.Payload | None = None, final_topic: str | None = None) -> None:
+        """Publish ``final`` (e.g. health offline) if connected, then disconnect cleanly."""
+        self._closing = True
+        if final is not None and final_topic is not None and self.connected.is_set():
+            info = self._client.publish(final_topic, final.to_json(), qos=1, retain=True)
+            await asyncio.get_running_loop().run_in_executor(None, lambda: info.wait_for_publish(1.0))
+        self._client.disconnect()
+        await asyncio.get_running_loop().run_in_executor(None, self._client.loop_stop)
+
+    def on_connect(self, fn: Callable[[], Awaitable[None] | None]) -> None:
+        """Run ``fn`` after every (re)connect, e.g. to republish state."""
+        self._on_connect.append(fn)
+
+    # -- publishing --------------------------------------------------------------------------
+    def publish(self, name: str, payload: p.Payload, **params: str) -> None:
+        spec = self.registry.spec(name)
+        if not isinstance(payload, spec.model):
+            raise TypeError(f"{name} takes {spec.model.__name__}, not {type(payload).__name__}")
+        self.publish_raw(self.registry.topic(name, **params), payload.to_json(), spec.qos, spec.retained)
+
+    def publish_raw(self, topic: str, data: bytes, qos: int = 0, retain: bool = False) -> None:
+        info = self._client.publish(topic, data, qos=qos, retain=retain)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            self.dropped_publishes += 1
+            log.warning("publish failed", topic=topic, rc=mqtt.error_string(info.rc))
+
+    def clear(self, name: str, **params: str) -> None:
+        """Remove a retained state topic (empty retained message)."""
+        self.publish_raw(self.registry.topic(name, **params), b"", 1, True)
+
+    # -- subscribing -------------------------------------------------------------------------
+    def subscribe(self, name: str, handler: Handler, **params: str) -> None:
+        """Call ``handler(message)`` for every valid message of topic ``name``."""
+        self._add(_Sub(self.registry.subscription(name, **params), name, handler=handler))
+
+    def subscribe_raw(self, topic_filter: str, handler: Callable[[str, bytes, bool], Any]) -> None:
+        """Unvalidated access for tools such as the status view (``handler(topic, payload, retained)``)."""
+        self._add(_Sub(topic_filter, None, handler=handler))  # type: ignore[arg-type]
+
+    async def messages(self, name: str, **params: str) -> AsyncIterator[Message]:
+        """Iterate over valid messages of topic ``name``."""
+        q: asyncio.Queue[Message] = asyncio.Queue(maxsize=10_000)
+        self._add(_Sub(self.registry.subscription(name, **params), name, queue=q))
+        while True:
+            yield await q.get()
+
+    def _add(self, sub: _Sub) -> None:
+        self._subs.append(sub)
+        if self.connected.is_set():
+            self._client.subscribe(sub.filter, qos=1)
+
+    # -- paho callbacks (paho's thread) ------------------------------------------------------
+    def _paho_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            if not self._logged_down:
+                log.warning("broker refused connection", reason=str(reason), host=self.settings.host,
+                            port=self.settings.port)
+                self._logged_down = True
+            return
+        for f in {s.filter for s in self._subs}:
+            client.subscribe(f, qos=1)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._connected)
+
+    def _paho_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._disconnected, str(reason))
+
+    def _paho_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._dispatch, msg.topic, msg.payload, bool(msg.retain))
+
+    # -- asyncio side ------------------------------------------------------------------------
+    def _connected(self) -> None:
+        self.connections += 1
+        self._logged_down = False
+        self.connected.set()
+        log.info("bus connected", host=self.settings.host, port=self.settings.port, connections=self.connections)
+        for fn in self._on_connect:
+            self._run(fn)
+
+    def _disconnected(self, reason: str) -> None:
+        was = self.connected.is_set()
+        self.connected.clear()
+        if was and not self._closing:
+            log.warning("bus disconnected, reconnecting", reason=reason)
+
+    def _dispatch(self, topic: str, payload: bytes, retained: bool) -> None:
+        parsed: tuple[TopicSpec, dict[str, str], p.Payload] | None = None
+        tried = False
+        for sub in self._subs:
+            if not mqtt.topic_matches_sub(sub.filter, topic):
+                continue
+            if sub.name is None:
+                self._run(sub.handler, topic, payload, retained)  # type: ignore[arg-type]
+                continue
+            if not tried:
+                parsed = self.registry.parse(topic, payload)
+                tried = True
+            if parsed is None or parsed[0].name != sub.name:
+                continue
+            msg = Message(topic, parsed[0], parsed[1], parsed[2], retained)
+            if sub.queue is not None:
+                try:
+                    sub.queue.put_nowait(msg)
+                except asyncio.QueueFull:
+                    log.warning("subscriber queue full, message dropped", topic=topic)
+            elif sub.handler is not None:
+                self._run(sub.handler, msg)
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            res = fn(*args)
+        except Exception:
+            log.exception("bus handler failed", handler=getattr(fn, "__qualname__", str(fn)))
+            return
+        if inspect.isawaitable(res):
+            task = asyncio.ensure_future(res)
+            task.add_done_callback(_log_task_error)
+
+
+def _log_task_error(task: asyncio.Future[Any]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error("bus handler failed", error=repr(exc), exc_info=exc)

@@ -1,0 +1,325 @@
+"""Pydantic models of every payload on the bus.
+
+Each model is bound to its topic pattern in :mod:`chargegate.topics`. Every payload carries
+``v`` (schema version) and ``ts`` (UTC, ISO 8601). Unknown keys are ignored so that a newer
+publisher does not break an older consumer; known keys are validated strictly.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+
+Amps = Annotated[float, Field(ge=0, le=1000)]
+SignedAmps = Annotated[float, Field(ge=-1000, le=1000)]
+PhaseCurrents = Annotated[list[SignedAmps], Field(min_length=3, max_length=3)]
+NonNegPhaseCurrents = Annotated[list[Amps], Field(min_length=3, max_length=3)]
+Ident = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Payload(BaseModel):
+    """Base of every bus payload."""
+
+    model_config = ConfigDict(extra="ignore", frozen=False)
+
+    v: Literal[1] = SCHEMA_VERSION
+    ts: AwareDatetime = Field(default_factory=utcnow)
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(exclude_none=False).encode()
+
+
+class IecState(StrEnum):
+    """IEC 61851-1 control pilot states."""
+
+    A = "A"  # no vehicle
+    B = "B"  # vehicle connected, not charging
+    C = "C"  # charging
+    D = "D"  # charging, ventilation required
+    E = "E"  # no power / short circuit
+    F = "F"  # EVSE fault
+
+
+class EvseState(StrEnum):
+    AVAILABLE = "available"
+    PREPARING = "preparing"
+    CHARGING = "charging"
+    SUSPENDED = "suspended"
+    FINISHING = "finishing"
+    FAULTED = "faulted"
+    UNAVAILABLE = "unavailable"
+    OFFLINE = "offline"
+
+
+class Session(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = Field(min_length=1, max_length=64)
+    started: AwareDatetime
+    energy_start_wh: float | None = Field(default=None, ge=0)
+    energy_wh: float = Field(default=0, ge=0)
+    id_tag: str | None = Field(default=None, max_length=64)
+
+
+class AppliedSetpoint(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    current_a: Amps
+    phases: Literal[1, 3]
+    seq: int | None = Field(default=None, ge=0)
+    source: str | None = None
+    fallback: bool = False  # True when the safe current is applied (no valid setpoint)
+
+
+class EvseStatus(Payload):
+    """``evse/<evse_id>/status`` (retained)."""
+
+    evse_id: Ident
+    online: bool
+    state: EvseState
+    iec_state: IecState | None = None
+    raw_state: int | str | None = None
+    phases_in_use: int = Field(default=0, ge=0, le=3)
+    current_a: NonNegPhaseCurrents = Field(default_factory=lambda: [0.0, 0.0, 0.0])
+    power_w: float | None = Field(default=None, ge=-1_000_000, le=1_000_000)
+    energy_wh: float | None = Field(default=None, ge=0)
+    session: Session | None = None
+    applied: AppliedSetpoint | None = None
+    plausible: bool = True
+    flags: list[str] = Field(default_factory=list)
+    reason: str | None = None  # why offline / faulted
+    source: str | None = None  # the service that reads this EVSE
+
+
+class Setpoint(Payload):
+    """``evse/<evse_id>/setpoint`` (retained). Written only by the load controller."""
+
+    evse_id: Ident
+    current_a: Amps  # per phase; 0 pauses charging
+    phases: Literal[1, 3] = 3
+    valid_until: AwareDatetime
+    source: str = "load-controller"
+    seq: int = Field(ge=0)
+    reason: str | None = None
+
+    def expired(self, now: datetime | None = None) -> bool:
+        return (now or utcnow()) >= self.valid_until
+
+
+class EvseCommandAction(StrEnum):
+    START = "start"  # authorise / start charging (remote start)
+    STOP = "stop"  # stop the session (remote stop)
+    ENABLE = "enable"  # ChangeAvailability operative
+    DISABLE = "disable"  # ChangeAvailability inoperative
+
+
+class EvseCommand(Payload):
+    """``evse/<evse_id>/command`` (not retained): remote start/stop and availability."""
+
+    evse_id: Ident
+    action: EvseCommandAction
+    request_id: str = Field(min_length=1, max_length=64)
+    id_tag: str | None = Field(default=None, max_length=64)
+    source: str = "ocpp-backend"
+
+
+class EvseCommandResult(Payload):
+    """``evse/<evse_id>/command/result`` (not retained): the answer to an :class:`EvseCommand`."""
+
+    evse_id: Ident
+    request_id: str
+    accepted: bool
+    detail: str | None = None
+
+
+class MeterReading(Payload):
+    """``meter/<meter_id>/reading`` (retained). Positive power is import (consumption)."""
+
+    meter_id: Ident
+    online: bool = True
+    current_a: PhaseCurrents | None = None
+    voltage_v: Annotated[list[Annotated[float, Field(ge=0, le=1000)]], Field(min_length=3, max_length=3)] | None = None
+    power_w: float | None = Field(default=None, ge=-10_000_000, le=10_000_000)
+    power_phase_w: Annotated[list[float], Field(min_length=3, max_length=3)] | None = None
+    energy_import_wh: float | None = Field(default=None, ge=0)
+    energy_export_wh: float | None = Field(default=None, ge=0)
+    plausible: bool = True
+    flags: list[str] = Field(default_factory=list)
+    reason: str | None = None
+
+
+class LimitSource(StrEnum):
+    DSO = "dso"
+    SUPPLIER = "supplier"
+    OCPP_BACKEND = "ocpp_backend"
+    LOCAL = "local"
+    FAILSAFE = "failsafe"
+
+
+class LimitScope(StrEnum):
+    GRID = "grid"  # the whole grid connection
+    CONTROLLABLE = "controllable"  # the sum of the controllable devices (§14a)
+
+
+class GridLimit(Payload):
+    """``grid/limit/<source>`` (retained), written only by smgw-link.
+
+    ``power_w`` and/or ``current_a`` (per phase) bound the scope while ``active`` and before
+    ``valid_until``. An inactive limit or one that has expired binds nothing.
+    """
+
+    source: LimitSource
+    active: bool
+    power_w: float | None = Field(default=None, ge=0, le=10_000_000)
+    current_a: NonNegPhaseCurrents | None = None
+    scope: LimitScope | None = None  # None: the controller's configured default
+    valid_until: AwareDatetime
+    id: str | None = Field(default=None, max_length=128)
+    reason: str | None = Field(default=None, max_length=256)
+    failsafe_power_w: float | None = Field(default=None, ge=0)
+    failsafe_duration_s: float | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _needs_a_bound(self) -> GridLimit:
+        if self.active and self.power_w is None and self.current_a is None:
+            raise ValueError("an active limit needs power_w or current_a")
+        return self
+
+    def binding(self, now: datetime | None = None) -> bool:
+        return self.active and (now or utcnow()) < self.valid_until
+
+
+class EvseLimit(Payload):
+    """``evse/<evse_id>/limit`` (retained): a per-EVSE limit, e.g. from the OCPP backend's
+    SetChargingProfile. Written only by ocpp-gateway. ``current_a`` is per phase."""
+
+    evse_id: Ident
+    source: LimitSource = LimitSource.OCPP_BACKEND
+    active: bool = True
+    current_a: Amps | None = None
+    power_w: float | None = Field(default=None, ge=0)
+    phases: Literal[1, 3] | None = None
+    valid_until: AwareDatetime
+    id: str | None = None
+
+
+class TariffLevel(StrEnum):
+    LOW = "low"  # reduced tariff (TARIF=1 in the reference product)
+    NORMAL = "normal"
+    HIGH = "high"
+
+
+class TariffPeriod(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = Field(min_length=1, max_length=128)
+    level: TariffLevel
+    start: AwareDatetime
+    end: AwareDatetime | None = None
+    price_ct_per_kwh: float | None = Field(default=None, ge=-1000, le=1000)
+
+    @model_validator(mode="after")
+    def _end_after_start(self) -> TariffPeriod:
+        if self.end is not None and self.end <= self.start:
+            raise ValueError("tariff period end must be after its start")
+        return self
+
+
+class TariffCurrent(Payload):
+    """``tariff/current`` (retained): the tariff in force now."""
+
+    period: TariffPeriod
+    source: LimitSource = LimitSource.SUPPLIER
+    valid_until: AwareDatetime | None = None
+
+
+class TariffSchedule(Payload):
+    """``tariff/schedule`` (retained): announced tariff periods."""
+
+    periods: list[TariffPeriod] = Field(default_factory=list, max_length=1000)
+    source: LimitSource = LimitSource.SUPPLIER
+
+
+class LinkState(StrEnum):
+    DISABLED = "disabled"
+    CONNECTING = "connecting"
+    UP = "up"
+    DOWN = "down"
+
+
+class SmgwLinkStatus(Payload):
+    """``link/smgw`` (retained)."""
+
+    state: LinkState
+    gateway: str | None = None
+    since: AwareDatetime | None = None
+    error: str | None = None
+    certificate: str | None = None
+    cert_not_after: AwareDatetime | None = None
+    cert_days_left: float | None = None
+    bytes_tx: int = Field(default=0, ge=0)
+    bytes_rx: int = Field(default=0, ge=0)
+    channels: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvseAllocation(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    evse_id: Ident
+    current_a: Amps
+    phases: Literal[1, 3]
+    wanted: bool = True
+    bound_by: str  # the limit or rule that bound it, e.g. "node:garage:L2", "grid_limit:dso", "evse_max"
+    detail: str | None = None
+
+
+class Allocation(Payload):
+    """``controller/allocation`` (retained): the last decision and why."""
+
+    cycle: int = Field(ge=0)
+    evses: list[EvseAllocation] = Field(default_factory=list)
+    limits: dict[str, Any] = Field(default_factory=dict)  # limits in force with their sources
+    solve_ms: float | None = None
+
+
+class HealthStatus(StrEnum):
+    ONLINE = "online"
+    DEGRADED = "degraded"
+    OFFLINE = "offline"
+
+
+class Health(Payload):
+    """``service/<name>/health`` (retained; the last will is the ``offline`` form)."""
+
+    service: Ident
+    status: HealthStatus
+    version: str | None = None
+    uptime_s: float | None = Field(default=None, ge=0)
+    pid: int | None = None
+    config_version: str | None = None
+    counters: dict[str, int] = Field(default_factory=dict)
+    detail: str | None = None
+
+    @field_validator("counters")
+    @classmethod
+    def _bounded(cls, v: dict[str, int]) -> dict[str, int]:
+        if len(v) > 500:
+            raise ValueError("too many counters")
+        return v
+
+
+class ServiceCommand(Payload):
+    """``service/<name>/command`` (not retained): e.g. reload the configuration."""
+
+    action: Literal["reload", "restart"]
+    request_id: str = Field(min_length=1, max_length=64)
+    config_version: str | None = None
