@@ -84,6 +84,8 @@ class OcppLocal(Strict):
     charge_box_id: str = Field(min_length=1, max_length=48)
     connector_id: int = Field(default=1, ge=1, le=16)
     password: Secret | None = Field(default=None, description="HTTP Basic password (security profile 1/2)")
+    version: Literal["1.6", "2.0.1"] | None = Field(
+        default=None, description="OCPP version the wallbox speaks; none: negotiated (the simulator uses 1.6)")
 
 
 class Upstream(Strict):

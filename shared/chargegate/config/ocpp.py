@@ -11,6 +11,7 @@ from chargegate.config.base import Port, Secret, Strict
 
 
 class OcppLocalServer(Strict):
+    enabled: bool = Field(default=True, description="run the local central system for OCPP wallboxes")
     host: str = "0.0.0.0"
     port: Port = 19520
     tls: Literal["off", "on"] = "off"
@@ -22,6 +23,9 @@ class OcppLocalServer(Strict):
     rfid_tags: list[str] = Field(default_factory=list)
     heartbeat_interval_s: int = Field(default=300, ge=10, le=86400)
     max_messages_per_s: float = Field(default=20.0, gt=0, description="per charge point; beyond: rejected")
+    check_client_cn: bool = Field(default=True,
+                                  description="profile 3: the client certificate's CN must be the charge box id")
+    call_timeout_s: float = Field(default=30.0, gt=0, le=300, description="wait for a wallbox's answer")
 
 
 class OcppBackend(Strict):
@@ -32,15 +36,20 @@ class OcppBackend(Strict):
     smgw_endpoint: str | None = Field(default=None, description="name of the smgw endpoint to use")
     password: Secret | None = Field(default=None, description="default Basic auth password")
     ca_file: Path | None = None
-    meter_values_interval_s: int = Field(default=60, ge=5, le=3600)
+    meter_values_interval_s: float = Field(default=60, ge=0.2, le=3600)
     heartbeat_interval_s: int = Field(default=300, ge=10, le=86400)
     vendor: str = "chargegate"
     model: str = "chargegate-gateway"
+    id_tag: str = Field(default="chargegate", min_length=1, max_length=20,
+                        description="idTag for sessions of Modbus EVSEs without evse.id_tag")
+    call_timeout_s: float = Field(default=30.0, gt=0, le=300, description="wait for the backend's answer")
+    reconnect_min_s: float = Field(default=1.0, gt=0, le=600)
+    reconnect_max_s: float = Field(default=60.0, gt=0, le=3600)
 
 
 class OcppQueue(Strict):
     path: Path | None = Field(default=None, description="SQLite file; default state_dir/ocpp-queue.sqlite")
-    max_messages: int = Field(default=100_000, ge=100)
+    max_messages: int = Field(default=100_000, ge=10)
     retry_interval_s: float = Field(default=5.0, gt=0)
 
 
