@@ -18,12 +18,13 @@ from chargegate.config.base import Ident, Port, Secret, Strict
 from chargegate.config.controller import Controller
 from chargegate.config.installation import Circuit, Evse, Meter, ModbusConnection
 from chargegate.config.ocpp import Ocpp
+from chargegate.config.poller import Poller
 from chargegate.config.smgw import Smgw
 from chargegate.topics import SERVICES, format_loc
 
 __all__ = [
     "Admin", "Broker", "Circuit", "Config", "ConfigError", "Controller", "Evse", "Logging", "Meter",
-    "ModbusConnection", "Ocpp", "Secret", "Site", "Smgw", "load", "loads", "validate_data",
+    "ModbusConnection", "Ocpp", "Poller", "Secret", "Site", "Smgw", "load", "loads", "validate_data",
 ]
 
 
@@ -100,6 +101,7 @@ class Config(Strict):
     controller: Controller = Field(default_factory=Controller)
     ocpp: Ocpp = Field(default_factory=Ocpp)
     smgw: Smgw = Field(default_factory=Smgw)
+    poller: Poller = Field(default_factory=Poller)
     admin: Admin = Field(default_factory=Admin)
     services: list[Ident] = Field(default_factory=lambda: list(SERVICES),
                                   description="services `chargegate run` starts")

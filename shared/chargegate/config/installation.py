@@ -66,6 +66,8 @@ class ModbusConnection(Strict):
     device_id: int | None = Field(default=None, ge=0, le=247, description="Modbus unit id")
     timeout_s: float = Field(default=0.5, gt=0, le=30)
     retries: int = Field(default=2, ge=0, le=10)
+    poll_interval_s: float | None = Field(default=None, ge=0.1, le=60,
+                                          description="overrides poller.poll_interval_s for this device")
 
     @model_validator(mode="after")
     def _where(self) -> ModbusConnection:
