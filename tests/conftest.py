@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-
 from chargegate import config as cfgmod
 from chargegate.broker import LocalBroker, account_password, free_port
 from chargegate.bus import Bus
@@ -102,7 +101,7 @@ async def service_ctx(broker: BrokerHandle) -> AsyncIterator[ServiceContext]:
         await stop_context(ctx)
 
 
-async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02) -> None:  # type: ignore[no-untyped-def]
+async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02) -> None:  # type: ignore[no-untyped-def]  # noqa: ASYNC109
     """Wait until ``predicate()`` is true (polling an in-memory condition, not a sleep-based test)."""
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():

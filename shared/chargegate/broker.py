@@ -113,7 +113,9 @@ def render_conf(*, port: int, listen: str, password_file: Path | str, acl_file: 
 
 
 def write_broker_files(config: Config, out_dir: Path, *, port: int | None = None, listen: str | None = None,
-                       persistence: bool = True, paths_in: Path | None = None) -> Path:
+                       persistence: bool = True, paths_in: Path | None = None,
+                       broker_owner: tuple[int, int] | None = None,
+                       secrets_owner: tuple[int, int] | None = None) -> Path:
     """Write passwd, acl and mosquitto.conf into ``out_dir``. ``paths_in`` is where they will be
     seen by the broker (e.g. ``/mosquitto/config`` inside the container). Returns the conf path."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -128,6 +130,14 @@ def write_broker_files(config: Config, out_dir: Path, *, port: int | None = None
                        persistence_dir=data if persistence else None,
                        run_as=None if paths_in else _local_user())
     (out_dir / "mosquitto.conf").write_text(conf)
+    if broker_owner is not None:  # in a container: the broker runs as its own user
+        for name in ("passwd", "acl", "mosquitto.conf"):
+            os.chown(out_dir / name, *broker_owner)
+    if secrets_owner is not None:  # the services' user must read their passwords
+        sdir = secrets_dir(config)
+        os.chown(sdir, *secrets_owner)
+        for f in sdir.iterdir():
+            os.chown(f, *secrets_owner)
     return out_dir / "mosquitto.conf"
 
 
@@ -209,7 +219,7 @@ class LocalBroker:
         if self.proc is not None and self.proc.poll() is None:
             return
         assert self.log_file is not None
-        logf = open(self.log_file, "ab")  # noqa: SIM115 - handed to the child
+        logf = open(self.log_file, "ab")
         self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)], stdout=logf, stderr=logf,
                                      start_new_session=True)
         logf.close()

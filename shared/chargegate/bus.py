@@ -74,6 +74,9 @@ class Bus:
         self.connections = 0  # successful connects so far
         self.dropped_publishes = 0
         self._subs: list[_Sub] = []
+        # last retained payload per topic published by this bus: republished after a reconnect, so
+        # state survives a broker that lost it (SIGKILL before its autosave)
+        self._retained: dict[str, tuple[bytes, int]] = {}
         self._on_connect: list[Callable[[], Awaitable[None] | None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
@@ -124,6 +127,11 @@ class Bus:
         self.publish_raw(self.registry.topic(name, **params), payload.to_json(), spec.qos, spec.retained)
 
     def publish_raw(self, topic: str, data: bytes, qos: int = 0, retain: bool = False) -> None:
+        if retain:
+            if data:
+                self._retained[topic] = (data, qos)
+            else:
+                self._retained.pop(topic, None)
         info = self._client.publish(topic, data, qos=qos, retain=retain)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             self.dropped_publishes += 1
@@ -181,6 +189,9 @@ class Bus:
         self._logged_down = False
         self.connected.set()
         log.info("bus connected", host=self.settings.host, port=self.settings.port, connections=self.connections)
+        if self.connections > 1:
+            for topic, (data, qos) in list(self._retained.items()):
+                self._client.publish(topic, data, qos=qos, retain=True)
         for fn in self._on_connect:
             self._run(fn)
 

@@ -19,6 +19,19 @@ def _redact(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
+class _StderrLogger:
+    """Writes to whatever ``sys.stderr`` is at call time (test capture, redirection)."""
+
+    def msg(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
+def _factory(*_: Any) -> _StderrLogger:
+    return _StderrLogger()
+
+
 def setup(service: str | None = None, level: str = "info", fmt: str = "auto") -> None:
     """Configure structlog and the stdlib root logger once per process."""
     fmt = os.environ.get("CHARGEGATE_LOG_FORMAT", fmt)
@@ -43,7 +56,7 @@ def setup(service: str | None = None, level: str = "info", fmt: str = "auto") ->
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_factory,
         cache_logger_on_first_use=False,
     )
     # libraries that use stdlib logging (pymodbus, websockets, paho) go through the same output

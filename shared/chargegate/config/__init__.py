@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,7 +64,7 @@ class Broker(Strict):
 
     @model_validator(mode="after")
     def _known_accounts(self) -> Broker:
-        allowed = {*SERVICES, "observer", "admin"}
+        allowed = {*SERVICES, "observer", "admin", "sim"}
         unknown = set(self.accounts) - allowed
         if unknown:
             raise ValueError(f"unknown broker account(s) {sorted(unknown)}; known: {sorted(allowed)}")
@@ -206,6 +207,9 @@ def load(path: str | Path) -> Config:
     except OSError as e:
         raise ConfigError(str(path), [("", f"cannot read: {e.strerror}")]) from None
     cfg = loads(text, str(path))
+    override = os.environ.get("CHARGEGATE_STATE_DIR")
+    if override:
+        cfg.state_dir = Path(override)
     if not cfg.state_dir.is_absolute():
         cfg.state_dir = (path.parent / cfg.state_dir).resolve()
     return cfg

@@ -1,0 +1,36 @@
+# chargegate: two commands on a fresh Debian machine with Python 3.11:
+#   make demo   - install everything and run the demo with built-in simulators
+#   make test   - install everything and run the test suite
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SERVICES := $(wildcard services/*/pyproject.toml)
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install lint bench-all clean mosquitto
+
+demo: install mosquitto
+	$(VENV)/bin/chargegate demo
+
+test: install mosquitto
+	$(PY) -m pytest
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements.lock shared/pyproject.toml $(SERVICES)
+	@scripts/check-python.sh "$(PYTHON)"
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip==26.3"
+	$(PY) -m pip install --quiet -c requirements.lock -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e shared $(addprefix -e ,$(dir $(SERVICES)))
+	touch $(STAMP)
+
+mosquitto:
+	@scripts/ensure-mosquitto.sh
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) state

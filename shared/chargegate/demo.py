@@ -1,0 +1,268 @@
+"""``chargegate demo``: the whole system against built-in simulators.
+
+Writes a demo configuration (free ports, a generated PKI where needed) into ``--dir``, starts a
+local Mosquitto, the simulators of every installed service (Modbus wallboxes and a grid meter,
+OCPP wallboxes, the operator's OCPP backend, the SMGW and the operator's CLS.EEDI backend) and
+all services, plugs cars in, and shows the live status (or, without a terminal, a line per
+second with what flows through the broker). Each simulator is found by its module; a service
+that is not installed is left out and the demo says so.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion
+
+from chargegate import config as cfgmod
+from chargegate import log as logsetup
+from chargegate.broker import account_password, free_port
+from chargegate.runner import Proc, Supervisor, available_services
+
+DEMO_OBSERVER_PASSWORD = "demo"  # read-only account, documented in the README, for MQTT explorers
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+@dataclass
+class DemoPlan:
+    config: dict[str, Any]
+    sims: list[Proc]
+    cars: list[dict[str, Any]]
+    notes: list[str]
+
+
+def plan(dirpath: Path) -> DemoPlan:
+    """The demo's configuration and simulator processes (free ports chosen now)."""
+    broker_port = 1883 if _port_free(1883) else (1884 if _port_free(1884) else free_port())
+    services = available_services()
+    notes: list[str] = []
+    cfg: dict[str, Any] = {
+        "version": 1,
+        "site": {"name": "chargegate demo", "topic_root": "chargegate"},
+        "state_dir": "state",
+        "broker": {"port": broker_port, "accounts": {"observer": DEMO_OBSERVER_PASSWORD}},
+        "logging": {"level": "info", "format": "json"},
+        "circuits": [{
+            "id": "grid", "name": "house connection", "fuse_a": 35, "max_power_w": 24000, "meter": "grid-meter",
+            "children": [
+                {"id": "garage", "fuse_a": 25},
+                {"id": "carport", "fuse_a": 20},
+            ],
+        }],
+        "evses": [],
+        "meters": [],
+        "services": sorted(services),
+    }
+    sims: list[Proc] = []
+    cars: list[dict[str, Any]] = []
+    cfg_file = str(dirpath / "chargegate.yaml")
+
+    if "evse-poller" in services and _has("evse_poller.sim"):
+        p1, p2, p3, pm = free_port(), free_port(), free_port(), free_port()
+        cfg["evses"] += [
+            {"id": "alfen", "name": "Alfen Eve (garage)", "circuit": "garage", "phases": 3,
+             "max_current_a": 16, "priority": 1,
+             "modbus": {"profile": "alfen-eve", "host": "127.0.0.1", "port": p1, "device_id": 1}},
+            {"id": "webasto", "name": "Webasto Next (garage)", "circuit": "garage", "phases": 3,
+             "phase_rotation": [2, 3, 1], "max_current_a": 16,
+             "modbus": {"profile": "webasto-next", "host": "127.0.0.1", "port": p2, "device_id": 255}},
+            {"id": "charx", "name": "Phoenix CHARX (carport)", "circuit": "carport", "phases": 3,
+             "max_current_a": 32, "phase_switching": True,
+             "modbus": {"profile": "phoenix-charx", "host": "127.0.0.1", "port": p3, "device_id": 1}},
+        ]
+        cfg["meters"].append({"id": "grid-meter", "name": "Eastron SDM630 at the house connection", "role": "grid",
+                              "modbus": {"profile": "sdm630", "host": "127.0.0.1", "port": pm, "device_id": 1}})
+        sims.append(Proc("sim-modbus", [sys.executable, "-m", "evse_poller.sim", "--config", cfg_file]))
+        cars += [{"evse": "alfen", "phases": 3, "max_current_a": 16},
+                 {"evse": "webasto", "phases": 3, "max_current_a": 11},
+                 {"evse": "charx", "phases": 1, "max_current_a": 32}]
+    else:
+        notes.append("evse-poller is not installed: no Modbus wallboxes in this demo")
+    if not cfg["meters"]:
+        cfg["circuits"][0].pop("meter")
+
+    if "ocpp-gateway" in services and _has("ocpp_gateway.sim"):
+        local_port, backend_port = free_port(), free_port()
+        cfg["evses"].append({"id": "ocpp-1", "name": "OCPP wallbox (carport)", "circuit": "carport", "phases": 3,
+                             "max_current_a": 16, "ocpp": {"charge_box_id": "DEMO-CB-1", "connector_id": 1}})
+        cfg["ocpp"] = {
+            "local": {"host": "127.0.0.1", "port": local_port},
+            "backend": {"enabled": True, "url": f"ws://127.0.0.1:{backend_port}/ocpp"},
+        }
+        sims.append(Proc("sim-backend", [sys.executable, "-m", "ocpp_gateway.backend_sim", "--port",
+                                         str(backend_port), "--db", str(dirpath / "backend.sqlite")]))
+        sims.append(Proc("sim-ocpp", [sys.executable, "-m", "ocpp_gateway.sim", "--config", cfg_file]))
+        cars.append({"evse": "ocpp-1", "phases": 3, "max_current_a": 16})
+        notes.append(f"operator OCPP backend simulator: ws://127.0.0.1:{backend_port}/ocpp "
+                     f"(its record: {dirpath / 'backend.sqlite'})")
+    else:
+        notes.append("ocpp-gateway is not installed: no OCPP wallbox and no operator backend in this demo")
+
+    if "smgw-link" in services and _has("smgw_link.demo"):
+        demo_mod = importlib.import_module("smgw_link.demo")
+        extra = demo_mod.demo_setup(dirpath, cfg)  # adds smgw config, returns simulator Procs and notes
+        sims.extend(Proc(name, argv) for name, argv in extra["processes"])
+        notes.extend(extra.get("notes", []))
+    else:
+        notes.append("smgw-link demo parts are not installed: no SMGW simulator in this demo")
+
+    if not cfg["evses"]:
+        # a configuration needs nothing else, but make the demo visible: one Modbus EVSE as a placeholder
+        notes.append("no wallbox simulators available; only service health flows")
+    return DemoPlan(cfg, sims, cars, notes)
+
+
+def _plug_cars(cfg: cfgmod.Config, cars: list[dict[str, Any]], port: int) -> None:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="demo-driver")
+    client.username_pw_set("sim", account_password(cfg, "sim"))
+    try:
+        client.connect("127.0.0.1", port)
+    except OSError:
+        return
+    client.loop_start()
+    for car in cars:
+        payload = {"action": "plug", "phases": car["phases"], "max_current_a": car["max_current_a"]}
+        topic = f"{cfg.site.topic_root}/sim/{car['evse']}/command"
+        client.publish(topic, json.dumps(payload), qos=1).wait_for_publish(2)
+    client.loop_stop()
+    client.disconnect()
+
+
+class _Ticker:
+    """Without a terminal: one line per interval with the messages seen per topic family."""
+
+    def __init__(self, cfg: cfgmod.Config, port: int, interval: float = 5.0) -> None:
+        from chargegate.status_view import Snapshot, connect_observer
+
+        self.snap = Snapshot(cfg.site.topic_root)
+        self.client = connect_observer(cfg, self.snap)
+        self.interval = interval
+        self.next = time.monotonic() + 2.0
+        self.port = port
+
+    def __call__(self) -> None:
+        if time.monotonic() < self.next:
+            return
+        self.next = time.monotonic() + self.interval
+        with self.snap.lock:
+            topics = list(self.snap.state)
+            total = self.snap.messages
+        families: dict[str, int] = {}
+        for t in topics:
+            parts = t.split("/")
+            fam = "/".join(parts[1:2] + parts[3:]) if len(parts) > 3 else "/".join(parts[1:])
+            families[fam] = families.get(fam, 0) + 1
+        health = {k: v.get("status") for k, v in self.snap.select("service", "health").items()}
+        print(json.dumps({"demo": "broker", "messages_seen": total, "retained_topics": families,
+                          "services": health}), flush=True)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def demo(dirpath: Path, duration: float | None = None, status: bool = True) -> int:
+    dirpath = dirpath.resolve()
+    dirpath.mkdir(parents=True, exist_ok=True)
+    p = plan(dirpath)
+    cfg_path = dirpath / "chargegate.yaml"
+    cfg_path.write_text("# generated by `chargegate demo`; edit a copy, not this file\n"
+                        + yaml.safe_dump(p.config, sort_keys=False))
+    cfg = cfgmod.load(cfg_path)
+    logsetup.setup("demo", "info", "console" if sys.stderr.isatty() else "json")
+    from chargegate.runner import build
+
+    sup: Supervisor = build(cfg_path, logs_dir=dirpath / "logs")
+    logs = dirpath / "logs"
+    for s in p.sims:
+        s.logfile = logs / f"{s.name}.log"
+    # simulators first: the services find their devices at once
+    sup.procs[:0] = p.sims
+    port = cfg.broker.port
+    print("\nchargegate demo")
+    print(f"  configuration: {cfg_path}")
+    print(f"  broker:        127.0.0.1:{port}  (read-only account: observer / {DEMO_OBSERVER_PASSWORD})")
+    print(f"  watch it:      mosquitto_sub -h 127.0.0.1 -p {port} -u observer -P {DEMO_OBSERVER_PASSWORD} "
+          f"-t 'chargegate/#' -v")
+    print(f"  live view:     chargegate status --config {cfg_path}")
+    print(f"  service logs:  {logs}/")
+    if p.cars:
+        print(f"  cars:          chargegate sim unplug {p.cars[0]['evse']} --config {cfg_path}   "
+              f"(and `sim plug`)")
+    for n in p.notes:
+        print(f"  note:          {n}")
+    print("  stop:          Ctrl-C\n", flush=True)
+
+    started = time.monotonic()
+    plugged = False
+    ticker: Any = None
+    live_view = status and sys.stdout.isatty()
+
+    def until() -> bool:
+        return duration is not None and time.monotonic() - started > duration
+
+    def on_tick() -> None:
+        nonlocal plugged, ticker
+        if not plugged and time.monotonic() - started > 3.0:
+            plugged = True
+            _plug_cars(cfg, p.cars, port)
+        if ticker is None and time.monotonic() - started > 1.0:
+            ticker = _LiveView(cfg) if live_view else _Ticker(cfg, port)
+        if ticker is not None:
+            ticker()
+
+    try:
+        sup.run(until=until, on_tick=on_tick)
+    finally:
+        if ticker is not None:
+            ticker.close()
+    return 0
+
+
+class _LiveView:
+    def __init__(self, cfg: cfgmod.Config) -> None:
+        from rich.live import Live
+
+        from chargegate.status_view import Snapshot, connect_observer, render
+
+        self.snap = Snapshot(cfg.site.topic_root)
+        self.client = connect_observer(cfg, self.snap)
+        self.render = render
+        self.live = Live(render(self.snap), refresh_per_second=2)
+        self.live.start()
+        self.next = 0.0
+
+    def __call__(self) -> None:
+        if time.monotonic() >= self.next:
+            self.next = time.monotonic() + 0.5
+            self.live.update(self.render(self.snap))
+
+    def close(self) -> None:
+        self.live.stop()
+        self.client.loop_stop()
+        self.client.disconnect()

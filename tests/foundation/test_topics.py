@@ -1,0 +1,124 @@
+"""Topic registry: building topics, round trips of every model, invalid payloads dropped and counted."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+from chargegate import payloads as p
+from chargegate.topics import SPECS, Registry, TopicError
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+NOW = p.utcnow()
+LATER = NOW + timedelta(seconds=10)
+
+SAMPLES: dict[str, tuple[dict[str, str], p.Payload]] = {
+    "evse.status": ({"evse_id": "wb1"}, p.EvseStatus(evse_id="wb1", online=True, state=p.EvseState.CHARGING,
+                                                     iec_state=p.IecState.C, raw_state=3, phases_in_use=3,
+                                                     current_a=[10, 10, 10], power_w=6900, energy_wh=1234)),
+    "evse.setpoint": ({"evse_id": "wb1"}, p.Setpoint(evse_id="wb1", current_a=10, phases=3, valid_until=LATER, seq=7)),
+    "evse.limit": ({"evse_id": "wb1"}, p.EvseLimit(evse_id="wb1", current_a=8, valid_until=LATER)),
+    "evse.command": ({"evse_id": "wb1"}, p.EvseCommand(evse_id="wb1", action=p.EvseCommandAction.STOP,
+                                                       request_id="r1")),
+    "evse.command_result": ({"evse_id": "wb1"}, p.EvseCommandResult(evse_id="wb1", request_id="r1", accepted=True)),
+    "meter.reading": ({"meter_id": "m1"}, p.MeterReading(meter_id="m1", current_a=[1, -2, 3], power_w=-100)),
+    "grid.limit": ({"source": "dso"}, p.GridLimit(source=p.LimitSource.DSO, active=True, power_w=4200,
+                                                  valid_until=LATER)),
+    "tariff.current": ({}, p.TariffCurrent(period=p.TariffPeriod(id="t1", level=p.TariffLevel.LOW, start=NOW,
+                                                                 end=LATER))),
+    "tariff.schedule": ({}, p.TariffSchedule(periods=[])),
+    "link.smgw": ({}, p.SmgwLinkStatus(state=p.LinkState.UP)),
+    "controller.allocation": ({}, p.Allocation(cycle=1, evses=[p.EvseAllocation(evse_id="wb1", current_a=6, phases=3,
+                                                                                 bound_by="node:grid:L1")])),
+    "service.health": ({"service": "evse-poller"}, p.Health(service="evse-poller", status=p.HealthStatus.ONLINE)),
+    "service.command": ({"service": "evse-poller"}, p.ServiceCommand(action="reload", request_id="x")),
+}
+
+
+def test_every_topic_has_a_sample() -> None:
+    assert set(SAMPLES) == {s.name for s in SPECS}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_round_trip(name: str) -> None:
+    reg = Registry("site-a/chargegate")
+    params, model = SAMPLES[name]
+    topic = reg.topic(name, **params)
+    assert topic.startswith("site-a/chargegate/")
+    parsed = reg.parse(topic, model.to_json())
+    assert parsed is not None
+    spec, got_params, got = parsed
+    assert spec.name == name and got_params == params
+    assert got == model
+    assert not reg.invalid
+
+
+def test_topic_builder_rejects_bad_segments() -> None:
+    reg = Registry()
+    for bad in ("", "a/b", "+", "#", "a b", "x" * 65):
+        with pytest.raises(TopicError):
+            reg.topic("evse.status", evse_id=bad)
+    with pytest.raises(TopicError):
+        reg.topic("evse.status")
+    with pytest.raises(TopicError):
+        reg.topic("no.such.topic")
+    with pytest.raises(TopicError):
+        Registry("bad/+/root")
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "error"),
+    [
+        ("chargegate/evse/wb1/setpoint", b"not json", "not JSON"),
+        ("chargegate/evse/wb1/setpoint", b"[1, 2]", "JSON object"),
+        ("chargegate/evse/wb1/setpoint", b'{"evse_id": "wb1", "current_a": -5, "valid_until": "2030-01-01T00:00:00Z",'
+                                         b' "seq": 1}', "current_a"),
+        ("chargegate/evse/wb1/setpoint", b'{"evse_id": "wb1", "current_a": 5, "seq": 1}', "valid_until"),
+        ("chargegate/evse/wb1/setpoint", b'{"evse_id": "wb2", "current_a": 5, "valid_until": "2030-01-01T00:00:00Z",'
+                                         b' "seq": 1}', "does not match the topic"),
+        ("chargegate/evse/wb1/setpoint", b'{"evse_id": "wb1", "current_a": 5, "valid_until": "2030-01-01T00:00:00",'
+                                         b' "seq": 1}', "timezone"),
+        ("chargegate/grid/limit/dso", b'{"source": "dso", "active": true, "valid_until": "2030-01-01T00:00:00Z"}',
+         "needs power_w or current_a"),
+        ("chargegate/grid/limit/martians", b'{"source": "martians", "active": false, '
+                                           b'"valid_until": "2030-01-01T00:00:00Z"}', "source"),
+        ("chargegate/nothing/here", b"{}", "unknown topic"),
+        ("chargegate/meter/m1/reading", b'{"meter_id": "m1", "current_a": [1, 2]}', "current_a"),
+        ("chargegate/evse/wb1/status", b'{"evse_id": "wb1", "online": true, "state": "flying"}', "state"),
+        ("chargegate/evse/wb1/status", b"\xff\xfe", "not JSON"),
+    ],
+)
+def test_invalid_payload_dropped_logged_and_counted(topic: str, payload: bytes, error: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from chargegate import log
+
+    log.setup("test", fmt="json")
+    reg = Registry()
+    assert reg.parse(topic, payload) is None
+    assert sum(reg.invalid.values()) == 1
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, lines
+    assert lines[0]["event"] == "invalid message dropped"
+    assert lines[0]["topic"] == topic
+    assert error in lines[0]["error"]
+
+
+def test_empty_retained_message_is_not_an_error() -> None:
+    reg = Registry()
+    assert reg.parse("chargegate/evse/wb1/status", b"") is None
+    assert not reg.invalid
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([s.name for s in SPECS]), st.one_of(st.binary(max_size=200), st.dictionaries(
+    st.text(max_size=10), st.one_of(st.none(), st.integers(), st.floats(), st.text(max_size=10),
+                                    st.lists(st.floats(), max_size=4)), max_size=8).map(
+    lambda d: json.dumps(d).encode())))
+def test_parse_never_raises(name: str, payload: bytes) -> None:
+    reg = Registry()
+    spec = reg.spec(name)
+    params = {k: "x1" for k in spec.params}
+    result = reg.parse(reg.topic(name, **params), payload)
+    assert result is None or isinstance(result[2], spec.model)
