@@ -1,0 +1,274 @@
+"""Conversions between OCPP 1.6, OCPP 2.0.1 and the bus payloads.
+
+Meter values travel inside the gateway as :class:`Sample` lists (values kept as the decimal
+strings the wallbox sent, so nothing is rounded on the way); they are written out in the format
+of the receiving side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from chargegate import payloads as p
+
+ENERGY = "Energy.Active.Import.Register"
+POWER = "Power.Active.Import"
+CURRENT = "Current.Import"
+_SCALE = {"Wh": Decimal(1), "kWh": Decimal(1000), "W": Decimal(1), "kW": Decimal(1000), "A": Decimal(1)}
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def iso(dt: datetime) -> str:
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def num_str(x: float | int | Decimal | str) -> str:
+    """A number as OCPP 1.6 writes it: no exponent, no trailing ``.0``."""
+    d = Decimal(str(x))
+    if d == d.to_integral_value():
+        return str(int(d))
+    return format(d.normalize(), "f")
+
+
+def to_number(s: str) -> int | float:
+    d = Decimal(s)
+    return int(d) if d == d.to_integral_value() else float(d)
+
+
+@dataclass
+class Value:
+    value: str
+    measurand: str = ENERGY
+    unit: str | None = None
+    phase: str | None = None
+    context: str | None = None
+    location: str | None = None
+
+    def scaled(self) -> Decimal | None:
+        """The value in Wh / W / A (kWh and kW scaled), None when it is not a number."""
+        try:
+            d = Decimal(self.value)
+        except InvalidOperation:
+            return None
+        if not d.is_finite():
+            return None
+        unit = self.unit or ("Wh" if self.measurand.startswith("Energy") else
+                             "W" if self.measurand.startswith("Power") else "A")
+        return d * _SCALE.get(unit, Decimal(1))
+
+
+@dataclass
+class Sample:
+    timestamp: str
+    values: list[Value] = field(default_factory=list)
+
+
+def from_16(meter_value: list[dict[str, Any]]) -> list[Sample]:
+    out = []
+    for mv in meter_value:
+        vals = [Value(value=str(sv["value"]), measurand=sv.get("measurand", ENERGY), unit=sv.get("unit"),
+                      phase=sv.get("phase"), context=sv.get("context"), location=sv.get("location"))
+                for sv in mv.get("sampledValue", [])]
+        out.append(Sample(mv["timestamp"], vals))
+    return out
+
+
+def from_201(meter_value: list[dict[str, Any]]) -> list[Sample]:
+    out = []
+    for mv in meter_value:
+        vals = []
+        for sv in mv.get("sampledValue", []):
+            unit = (sv.get("unitOfMeasure") or {}).get("unit")
+            mult = (sv.get("unitOfMeasure") or {}).get("multiplier", 0)
+            raw = Decimal(str(sv["value"])) * (Decimal(10) ** int(mult))
+            vals.append(Value(value=num_str(raw), measurand=sv.get("measurand", ENERGY), unit=unit,
+                              phase=sv.get("phase"), context=sv.get("context"), location=sv.get("location")))
+        out.append(Sample(mv["timestamp"], vals))
+    return out
+
+
+def to_16(samples: list[Sample], context: str | None = None) -> list[dict[str, Any]]:
+    out = []
+    for s in samples:
+        svs = []
+        for v in s.values:
+            sv: dict[str, Any] = {"value": v.value, "measurand": v.measurand}
+            ctx = context or v.context
+            if ctx:
+                sv["context"] = ctx
+            if v.unit:
+                sv["unit"] = v.unit
+            if v.phase:
+                sv["phase"] = v.phase
+            if v.location:
+                sv["location"] = v.location
+            svs.append(sv)
+        if svs:
+            out.append({"timestamp": s.timestamp, "sampledValue": svs})
+    return out
+
+
+_CONTEXT_201 = {"Sample.Clock", "Sample.Periodic", "Transaction.Begin", "Transaction.End", "Trigger",
+                "Interruption.Begin", "Interruption.End", "Other"}
+_MEASURANDS_201_UNITS = {"Wh", "kWh", "W", "kW", "A", "V", "Percent", "Celsius", "varh", "kvarh", "var", "kvar",
+                         "VA", "kVA", "K", "Fahrenheit"}
+
+
+def to_201(samples: list[Sample], context: str | None = None) -> list[dict[str, Any]]:
+    out = []
+    for s in samples:
+        svs = []
+        for v in s.values:
+            try:
+                number = to_number(v.value)
+            except InvalidOperation:
+                continue
+            sv: dict[str, Any] = {"value": number, "measurand": v.measurand}
+            ctx = context or v.context
+            if ctx in _CONTEXT_201:
+                sv["context"] = ctx
+            if v.unit in _MEASURANDS_201_UNITS:
+                sv["unitOfMeasure"] = {"unit": v.unit}
+            if v.phase:
+                sv["phase"] = v.phase
+            if v.location in ("Body", "Cable", "EV", "Inlet", "Outlet"):
+                sv["location"] = v.location
+            svs.append(sv)
+        if svs:
+            out.append({"timestamp": s.timestamp, "sampledValue": svs})
+    return out
+
+
+@dataclass
+class Readings:
+    energy_wh: Decimal | None = None
+    power_w: Decimal | None = None
+    current_a: list[Decimal | None] = field(default_factory=lambda: [None, None, None])
+
+
+def readings(samples: list[Sample]) -> Readings:
+    """The last energy register, power and per-phase currents in ``samples``."""
+    r = Readings()
+    phase_energy: dict[str, Decimal] = {}
+    for s in samples:
+        for v in s.values:
+            x = v.scaled()
+            if x is None or (v.location not in (None, "Outlet", "Inlet")):
+                continue
+            if v.measurand == ENERGY:
+                if v.phase in (None, ""):
+                    r.energy_wh = x
+                elif v.phase in ("L1", "L2", "L3"):
+                    phase_energy[v.phase] = x
+            elif v.measurand == POWER and v.phase in (None, ""):
+                r.power_w = x
+            elif v.measurand == CURRENT and v.phase in ("L1", "L2", "L3", "L1-N", "L2-N", "L3-N"):
+                r.current_a[int(v.phase[1]) - 1] = x
+    if r.energy_wh is None and phase_energy:
+        r.energy_wh = sum(phase_energy.values(), Decimal(0))
+    return r
+
+
+def energy_of(samples: list[Sample]) -> Decimal | None:
+    return readings(samples).energy_wh
+
+
+def wh_int(x: Decimal | float | None) -> int:
+    """The energy register as the integer Wh 1.6 wants (exact for an integral register)."""
+    if x is None:
+        return 0
+    return int(Decimal(str(x)).to_integral_value())
+
+
+# -- states -----------------------------------------------------------------------------------
+# OCPP 1.6 ChargePointStatus -> (bus state, IEC 61851 state)
+STATUS_16: dict[str, tuple[p.EvseState, p.IecState | None]] = {
+    "Available": (p.EvseState.AVAILABLE, p.IecState.A),
+    "Preparing": (p.EvseState.PREPARING, p.IecState.B),
+    "Charging": (p.EvseState.CHARGING, p.IecState.C),
+    "SuspendedEV": (p.EvseState.SUSPENDED, p.IecState.B),
+    "SuspendedEVSE": (p.EvseState.SUSPENDED, p.IecState.B),
+    "Finishing": (p.EvseState.FINISHING, p.IecState.B),
+    "Reserved": (p.EvseState.AVAILABLE, p.IecState.A),
+    "Unavailable": (p.EvseState.UNAVAILABLE, None),
+    "Faulted": (p.EvseState.FAULTED, p.IecState.F),
+}
+
+# OCPP 2.0.1 ConnectorStatus -> bus state
+STATUS_201: dict[str, tuple[p.EvseState, p.IecState | None]] = {
+    "Available": (p.EvseState.AVAILABLE, p.IecState.A),
+    "Occupied": (p.EvseState.PREPARING, p.IecState.B),
+    "Reserved": (p.EvseState.AVAILABLE, p.IecState.A),
+    "Unavailable": (p.EvseState.UNAVAILABLE, None),
+    "Faulted": (p.EvseState.FAULTED, p.IecState.F),
+}
+
+# OCPP 2.0.1 ChargingState (TransactionEvent) -> bus state
+CHARGING_STATE_201: dict[str, tuple[p.EvseState, p.IecState | None]] = {
+    "Charging": (p.EvseState.CHARGING, p.IecState.C),
+    "EVConnected": (p.EvseState.PREPARING, p.IecState.B),
+    "SuspendedEV": (p.EvseState.SUSPENDED, p.IecState.B),
+    "SuspendedEVSE": (p.EvseState.SUSPENDED, p.IecState.B),
+    "Idle": (p.EvseState.AVAILABLE, p.IecState.A),
+}
+
+
+def status16_from_bus(st: p.EvseStatus, in_tx: bool) -> tuple[str, str]:
+    """(ChargePointStatus, ChargePointErrorCode) for an EVSE the gateway reads from the bus."""
+    if not st.online or st.state == p.EvseState.OFFLINE:
+        return "Unavailable", "NoError"
+    iec = st.iec_state
+    if iec in (p.IecState.E, p.IecState.F) or st.state == p.EvseState.FAULTED:
+        return "Faulted", "OtherError"
+    if st.state == p.EvseState.UNAVAILABLE:
+        return "Unavailable", "NoError"
+    if iec == p.IecState.A or (iec is None and st.state == p.EvseState.AVAILABLE):
+        return ("Finishing" if in_tx else "Available"), "NoError"
+    if iec in (p.IecState.C, p.IecState.D) or (iec is None and st.state == p.EvseState.CHARGING):
+        return "Charging", "NoError"
+    # B: connected, not charging
+    if not in_tx:
+        return "Preparing", "NoError"
+    applied = st.applied.current_a if st.applied is not None else None
+    if st.state == p.EvseState.FINISHING:
+        return "Finishing", "NoError"
+    if applied is not None and applied <= 0:
+        return "SuspendedEVSE", "NoError"
+    return "SuspendedEV", "NoError"
+
+
+def connector201_from16(status16: str) -> str:
+    return {"Available": "Available", "Preparing": "Occupied", "Charging": "Occupied", "SuspendedEV": "Occupied",
+            "SuspendedEVSE": "Occupied", "Finishing": "Occupied", "Reserved": "Reserved",
+            "Unavailable": "Unavailable", "Faulted": "Faulted"}.get(status16, "Unavailable")
+
+
+def charging_state201_from16(status16: str) -> str:
+    return {"Charging": "Charging", "SuspendedEV": "SuspendedEV", "SuspendedEVSE": "SuspendedEVSE",
+            "Preparing": "EVConnected", "Finishing": "EVConnected"}.get(status16, "Idle")
+
+
+def status16_from201(connector_status: str, charging_state: str | None) -> str:
+    if connector_status == "Occupied":
+        return {"Charging": "Charging", "SuspendedEV": "SuspendedEV", "SuspendedEVSE": "SuspendedEVSE",
+                "EVConnected": "Preparing", "Idle": "Preparing"}.get(charging_state or "", "Preparing")
+    return {"Available": "Available", "Reserved": "Reserved", "Unavailable": "Unavailable",
+            "Faulted": "Faulted"}.get(connector_status, "Unavailable")
+
+
+STOP_REASON_16_TO_201 = {
+    "EmergencyStop": "EmergencyStop", "EVDisconnected": "EVDisconnected", "HardReset": "ImmediateReset",
+    "Local": "Local", "Other": "Other", "PowerLoss": "PowerLoss", "Reboot": "Reboot", "Remote": "Remote",
+    "SoftReset": "Reboot", "UnlockCommand": "Other", "DeAuthorized": "DeAuthorized",
+}
+STOP_REASON_201_TO_16 = {
+    "DeAuthorized": "DeAuthorized", "EmergencyStop": "EmergencyStop", "EVDisconnected": "EVDisconnected",
+    "ImmediateReset": "HardReset", "Local": "Local", "PowerLoss": "PowerLoss", "Reboot": "Reboot",
+    "Remote": "Remote", "StoppedByEV": "Local",
+}

@@ -1,0 +1,913 @@
+"""The local central system for OCPP wallboxes (1.6J and 2.0.1, ws or wss, Basic auth, client certs).
+
+Only configured charge box ids are accepted. Each configured connector is an EVSE on the bus
+(``evse/<id>/status``, ``source: ocpp-gateway``) and, when the backend is enabled, an upstream
+charge point of its own; this module is the :class:`~ocpp_gateway.upstream.Driver` for it.
+
+Setpoints become TxDefaultProfiles (A per phase, numberPhases): a stack level 0 profile with the
+EVSE's safe current and no end, installed after every connect and boot, and a stack level 1
+profile with the setpoint whose ``validTo`` is the setpoint's ``valid_until``; when it expires
+the wallbox falls back to level 0 by itself, and the gateway also sends the safe current
+explicitly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hmac
+import math
+import random
+import ssl
+import time
+import urllib.parse
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import structlog
+from chargegate import payloads as p
+from chargegate.bus import Bus
+from chargegate.config import Config, Evse
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from ocpp_gateway import conv
+from ocpp_gateway.rpc import SUBPROTOCOL, SUBPROTOCOL_OF, OcppRpc, RpcError, Version
+from ocpp_gateway.txqueue import TxQueue, TxRow
+from ocpp_gateway.upstream import UpstreamCP
+
+log = structlog.get_logger("ocpp_gateway.local")
+
+BASE_PROFILE_ID = 1000
+SETPOINT_PROFILE_ID = 2000
+ACK_EMPTY_16 = {"SecurityEventNotification", "LogStatusNotification", "SignedFirmwareStatusNotification",
+                "DiagnosticsStatusNotification", "FirmwareStatusNotification"}
+ACK_EMPTY_201 = {"NotifyReport", "NotifyEvent", "SecurityEventNotification", "LogStatusNotification",
+                 "FirmwareStatusNotification", "NotifyMonitoringReport", "NotifyChargingLimit",
+                 "ClearedChargingLimit", "NotifyCustomerInformation", "NotifyDisplayMessages",
+                 "PublishFirmwareStatusNotification", "ReportChargingProfiles", "NotifyEVChargingSchedule"}
+
+
+@dataclass
+class Box:
+    """A configured OCPP wallbox (one charge box id, one or more connectors)."""
+
+    cbid: str
+    connectors: dict[int, Connector]
+    password: str | None
+    version: Version | None
+    session: WallboxSession | None = None
+    info: dict[str, str] = field(default_factory=dict)
+
+
+class Connector:
+    """One connector of an OCPP wallbox = one EVSE: state on the bus, driver for the backend."""
+
+    kind = "ocpp"
+
+    def __init__(self, evse: Evse, csms: LocalCsms) -> None:
+        assert evse.ocpp is not None
+        self.evse = evse
+        self.csms = csms
+        self.cbid = evse.ocpp.charge_box_id
+        self.n = evse.ocpp.connector_id
+        self.up: UpstreamCP | None = None
+        self.status16 = "Unavailable"
+        self.error16 = "NoError"
+        self.info: str | None = None
+        self.charging_state: str | None = None  # 2.0.1
+        self.energy_wh: Decimal | None = None
+        self.power_w: Decimal | None = None
+        self.current_a: list[float] = [0.0, 0.0, 0.0]
+        self.tx: str | None = None
+        self.local_tx: dict[str, Any] | None = None  # session without upstream (backend disabled)
+        self.setpoint: p.Setpoint | None = None
+        self.applied: p.AppliedSetpoint | None = None
+        self.installed: tuple[float, int, datetime | None] | None = None  # (A, phases, validTo) at the wallbox
+        self.base_installed = False
+        self._dirty = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._reject_logged = False
+        self.log = log.bind(evse_id=evse.id, charge_box_id=self.cbid, connector_id=self.n)
+
+    @property
+    def box(self) -> Box:
+        return self.csms.boxes[self.cbid]
+
+    @property
+    def online(self) -> bool:
+        return self.box.session is not None
+
+    def start(self) -> None:
+        if self.up is not None:
+            row = self.up.queue.open_tx(self.evse.id)
+            self.tx = row.tx if row else None
+        self._task = asyncio.create_task(self._apply_loop(), name=f"apply-{self.evse.id}")
+        self.publish()
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    # -- bus status -------------------------------------------------------------------------------
+    def publish(self) -> None:
+        online = self.online
+        if not online:
+            state, iec = p.EvseState.OFFLINE, None
+        else:
+            state, iec = conv.STATUS_16.get(self.status16, (p.EvseState.UNAVAILABLE, None))
+        session = None
+        row = self.up.queue.tx(self.tx) if (self.up is not None and self.tx) else None
+        if row is not None:
+            e0 = row.meter_start or 0.0
+            energy = float(self.energy_wh) if self.energy_wh is not None else (row.meter_last or e0)
+            session = p.Session(id=(row.local_id or row.tx)[:64], started=_dt(row.started),
+                                energy_start_wh=e0, energy_wh=max(0.0, energy - e0), id_tag=row.id_tag)
+        elif self.local_tx is not None:
+            e0 = self.local_tx["meter_start"]
+            energy = float(self.energy_wh) if self.energy_wh is not None else e0
+            session = p.Session(id=str(self.local_tx["id"]), started=_dt(self.local_tx["started"]),
+                                energy_start_wh=e0, energy_wh=max(0.0, energy - e0), id_tag=self.local_tx["id_tag"])
+        phases_in_use = sum(1 for a in self.current_a if a > 0.5) if state == p.EvseState.CHARGING else 0
+        st = p.EvseStatus(
+            evse_id=self.evse.id, online=online, state=state, iec_state=iec,
+            raw_state=self.status16 if online else None,
+            phases_in_use=phases_in_use, current_a=[max(0.0, min(1000.0, a)) for a in self.current_a],
+            power_w=float(self.power_w) if self.power_w is not None else None,
+            energy_wh=float(self.energy_wh) if self.energy_wh is not None else None,
+            session=session, applied=self.applied if online else None,
+            reason=None if online else "wallbox not connected",
+            flags=[f"error:{self.error16}"] if self.error16 not in ("NoError", "") else [],
+            source="ocpp-gateway")
+        self.csms.bus.publish("evse.status", st, evse_id=self.evse.id)
+
+    def set_status16(self, status16: str, error16: str = "NoError", info: str | None = None) -> None:
+        self.status16, self.error16, self.info = status16, error16, info
+        self.publish()
+        if self.up is not None:
+            self.up.set_status(status16, error16, info)
+
+    def update_readings(self, samples: list[conv.Sample]) -> None:
+        r = conv.readings(samples)
+        if r.energy_wh is not None:
+            self.energy_wh = r.energy_wh
+        if r.power_w is not None:
+            self.power_w = r.power_w
+        if any(a is not None for a in r.current_a):
+            self.current_a = [float(a) if a is not None else 0.0 for a in r.current_a]
+
+    # -- setpoints -> charging profiles -----------------------------------------------------------
+    def on_setpoint(self, sp: p.Setpoint) -> None:
+        if self.setpoint is not None and sp.seq < self.setpoint.seq and sp.ts <= self.setpoint.ts:
+            return  # older than what we have
+        self.setpoint = sp
+        self._dirty.set()
+
+    def reapply(self) -> None:
+        """After connect/boot: install both profiles again."""
+        self.base_installed = False
+        self.installed = None
+        self._dirty.set()
+
+    def desired(self, now: datetime) -> tuple[float, int, datetime | None, bool]:
+        sp = self.setpoint
+        if sp is not None and not sp.expired(now):
+            amps = min(sp.current_a, self.evse.max_current_a)
+            phases = 1 if self.evse.phases == 1 else sp.phases
+            return amps, phases, sp.valid_until, False
+        return self.evse.safe_current_a, self.evse.phases, None, True
+
+    async def _apply_loop(self) -> None:
+        while True:
+            now = datetime.now(UTC)
+            wait = 30.0
+            sp = self.setpoint
+            if sp is not None and not sp.expired(now):
+                wait = max(0.05, min(wait, (sp.valid_until - now).total_seconds() + 0.01))
+            if self.installed is not None and self.installed[2] is not None:
+                # refresh before the installed profile runs out
+                left = (self.installed[2] - now).total_seconds()
+                wait = max(0.05, min(wait, left / 2))
+            self._dirty.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), wait)
+            sess = self.box.session
+            if sess is None or not sess.ready:
+                continue
+            try:
+                await self._apply(sess)
+            except (ConnectionClosed, asyncio.CancelledError):
+                raise
+            except Exception as e:  # logged, retried on the next round
+                self.csms.counters["setpoint_apply_failed"] += 1
+                if not self._reject_logged:
+                    self._reject_logged = True
+                    self.log.warning("could not apply the setpoint to the wallbox", error=repr(e))
+                await asyncio.sleep(1.0)
+
+    async def _apply(self, sess: WallboxSession) -> None:
+        now = datetime.now(UTC)
+        amps, phases, until, fallback = self.desired(now)
+        if not self.base_installed:
+            ok = await sess.set_profile(self.n, BASE_PROFILE_ID + self.n, 0, self.evse.safe_current_a,
+                                        self.evse.phases, None)
+            self.base_installed = ok
+        inst = self.installed
+        need = inst is None or abs(inst[0] - _amps(amps)) > 1e-9 or inst[1] != phases or (
+            inst[2] is None) != (until is None)
+        if not need and inst is not None and until is not None and inst[2] is not None:
+            left = (inst[2] - now).total_seconds()
+            total = (until - now).total_seconds()
+            need = left < total / 2 or left < 2
+        if not need:
+            return
+        ok = await sess.set_profile(self.n, SETPOINT_PROFILE_ID + self.n, 1, amps, phases, until)
+        if ok:
+            self.installed = (_amps(amps), phases, until)
+            self._reject_logged = False
+            self.applied = p.AppliedSetpoint(current_a=_amps(amps), phases=phases,
+                                             seq=self.setpoint.seq if self.setpoint and not fallback else None,
+                                             source=self.setpoint.source if self.setpoint and not fallback else None,
+                                             fallback=fallback)
+            self.csms.counters["profiles_sent"] += 1
+            self.publish()
+        else:
+            self.csms.counters["profiles_rejected"] += 1
+            if not self._reject_logged:
+                self._reject_logged = True
+                self.log.warning("wallbox rejected the charging profile")
+            await asyncio.sleep(1.0)
+            self._dirty.set()
+
+    # -- Driver (calls from the backend) -----------------------------------------------------------
+    def _sess(self) -> WallboxSession:
+        s = self.box.session
+        if s is None:
+            raise RpcError("GenericError", f"wallbox {self.cbid} is not connected")
+        return s
+
+    async def _call(self, action: str, payload: dict[str, Any]) -> dict[str, Any] | None:
+        s = self.box.session
+        if s is None:
+            return None
+        try:
+            return await s.rpc.call(action, payload, timeout_s=min(20.0, self.csms.config.ocpp.local.call_timeout_s))
+        except (RpcError, TimeoutError, ConnectionClosed) as e:
+            self.log.warning("wallbox did not carry out a backend request", action=action, error=repr(e))
+            return None
+
+    async def remote_start(self, id_tag: str) -> bool:
+        s = self.box.session
+        if s is None:
+            return False
+        if s.version == "1.6":
+            res = await self._call("RemoteStartTransaction", {"connectorId": self.n, "idTag": id_tag[:20]})
+        else:
+            res = await self._call("RequestStartTransaction", {
+                "idToken": {"idToken": id_tag[:36], "type": "Central"}, "remoteStartId": random.randint(1, 2**31 - 1),
+                "evseId": self.n})
+        return bool(res and res.get("status") == "Accepted")
+
+    async def remote_stop(self, tx: TxRow) -> bool:
+        s = self.box.session
+        if s is None or tx.local_id is None:
+            return False
+        if s.version == "1.6":
+            if not tx.local_id.isdigit():
+                return False
+            res = await self._call("RemoteStopTransaction", {"transactionId": int(tx.local_id)})
+        else:
+            res = await self._call("RequestStopTransaction", {"transactionId": tx.local_id})
+        return bool(res and res.get("status") == "Accepted")
+
+    async def availability(self, operative: bool) -> str:
+        s = self.box.session
+        if s is None:
+            return "Rejected"
+        if s.version == "1.6":
+            res = await self._call("ChangeAvailability", {"connectorId": self.n,
+                                                          "type": "Operative" if operative else "Inoperative"})
+        else:
+            res = await self._call("ChangeAvailability", {"operationalStatus": "Operative" if operative else
+                                                          "Inoperative", "evse": {"id": self.n}})
+        return str(res["status"]) if res else "Rejected"
+
+    async def reset(self, hard: bool) -> str:
+        s = self.box.session
+        if s is None:
+            return "Rejected"
+        if s.version == "1.6":
+            res = await self._call("Reset", {"type": "Hard" if hard else "Soft"})
+        else:
+            res = await self._call("Reset", {"type": "Immediate" if hard else "OnIdle"})
+        return str(res["status"]) if res else "Rejected"
+
+    async def unlock(self) -> str:
+        s = self.box.session
+        if s is None:
+            return "UnlockFailed"
+        if s.version == "1.6":
+            res = await self._call("UnlockConnector", {"connectorId": self.n})
+        else:
+            res = await self._call("UnlockConnector", {"evseId": self.n, "connectorId": 1})
+        if not res:
+            return "UnlockFailed"
+        st = str(res["status"])
+        return st if st in ("Unlocked", "UnlockFailed", "NotSupported") else "UnlockFailed"
+
+    async def trigger(self, what: str) -> str | None:
+        s = self.box.session
+        if s is None:
+            return "Rejected"
+        if what not in known_trigger(s.version):
+            return "NotImplemented"
+        if s.version == "1.6":
+            payload: dict[str, Any] = {"requestedMessage": what}
+            if what in ("StatusNotification", "MeterValues"):
+                payload["connectorId"] = self.n
+            res = await self._call("TriggerMessage", payload)
+        else:
+            payload = {"requestedMessage": what}
+            if what in ("StatusNotification", "MeterValues", "TransactionEvent"):
+                payload["evse"] = {"id": self.n, "connectorId": 1} if what == "StatusNotification" else {"id": self.n}
+            res = await self._call("TriggerMessage", payload)
+        return str(res["status"]) if res else "Rejected"
+
+    async def passthrough(self, version: Version, action: str, payload: dict[str, Any]) -> dict[str, Any] | None:
+        s = self._sess()
+        if s.version != version:
+            return None
+        if action in ("GetVariables", "SetVariables"):
+            key = "getVariableData" if action == "GetVariables" else "setVariableData"
+            payload = dict(payload)
+            payload[key] = [_map_evse(item, self.n) for item in payload[key]]
+        try:
+            res = await s.rpc.call(action, payload, timeout_s=min(20.0, self.csms.config.ocpp.local.call_timeout_s))
+        except TimeoutError:
+            raise RpcError("GenericError", "the wallbox did not answer in time") from None
+        except ConnectionClosed:
+            raise RpcError("GenericError", "the wallbox disconnected") from None
+        if action in ("GetVariables", "SetVariables"):
+            key = "getVariableResult" if action == "GetVariables" else "setVariableResult"
+            res = dict(res)
+            res[key] = [_map_evse(item, 1, only=self.n) for item in res.get(key, [])]
+        return res
+
+    def boot_info(self) -> dict[str, str]:
+        info = dict(self.box.info)
+        if not info:
+            q = self.csms.queue.get_kv(f"boot:{self.cbid}")
+            if q:
+                import json
+
+                info = json.loads(q)
+        return info
+
+    async def trigger_meter_values(self) -> None:
+        await self.trigger("MeterValues")
+
+
+def _map_evse(item: dict[str, Any], to: int, only: int | None = None) -> dict[str, Any]:
+    comp = item.get("component")
+    if isinstance(comp, dict) and isinstance(comp.get("evse"), dict):
+        ev = comp["evse"]
+        if only is None or ev.get("id") == only:
+            item = dict(item)
+            item["component"] = dict(comp, evse=dict(ev, id=to))
+    return item
+
+
+def known_trigger(version: Version) -> set[str]:
+    if version == "1.6":
+        return {"BootNotification", "DiagnosticsStatusNotification", "FirmwareStatusNotification", "Heartbeat",
+                "MeterValues", "StatusNotification"}
+    return {"BootNotification", "LogStatusNotification", "FirmwareStatusNotification", "Heartbeat", "MeterValues",
+            "SignChargingStationCertificate", "SignV2GCertificate", "StatusNotification", "TransactionEvent",
+            "SignCombinedCertificate", "PublishFirmwareStatusNotification"}
+
+
+def _amps(a: float) -> float:
+    """1.6 limits are multiples of 0.1: round down so the wallbox never gets more than allowed."""
+    return math.floor(a * 10 + 1e-9) / 10
+
+
+def _dt(s: str) -> datetime:
+    try:
+        d = datetime.fromisoformat(s.replace("Z", "+00:00"))
+        return d if d.tzinfo else d.replace(tzinfo=UTC)
+    except ValueError:
+        return datetime.now(UTC)
+
+
+class WallboxSession:
+    """One connected OCPP wallbox."""
+
+    def __init__(self, csms: LocalCsms, box: Box, ws: ServerConnection, version: Version) -> None:
+        self.csms = csms
+        self.box = box
+        self.ws = ws
+        self.version = version
+        self.cbid = box.cbid
+        self.booted = asyncio.Event()
+        self.ready = False
+        self.log = log.bind(charge_box_id=self.cbid, version=version)
+        self.rpc = OcppRpc(ws, version, self.cbid, self.handle, counters=csms.counters,
+                           rate=csms.config.ocpp.local.max_messages_per_s,
+                           call_timeout=csms.config.ocpp.local.call_timeout_s, log=self.log)
+
+    async def run(self) -> None:
+        reader = asyncio.create_task(self.rpc.run())
+        starter = asyncio.create_task(self._start_profiles())
+        try:
+            await reader
+        finally:
+            starter.cancel()
+
+    async def _start_profiles(self) -> None:
+        # a wallbox that reconnects without rebooting sends no BootNotification
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.booted.wait(), 2.0)
+        self.ready = True
+        for c in self.box.connectors.values():
+            c.reapply()
+
+    async def set_profile(self, n: int, pid: int, stack: int, amps: float, phases: int, until: datetime | None) -> bool:
+        limit = _amps(amps)
+        if self.version == "1.6":
+            prof: dict[str, Any] = {
+                "chargingProfileId": pid, "stackLevel": stack, "chargingProfilePurpose": "TxDefaultProfile",
+                "chargingProfileKind": "Absolute",
+                "chargingSchedule": {"chargingRateUnit": "A", "startSchedule": conv.iso(datetime.now(UTC) -
+                                                                                       timedelta(seconds=1)),
+                                     "chargingSchedulePeriod": [{"startPeriod": 0, "limit": limit,
+                                                                 "numberPhases": phases}]}}
+            if until is not None:
+                prof["validTo"] = conv.iso(until)
+            res = await self.rpc.call("SetChargingProfile", {"connectorId": n, "csChargingProfiles": prof})
+        else:
+            prof = {
+                "id": pid, "stackLevel": stack, "chargingProfilePurpose": "TxDefaultProfile",
+                "chargingProfileKind": "Absolute",
+                "chargingSchedule": [{"id": pid, "chargingRateUnit": "A",
+                                      "startSchedule": conv.iso(datetime.now(UTC) - timedelta(seconds=1)),
+                                      "chargingSchedulePeriod": [{"startPeriod": 0, "limit": limit,
+                                                                  "numberPhases": phases}]}]}
+            if until is not None:
+                prof["validTo"] = conv.iso(until)
+            res = await self.rpc.call("SetChargingProfile", {"evseId": n, "chargingProfile": prof})
+        return res.get("status") == "Accepted"
+
+    # -- incoming --------------------------------------------------------------------------------
+    def _connector(self, n: int | None) -> Connector | None:
+        if n is None:
+            return None
+        c = self.box.connectors.get(n)
+        if c is None:
+            self.csms.counters["ocpp_unknown_connector"] += 1
+            self.csms.log_once(f"unknown-connector:{self.cbid}:{n}", "message for a connector that is not configured",
+                               charge_box_id=self.cbid, connector_id=n)
+        return c
+
+    async def handle(self, action: str, d: dict[str, Any]) -> dict[str, Any]:
+        self.csms.counters[f"local_{action}"] += 1
+        if self.version == "1.6":
+            return await self._handle16(action, d)
+        return await self._handle201(action, d)
+
+    def _authorize_local(self, tag: str) -> str:
+        lc = self.csms.config.ocpp.local
+        if lc.free_charging or tag in lc.rfid_tags:
+            return "Accepted"
+        return "Invalid"
+
+    async def _authorize(self, tag: str) -> str:
+        status = self._authorize_local(tag)
+        if status == "Accepted":
+            return status
+        # not in the local list: ask the backend when it is there (as the wallbox's first EVSE)
+        for c in self.box.connectors.values():
+            up = c.up
+            if up is not None and up.booted.is_set() and up.rpc is not None:
+                try:
+                    if up.version == "1.6":
+                        res = await up.rpc.call("Authorize", {"idTag": tag[:20]}, timeout_s=10)
+                        return str(res["idTagInfo"]["status"])
+                    res = await up.rpc.call("Authorize", {"idToken": {"idToken": tag[:36], "type": "ISO14443"}},
+                                            timeout_s=10)
+                    st = str(res["idTokenInfo"]["status"])
+                    return st if st in ("Accepted", "Blocked", "Expired", "Invalid") else "Invalid"
+                except (RpcError, TimeoutError, ConnectionClosed):
+                    break
+        return status
+
+    def _boot(self, info: dict[str, str]) -> dict[str, Any]:
+        import json
+
+        self.box.info = {k: v for k, v in info.items() if v}
+        self.csms.queue.set_kv(f"boot:{self.cbid}", json.dumps(self.box.info))
+        self.log.info("wallbox booted", **self.box.info)
+        self.booted.set()
+        if self.ready:
+            for c in self.box.connectors.values():
+                c.reapply()
+        return {"currentTime": conv.now_iso(), "interval": self.csms.config.ocpp.local.heartbeat_interval_s,
+                "status": "Accepted"}
+
+    async def _handle16(self, action: str, d: dict[str, Any]) -> dict[str, Any]:
+        if action == "BootNotification":
+            return self._boot({"vendor": d["chargePointVendor"], "model": d["chargePointModel"],
+                               "serial": d.get("chargePointSerialNumber") or d.get("chargeBoxSerialNumber", ""),
+                               "firmware": d.get("firmwareVersion", "")})
+        if action == "Heartbeat":
+            return {"currentTime": conv.now_iso()}
+        if action == "StatusNotification":
+            n = d["connectorId"]
+            if n == 0:
+                if d["status"] in ("Unavailable", "Faulted"):
+                    for c in self.box.connectors.values():
+                        c.set_status16(d["status"], d["errorCode"], d.get("info"))
+                return {}
+            c = self._connector(n)
+            if c is not None:
+                c.set_status16(d["status"], d["errorCode"], d.get("info"))
+            return {}
+        if action == "Authorize":
+            return {"idTagInfo": {"status": await self._authorize(d["idTag"])}}
+        if action == "MeterValues":
+            c = self._connector(d["connectorId"]) if d["connectorId"] != 0 else None
+            if c is None:
+                return {}
+            samples = conv.from_16(d["meterValue"])
+            c.update_readings(samples)
+            tid = d.get("transactionId")
+            row = self.csms.queue.tx_by_local(c.evse.id, str(tid)) if tid is not None else None
+            if row is not None and row.stopped is None and c.up is not None:
+                if row.last_ts is None or samples[-1].timestamp > row.last_ts:
+                    c.up.meter_tx(row.tx, samples)
+                else:
+                    self.csms.counters["duplicate_meter_values"] += 1
+            elif c.up is not None and tid is None:
+                c.up.send_live("MeterValues", _live_meter(c.up.version, samples))
+            c.publish()
+            return {}
+        if action == "StartTransaction":
+            return await self._start16(d)
+        if action == "StopTransaction":
+            return await self._stop16(d)
+        if action == "DataTransfer":
+            return {"status": "UnknownVendorId"}
+        if action in ACK_EMPTY_16:
+            return {}
+        raise RpcError("NotSupported", f"{action} is not supported by this central system")
+
+    async def _start16(self, d: dict[str, Any]) -> dict[str, Any]:
+        c = self._connector(d["connectorId"])
+        tag = d["idTag"]
+        status = self._authorize_local(tag) if c is None else await self._authorize(tag)
+        queue = self.csms.queue
+        if c is None:
+            return {"transactionId": queue.next_local_id(), "idTagInfo": {"status": "Invalid"}}
+        ts = d["timestamp"]
+        meter = Decimal(d["meterStart"])
+        if c.up is not None:
+            row = queue.open_tx(c.evse.id)
+            if row is not None and row.id_tag == tag and row.started == ts and row.meter_start == float(meter):
+                self.csms.counters["duplicate_start"] += 1  # the wallbox repeats a start we already stored
+                return {"transactionId": int(row.local_id or 0), "idTagInfo": {"status": "Accepted"}}
+            if row is not None:
+                # the wallbox started a new session while one is open here: close the old one first
+                c.log.warning("new transaction while one is open; closing the open one", open_tx=row.tx)
+                c.up.stop_tx(row.tx, meter_stop_wh=meter, timestamp=ts, reason16="Other", id_tag=row.id_tag)
+            local_id = queue.next_local_id()
+            c.tx = c.up.start_tx(id_tag=tag, meter_start_wh=meter, timestamp=ts, local_id=str(local_id))
+        else:
+            local_id = queue.next_local_id()
+            c.local_tx = {"id": local_id, "meter_start": float(meter), "started": ts, "id_tag": tag}
+        c.energy_wh = meter
+        c.publish()
+        c.log.info("transaction started", local_transaction_id=local_id, meter_start_wh=d["meterStart"], id_tag=tag)
+        return {"transactionId": local_id, "idTagInfo": {"status": status}}
+
+    async def _stop16(self, d: dict[str, Any]) -> dict[str, Any]:
+        tid = str(d["transactionId"])
+        evse_ids = [c.evse.id for c in self.box.connectors.values()]
+        row = self.csms.queue.tx_by_local_any(evse_ids, tid)
+        meter = Decimal(d["meterStop"])
+        answer: dict[str, Any] = {"idTagInfo": {"status": "Accepted"}} if d.get("idTag") else {}
+        if row is None:
+            for c in self.box.connectors.values():
+                if c.local_tx is not None and str(c.local_tx["id"]) == tid:
+                    c.local_tx = None
+                    c.energy_wh = meter
+                    c.publish()
+                    return answer
+            self.csms.counters["unknown_transaction"] += 1
+            self.csms.log_once(f"unknown-tx:{self.cbid}:{tid}", "StopTransaction for an unknown transaction",
+                               charge_box_id=self.cbid, transaction_id=tid)
+            return answer
+        c = next(x for x in self.box.connectors.values() if x.evse.id == row.evse_id)
+        if row.stopped is not None:
+            self.csms.counters["duplicate_stop"] += 1
+            return answer
+        samples = conv.from_16(d.get("transactionData") or [])
+        assert c.up is not None
+        c.up.stop_tx(row.tx, meter_stop_wh=meter, timestamp=d["timestamp"], reason16=d.get("reason", "Local"),
+                     id_tag=d.get("idTag") or row.id_tag, samples=samples)
+        if c.tx == row.tx:
+            c.tx = None
+        c.energy_wh = meter
+        c.publish()
+        c.log.info("transaction stopped", local_transaction_id=tid, meter_stop_wh=d["meterStop"])
+        return answer
+
+    async def _handle201(self, action: str, d: dict[str, Any]) -> dict[str, Any]:
+        if action == "BootNotification":
+            cs = d["chargingStation"]
+            return self._boot({"vendor": cs["vendorName"], "model": cs["model"], "serial": cs.get("serialNumber", ""),
+                               "firmware": cs.get("firmwareVersion", "")})
+        if action == "Heartbeat":
+            return {"currentTime": conv.now_iso()}
+        if action == "StatusNotification":
+            c = self._connector(d["evseId"])
+            if c is not None:
+                s16 = conv.status16_from201(d["connectorStatus"], c.charging_state)
+                c.set_status16(s16, "NoError" if s16 != "Faulted" else "OtherError")
+            return {}
+        if action == "Authorize":
+            return {"idTokenInfo": {"status": await self._authorize(d["idToken"]["idToken"])}}
+        if action == "MeterValues":
+            c = self._connector(d["evseId"]) if d["evseId"] != 0 else None
+            if c is not None:
+                samples = conv.from_201(d["meterValue"])
+                c.update_readings(samples)
+                if c.up is not None:
+                    c.up.send_live("MeterValues", _live_meter(c.up.version, samples))
+                c.publish()
+            return {}
+        if action == "TransactionEvent":
+            return await self._tx_event(d)
+        if action == "DataTransfer":
+            return {"status": "UnknownVendorId"}
+        if action in ACK_EMPTY_201:
+            return {}
+        raise RpcError("NotSupported", f"{action} is not supported by this central system")
+
+    async def _tx_event(self, d: dict[str, Any]) -> dict[str, Any]:
+        info = d["transactionInfo"]
+        tid = info["transactionId"]
+        seq = int(d["seqNo"])
+        queue = self.csms.queue
+        evse_ids = [c.evse.id for c in self.box.connectors.values()]
+        row = queue.tx_by_local_any(evse_ids, tid)
+        c: Connector | None
+        if d.get("evse"):
+            c = self._connector(d["evse"]["id"])
+        elif row is not None:
+            c = next((x for x in self.box.connectors.values() if x.evse.id == row.evse_id), None)
+        else:
+            c = next(iter(self.box.connectors.values())) if len(self.box.connectors) == 1 else None
+        answer: dict[str, Any] = {}
+        tag = (d.get("idToken") or {}).get("idToken")
+        if tag:
+            answer["idTokenInfo"] = {"status": self._authorize_local(tag)}
+        if c is None:
+            return answer
+        samples = conv.from_201(d.get("meterValue") or [])
+        if samples:
+            c.update_readings(samples)
+        if info.get("chargingState"):
+            c.charging_state = info["chargingState"]
+            if c.status16 not in ("Unavailable", "Faulted"):
+                c.set_status16(conv.status16_from201("Occupied", c.charging_state))
+        ev = d["eventType"]
+        energy = conv.energy_of(samples)
+        if row is not None and row.local_seq is not None and seq <= row.local_seq:
+            self.csms.counters["duplicate_transaction_event"] += 1
+            return answer
+        if c.up is None:
+            if ev == "Started":
+                c.local_tx = {"id": tid, "meter_start": float(energy or c.energy_wh or 0), "started": d["timestamp"],
+                              "id_tag": tag}
+            elif ev == "Ended":
+                c.local_tx = None
+            c.publish()
+            return answer
+        if row is None:
+            if ev == "Ended" and seq > 0 and energy is None:
+                self.csms.counters["unknown_transaction"] += 1
+            meter = energy if energy is not None else (c.energy_wh if c.energy_wh is not None else Decimal(0))
+            id_tag = tag or c.evse.id_tag or self.csms.config.ocpp.backend.id_tag
+            c.tx = c.up.start_tx(id_tag=id_tag, meter_start_wh=meter, timestamp=d["timestamp"], local_id=tid,
+                                 trigger=d.get("triggerReason", "Authorized"), local_seq=seq)
+            c.log.info("transaction started", local_transaction_id=tid, meter_start_wh=str(meter), id_tag=id_tag)
+            row = queue.tx(c.tx)
+            if ev == "Started":
+                c.publish()
+                return answer
+        assert row is not None
+        if row.stopped is not None:
+            self.csms.counters["duplicate_transaction_event"] += 1
+            return answer
+        if ev == "Ended":
+            meter = energy if energy is not None else (c.energy_wh if c.energy_wh is not None else
+                                                         Decimal(str(row.meter_last or 0)))
+            reason = conv.STOP_REASON_201_TO_16.get(info.get("stoppedReason", "Local"), "Other")
+            c.up.stop_tx(row.tx, meter_stop_wh=meter, timestamp=d["timestamp"], reason16=reason,
+                         id_tag=tag or row.id_tag, local_seq=seq)
+            if c.tx == row.tx:
+                c.tx = None
+            c.energy_wh = meter
+            c.log.info("transaction stopped", local_transaction_id=tid, meter_stop_wh=str(meter))
+        elif samples:
+            c.up.meter_tx(row.tx, samples, charging_state=info.get("chargingState"), local_seq=seq)
+        else:
+            queue.add_seq_only(row.tx, seq)
+        c.publish()
+        return answer
+
+
+def _live_meter(version: Version, samples: list[conv.Sample]) -> dict[str, Any]:
+    if version == "1.6":
+        return {"connectorId": 1, "meterValue": conv.to_16(samples)}
+    return {"evseId": 1, "meterValue": conv.to_201(samples)}
+
+
+class LocalCsms:
+    """The websocket server and the configured wallboxes."""
+
+    def __init__(self, config: Config, bus: Bus, queue: TxQueue, counters: Counter[str]) -> None:
+        self.config = config
+        self.bus = bus
+        self.queue = queue
+        self.counters = counters
+        self.boxes: dict[str, Box] = {}
+        self.connectors: dict[str, Connector] = {}
+        self.server: Server | None = None
+        self._logged: dict[str, float] = {}
+        for evse in config.evses:
+            if evse.ocpp is None:
+                continue
+            cb = evse.ocpp.charge_box_id
+            box = self.boxes.get(cb)
+            if box is None:
+                box = self.boxes[cb] = Box(cbid=cb, connectors={}, password=None, version=evse.ocpp.version)
+            if evse.ocpp.password is not None and box.password is None:
+                box.password = evse.ocpp.password.reveal()
+            if evse.ocpp.version is not None:
+                box.version = evse.ocpp.version
+            conn = Connector(evse, self)
+            box.connectors[evse.ocpp.connector_id] = conn
+            self.connectors[evse.id] = conn
+
+    def log_once(self, key: str, event: str, **kw: Any) -> None:
+        now = time.monotonic()
+        if now - self._logged.get(key, -1e9) >= 60:
+            self._logged[key] = now
+            log.warning(event, **kw)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        lc = self.config.ocpp.local
+        if lc.tls != "on":
+            return None
+        if not lc.cert_file or not lc.key_file:
+            raise ValueError("ocpp.local.tls on needs cert_file and key_file")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(str(lc.cert_file), str(lc.key_file))
+        if lc.client_ca_file:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(str(lc.client_ca_file))
+        return ctx
+
+    async def start(self) -> None:
+        lc = self.config.ocpp.local
+        for c in self.connectors.values():
+            c.start()
+        self.server = await serve(self._handler, lc.host, lc.port, ssl=self.ssl_context(),
+                                  process_request=self._process_request, select_subprotocol=self._select,
+                                  subprotocols=["ocpp1.6", "ocpp2.0.1"],  # type: ignore[list-item]
+                                  ping_interval=60, ping_timeout=60, max_size=2**20, max_queue=32,
+                                  server_header="chargegate-ocpp-gateway")
+        log.info("local OCPP central system listening", host=lc.host, port=self.port, tls=lc.tls,
+                 wallboxes=len(self.boxes))
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(next(iter(self.server.sockets)).getsockname()[1])
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.server.wait_closed(), 5)
+        for c in self.connectors.values():
+            c.close()
+
+    def _refuse(self, conn: ServerConnection, status: int, why: str, cbid: str | None) -> Response:
+        self.counters["local_refused"] += 1
+        peer = conn.remote_address[0] if conn.remote_address else "?"
+        self.log_once(f"refuse:{cbid}:{status}", "wallbox connection refused", charge_box_id=cbid, reason=why,
+                      http_status=status, peer=peer)
+        return conn.respond(status, why + "\n")
+
+    def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        path = urllib.parse.urlsplit(request.path).path
+        seg = [s for s in path.split("/") if s]
+        cbid = urllib.parse.unquote(seg[-1]) if seg else ""
+        box = self.boxes.get(cbid)
+        if box is None:
+            return self._refuse(conn, 404, f"unknown charge box id {cbid[:48]!r}", cbid[:48] or None)
+        lc = self.config.ocpp.local
+        if lc.client_ca_file and lc.tls == "on" and lc.check_client_cn:
+            sslobj = conn.transport.get_extra_info("ssl_object") if conn.transport else None
+            cert = sslobj.getpeercert() if sslobj is not None else None
+            cn = _cert_cn(cert)
+            if cn != cbid:
+                return self._refuse(conn, 403, f"client certificate CN {cn!r} is not the charge box id", cbid)
+        if lc.require_password or box.password is not None:
+            if box.password is None:
+                return self._refuse(conn, 401, "a password is required but none is configured for this box", cbid)
+            if not _basic_ok(request.headers, cbid, box.password):
+                resp = self._refuse(conn, 401, "HTTP Basic authentication failed", cbid)
+                resp.headers["WWW-Authenticate"] = 'Basic realm="chargegate", charset="UTF-8"'
+                return resp
+        conn.cbid = cbid  # type: ignore[attr-defined]
+        return None
+
+    def _select(self, conn: ServerConnection, offered: Any) -> Any:
+        box = self.boxes.get(getattr(conn, "cbid", ""))
+        wanted = [SUBPROTOCOL_OF[box.version]] if box is not None and box.version else list(offered)
+        for proto in wanted:
+            if proto in offered and proto in SUBPROTOCOL:
+                return proto
+        self.counters["local_refused"] += 1
+        self.log_once(f"subproto:{getattr(conn, 'cbid', '')}", "wallbox offers no supported OCPP version",
+                      charge_box_id=getattr(conn, "cbid", None), offered=list(offered))
+        from websockets.exceptions import NegotiationError
+
+        raise NegotiationError("no supported OCPP subprotocol (ocpp1.6, ocpp2.0.1)")
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        cbid: str = ws.cbid  # type: ignore[attr-defined]
+        box = self.boxes[cbid]
+        version = SUBPROTOCOL[ws.subprotocol or ""]
+        old = box.session
+        if old is not None:
+            log.warning("wallbox connected again, closing its previous connection", charge_box_id=cbid)
+            with contextlib.suppress(Exception):
+                await old.ws.close(1001, "replaced by a new connection")
+        sess = WallboxSession(self, box, ws, version)
+        box.session = sess
+        self.counters["local_connects"] += 1
+        log.info("wallbox connected", charge_box_id=cbid, version=version,
+                 peer=ws.remote_address[0] if ws.remote_address else None)
+        for c in box.connectors.values():
+            c.publish()
+        try:
+            await sess.run()
+        finally:
+            if box.session is sess:
+                box.session = None
+                log.info("wallbox disconnected", charge_box_id=cbid)
+                for c in box.connectors.values():
+                    c.installed = None
+                    c.base_installed = False
+                    c.applied = None
+                    c.publish()
+                    if c.up is not None:
+                        c.up.set_status("Unavailable", "NoError", "wallbox not connected")
+
+    def on_setpoint(self, sp: p.Setpoint) -> None:
+        c = self.connectors.get(sp.evse_id)
+        if c is not None:
+            c.on_setpoint(sp)
+
+
+def _basic_ok(headers: Headers, user: str, password: str) -> bool:
+    auth = headers.get("Authorization", "")
+    if not auth.startswith("Basic "):
+        return False
+    try:
+        raw = base64.b64decode(auth[6:].strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    u, _, pw = raw.partition(":")
+    return hmac.compare_digest(u.encode(), user.encode()) and hmac.compare_digest(pw.encode(), password.encode())
+
+
+def _cert_cn(cert: Any) -> str | None:
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for k, v in rdn:
+            if k == "commonName":
+                return str(v)
+    return None
