@@ -37,9 +37,8 @@ def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
 
 
 def test_every_repo_service_has_a_container() -> None:
-    for svc_dir in (ROOT / "services").iterdir():
-        if (svc_dir / "pyproject.toml").exists():
-            assert svc_dir.name in SERVICES, f"services/{svc_dir.name} has no compose entry"
+    for pyproject in ROOT.glob("services/*/pyproject.toml"):
+        assert pyproject.parent.name in SERVICES, f"services/{pyproject.parent.name} has no compose entry"
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES))
