@@ -1,0 +1,223 @@
+"""The poller: every Modbus EVSE and meter of the configuration, polled concurrently.
+
+Each device runs its own loop at its poll interval (default ``poller.poll_interval_s``, 1 s);
+devices behind one endpoint share a link whose lock serialises their requests. Results go to a
+:class:`Publisher` (the bus in the service, a list in tests and the benchmark).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+from chargegate import payloads as p
+from chargegate.config import Config
+
+from evse_poller import logic
+from evse_poller.device import DeviceError, EvseDevice, MeterDevice
+from evse_poller.profile import ProfileError, load_profile
+from evse_poller.transport import LinkPool, resolve
+
+
+class Publisher(Protocol):
+    def evse_status(self, status: p.EvseStatus) -> None: ...
+    def meter_reading(self, reading: p.MeterReading) -> None: ...
+    def command_result(self, result: p.EvseCommandResult) -> None: ...
+
+
+class MemoryPublisher:
+    """Keeps what would be published (tests, benchmark)."""
+
+    def __init__(self) -> None:
+        self.statuses: dict[str, p.EvseStatus] = {}
+        self.readings: dict[str, p.MeterReading] = {}
+        self.results: list[p.EvseCommandResult] = []
+        self.count = 0
+
+    def evse_status(self, status: p.EvseStatus) -> None:
+        self.statuses[status.evse_id] = status
+        self.count += 1
+
+    def meter_reading(self, reading: p.MeterReading) -> None:
+        self.readings[reading.meter_id] = reading
+        self.count += 1
+
+    def command_result(self, result: p.EvseCommandResult) -> None:
+        self.results.append(result)
+
+
+class Poller:
+    def __init__(self, config: Config, publisher: Publisher, log: Any = None,
+                 counters: Counter[str] | None = None, state_dir: Path | None = None) -> None:
+        self.config = config
+        self.settings = config.poller
+        self.publisher = publisher
+        self.log = log or structlog.get_logger("evse-poller")
+        self.counters: Counter[str] = counters if counters is not None else Counter()
+        self.pool = LinkPool(self.settings.reconnect_backoff_max_s)
+        self.evses: dict[str, EvseDevice] = {}
+        self.meters: dict[str, MeterDevice] = {}
+        self.broken: dict[str, str] = {}  # device id -> why it cannot be polled
+        self._tasks: list[asyncio.Task[None]] = []
+        self._apply_tasks: set[asyncio.Task[None]] = set()
+        self._published: dict[str, object] = {}
+        self._control_file = (state_dir or config.state_dir) / "evse-poller" / "control.json"
+        controls = self._load_controls()
+        for evse in config.evses:
+            if evse.modbus is None:
+                continue
+            try:
+                prof = load_profile(evse.modbus.profile)
+                target = resolve(evse.modbus, prof)
+                link = self.pool.get(target.endpoint)
+                self.evses[evse.id] = EvseDevice(evse, prof, link, target, self.settings, self.counters, self.log,
+                                                 control=controls.get(evse.id))
+            except (ProfileError, DeviceError, ValueError) as e:
+                self._broken(evse.id, "evse", e)
+        for meter in config.meters:
+            try:
+                prof = load_profile(meter.modbus.profile)
+                target = resolve(meter.modbus, prof)
+                link = self.pool.get(target.endpoint)
+                self.meters[meter.id] = MeterDevice(meter, prof, link, target, self.settings, self.counters, self.log)
+            except (ProfileError, DeviceError, ValueError) as e:
+                self._broken(meter.id, "meter", e)
+
+    def _broken(self, ident: str, kind: str, e: Exception) -> None:
+        self.broken[ident] = f"{kind} {ident}: {e}"
+        self.counters["devices_misconfigured"] += 1
+        self.log.error("device cannot be polled (configuration)", **{kind: ident}, error=str(e))
+
+    # -- control state persistence (remote stop / availability survive restarts) -------------
+    def _load_controls(self) -> dict[str, logic.Control]:
+        try:
+            data = json.loads(self._control_file.read_text())
+            return {k: logic.Control(enabled=bool(v.get("enabled", True)), paused=bool(v.get("paused", False)))
+                    for k, v in data.items() if isinstance(v, dict)}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, AttributeError) as e:
+            self.log.warning("ignoring unreadable control state", file=str(self._control_file), error=str(e))
+            return {}
+
+    def _save_controls(self) -> None:
+        data = {k: {"enabled": d.control.enabled, "paused": d.control.paused} for k, d in self.evses.items()
+                if d.control != logic.Control()}
+        try:
+            self._control_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._control_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, self._control_file)
+        except OSError as e:
+            self.log.error("cannot store control state", file=str(self._control_file), error=str(e))
+
+    # -- polling -----------------------------------------------------------------------------
+    def _publish_evse(self, status: p.EvseStatus) -> None:
+        if self._published.get(status.evse_id) is status:
+            return  # a transient failure: the last status stays as it was
+        self._published[status.evse_id] = status
+        self.publisher.evse_status(status)
+
+    def _publish_meter(self, reading: p.MeterReading) -> None:
+        if self._published.get("meter:" + reading.meter_id) is reading:
+            return
+        self._published["meter:" + reading.meter_id] = reading
+        self.publisher.meter_reading(reading)
+
+    async def poll_evse(self, dev: EvseDevice) -> None:
+        self._publish_evse(await dev.poll())
+
+    async def poll_meter(self, dev: MeterDevice) -> None:
+        self._publish_meter(await dev.poll())
+
+    async def poll_once(self) -> float:
+        """Poll every device once, concurrently. Returns the wall time in seconds."""
+        t0 = time.perf_counter()
+        await asyncio.gather(*(self.poll_evse(d) for d in self.evses.values()),
+                             *(self.poll_meter(d) for d in self.meters.values()))
+        return time.perf_counter() - t0
+
+    def publish_broken(self) -> None:
+        for ident, why in self.broken.items():
+            if any(e.id == ident for e in self.config.evses):
+                self.publisher.evse_status(p.EvseStatus(evse_id=ident, online=False, state=p.EvseState.OFFLINE,
+                                                        reason=why, source="evse-poller"))
+            else:
+                self.publisher.meter_reading(p.MeterReading(meter_id=ident, online=False, reason=why))
+
+    async def _loop(self, dev: EvseDevice | MeterDevice) -> None:
+        # spread the devices over the interval so that their requests do not all start at once
+        await asyncio.sleep((hash(dev.id) % 1000) / 1000 * dev.interval_s)
+        while True:
+            t0 = time.monotonic()
+            try:
+                if isinstance(dev, EvseDevice):
+                    await self.poll_evse(dev)
+                else:
+                    await self.poll_meter(dev)
+            except Exception as e:  # a bug must not stop the other devices
+                self.counters["poll_errors"] += 1
+                self.log.exception("poll crashed", device=dev.id, error=repr(e))
+            await asyncio.sleep(max(0.0, dev.interval_s - (time.monotonic() - t0)))
+
+    async def run(self) -> None:
+        """Poll until cancelled."""
+        self.publish_broken()
+        self._tasks = [asyncio.create_task(self._loop(d), name=f"poll:{d.id}")
+                       for d in [*self.evses.values(), *self.meters.values()]]
+        try:
+            await asyncio.gather(*self._tasks)
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        for t in [*self._tasks, *self._apply_tasks]:
+            t.cancel()
+        for t in [*self._tasks, *self._apply_tasks]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks = []
+        self.pool.close()
+
+    # -- bus input ---------------------------------------------------------------------------
+    def set_setpoint(self, sp: p.Setpoint) -> bool:
+        """A new setpoint for one of our EVSEs; applied at once. False when it is not ours."""
+        dev = self.evses.get(sp.evse_id)
+        if dev is None:
+            return False
+        old = dev.setpoint
+        if old is not None and sp.source == old.source and sp.seq < old.seq and not old.expired():
+            self.counters["setpoints_out_of_order"] += 1
+            self.log.warning("older setpoint ignored", evse=sp.evse_id, seq=sp.seq, current_seq=old.seq)
+            return True
+        dev.setpoint = sp
+        self.counters["setpoints_received"] += 1
+        task = asyncio.create_task(dev.apply_now())
+        self._apply_tasks.add(task)
+        task.add_done_callback(self._apply_tasks.discard)
+        return True
+
+    async def command(self, cmd: p.EvseCommand) -> p.EvseCommandResult | None:
+        dev = self.evses.get(cmd.evse_id)
+        if dev is None:
+            return None
+        accepted, detail = await dev.command(cmd)
+        self.counters[f"commands_{'accepted' if accepted else 'rejected'}"] += 1
+        self.log.info("command carried out" if accepted else "command rejected", evse=cmd.evse_id,
+                      action=cmd.action.value, request_id=cmd.request_id, detail=detail)
+        if accepted:
+            self._save_controls()
+        result = p.EvseCommandResult(evse_id=cmd.evse_id, request_id=cmd.request_id, accepted=accepted,
+                                     detail=detail)
+        self.publisher.command_result(result)
+        if accepted and dev.online:
+            with contextlib.suppress(Exception):
+                await self.poll_evse(dev)  # publish the new state at once
+        return result

@@ -1,0 +1,322 @@
+"""Device profiles: one YAML file per wallbox or meter model, validated on load.
+
+A profile says how a device is reached (transport defaults), which registers it has (table,
+address as the vendor documents it, data type, word and byte order, scale), how its state code
+maps to IEC 61851 states, how the maximum current is set, how charging is enabled and paused,
+and which communication watchdog and failsafe current it offers. See ``profiles/README.md``.
+
+Errors name the file, the path inside the document and what is wrong, e.g.::
+
+    profiles/alfen-eve.yaml: registers.max_current.type: Input should be 'uint16', ... (got 'float')
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from chargegate.payloads import EvseState, IecState
+from chargegate.topics import format_loc
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evse_poller.codec import DType, width
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+
+Table = Literal["holding", "input", "coil", "discrete"]
+Order = Literal["big", "little"]
+Name = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=48)]
+
+#: register names the poller understands, per device kind
+EVSE_MEASUREMENTS = ("state", "current_l1", "current_l2", "current_l3", "voltage_l1", "voltage_l2", "voltage_l3",
+                     "power", "energy", "applied_current")
+METER_MEASUREMENTS = ("current_l1", "current_l2", "current_l3", "voltage_l1", "voltage_l2", "voltage_l3",
+                      "power", "power_l1", "power_l2", "power_l3", "energy_import", "energy_export")
+
+
+_MEASUREMENT_LIKE = re.compile(r"^((current|voltage|power)_l\d|energy_(import|export)|applied_current)$")
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be used. ``errors`` lists (path, message) pairs."""
+
+    def __init__(self, source: str, errors: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.errors = errors
+        super().__init__("\n".join(f"{source}: {path or '(document)'}: {msg}" for path, msg in errors))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Register(_Strict):
+    """One value in the device's register map."""
+
+    table: Table
+    address: int = Field(ge=0, le=65535, description="protocol address as the vendor documents it (0-based)")
+    type: DType = DType.UINT16
+    count: int | None = Field(default=None, ge=1, le=64, description="registers of a string")
+    scale: float = Field(default=1.0, description="engineering value = raw * scale")
+    scale_register: Name | None = Field(default=None, description="SunSpec: a sunssf register scaling this one")
+    byte_order: Order | None = None
+    word_order: Order | None = None
+    mask: int | None = Field(default=None, ge=1, le=0xFFFF_FFFF, description="bits kept of an integer raw value")
+    unavailable: list[int] = Field(default_factory=list, description="raw values meaning 'not available'")
+    access: Literal["r", "rw", "w"] = "r"
+    unit: str | None = None
+    doc: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Register:
+        if self.type is DType.STRING and self.count is None:
+            raise ValueError("a string register needs count (number of registers)")
+        if self.type is not DType.STRING and self.count is not None:
+            raise ValueError("count is only for strings; the type sets the width")
+        if self.table in ("coil", "discrete") and self.type is not DType.UINT16:
+            raise ValueError("coils and discrete inputs are single bits: use type uint16 (0/1)")
+        if self.table in ("input", "discrete") and self.access != "r":
+            raise ValueError(f"{self.table} registers are read-only")
+        if self.scale == 0 or not math.isfinite(self.scale):
+            raise ValueError("scale must be a finite non-zero number")
+        if self.mask is not None and self.type in (DType.FLOAT32, DType.FLOAT64, DType.STRING):
+            raise ValueError("mask only applies to integer types")
+        end = self.address + self.width - 1
+        if end > 65535:
+            raise ValueError(f"register ends beyond address 65535 ({end})")
+        return self
+
+    @property
+    def width(self) -> int:
+        return 1 if self.table in ("coil", "discrete") else width(self.type, self.count)
+
+
+class TransportDefaults(_Strict):
+    type: Literal["tcp", "rtu", "ascii", "rtu-over-tcp"]
+    port: int = Field(default=502, ge=1, le=65535)
+    device_id: int = Field(default=1, ge=0, le=255)
+    baudrate: int = Field(default=9600, ge=300, le=1_000_000)
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    bytesize: Literal[7, 8] = 8
+
+
+class ReadOptions(_Strict):
+    max_registers: int = Field(default=100, ge=1, le=125, description="largest single read")
+    max_gap: int = Field(default=0, ge=0, le=100,
+                         description="unused registers a read may span to merge two blocks (0: only adjacent)")
+    repeat: int = Field(default=1, ge=1, le=3, description="send every read this often (devices that wake up on "
+                                                           "the first request answer the second)")
+
+
+class StateMap(_Strict):
+    reg: Name = Field(alias="register")
+    codes: dict[str, IecState] = Field(min_length=1, description="raw state code -> IEC 61851 state")
+    derived: dict[str, EvseState] = Field(default_factory=dict,
+                                          description="raw code -> derived state where the IEC state says too little")
+
+    @field_validator("codes", "derived", mode="before")
+    @classmethod
+    def _keys_as_text(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {str(k): val for k, val in v.items()}
+        return v
+
+
+class CurrentControl(_Strict):
+    """How the maximum charging current is set."""
+
+    reg: Name = Field(alias="register")
+    min_a: float = Field(default=6.0, ge=0, le=80, description="lowest current the device accepts besides pause")
+    max_a: float = Field(default=32.0, gt=0, le=80)
+    pause_a: float = Field(default=0.0, ge=0, le=80, description="current written to pause charging")
+    pause_raw: int | None = Field(default=None, description="raw value written to pause (instead of pause_a)")
+    refresh_s: float | None = Field(default=None, gt=0, le=3600,
+                                    description="rewrite the value at least this often (device keep-alive)")
+
+
+class PhaseControl(_Strict):
+    reg: Name = Field(alias="register")
+    values: dict[Literal[1, 3], int] = Field(description="phase count -> raw value")
+
+
+class EnableControl(_Strict):
+    """Availability (operative / inoperative), e.g. a remote lock or an outlet enable."""
+
+    reg: Name = Field(alias="register")
+    operative: int = Field(description="raw value written to enable (ChangeAvailability operative)")
+    inoperative: int = Field(description="raw value written to disable")
+
+
+class Keepalive(_Strict):
+    reg: Name = Field(alias="register")
+    value: int
+    every_s: float | None = Field(default=None, gt=0, le=3600,
+                                  description="default: half the programmed watchdog timeout")
+
+
+class Watchdog(_Strict):
+    """The device's own communication watchdog and failsafe current."""
+
+    timeout_register: Name | None = Field(default=None, description="written at connect with the poller's "
+                                                                    "watchdog_timeout_s (in the register's unit)")
+    failsafe_register: Name | None = Field(default=None, description="written at connect with the EVSE's "
+                                                                     "safe_current_a")
+    keepalive: Keepalive | None = None
+    builtin_s: float | None = Field(default=None, gt=0, le=86400,
+                                    description="a validity time configured on the device itself (not writable "
+                                                "over Modbus): the setpoint is refreshed well within it")
+    note: str | None = None
+
+
+class InitWrite(_Strict):
+    reg: Name = Field(alias="register")
+    value: int
+
+
+class SunSpec(_Strict):
+    """A SunSpec device: register addresses are offsets inside the model (ID register = 0)."""
+
+    model: int = Field(ge=1, le=65534)
+    base_addresses: list[int] = Field(default=[40000, 0, 50000], min_length=1)
+
+
+class Profile(_Strict):
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9\-]*$", max_length=64)]
+    kind: Literal["evse", "meter"]
+    vendor: str
+    model: str
+    source: str = Field(min_length=10, description="the vendor document the register facts come from")
+    transport: TransportDefaults
+    byte_order: Order = "big"
+    word_order: Order = "big"
+    read: ReadOptions = Field(default_factory=ReadOptions)
+    sunspec: SunSpec | None = None
+    registers: dict[Name, Register] = Field(min_length=1)
+    state: StateMap | None = None
+    current: CurrentControl | None = None
+    phases: PhaseControl | None = None
+    enable: EnableControl | None = None
+    watchdog: Watchdog | None = None
+    init: list[InitWrite] = Field(default_factory=list)
+    notes: str | None = None
+
+    @model_validator(mode="after")
+    def _references(self) -> Profile:
+        errs: list[str] = []
+        regs = self.registers
+
+        def need(name: str | None, where: str, writable: bool = False) -> None:
+            if name is None:
+                return
+            r = regs.get(name)
+            if r is None:
+                errs.append(f"{where}: unknown register {name!r}")
+            elif writable and r.access == "r":
+                errs.append(f"{where}: register {name!r} is read-only (access r)")
+
+        for n, r in regs.items():
+            if r.scale_register is not None:
+                need(r.scale_register, f"registers.{n}.scale_register")
+                sf = regs.get(r.scale_register)
+                if sf is not None and sf.type is not DType.SUNSSF:
+                    errs.append(f"registers.{n}.scale_register: {r.scale_register!r} is not of type sunssf")
+        known = EVSE_MEASUREMENTS if self.kind == "evse" else METER_MEASUREMENTS
+        if self.kind == "evse":
+            if self.state is None:
+                errs.append("state: an EVSE profile needs a state mapping")
+            if self.current is None:
+                errs.append("current: an EVSE profile needs current control")
+            if self.state is not None:
+                need(self.state.reg, "state.register")
+            if self.current is not None:
+                need(self.current.reg, "current.register", writable=True)
+                if self.current.min_a > self.current.max_a:
+                    errs.append("current: min_a is above max_a")
+            if self.phases is not None:
+                need(self.phases.reg, "phases.register", writable=True)
+            if self.enable is not None:
+                need(self.enable.reg, "enable.register", writable=True)
+            if self.watchdog is not None:
+                need(self.watchdog.timeout_register, "watchdog.timeout_register", writable=True)
+                need(self.watchdog.failsafe_register, "watchdog.failsafe_register", writable=True)
+                if self.watchdog.keepalive is not None:
+                    need(self.watchdog.keepalive.reg, "watchdog.keepalive.register", writable=True)
+        else:
+            for section in ("state", "current", "phases", "enable", "watchdog"):
+                if getattr(self, section) is not None:
+                    errs.append(f"{section}: a meter profile has no {section} section")
+            if not any(k in regs for k in ("current_l1", "power")):
+                errs.append("registers: a meter needs at least current_l1 or power")
+        for i, w in enumerate(self.init):
+            need(w.reg, f"init[{i}].register", writable=True)
+        for n in regs:
+            if _MEASUREMENT_LIKE.match(n) and n not in known:
+                errs.append(f"registers.{n}: not a {self.kind} measurement; known: {', '.join(known)}")
+        if self.transport.type in ("rtu", "ascii") and self.transport.port != 502:
+            errs.append("transport.port: only for TCP transports")
+        if errs:
+            raise ValueError("; ".join(errs))
+        return self
+
+    # -- helpers -------------------------------------------------------------------------------
+    def order(self, reg: Register) -> tuple[str, str]:
+        return (reg.byte_order or self.byte_order, reg.word_order or self.word_order)
+
+
+def _format(e: ValidationError) -> list[tuple[str, str]]:
+    out = []
+    for err in e.errors():
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown key"
+        inp = err.get("input")
+        if inp is not None and not isinstance(inp, dict | list):
+            msg = f"{msg} (got {inp!r})"
+        out.append((format_loc(err.get("loc", ())), msg))
+    return out
+
+
+def parse_profile(data: Any, source: str) -> Profile:
+    if not isinstance(data, dict):
+        raise ProfileError(source, [("", f"a profile must be a mapping, got {type(data).__name__}")])
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as e:
+        raise ProfileError(source, _format(e)) from None
+
+
+def load_profile_file(path: str | Path) -> Profile:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ProfileError(str(path), [("", f"cannot read: {e.strerror}")]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ProfileError(str(path), [(where, f"not valid YAML: {getattr(e, 'problem', e)}")]) from None
+    prof = parse_profile(data, str(path))
+    if prof.name != path.stem:
+        raise ProfileError(str(path), [("name", f"name {prof.name!r} must match the file name {path.stem!r}")])
+    return prof
+
+
+def available() -> list[str]:
+    """Names of the built-in profiles."""
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+@cache
+def load_profile(name: str) -> Profile:
+    """A built-in profile by name (``modbus.profile`` in the configuration)."""
+    path = PROFILE_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ProfileError(name, [("", f"unknown device profile {name!r}; available: {', '.join(available())}")])
+    return load_profile_file(path)

@@ -1,0 +1,443 @@
+"""Simulated devices, one per profile, each written from the vendor's register documentation.
+
+The register addresses here are typed in from the vendor documents independently of the YAML
+profiles (see the sources in each builder), so a poller driven by a wrong profile fails against
+these simulators.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from evse_poller.codec import DType
+from evse_poller.sim.model import NOMINAL_V, ChargePoint, MeterModel
+from evse_poller.sim.regmap import RegisterMap
+
+U16, I16, U32, I32, I64, F32, F64, STR = (DType.UINT16, DType.INT16, DType.UINT32, DType.INT32, DType.INT64,
+                                          DType.FLOAT32, DType.FLOAT64, DType.STRING)
+
+
+@dataclass
+class SimSettings:
+    """Device settings an installer makes on the device itself (not over Modbus)."""
+
+    safe_current_a: float = 6.0  # Alfen: active load balancing safe current
+    validity_s: float = 60.0  # Alfen: Modbus slave max current validity time
+    hw_max_current_a: float = 16.0  # Heidelberg: DIP switch S1
+
+
+def _accept(cond: bool, action: Callable[[], None]) -> bool:
+    if cond:
+        action()
+    return cond
+
+
+# -- Heidelberg Energy Control ------------------------------------------------------------------
+# Amperfied EC_ModBus_register_table_20210222: input 4 layout, 5 state, 6-8 current 0.1 A,
+# 9 temperature 0.1 degC, 10-12 voltage V, 13 lock, 14 power VA, 15/17 energy uint32 (VAh),
+# 100/101 hardware max/min A; holding 257 watchdog ms, 258 standby, 259 remote lock,
+# 261 max current 0.1 A, 262 failsafe current 0.1 A (0 or 60..160).
+
+def heidelberg(cp: ChargePoint, s: SimSettings) -> RegisterMap:
+    m = RegisterMap()
+    cp.watchdog_mode = "traffic"
+    cp.watchdog_s = 15.0
+    cp.failsafe_a = 0.0
+    cp.max_current_a = s.hw_max_current_a
+    if cp.commanded_a is None:
+        cp.commanded_a = s.hw_max_current_a
+    regs = {"wd_ms": 15000, "standby": 0, "lock": 1}
+    m.on_request = cp.on_request
+    m.before_read = cp.tick
+
+    def state() -> int:
+        if not cp.enabled:
+            return 10  # F: wallbox locked
+        allowed = cp.limit_a() >= 6.0
+        if not cp.car.plugged:
+            return 3 if allowed else 2  # A2 / A1
+        if any(cp.draw()):
+            return 7  # C2
+        if cp.car.wants_charge and not allowed:
+            return 6  # C1: request, not allowed
+        return 5 if allowed else 4  # B2 / B1
+
+    def tenth(x: float) -> int:
+        return round(x * 10)
+
+    def set_current(raw: int | float | str) -> bool:
+        r = int(raw)
+        return _accept(r == 0 or 60 <= r <= 160, lambda: cp.set_limit(r / 10))
+
+    def set_failsafe(raw: int | float | str) -> bool:
+        r = int(raw)
+        return _accept(r == 0 or 60 <= r <= 160, lambda: setattr(cp, "failsafe_a", r / 10))
+
+    def set_wd(raw: int | float | str) -> bool:
+        regs["wd_ms"] = int(raw)
+        cp.watchdog_s = int(raw) / 1000.0
+        return True
+
+    def set_lock(raw: int | float | str) -> bool:
+        return _accept(int(raw) in (0, 1), lambda: (regs.__setitem__("lock", int(raw)), cp.set_enabled(bool(raw))))
+
+    m.constant("input", 4, U16, 0x0108, name="layout")
+    m.field("input", 5, U16, state, name="state")
+    for i in range(3):
+        m.field("input", 6 + i, U16, lambda i=i: tenth(cp.draw()[i]), name=f"current L{i + 1}")
+    m.constant("input", 9, I16, 285, name="temperature")
+    for i in range(3):
+        m.constant("input", 10 + i, U16, 230, name=f"voltage L{i + 1}")
+    m.field("input", 13, U16, lambda: 1, name="external lock")
+    m.field("input", 14, U16, lambda: round(cp.power_w()), name="power VA")
+    m.field("input", 15, U32, lambda: round(cp.energy_wh - cp.session_start_wh), name="energy since power on")
+    m.field("input", 17, U32, lambda: round(cp.energy_wh), name="energy since installation")
+    m.field("input", 100, U16, lambda: round(s.hw_max_current_a), name="hw max current")
+    m.constant("input", 101, U16, 6, name="hw min current")
+    m.field("holding", 257, U16, lambda: regs["wd_ms"], set_wd, name="watchdog timeout ms")
+    m.field("holding", 258, U16, lambda: regs["standby"],
+            lambda v: _accept(int(v) in (0, 4), lambda: regs.__setitem__("standby", int(v))), name="standby")
+    m.field("holding", 259, U16, lambda: regs["lock"], set_lock, name="remote lock")
+    m.field("holding", 261, U16, lambda: tenth(cp.commanded_a or 0.0), set_current, name="max current")
+    m.field("holding", 262, U16, lambda: tenth(cp.failsafe_a), set_failsafe, name="failsafe current")
+    return m
+
+
+# -- Alfen Eve (NG9xx) --------------------------------------------------------------------------
+# Alfen "Modbus Slave TCP/IP for NG9xx platform" v2.3, section 3.4 (socket, slave address 1):
+# 300 meter state, 306.. voltages float32, 320/322/324 currents float32, 344 real power sum
+# float32, 374 energy delivered sum float64 (Wh), 1200 availability, 1201 mode 3 state string(5),
+# 1206 actual applied max current float32, 1208 remaining valid time uint32, 1210 max current
+# float32 (R/W, both registers in one write), 1212 safe current float32, 1214 setpoint accounted,
+# 1215 phases (R/W: 1 or 3). Reserved registers read NaN (0xFFFF).
+
+def alfen(cp: ChargePoint, s: SimSettings) -> RegisterMap:
+    m = RegisterMap()
+    cp.watchdog_mode = "setpoint"
+    cp.watchdog_s = s.validity_s
+    cp.failsafe_a = s.safe_current_a
+    cp.fallback_until_first_write = True
+    m.on_request = cp.on_request
+    m.before_read = cp.tick
+
+    def mode3() -> str:
+        if not cp.car.plugged:
+            return "A"
+        pwm = cp.limit_a() >= 6.0
+        if any(cp.draw()):
+            return "C2"
+        if cp.car.wants_charge:
+            return "C1" if not pwm else "B2"
+        return "B2" if pwm else "B1"
+
+    def remaining() -> int:
+        if cp.last_setpoint_write is None:
+            return 0
+        return max(0, round(s.validity_s - (cp.clock() - cp.last_setpoint_write)))
+
+    def set_max(v: int | float | str) -> bool:
+        a = float(v)
+        return _accept(0.0 <= a <= 80.0, lambda: cp.set_limit(a))
+
+    def set_phases(v: int | float | str) -> bool:
+        return _accept(int(v) in (1, 3), lambda: cp.set_phases(int(v)))
+
+    m.constant("holding", 300, U16, 3, name="meter state")
+    m.constant("holding", 301, DType.UINT64, 100, name="meter last value timestamp")
+    m.constant("holding", 305, U16, 0, name="meter type")
+    for i in range(3):
+        m.constant("holding", 306 + 2 * i, F32, NOMINAL_V, name=f"voltage L{i + 1}-N")
+        m.constant("holding", 312 + 2 * i, F32, 400.0, name=f"voltage L{i + 1}-L{i % 3 + 2}")
+    m.constant("holding", 318, F32, 0.0, name="current N")
+    for i in range(3):
+        m.field("holding", 320 + 2 * i, F32, lambda i=i: cp.draw()[i], name=f"current L{i + 1}")
+    m.field("holding", 326, F32, lambda: sum(cp.draw()), name="current sum")
+    for i in range(4):
+        m.constant("holding", 328 + 2 * i, F32, 1.0, name="power factor")
+    m.constant("holding", 336, F32, 50.0, name="frequency")
+    for i in range(3):
+        m.field("holding", 338 + 2 * i, F32, lambda i=i: cp.draw()[i] * NOMINAL_V, name=f"real power L{i + 1}")
+    m.field("holding", 344, F32, cp.power_w, name="real power sum")
+    for i in range(3):
+        m.field("holding", 346 + 2 * i, F32, lambda i=i: cp.draw()[i] * NOMINAL_V, name=f"apparent power L{i + 1}")
+    m.field("holding", 352, F32, cp.power_w, name="apparent power sum")
+    for i in range(4):
+        m.constant("holding", 354 + 2 * i, F32, 0.0, name="reactive power")
+    for i in range(3):
+        m.field("holding", 362 + 4 * i, F64, lambda i=i: cp.energy_wh / max(1, cp.active_phases())
+                if i < cp.active_phases() else 0.0, name=f"energy delivered L{i + 1}")
+    m.field("holding", 374, F64, lambda: cp.energy_wh, name="real energy delivered sum")
+    for i in range(4):
+        m.constant("holding", 378 + 4 * i, F64, 0.0, name="real energy consumed")
+    for i in range(8):
+        m.constant("holding", 394 + 4 * i, F64, 0.0, name="apparent/reactive energy")
+    m.field("holding", 1200, U16, lambda: 1 if cp.enabled else 0, name="availability")
+    m.field("holding", 1201, STR, mode3, count=5, name="mode 3 state")
+    m.field("holding", 1206, F32, cp.limit_a, name="actual applied max current")
+    m.field("holding", 1208, U32, remaining, name="max current valid time")
+    m.field("holding", 1210, F32, lambda: cp.commanded_a or 0.0, set_max, name="modbus slave max current")
+    m.field("holding", 1212, F32, lambda: s.safe_current_a, name="safe current")
+    m.field("holding", 1214, U16, lambda: 0 if cp.watchdog_expired() else 1, name="setpoint accounted for")
+    m.field("holding", 1215, U16, lambda: cp.phase_setting, set_phases, name="charge using 1 or 3 phases")
+    return m
+
+
+# -- Phoenix Contact CHARX SEC-3xxx --------------------------------------------------------------
+# UM EN CHARX SEC "Modbus server": 114 number of controllers; charging point n at 1000*n +
+# offset: 112 meter, 232.. voltages int32 mV, 238.. currents int32 mA, 244 power int32 mW,
+# 250 energy int64 Wh, 299 status 2 x ASCII, 300 charging release, 301 max current A.
+# Holding and input registers return the same values.
+
+def charx(cp: ChargePoint, s: SimSettings) -> RegisterMap:
+    m = RegisterMap()
+    cp.watchdog_mode = "off"
+    if cp.commanded_a is None:
+        cp.commanded_a = 16.0
+    m.on_request = cp.on_request
+    m.before_read = cp.tick
+    base = 1000
+
+    def status() -> str:
+        if not cp.enabled:
+            return "F0"
+        if not cp.car.plugged:
+            return "A1"
+        if any(cp.draw()):
+            return "C2"
+        return "B2" if cp.limit_a() >= 6.0 else "B1"
+
+    def set_current(v: int | float | str) -> bool:
+        a = int(v)
+        return _accept(a == 0 or 6 <= a <= 80, lambda: cp.set_limit(float(a)))
+
+    def set_release(v: int | float | str) -> bool:
+        return _accept(int(v) in (0, 1), lambda: cp.set_enabled(bool(int(v))))
+
+    for table in ("holding", "input"):
+        writable = table == "holding"
+        m.constant(table, 100, STR, "CHARX SEC-3100", count=10, name="name")
+        m.constant(table, 110, STR, "1.5.1", count=4, name="software version")
+        m.constant(table, 114, U16, 1, name="controllers")
+        m.constant(table, base + 112, U16, 1, name="meter")
+        for i in range(3):
+            m.constant(table, base + 232 + 2 * i, I32, round(NOMINAL_V * 1000), name=f"voltage L{i + 1} mV")
+            m.field(table, base + 238 + 2 * i, I32, lambda i=i: round(cp.draw()[i] * 1000), name=f"current L{i + 1}")
+        m.field(table, base + 244, I32, lambda: round(cp.power_w() * 1000), name="power mW")
+        m.field(table, base + 250, I64, lambda: round(cp.energy_wh), name="energy Wh")
+        m.field(table, base + 299, STR, status, count=1, name="status IEC 61851")
+        m.field(table, base + 300, U16, lambda: 1 if cp.enabled else 0, set_release if writable else None,
+                name="charging release")
+        m.field(table, base + 301, U16, lambda: round(cp.commanded_a or 0), set_current if writable else None,
+                name="max current")
+    return m
+
+
+# -- Webasto Next / Ampure Unite ------------------------------------------------------------------
+# Webasto Next Modbus TCP (TQ-DM100 set), unit 255: input 1000 charge point state, 1001 charging
+# state, 1002 equipment state, 1004 cable state, 1006 fault code, 1008/1010/1012 currents mA,
+# 1014/1016/1018 voltages V, 1020 power W uint32, 1024.. phase powers, 1036 energy Wh uint32,
+# 1100-1106 current limits; holding 2000 failsafe current A, 2002 failsafe timeout s,
+# 5004 charge current A, 6000 life bit (write 1, the wallbox answers by setting 0).
+
+def webasto(cp: ChargePoint, s: SimSettings) -> RegisterMap:
+    m = RegisterMap()
+    cp.watchdog_mode = "keepalive"
+    cp.watchdog_s = 20.0
+    cp.failsafe_a = 6.0
+    cp.fallback_until_first_write = True
+    if cp.commanded_a is None:
+        cp.commanded_a = 0.0
+    regs = {"timeout": 20, "life": 0}
+    m.on_request = cp.on_request
+    m.before_read = cp.tick
+
+    def cp_state() -> int:
+        if not cp.enabled:
+            return 7
+        if not cp.car.plugged:
+            return 0
+        if any(cp.draw()):
+            return 2
+        if cp.limit_a() < 6.0:
+            return 3  # suspended EVSE
+        return 4 if not cp.car.wants_charge else 1
+
+    def set_failsafe(v: int | float | str) -> bool:
+        a = int(v)
+        return _accept(a == 0 or 6 <= a <= 32, lambda: setattr(cp, "failsafe_a", float(a)))
+
+    def set_timeout(v: int | float | str) -> bool:
+        t = int(v)
+        return _accept(6 <= t <= 120, lambda: (regs.__setitem__("timeout", t), setattr(cp, "watchdog_s", float(t))))
+
+    def set_current(v: int | float | str) -> bool:
+        a = int(v)
+        return _accept(0 <= a <= 32, lambda: cp.set_limit(float(a)))
+
+    def set_life(v: int | float | str) -> bool:
+        if int(v) == 1:
+            cp.keepalive()
+            regs["life"] = 0  # the wallbox acknowledges by resetting the bit
+        return True
+
+    m.field("input", 1000, U16, cp_state, name="charge point state")
+    m.field("input", 1001, U16, lambda: 1 if any(cp.draw()) else 0, name="charging state")
+    m.constant("input", 1002, U16, 1, name="equipment state")
+    m.field("input", 1004, U16, lambda: 2 if cp.car.plugged else 0, name="cable state")
+    m.constant("input", 1006, U16, 0, name="fault code")
+    for i in range(3):
+        m.field("input", 1008 + 2 * i, U16, lambda i=i: round(cp.draw()[i] * 1000), name=f"current L{i + 1} mA")
+        m.constant("input", 1014 + 2 * i, U16, 230, name=f"voltage L{i + 1}")
+    m.field("input", 1020, U32, lambda: round(cp.power_w()), name="active power")
+    for i in range(3):
+        m.field("input", 1024 + 4 * i, U32, lambda i=i: round(cp.draw()[i] * NOMINAL_V), name=f"power L{i + 1}")
+    m.field("input", 1036, U32, lambda: round(cp.energy_wh), name="energy Wh")
+    m.field("input", 1100, U16, lambda: round(cp.limit_a()), name="session max current")
+    m.constant("input", 1102, U16, 6, name="evse min current")
+    m.field("input", 1104, U16, lambda: round(cp.max_current_a), name="evse max current")
+    m.constant("input", 1106, U16, 32, name="cable max current")
+    m.filler("input", 1000, 1037)
+    m.filler("input", 1100, 1107)
+    m.field("holding", 2000, U16, lambda: round(cp.failsafe_a), set_failsafe, name="failsafe current")
+    m.field("holding", 2002, U16, lambda: regs["timeout"], set_timeout, name="failsafe timeout")
+    m.field("holding", 5004, U16, lambda: round(cp.commanded_a or 0), set_current, name="charge current")
+    m.field("holding", 6000, U16, lambda: regs["life"], set_life, name="life bit")
+    return m
+
+
+# -- ABL eMH1/2/3 (Modbus ASCII) ----------------------------------------------------------------
+# ABL eMH interface description (evcc abl.go, esphome-abl-emh1): holding 0x0001 firmware
+# (2 registers), 0x0004 state (low byte), 0x0005 modify state (0xA1A1 enable, 0xE0E0 disable),
+# 0x0014 Icmax as duty cycle 0.1 % (A / 0.06; 1000 = 100 % = no charging),
+# 0x002E..0x0032 status report: 0x2E<<8 | state, flags/duty, currents L1..L3 in 0.1 A.
+
+def abl(cp: ChargePoint, s: SimSettings) -> RegisterMap:
+    m = RegisterMap()
+    cp.watchdog_mode = "off"
+    if cp.commanded_a is None:
+        cp.commanded_a = 6.0
+    duty = {"raw": 100}
+    m.on_request = cp.on_request
+    m.before_read = cp.tick
+
+    def state() -> int:
+        if not cp.enabled:
+            return 0xE0
+        if not cp.car.plugged:
+            return 0xA1
+        if any(cp.draw()):
+            return 0xC2
+        return 0xB2 if cp.limit_a() >= 6.0 else 0xB1
+
+    def set_icmax(v: int | float | str) -> bool:
+        r = int(v)
+        if r == 1000:
+            return _accept(True, lambda: (duty.__setitem__("raw", r), cp.set_limit(0.0)))
+        return _accept(80 <= r <= 533, lambda: (duty.__setitem__("raw", r), cp.set_limit(r * 0.06)))
+
+    def modify(v: int | float | str) -> bool:
+        r = int(v)
+        if r == 0xA1A1:
+            cp.set_enabled(True)
+            return True
+        if r == 0xE0E0:
+            cp.set_enabled(False)
+            return True
+        return False
+
+    def current(i: int) -> int:
+        if cp.iec() != "C":
+            return 1000  # not measured / no current flowing
+        return round(cp.draw()[i] * 10)
+
+    m.constant("holding", 0x0001, U32, 0x0112_0020, name="firmware (current sensor fitted)")
+    m.field("holding", 0x0004, U16, state, name="state")
+    m.field("holding", 0x0005, U16, lambda: 0xA1A1 if cp.enabled else 0xE0E0, modify, name="modify state")
+    m.field("holding", 0x0014, U16, lambda: duty["raw"], set_icmax, name="Icmax duty cycle")
+    m.field("holding", 0x002E, U16, lambda: 0x2E00 | state(), name="status report")
+    m.field("holding", 0x002F, U16, lambda: duty["raw"] & 0x03FF, name="flags / duty")
+    for i in range(3):
+        m.field("holding", 0x0030 + i, U16, lambda i=i: current(i), name=f"current L{i + 1}")
+    return m
+
+
+# -- meters -------------------------------------------------------------------------------------
+# Eastron SDM630 Modbus protocol: input registers, float32 high word first, 0x00/02/04 voltages,
+# 0x06/08/0A currents, 0x0C/0E/10 phase powers, 0x34 total power, 0x46 frequency, 0x48 import kWh,
+# 0x4A export kWh. The meter answers every address of its parameter range (unused ones read 0).
+
+def sdm630(meter: MeterModel) -> RegisterMap:
+    m = RegisterMap()
+    m.before_read = meter.tick
+    for i in range(3):
+        m.field("input", 0x00 + 2 * i, F32, lambda: meter.voltage_v, name=f"voltage L{i + 1}")
+        m.field("input", 0x06 + 2 * i, F32, lambda i=i: abs(meter.currents()[i]), name=f"current L{i + 1}")
+        m.field("input", 0x0C + 2 * i, F32, lambda i=i: meter.phase_power()[i], name=f"power L{i + 1}")
+    m.field("input", 0x34, F32, lambda: sum(meter.phase_power()), name="total system power")
+    m.constant("input", 0x46, F32, 50.0, name="frequency")
+    m.field("input", 0x48, F32, lambda: meter.import_wh / 1000.0, name="import kWh")
+    m.field("input", 0x4A, F32, lambda: meter.export_wh / 1000.0, name="export kWh")
+    m.filler("input", 0x00, 0x4F)
+    return m
+
+
+# SunSpec: "SunS" at 40000, common model 1 (L = 65) at 40002, meter model 203 (L = 105) at 40069,
+# end marker 0xFFFF at 40176. Model 203 offsets (sunspec/models model_203.json): 2 A, 3-5 AphA-C,
+# 6 A_SF, 7 PhV, 8-10 PhVphA-C, 15 V_SF, 16 Hz, 17 Hz_SF, 18 W, 19-21 WphA-C, 22 W_SF,
+# 38 TotWhExp (acc32), 46 TotWhImp (acc32), 54 TotWh_SF.
+
+SUNSPEC_BASE = 40000
+SUNSPEC_203_AT = SUNSPEC_BASE + 2 + 2 + 65
+
+
+def sunspec_meter(meter: MeterModel) -> RegisterMap:
+    m = RegisterMap()
+    m.before_read = meter.tick
+    h = "holding"
+    m.constant(h, SUNSPEC_BASE, STR, "SunS", count=2, name="SunS")
+    c = SUNSPEC_BASE + 2
+    m.constant(h, c, U16, 1, name="common ID")
+    m.constant(h, c + 1, U16, 65, name="common L")
+    m.constant(h, c + 2, STR, "chargegate", count=16, name="Mn")
+    m.constant(h, c + 18, STR, "sim-meter-203", count=16, name="Md")
+    m.filler(h, c + 34, c + 41)  # Opt (not used)
+    m.constant(h, c + 42, STR, "1.0", count=8, name="Vr")
+    m.constant(h, c + 50, STR, "SIM0001", count=16, name="SN")
+    m.constant(h, c + 66, U16, 1, name="DA")
+    b = SUNSPEC_203_AT
+    a_sf, v_sf, w_sf = -2, -1, 0
+    m.constant(h, b, U16, 203, name="ID")
+    m.constant(h, b + 1, U16, 105, name="L")
+    m.field(h, b + 2, I16, lambda: round(sum(meter.currents()) / 10**a_sf), name="A")
+    for i in range(3):
+        m.field(h, b + 3 + i, I16, lambda i=i: round(meter.currents()[i] / 10**a_sf), name=f"Aph{'ABC'[i]}")
+        m.field(h, b + 8 + i, I16, lambda: round(meter.voltage_v / 10**v_sf), name=f"PhVph{'ABC'[i]}")
+        m.field(h, b + 19 + i, I16, lambda i=i: round(meter.phase_power()[i] / 10**w_sf), name=f"Wph{'ABC'[i]}")
+    m.constant(h, b + 6, I16, a_sf, name="A_SF")
+    m.field(h, b + 7, I16, lambda: round(meter.voltage_v / 10**v_sf), name="PhV")
+    m.constant(h, b + 15, I16, v_sf, name="V_SF")
+    m.constant(h, b + 16, I16, 5000, name="Hz")
+    m.constant(h, b + 17, I16, -2, name="Hz_SF")
+    m.field(h, b + 18, I16, lambda: round(sum(meter.phase_power()) / 10**w_sf), name="W")
+    m.constant(h, b + 22, I16, w_sf, name="W_SF")
+    m.field(h, b + 38, U32, lambda: round(meter.export_wh), name="TotWhExp")
+    m.field(h, b + 46, U32, lambda: round(meter.import_wh), name="TotWhImp")
+    m.constant(h, b + 54, I16, 0, name="TotWh_SF")
+    m.filler(h, b + 2, b + 106, value=0x8000)  # unimplemented points read "not implemented"
+    m.constant(h, b + 107, U16, 0xFFFF, name="end ID")
+    m.constant(h, b + 108, U16, 0, name="end L")
+    return m
+
+
+EVSE_SIMS: dict[str, Callable[[ChargePoint, SimSettings], RegisterMap]] = {
+    "heidelberg-energy-control": heidelberg,
+    "alfen-eve": alfen,
+    "phoenix-charx": charx,
+    "webasto-next": webasto,
+    "abl-emh": abl,
+}
+METER_SIMS: dict[str, Callable[[MeterModel], RegisterMap]] = {
+    "sdm630": sdm630,
+    "sunspec-meter": sunspec_meter,
+}
