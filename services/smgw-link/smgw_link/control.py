@@ -225,7 +225,7 @@ class OperatorControl:
 
     # -- time ------------------------------------------------------------------------------------
     def _failsafe_enabled(self) -> bool:
-        return self.cfg.functions.power_reduction and self.cfg.on_link_loss == "failsafe"
+        return self.cfg.enabled and self.cfg.functions.power_reduction and self.cfg.on_link_loss == "failsafe"
 
     def _leave_failsafe(self, now: datetime, why: str) -> None:
         self.events.append(f"failsafe left: {why}")

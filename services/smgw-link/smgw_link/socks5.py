@@ -55,7 +55,7 @@ async def read_address(reader: asyncio.StreamReader, atyp: int) -> tuple[str, in
         host = str(ipaddress.IPv6Address(await reader.readexactly(16)))
     elif atyp == ATYP_DOMAIN:
         n = (await reader.readexactly(1))[0]
-        host = (await reader.readexactly(n)).decode("idna", errors="replace")
+        host = (await reader.readexactly(n)).decode("ascii", errors="replace")
     else:
         raise ValueError(f"address type 0x{atyp:02x}")
     (port,) = struct.unpack("!H", await reader.readexactly(2))

@@ -1,0 +1,452 @@
+"""The smgw-link service: link, channels, CLS.EEDI, variables API, and what goes on the bus."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from chargegate import payloads as p
+from chargegate.bus import Message
+from chargegate.runtime import ServiceContext, run_service
+
+from smgw_link.certstore import WARN_DAYS, CertInfo, CertStore, CertStoreError
+from smgw_link.channel import HanConnector, InboundServer, Link, Streams
+from smgw_link.clseedi.client import ClsEediClient
+from smgw_link.clseedi.device import ClsEediDevice
+from smgw_link.control import OperatorControl, same_limit
+from smgw_link.httpapi import ApiState, make_app
+from smgw_link.measurements import Measurements
+from smgw_link.tlsconf import LinkError
+
+STATUS_REFRESH_S = 10.0
+CERT_CHECK_S = 30.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn inside our loop: the service runtime owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[no-untyped-def]
+        yield
+
+
+@dataclass
+class _HttpServer:
+    server: _Uvicorn
+    task: asyncio.Task[None]
+    sock: socket.socket
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(self.task, 5)
+        self.sock.close()
+
+
+async def _serve_http(app: Any, sock: socket.socket) -> _HttpServer:
+    cfg = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=2)
+    server = _Uvicorn(cfg)
+    task = asyncio.create_task(server.serve(sockets=[sock]), name="smgw-link.http")
+    for _ in range(200):
+        if server.started or task.done():
+            break
+        await asyncio.sleep(0.01)
+    return _HttpServer(server, task, sock)
+
+
+class SmgwLink:
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.config = ctx.config
+        self.cfg = ctx.config.smgw
+        self.log = ctx.log
+        state = ctx.state_dir / "smgw"
+        state.mkdir(parents=True, exist_ok=True)
+        self.state_path = state
+        self.control = OperatorControl.load(self.cfg, state / "operator.json", utcnow())
+        self.measurements = Measurements(self.config)
+        self.device = ClsEediDevice(self.cfg, self.control, self.measurements, self.controller_ok,
+                                    on_change=self.changed, counters=ctx.counters)
+        self.store = CertStore.for_config(self.config)
+        self.cert: CertInfo | None = None
+        self.cert_error: str | None = None
+        self._cert_key: tuple[str, float] | None = None
+        self.link: Link | None = None
+        self.clseedi: ClsEediClient | None = None
+        self.inbound: InboundServer | None = None
+        self.http: list[_HttpServer] = []
+        self.inbound_sock_path: Path | None = None
+        self.controller_health: p.Health | None = None
+        self.published: dict[str, p.GridLimit] = {}
+        self.published_at: dict[str, float] = {}
+        self.tariff_sig: tuple[Any, ...] | None = None
+        self.schedule_sig: str | None = None
+        self._status_dirty = True
+        self._status_at = 0.0
+        self._cert_checked = 0.0
+        self._cert_warned = 0.0
+        self._notify_at = 0.0
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # -- checks ------------------------------------------------------------------------------------------
+    def controller_ok(self) -> tuple[bool, str]:
+        if not self.ctx.bus.connected.is_set():
+            return False, "the local bus is not connected"
+        if self.cfg.clseedi.require_controller:
+            h = self.controller_health
+            if h is None:
+                return False, "the load-controller has not reported (no health on the bus)"
+            if h.status == p.HealthStatus.OFFLINE:
+                return False, "the load-controller is offline"
+        return True, "ok"
+
+    def operator_link_up(self) -> bool:
+        if not self.cfg.enabled:
+            return False
+        if self.cfg.clseedi.enabled:
+            return self.clseedi is not None and self.clseedi.connected
+        return self.link is not None and self.link.state == "up"
+
+    # -- certificate -------------------------------------------------------------------------------------
+    def check_certificate(self) -> bool:
+        """(Re)read the active certificate; True when it changed."""
+        self._cert_checked = time.monotonic()
+        try:
+            info = self.store.active(self.cfg.certificate)
+            key = (info.name, self.store.cert_path(info.name).stat().st_mtime)
+            self.cert_error = None
+        except (CertStoreError, OSError) as e:
+            changed = self.cert is not None or self.cert_error != str(e)
+            self.cert, self.cert_error, self._cert_key = None, str(e), None
+            if changed:
+                self.log.error("no usable client certificate for the SMGW link", error=str(e))
+                self._status_dirty = True
+            return changed
+        changed = key != self._cert_key
+        self.cert, self._cert_key = info, key
+        days = info.days_left()
+        if days < 0:
+            self.log.error("client certificate has expired", certificate=info.name,
+                           not_after=info.not_after.isoformat())
+        elif days < WARN_DAYS and (changed or time.monotonic() - self._cert_warned > 86400):
+            self._cert_warned = time.monotonic()
+            self.log.warning("client certificate expires soon", certificate=info.name, days_left=round(days, 1),
+                             not_after=info.not_after.isoformat())
+        if changed:
+            self._status_dirty = True
+        return changed
+
+    def make_connector(self) -> HanConnector:
+        if self.cert is None:
+            self.check_certificate()
+        if self.cert is None:
+            raise LinkError("setup", self.cert_error or "no client certificate")
+        return HanConnector(self.cfg, self.store.cert_path(self.cert.name), self.store.key_path(self.cert.name))
+
+    # -- bus inputs ------------------------------------------------------------------------------------
+    def on_meter(self, msg: Message) -> None:
+        assert isinstance(msg.payload, p.MeterReading)
+        self.measurements.on_meter(msg.payload)
+
+    def on_evse(self, msg: Message) -> None:
+        assert isinstance(msg.payload, p.EvseStatus)
+        self.measurements.on_evse(msg.payload)
+
+    def on_health(self, msg: Message) -> None:
+        assert isinstance(msg.payload, p.Health)
+        before = self.controller_ok()[0]
+        self.controller_health = msg.payload
+        if self.controller_ok()[0] != before:
+            self.log.info("load-controller availability changed", online=not before)
+            self.send_state(["supportedEebusUseCases"])
+
+    # -- CLS.EEDI ---------------------------------------------------------------------------------------
+    def on_clseedi(self, payload: bytes) -> None:
+        try:
+            replies = self.device.handle(payload, utcnow())
+        except Exception as e:  # never let one message take the service down
+            self.ctx.counters["clseedi_errors"] += 1
+            self.log.exception("CLS.EEDI message handling failed", error=repr(e))
+            return
+        for r in replies:
+            if self.clseedi is not None:
+                self.clseedi.publish(r)
+
+    def on_clseedi_link(self, up: bool, error: str | None) -> None:
+        self._status_dirty = True
+        if up:
+            from smgw_link.clseedi import messages as m
+
+            self.send_state(None)
+            if self.cfg.clseedi.read_on_connect and self.clseedi is not None:
+                self.clseedi.publish(m.read(self.device.source))
+        self.changed()
+
+    def send_state(self, parameters: list[str] | None) -> None:
+        if self.clseedi is not None and self.clseedi.connected:
+            self.clseedi.publish(self.device.state(utcnow(), parameters))
+
+    # -- outputs ----------------------------------------------------------------------------------------
+    def changed(self) -> None:
+        """Something changed: publish what differs now, and let the loop recompute its deadlines."""
+        self.publish()
+        self._wake.set()
+
+    def publish(self, force: bool = False) -> None:
+        bus = self.ctx.bus
+        now = utcnow()
+        self.control.set_link(self.operator_link_up(), now)
+        self.control.tick(now)
+        events = self.control.drain_events()
+        for ev in events:
+            self.log.info("operator control: " + ev)
+        if any(ev.startswith(("limit", "failsafe")) for ev in events):
+            self.send_state(["limits", "failsafes"])
+        out = self.control.outputs(now)
+        mono = time.monotonic()
+        for src, gl in out.limits.items():
+            due = mono - self.published_at.get(src, 0) >= self.cfg.limit_heartbeat_s
+            if force or due or not same_limit(self.published.get(src), gl):
+                bus.publish("grid.limit", gl, source=src)
+                if not same_limit(self.published.get(src), gl):
+                    self.log.info("grid limit published", source=src, active=gl.active, power_w=gl.power_w,
+                                  scope=gl.scope, valid_until=gl.valid_until.isoformat(), reason=gl.reason)
+                self.published[src] = gl
+                self.published_at[src] = mono
+        t = out.tariff
+        sig = (t.period.id, t.period.level, t.period.end, t.source)
+        if force or sig != self.tariff_sig:
+            bus.publish("tariff.current", t)
+            if self.tariff_sig is not None and sig != self.tariff_sig:
+                self.log.info("tariff changed", level=t.period.level, period=t.period.id, source=t.source)
+            self.tariff_sig = sig
+        ssig = out.schedule.model_dump_json(exclude={"ts"})
+        if force or ssig != self.schedule_sig:
+            bus.publish("tariff.schedule", out.schedule)
+            self.schedule_sig = ssig
+        if force or self._status_dirty or mono - self._status_at >= STATUS_REFRESH_S:
+            self.publish_status()
+
+    def link_status(self) -> p.SmgwLinkStatus:
+        cfg = self.cfg
+        if not cfg.enabled:
+            state, error, since = p.LinkState.DISABLED, None, None
+        elif self.link is None:
+            state, error, since = p.LinkState.CONNECTING, None, None
+        else:
+            state = p.LinkState(self.link.state)
+            error, since = self.link.error, datetime.fromtimestamp(self.link.since, UTC)
+        if error is None and self.cert_error and cfg.enabled:
+            error = f"setup: {self.cert_error}"
+        channels: dict[str, Any] = {}
+        if self.link is not None:
+            channels.update({k: v.as_dict() for k, v in self.link.channels.items()})
+            c = self.link.connector
+            if c is not None:
+                channels["tls"] = {"version": c.tls_version, "cipher": c.cipher,
+                                   "gateway_sha256": c.gateway_fingerprint}
+            channels["error_kind"] = self.link.error_kind
+        if self.inbound is not None:
+            channels["inbound"] = dict(self.inbound.stats)
+        if self.clseedi is not None:
+            channels["clseedi"] = {"connected": self.clseedi.connected, "broker": f"{self.clseedi.host}:"
+                                   f"{self.clseedi.port}", "sent": self.clseedi.sent}
+        channels["failsafe"] = self.control.in_failsafe
+        channels["operator_link"] = self.operator_link_up()
+        cert = self.cert
+        return p.SmgwLinkStatus(
+            state=state, gateway=f"{cfg.gateway.host}:{cfg.gateway.port}" if cfg.gateway else None, since=since,
+            error=error, certificate=cert.name if cert else None, cert_not_after=cert.not_after if cert else None,
+            cert_days_left=round(cert.days_left(), 2) if cert else None,
+            bytes_tx=self.link.bytes_tx if self.link else 0, bytes_rx=self.link.bytes_rx if self.link else 0,
+            channels=channels)
+
+    def publish_status(self) -> None:
+        self.ctx.bus.publish("link.smgw", self.link_status())
+        self._status_dirty = False
+        self._status_at = time.monotonic()
+
+    def on_link_change(self) -> None:
+        self._status_dirty = True
+        self.changed()
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.cfg
+        if cfg.failsafe_duration_s < 7200 or cfg.failsafe_duration_s > 86400:
+            self.log.warning("failsafe_duration_s is outside the LPC range 2 h .. 24 h",
+                             failsafe_duration_s=cfg.failsafe_duration_s)
+        api = ApiState(cfg, self.control, self.changed, utcnow, self.ctx.counters)
+        if cfg.http_api.enabled:
+            if not cfg.http_api.tokens:
+                self.log.warning("http_api has no tokens: every request will be refused")
+            sock = socket.socket(socket.AF_INET6 if ":" in cfg.http_api.host else socket.AF_INET)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((cfg.http_api.host, cfg.http_api.port))
+                sock.listen(64)
+                self.http.append(await _serve_http(make_app(api, "local"), sock))
+                self.log.info("variables API ready", listen=f"{cfg.http_api.host}:{cfg.http_api.port}")
+            except OSError as e:
+                sock.close()
+                self.log.error("variables API cannot listen", listen=f"{cfg.http_api.host}:{cfg.http_api.port}",
+                               error=e.strerror)
+        if cfg.enabled:
+            self.check_certificate()
+            self.link = Link(cfg, self.make_connector, self.on_link_change)
+            await self.link.start_forwarders()
+            self._tasks.append(asyncio.create_task(self.link.run(), name="smgw-link.probe"))
+            if cfg.inbound.enabled:
+                await self.start_inbound(api)
+            if cfg.clseedi.enabled:
+                await self.start_clseedi()
+        self.publish(force=True)
+
+    async def start_inbound(self, api: ApiState) -> None:
+        path = self.state_path / "inbound-http.sock"
+        if len(str(path)) > 100:
+            path = Path(tempfile.mkdtemp(prefix="cg-smgw-")) / "inbound.sock"
+        path.unlink(missing_ok=True)
+        usock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        usock.bind(str(path))
+        os.chmod(path, 0o600)
+        usock.listen(64)
+        self.inbound_sock_path = path
+        self.http.append(await _serve_http(make_app(api, "inbound"), usock))
+
+        async def target() -> Streams:
+            return await asyncio.open_unix_connection(str(path))
+
+        name = self.cfg.inbound.certificate or (self.cert.name if self.cert else None)
+        try:
+            if name is None:
+                raise LinkError("setup", self.cert_error or "no certificate for the inbound server")
+            self.inbound = InboundServer(self.cfg, self.store.cert_path(name), self.store.key_path(name), target)
+            await self.inbound.start()
+        except (LinkError, OSError, Exception) as e:
+            self.inbound = None
+            self.log.error("inbound channel server not started", error=str(e))
+
+    async def start_clseedi(self) -> None:
+        ce = self.cfg.clseedi
+        if ce.endpoint is not None:
+            ep = self.cfg.endpoint(ce.endpoint)
+            host, port, connect_to = ep.host, ep.port, (ep.listen_host, ep.listen_port)
+        else:
+            assert ce.host is not None and ce.port is not None
+            host, port, connect_to = ce.host, ce.port, None
+        client_cert = None
+        if ce.client_certificate and self.cert is not None:
+            client_cert = (self.store.cert_path(self.cert.name), self.store.key_path(self.cert.name))
+        self.clseedi = ClsEediClient(ce, host=ce.server_name or host, port=port, connect_to=connect_to,
+                                     on_message=self.on_clseedi, on_link=self.on_clseedi_link,
+                                     client_cert=client_cert)
+        await self.clseedi.start()
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self.clseedi is not None:
+            await self.clseedi.stop()
+        if self.inbound is not None:
+            await self.inbound.stop()
+        if self.link is not None:
+            await self.link.stop_forwarders()
+        for h in self.http:
+            await h.stop()
+        if self.inbound_sock_path is not None:
+            self.inbound_sock_path.unlink(missing_ok=True)
+
+    async def loop(self) -> None:
+        """Expiry, failsafe, heartbeats, notifications and the link status, on time."""
+        while True:
+            self.publish()
+            mono = time.monotonic()
+            if mono - self._cert_checked >= CERT_CHECK_S and self.cfg.enabled:
+                if self.check_certificate() and self.link is not None:
+                    self.log.info("client certificate changed, reconnecting", certificate=self.cert and self.cert.name)
+                    self.link.reset()
+            n = self.control.notify
+            if n is not None and self.clseedi is not None and self.clseedi.connected and mono >= self._notify_at:
+                msg = self.device.notification(utcnow())
+                if msg is not None:
+                    self.clseedi.publish(msg)
+                self._notify_at = mono + n.interval_s
+            now = utcnow()
+            waits = [self.cfg.limit_heartbeat_s, STATUS_REFRESH_S, CERT_CHECK_S]
+            deadline = self.control.next_deadline(now)
+            if deadline is not None:
+                waits.append((deadline - now).total_seconds() + 0.001)
+            if n is not None and n.end_time > now.timestamp():
+                waits.append(self._notify_at - mono)
+            if self.cfg.enabled and not self.operator_link_up():
+                waits.append(1.0)  # the link state is also polled while down (failsafe timing)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.005, min(waits)))
+
+
+async def serve(ctx: ServiceContext) -> None:
+    reload = asyncio.Event()
+
+    async def on_reload(_: Any) -> None:
+        reload.set()
+
+    ctx.on_reload(on_reload)
+    current: list[SmgwLink] = []  # the bus cannot unsubscribe: route to the live instance
+
+    def route(method: str) -> Any:
+        def handler(*args: Any) -> None:
+            if current:
+                getattr(current[0], method)(*args)
+        return handler
+
+    bus = ctx.bus
+    bus.subscribe("meter.reading", route("on_meter"))
+    bus.subscribe("evse.status", route("on_evse"))
+    bus.subscribe("service.health", route("on_health"), service="load-controller")
+    bus.on_connect(lambda: current and current[0].publish(force=True))
+    while True:
+        svc = SmgwLink(ctx)
+        if current:
+            svc.controller_health = current[0].controller_health
+            svc.measurements.meters = current[0].measurements.meters
+            svc.measurements.evses = current[0].measurements.evses
+        current[:] = [svc]
+        await svc.start()
+        loop = asyncio.create_task(svc.loop(), name="smgw-link.loop")
+        waiter = asyncio.create_task(reload.wait())
+        try:
+            await asyncio.wait({loop, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if loop.done():
+                loop.result()  # re-raise
+        finally:
+            loop.cancel()
+            waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await loop
+            await svc.stop()
+        reload.clear()
+        ctx.log.info("configuration reloaded: smgw-link restarted its link, channels and APIs")
+
+
+def main() -> None:
+    run_service("smgw-link", serve)
+
