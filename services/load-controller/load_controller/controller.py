@@ -1,0 +1,601 @@
+"""One control step: inputs + memory + now -> decision + new memory. Pure: no I/O, no clock.
+
+``step`` turns the bus state (EVSE status, meter readings, grid and EVSE limits, tariffs, the SMGW
+link) and the controller's memory (what it granted before and since when: hysteresis, overdraw
+penalties, phase modes, reclaimed current, the failsafe) into a :class:`solver.Problem`, solves it
+and returns per EVSE the current, the phase count and the constraint or rule that bound it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from chargegate import payloads as p
+from chargegate.config import Controller
+
+from load_controller import rules as rules_mod
+from load_controller.limits import FailsafeState, failsafe_state, limit_group
+from load_controller.solver import INF, PHASE_NAMES, Demand, Fixed, Group, Mode, Node, Problem, Solution, solve
+from load_controller.topology import EvseSpec, Topology
+
+WANT_IEC = frozenset({p.IecState.B, p.IecState.C, p.IecState.D})
+NO_WANT_IEC = frozenset({p.IecState.A, p.IecState.E, p.IecState.F})
+WANT_STATES = frozenset({p.EvseState.PREPARING, p.EvseState.CHARGING, p.EvseState.SUSPENDED})
+DEAD_STATES = frozenset({p.EvseState.FAULTED, p.EvseState.UNAVAILABLE, p.EvseState.OFFLINE})
+
+
+@dataclass(slots=True)
+class Inputs:
+    """Everything the controller knows from the bus (latest valid message per topic)."""
+
+    statuses: dict[str, p.EvseStatus] = field(default_factory=dict)
+    readings: dict[str, p.MeterReading] = field(default_factory=dict)
+    grid_limits: dict[str, p.GridLimit] = field(default_factory=dict)  # by source
+    evse_limits: dict[str, p.EvseLimit] = field(default_factory=dict)
+    tariff_current: p.TariffCurrent | None = None
+    tariff_schedule: p.TariffSchedule | None = None
+    link: p.SmgwLinkStatus | None = None
+    setpoints: dict[str, p.Setpoint] = field(default_factory=dict)  # in force (retained, e.g. before a restart)
+
+
+@dataclass(slots=True)
+class EvseMemory:
+    granted: float = 0.0
+    nph: int = 3
+    phases: tuple[int, ...] = ()
+    wanted: bool = False
+    on_since: datetime | None = None  # charging (granted > 0) since
+    off_since: datetime | None = None  # paused by the controller while the car wanted power, since
+    changed_at: datetime | None = None  # grant last changed
+    raised_at: datetime | None = None  # grant last increased
+    reclaim_cap: float | None = None  # the car draws less: cap handed back when it wants more
+    used_phases: tuple[int, ...] | None = None  # EVSE-frame phases a car draws on (None: all)
+    three_fit_since: datetime | None = None  # in 1-phase mode: 3 phases at the minimum fit since
+    plugged_at: datetime | None = None
+    offline_assumed: float | None = None  # while offline: the current it is assumed to draw
+
+
+@dataclass(slots=True)
+class Penalty:
+    amount: float  # A (per phase, or summed over phases for a node's power limit)
+    until: datetime
+    set_at: datetime
+
+
+@dataclass(slots=True)
+class Memory:
+    evses: dict[str, EvseMemory] = field(default_factory=dict)
+    penalties: dict[tuple[int, int], Penalty] = field(default_factory=dict)  # (node, phase 0..2 | 3 power)
+    meter_seen: dict[str, datetime] = field(default_factory=dict)  # newest reading checked for overdraw
+    non_ev: dict[int, list[float]] = field(default_factory=dict)  # last known non-EV load per node
+    failsafe: FailsafeState | None = None
+    cycle: int = 0
+
+
+@dataclass(slots=True)
+class EvseDecision:
+    evse_id: str
+    current: float
+    phases: int
+    bound_by: str
+    detail: str | None
+    wanted: bool
+    online: bool
+
+
+@dataclass(slots=True)
+class Decision:
+    cycle: int
+    evses: list[EvseDecision]
+    limits: dict[str, Any]
+    warnings: list[str]
+    solution: Solution
+
+
+def wants_power(st: p.EvseStatus) -> bool:
+    """Whether a car is connected and may charge: IEC 61851 B, C or D (else the derived state)."""
+    if st.state in DEAD_STATES:
+        return False
+    if st.iec_state in WANT_IEC:
+        return True
+    if st.iec_state in NO_WANT_IEC:
+        return False
+    return st.state in WANT_STATES
+
+
+def meter_currents(r: p.MeterReading, voltage: float) -> list[float] | None:
+    """Per-phase currents (signed, import positive) of a reading, from currents or phase powers."""
+    if r.current_a is not None:
+        return list(r.current_a)
+    if r.power_phase_w is not None:
+        return [w / voltage for w in r.power_phase_w]
+    if r.power_w is not None:
+        return [r.power_w / voltage / 3] * 3
+    return None
+
+
+def _age(now: datetime, ts: datetime) -> float:
+    return (now - ts).total_seconds()
+
+
+def _fmt(ts: datetime) -> str:
+    return ts.isoformat(timespec="seconds")
+
+
+def initial_memory(e: EvseSpec, sp: p.Setpoint | None) -> EvseMemory:
+    """Memory for an EVSE the controller has not decided on yet (start-up): the setpoint in force."""
+    if sp is not None and sp.source == "load-controller":
+        return EvseMemory(granted=sp.current_a, nph=sp.phases, wanted=sp.current_a > 0, changed_at=sp.ts,
+                          raised_at=sp.ts)
+    return EvseMemory(nph=e.phases)
+
+
+def assumed_draw(e: EvseSpec, m: EvseMemory, st: p.EvseStatus | None) -> float:
+    """What an EVSE that cannot be read is assumed to draw: the most it was last allowed (by us, as
+    applied, or its own safe current that it falls back to without setpoints), at most its maximum."""
+    applied = st.applied.current_a if st is not None and st.applied is not None else 0.0
+    return min(e.max_a, max(m.granted, applied, e.safe_a))
+
+
+def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: Memory,
+         now: datetime) -> tuple[Decision, Memory]:
+    v = cfg.voltage_v
+    warnings: list[str] = []
+    evses = topo.evses
+    n_e = len(evses)
+    new = Memory(penalties={k: pen for k, pen in memory.penalties.items() if pen.until > now},
+                 meter_seen=dict(memory.meter_seen), non_ev=dict(memory.non_ev), cycle=memory.cycle + 1)
+
+    # -- EVSE observations ------------------------------------------------------------------------
+    statuses: list[p.EvseStatus | None] = [inputs.statuses.get(e.id) for e in evses]
+    fresh = [False] * n_e
+    wants = [False] * n_e
+    meas: list[list[float] | None] = [None] * n_e  # measured current per grid phase
+    for e in evses:
+        st = statuses[e.index]
+        if st is None:
+            continue
+        ok = st.online and st.state != p.EvseState.OFFLINE and _age(now, st.ts) <= cfg.evse_timeout_s
+        fresh[e.index] = ok
+        if not ok:
+            continue
+        wants[e.index] = wants_power(st)
+        if st.plausible:
+            cur = st.current_a
+            g = [0.0, 0.0, 0.0]
+            if e.phases == 3:
+                for k in range(3):
+                    g[e.rotation[k]] += cur[k]
+            else:
+                g[e.rotation[0]] += cur[0]
+            meas[e.index] = g
+
+    # -- metered nodes: non-EV load, stale meters, overdraw ------------------------------------------
+    non_ev: dict[int, list[float] | None] = {}
+    meter_cur: dict[str, list[float]] = {}
+    stale_nodes: list[int] = []
+    for n, mid in topo.metered:
+        r = inputs.readings.get(mid)
+        cur = None
+        if r is not None and r.online and r.plausible and _age(now, r.ts) <= cfg.meter_timeout_s:
+            cur = meter_currents(r, v)
+        if cur is None or r is None:
+            non_ev[n] = None
+            stale_nodes.append(n)
+            continue
+        meter_cur[mid] = cur
+        evs = [0.0, 0.0, 0.0]
+        for i in topo.below[n]:
+            mi = meas[i]
+            if mi is not None:
+                evs[0] += mi[0]
+                evs[1] += mi[1]
+                evs[2] += mi[2]
+        ne = [max(0.0, cur[k] - evs[k]) for k in range(3)]
+        non_ev[n] = ne
+        new.non_ev[n] = ne
+        seen = memory.meter_seen.get(mid)
+        if seen is None or r.ts > seen:
+            new.meter_seen[mid] = r.ts
+            node = topo.nodes[n]
+            for k in range(3):
+                lim = node.limits[k]
+                if lim < INF and cur[k] > lim + cfg.overdraw_tolerance_a:
+                    _penalise(new, (n, k), cur[k] - lim, lim, now, cfg)
+                    warnings.append(f"overdraw at node {node.id} {PHASE_NAMES[k]}: {cur[k]:.1f} A > {lim:g} A")
+            if node.max_power_w < INF:
+                pw = r.power_w if r.power_w is not None else sum(cur) * v
+                if pw > node.max_power_w + cfg.overdraw_tolerance_a * v:
+                    _penalise(new, (n, 3), (pw - node.max_power_w) / v, node.max_power_w / v, now, cfg)
+                    warnings.append(f"overdraw at node {node.id}: {pw:.0f} W > {node.max_power_w:.0f} W")
+    for n in stale_nodes:
+        nd = topo.nodes[n]
+        warnings.append(f"meter {nd.meter} of node {nd.id} is silent or invalid: assuming the worst")
+
+    # -- node capacities ------------------------------------------------------------------------------
+    reserve = cfg.reserve_a
+    fb = cfg.fallback_current_a
+    nodes: list[Node] = []
+    min_only_nodes: set[int] = set()
+    for nd in topo.nodes:
+        n = nd.index
+        stale = n in non_ev and non_ev[n] is None
+        ne = non_ev.get(n) or [0.0, 0.0, 0.0]
+        last = memory.non_ev.get(n) or [0.0, 0.0, 0.0]
+        labels = [f"node:{nd.id}:{ph}" for ph in PHASE_NAMES] + [f"node:{nd.id}:power"]
+        details: list[str | None] = [None, None, None, None]
+        caps: list[float] = []
+        for k in range(3):
+            lim = nd.limits[k]
+            if lim == INF:
+                caps.append(INF)
+                continue
+            if stale:
+                c = min(lim - reserve, fb) if fb > 0 else lim - reserve - last[k]
+                labels[k] = "stale_meter"
+                details[k] = f"meter {nd.meter} silent: node:{nd.id}:{PHASE_NAMES[k]} assumed at its worst"
+            else:
+                c = lim - reserve - ne[k]
+            pen = new.penalties.get((n, k))
+            if pen is not None:
+                c -= pen.amount
+                labels[k] = "overdraw_penalty"
+                details[k] = (f"node:{nd.id}:{PHASE_NAMES[k]} was overdrawn: {pen.amount:.1f} A cut until "
+                              f"{_fmt(pen.until)}")
+            caps.append(max(0.0, c))
+        total = INF
+        if nd.max_power_w < INF:
+            t = nd.max_power_w / v - 3 * reserve
+            if stale:
+                t = min(t, 3 * fb) if fb > 0 else t - sum(last)
+                labels[3] = "stale_meter"
+                details[3] = f"meter {nd.meter} silent: node:{nd.id}:power assumed at its worst"
+            else:
+                t -= sum(ne)
+            pen = new.penalties.get((n, 3))
+            if pen is not None:
+                t -= pen.amount
+                labels[3] = "overdraw_penalty"
+                details[3] = f"node:{nd.id}:power was overdrawn: {pen.amount * v:.0f} W cut until {_fmt(pen.until)}"
+            total = max(0.0, t)
+        if stale and fb <= 0:
+            min_only_nodes.add(n)
+        nodes.append(Node(id=nd.id, parent=nd.parent, cap=caps, total=total, labels=labels, details=details))
+
+    # -- grid limits and the failsafe -------------------------------------------------------------------
+    groups: list[Group] = []
+    ctrl_groups: list[int] = []
+    limit_infos: list[dict[str, Any]] = []
+    root = topo.root
+    root_metered = root.meter is not None
+    ne_root = non_ev.get(0) if root_metered else None
+    for src in sorted(inputs.grid_limits):
+        lim = inputs.grid_limits[src]
+        if not lim.binding(now):
+            limit_infos.append({"source": lim.source.value, "active": lim.active,
+                                "expired": now >= lim.valid_until, "valid_until": _fmt(lim.valid_until)})
+            continue
+        scope = lim.scope.value if lim.scope is not None else cfg.grid_limit_scope
+        lg = limit_group(source=lim.source.value, power_w=lim.power_w, current_a=lim.current_a, scope=scope,
+                         cfg=cfg, floor_w=topo.floor_w, non_ev_root=ne_root, root_metered=root_metered,
+                         valid_until=lim.valid_until)
+        groups.append(lg.group)
+        if lg.controllable_only:
+            ctrl_groups.append(len(groups) - 1)
+        limit_infos.append(lg.info)
+        if lg.warning:
+            warnings.append(lg.warning)
+    fs = failsafe_state(cfg, inputs.grid_limits, inputs.link, memory.failsafe, now)
+    new.failsafe = fs
+    fs_info: dict[str, Any] | None = None
+    if fs is not None:
+        lg = limit_group(source="failsafe", power_w=fs.power_w, current_a=None, scope=cfg.grid_limit_scope,
+                         cfg=cfg, floor_w=topo.floor_w, non_ev_root=ne_root, root_metered=root_metered,
+                         valid_until=fs.until)
+        lg.group.detail = lg.group.detail or f"failsafe {fs.power_w:.0f} W until {_fmt(fs.until)} ({fs.cause})"
+        groups.append(lg.group)
+        if lg.controllable_only:
+            ctrl_groups.append(len(groups) - 1)
+        fs_info = {"cause": fs.cause, "since": _fmt(fs.since), "until": _fmt(fs.until), "power_w": fs.power_w,
+                   **{k: lg.info[k] for k in ("scope", "effective_w", "raised_to_floor")}}
+        warnings.append(f"failsafe {fs.power_w:.0f} W until {_fmt(fs.until)}: {fs.cause}")
+        if lg.warning:
+            warnings.append(lg.warning)
+
+    # -- charging rules -----------------------------------------------------------------------------------
+    mems: list[EvseMemory] = []
+    for e in evses:
+        m = memory.evses.get(e.id)
+        if m is None:
+            m = initial_memory(e, inputs.setpoints.get(e.id))
+        mems.append(m)
+    outcome = rules_mod.RuleOutcome()
+    rule_groups_of: dict[int, list[int]] = {}
+    if cfg.rules:
+        views = []
+        for e in evses:
+            m = mems[e.index]
+            st = statuses[e.index]
+            mi = meas[e.index]
+            pw = 0.0
+            sess_wh = None
+            sess_start = m.plugged_at
+            if st is not None and fresh[e.index]:
+                if st.power_w is not None and st.plausible:
+                    pw = max(st.power_w, 0.0)
+                elif mi is not None:
+                    pw = sum(mi) * v
+                if st.session is not None:
+                    sess_start = st.session.started
+                    sess_wh = st.session.energy_wh
+                    if not sess_wh and st.session.energy_start_wh is not None and st.energy_wh is not None:
+                        sess_wh = max(0.0, st.energy_wh - st.session.energy_start_wh)
+            protected = (m.granted > 0 and m.on_since is not None
+                         and _age(now, m.on_since) < cfg.min_charge_time_s)
+            views.append(rules_mod.EvseRuleView(
+                index=e.index, id=e.id, wants=wants[e.index], charging=m.granted > 0, protected=protected,
+                min_a=e.min_a, max_a=e.max_a, phases=e.phases, switching=e.switching, power_w=pw,
+                session_energy_wh=sess_wh, session_start=sess_start))
+        surplus: dict[str | None, float | None] = {}
+        for rule in cfg.rules:
+            if rule.type == "solar":
+                mid = rule.meter or root.meter
+                cur = meter_cur.get(mid) if mid else None
+                r = inputs.readings.get(mid) if mid else None
+                if cur is None or r is None:
+                    surplus[rule.meter] = None
+                else:
+                    pw = r.power_w if r.power_w is not None else sum(cur) * v
+                    surplus[rule.meter] = -pw
+        outcome = rules_mod.evaluate(cfg.rules, views, now=now, tz=tz, voltage=v,
+                                     tariff=rules_mod.tariff_level(inputs.tariff_current, inputs.tariff_schedule, now),
+                                     surplus_w=surplus, all_ids=[e.id for e in evses])
+        for rg in outcome.groups:
+            groups.append(Group(label=f"rule:{rg.rule_id}", total=rg.total_a, detail=rg.detail))
+            gi = len(groups) - 1
+            for i in rg.members:
+                rule_groups_of.setdefault(i, []).append(gi)
+
+    # -- demands ---------------------------------------------------------------------------------------------
+    ctrl_t = tuple(ctrl_groups)
+    demands: list[Demand] = []
+    fixed: list[Fixed] = []
+    new_mems: list[EvseMemory] = []
+    offline_assumed: dict[int, float] = {}
+    step_a = cfg.ramp_step_a
+    min_gap = 0.9 * cfg.cycle_s
+    for e in evses:
+        i = e.index
+        m = mems[i]
+        st = statuses[i]
+        gtuple = (ctrl_t if e.controllable else ()) + tuple(rule_groups_of.get(i, ()))
+        if not fresh[i]:
+            assumed = m.offline_assumed if m.offline_assumed is not None else assumed_draw(e, m, st)
+            offline_assumed[i] = assumed
+            nm = dataclasses.replace(m, offline_assumed=assumed)
+            new_mems.append(nm)
+            fixed.append(Fixed(e.id, e.node, e.grid_phases, assumed, ctrl_t if e.controllable else ()))
+            why = "no status yet" if st is None else ("reported offline" if not st.online or
+                                                       st.state == p.EvseState.OFFLINE else
+                                                       f"status older than {cfg.evse_timeout_s:g} s")
+            demands.append(Demand(e.id, e.node, e.min_a, [], order=i, off_label="evse_offline",
+                                  off_detail=f"{why}: assumed to draw {assumed:g} A"))
+            continue
+        assert st is not None
+        if not wants[i]:
+            new_mems.append(EvseMemory(nph=e.phases))
+            if st.state in DEAD_STATES:
+                label = f"evse_state:{st.state.value}"
+            else:
+                label = "not_connected"
+            demands.append(Demand(e.id, e.node, e.min_a, [], order=i, off_label=label,
+                                  off_detail=f"state {st.state.value}"
+                                             + (f", IEC {st.iec_state.value}" if st.iec_state else "")))
+            continue
+        nm = dataclasses.replace(m, offline_assumed=None, wanted=True)
+        if not m.wanted:
+            nm.plugged_at = now
+            nm.off_since = None
+            nm.reclaim_cap = None
+            nm.used_phases = None
+        new_mems.append(nm)
+        if nm.off_since is not None and m.granted <= 0 and _age(now, nm.off_since) < cfg.min_pause_s:
+            demands.append(Demand(e.id, e.node, e.min_a, [], order=i, off_label="min_pause",
+                                  off_detail=f"paused at {_fmt(nm.off_since)}, minimum pause {cfg.min_pause_s:g} s"))
+            continue
+        cap_a, lab, det = e.max_a, "evse_max", None
+        cap_w, wlab = INF, ""
+        force1 = False
+        el = inputs.evse_limits.get(e.id)
+        if el is not None and el.active and now < el.valid_until:
+            src = f"evse_limit:{el.source.value}"
+            if el.current_a is not None and el.current_a < cap_a:
+                cap_a, lab, det = el.current_a, src, f"limit {el.current_a:g} A until {_fmt(el.valid_until)}"
+            if el.power_w is not None:
+                cap_w, wlab = el.power_w, src
+            if el.phases == 1 and e.switching:
+                force1 = True
+        rc = outcome.caps.get(i)
+        if rc is not None:
+            cap_a, lab, det = 0.0, rc[0], rc[1]
+        if min_only_nodes and e.min_a < cap_a and any(n in min_only_nodes for n in topo.nodes[e.node].chain):
+            cap_a, lab, det = e.min_a, "stale_meter", "a meter above it is silent: minimum current only"
+        if nm.reclaim_cap is not None and nm.reclaim_cap < cap_a:
+            cap_a, lab, det = nm.reclaim_cap, "reclaim", f"the car draws less: {nm.reclaim_cap:g} A until it wants more"
+        can_raise = m.raised_at is None or _age(now, m.raised_at) >= min_gap
+
+        def mode(nph: int, phases: tuple[int, ...], e: EvseSpec = e, m: EvseMemory = m, cap_a: float = cap_a,
+                 lab: str = lab, det: str | None = det, cap_w: float = cap_w, wlab: str = wlab,
+                 can_raise: bool = can_raise) -> Mode:
+            hi, hl, hd = cap_a, lab, det
+            if cap_w < INF:
+                w = cap_w / (v * len(phases))
+                if w < hi:
+                    hi, hl, hd = w, wlab, f"limit {cap_w:.0f} W"
+            if m.granted > 0 and m.nph == nph:
+                r = m.granted + (step_a if can_raise else 0.0)
+            else:
+                r = e.min_a
+            if r < hi - 1e-9:
+                hi, hl, hd = r, "ramp", f"rising by at most {step_a:g} A per cycle"
+            return Mode(nph, phases, hi, hl, hd)
+
+        one = (e.rotation[0],)
+        if e.phases == 3:
+            used = nm.used_phases
+            three = tuple(sorted(e.rotation[k] for k in used)) if used else e.grid_phases
+        else:
+            three = one
+        three_track = None
+        if e.switching:
+            if force1:
+                modes = [mode(1, one)]
+            elif m.granted > 0 and m.nph == 1:
+                waited = m.three_fit_since is not None and _age(now, m.three_fit_since) >= cfg.phase_switch_delay_s
+                if waited:
+                    modes = [mode(3, three), mode(1, one)]
+                else:
+                    modes = [mode(1, one)]
+                    three_track = e.grid_phases
+            else:
+                modes = [mode(3, three), mode(1, one)]
+        elif e.phases == 3:
+            modes = [mode(3, three)]
+        else:
+            modes = [mode(1, one)]
+        protected = m.granted > 0 and m.on_since is not None and _age(now, m.on_since) < cfg.min_charge_time_s
+        demands.append(Demand(e.id, e.node, e.min_a, modes, priority=e.priority, protected=protected,
+                              charging=m.granted > 0, order=i, groups=gtuple, three_phases=three_track))
+
+    # -- solve ------------------------------------------------------------------------------------------------
+    problem = Problem(nodes=nodes, demands=demands, groups=groups, fixed=fixed,
+                      imbalance_limit=cfg.imbalance_limit_a, step=cfg.current_step_a)
+    sol = solve(problem)
+    for r in sol.repairs:
+        warnings.append(f"final safety check cut a grant: {r}")
+
+    # -- decisions and the next memory -------------------------------------------------------------------------
+    out: list[EvseDecision] = []
+    for e in evses:
+        i = e.index
+        g = sol.grants[i]
+        m = mems[i]
+        nm = new_mems[i]
+        st = statuses[i]
+        if i in offline_assumed:
+            assumed = offline_assumed[i]
+            cut = sol.fixed_cut.get(e.id)
+            cur = 0.0 if cut else assumed
+            detail = g.detail if not cut else f"{g.detail}; overcommitted under {cut}: told to pause"
+            nph = m.nph if m.granted > 0 else e.phases
+            nm.granted = cur
+            out.append(EvseDecision(e.id, cur, nph, "evse_offline", detail, wanted=False, online=False))
+            continue
+        if not wants[i]:
+            out.append(EvseDecision(e.id, 0.0, e.phases, g.bound_by, g.detail, wanted=False, online=True))
+            continue
+        cur = g.current
+        nm.granted = cur
+        nm.nph = g.nph
+        nm.phases = g.phases
+        if cur > 0 and m.granted <= 0:
+            nm.on_since = now
+            nm.off_since = None
+        elif cur <= 0 and m.granted > 0:
+            nm.on_since = None
+            nm.off_since = now
+        if abs(cur - m.granted) > 1e-9 or g.nph != m.nph:
+            nm.changed_at = now
+        if cur > m.granted + 1e-9:
+            nm.raised_at = now
+        if g.nph != m.nph:
+            nm.used_phases = None
+            nm.reclaim_cap = None
+        if e.switching and g.nph == 1 and cur > 0:
+            nm.three_fit_since = (m.three_fit_since or now) if g.three_fits else None
+        else:
+            nm.three_fit_since = None
+        if st is not None:
+            _reclaim(cfg, e, m, nm, st, now)
+            _detect_phases(cfg, e, m, nm, st, now)
+        out.append(EvseDecision(e.id, cur, g.nph, g.bound_by, g.detail, wanted=True, online=True))
+    new.evses = {e.id: new_mems[e.index] for e in evses}
+
+    limits: dict[str, Any] = {
+        "grid_limits": limit_infos,
+        "failsafe": fs_info,
+        "floor_14a_w": round(topo.floor_w, 1),
+        "controllable_evses": topo.n_controllable,
+        "stale_meters": [topo.nodes[n].meter for n in stale_nodes],
+        "penalties": {f"node:{topo.nodes[n].id}:{'power' if k == 3 else PHASE_NAMES[k]}":
+                      {"amount_a": round(pen.amount, 2), "until": _fmt(pen.until)}
+                      for (n, k), pen in sorted(new.penalties.items())},
+        "rules": outcome.info,
+        "imbalance_a": round(sol.imbalance, 2),
+        "usage_a": {k: round(x, 2) for k, x in sol.usage.items()},
+        "capacity_a": {k: round(x, 2) for k, x in sol.capacity.items()},
+    }
+    return Decision(cycle=new.cycle, evses=out, limits=limits, warnings=warnings, solution=sol), new
+
+
+def _penalise(mem: Memory, key: tuple[int, int], excess: float, limit: float, now: datetime,
+              cfg: Controller) -> None:
+    """Cut a node's capacity by the excess at once and keep the cut for ``overdraw_penalty_s``. A further
+    overdraw within ``overdraw_settle_s`` (the EVSEs still reacting) does not add up."""
+    old = mem.penalties.get(key)
+    if old is not None and _age(now, old.set_at) < cfg.overdraw_settle_s:
+        amount = max(old.amount, excess)
+    elif old is not None:
+        amount = old.amount + excess
+    else:
+        amount = excess
+    amount = min(amount, limit)
+    mem.penalties[key] = Penalty(amount=amount, until=now + timedelta(seconds=cfg.overdraw_penalty_s), set_at=now)
+
+
+def _drawn(e: EvseSpec, nm: EvseMemory, st: p.EvseStatus) -> float:
+    cur = st.current_a
+    if e.phases == 1 or nm.nph == 1:
+        return cur[0]
+    used = nm.used_phases or (0, 1, 2)
+    return max(cur[k] for k in used)
+
+
+def _reclaim(cfg: Controller, e: EvseSpec, m: EvseMemory, nm: EvseMemory, st: p.EvseStatus,
+             now: datetime) -> None:
+    """Current a car does not draw is capped (and given to others); the cap goes when it draws up to it."""
+    if not cfg.reclaim or not st.plausible or m.granted <= 0 or nm.granted <= 0:
+        nm.reclaim_cap = None if nm.granted <= 0 else nm.reclaim_cap
+        return
+    drawn = _drawn(e, nm, st)
+    if nm.reclaim_cap is not None and drawn >= nm.reclaim_cap - max(cfg.reclaim_margin_a / 2, 1e-6):
+        nm.reclaim_cap = None
+        return
+    stable = m.changed_at is not None and _age(now, m.changed_at) >= cfg.reclaim_after_s
+    if stable and drawn < m.granted - cfg.reclaim_threshold_a:
+        step = cfg.current_step_a
+        cap = max(e.min_a, round((drawn + cfg.reclaim_margin_a) / step) * step)
+        if cap < m.granted - 1e-9:
+            nm.reclaim_cap = round(cap, 6)
+
+
+def _detect_phases(cfg: Controller, e: EvseSpec, m: EvseMemory, nm: EvseMemory, st: p.EvseStatus,
+                   now: datetime) -> None:
+    """A car on a 3-phase EVSE that draws on fewer phases only counts on those (until it draws more)."""
+    if not cfg.phase_detection or e.phases != 3 or nm.nph != 3 or not st.plausible or nm.granted <= 0:
+        nm.used_phases = None if nm.nph != 3 or nm.granted <= 0 else nm.used_phases
+        return
+    cur = st.current_a
+    if nm.used_phases is not None:
+        if any(cur[k] >= 1.0 for k in range(3) if k not in nm.used_phases):
+            nm.used_phases = None
+        return
+    stable = m.changed_at is not None and _age(now, m.changed_at) >= cfg.reclaim_after_s
+    if stable and max(cur) >= min(3.0, e.min_a / 2):
+        used = tuple(k for k in range(3) if cur[k] >= 1.0)
+        if 0 < len(used) < 3:
+            nm.used_phases = used
