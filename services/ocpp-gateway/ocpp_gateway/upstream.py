@@ -85,8 +85,9 @@ def upstream_target(config: Config, evse: Evse) -> Target | None:
             ep = next((e for e in eps if e.name == be.smgw_endpoint), None)
         else:
             ep = next((e for e in eps if e.host == parsed.hostname and e.port == port), None)
-            if ep is None and len(eps) == 1:
-                ep = eps[0]
+            ocpp_eps = [e for e in eps if getattr(e, "purpose", "ocpp") == "ocpp"]
+            if ep is None and len(ocpp_eps) == 1:
+                ep = ocpp_eps[0]
         if ep is None:
             raise ValueError(f"EVSE {evse.id}: ocpp.backend.via_smgw but no matching smgw.endpoints entry")
         t.connect_host, t.connect_port = ep.listen_host, ep.listen_port
