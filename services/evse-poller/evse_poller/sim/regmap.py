@@ -14,9 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from evse_poller.codec import CodecError, DType, decode, encode, width
 from pymodbus.constants import ExcCodes
 from pymodbus.simulator import DataType, SimData, SimDevice
+
+from evse_poller.codec import CodecError, DType, decode, encode, width
 
 Getter = Callable[[], int | float | str]
 Setter = Callable[[int | float | str], bool]

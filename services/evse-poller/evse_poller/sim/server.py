@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Literal
 
 import structlog
-from evse_poller.sim.regmap import RegisterMap
 from pymodbus import FramerType
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import SimDevice
+
+from evse_poller.sim.regmap import RegisterMap
 
 log = structlog.get_logger("evse-poller.sim")
 
