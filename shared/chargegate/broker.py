@@ -70,8 +70,9 @@ def render_acl(root: str) -> str:
     for svc in SERVICES:
         lines += [f"user {svc}", f"topic read {root}/#"]
         for spec in SPECS:
-            if spec.name == "service.health":
-                lines.append(f"topic write {reg.topic('service.health', service=svc)}")
+            if "service" in spec.params:  # per-service topics: only its own
+                if svc in spec.writers:
+                    lines.append(f"topic write {reg.topic(spec.name, service=svc)}")
             elif svc in spec.writers:
                 lines.append(f"topic write {root}/{spec.wildcard}")
         lines.append("")

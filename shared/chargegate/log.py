@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from typing import Any
 
 import structlog
@@ -16,6 +17,35 @@ def _redact(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     for key in list(event):
         if any(w in key.lower() for w in _SECRET_WORDS):
             event[key] = "**********"
+    return event
+
+
+Sink = Any  # Callable[[str, dict[str, Any]], None]
+_sinks: list[Sink] = []
+_in_sink = threading.local()
+
+
+def add_sink(sink: Sink) -> None:
+    """``sink(level, event_dict)`` sees every event (after redaction), e.g. to forward it to the bus."""
+    _sinks.append(sink)
+
+
+def remove_sink(sink: Sink) -> None:
+    if sink in _sinks:
+        _sinks.remove(sink)
+
+
+def _forward(_: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    if _sinks and not getattr(_in_sink, "busy", False):
+        _in_sink.busy = True
+        try:
+            for sink in list(_sinks):
+                try:
+                    sink(method, dict(event))
+                except Exception:  # a sink must never break logging
+                    pass
+        finally:
+            _in_sink.busy = False
     return event
 
 
@@ -44,6 +74,7 @@ def setup(service: str | None = None, level: str = "info", fmt: str = "auto") ->
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _redact,
+        _forward,
     ]
     if service:
         structlog.contextvars.bind_contextvars(service=service)

@@ -323,3 +323,13 @@ class ServiceCommand(Payload):
     action: Literal["reload", "restart"]
     request_id: str = Field(min_length=1, max_length=64)
     config_version: str | None = None
+
+
+class LogRecord(Payload):
+    """``service/<name>/log`` (not retained): a service's log events (info and above), so that
+    recent logs can be read remotely. Secrets are redacted before they get here."""
+
+    service: Ident
+    level: Literal["debug", "info", "warning", "error", "critical"]
+    event: str = Field(max_length=2000)
+    fields: dict[str, Any] = Field(default_factory=dict)

@@ -170,6 +170,20 @@ async def start_context(name: str, config: cfgmod.Config, config_path: Path | No
             ctx.log.warning("restart requested over the bus", request_id=cmd.request_id)
             os.kill(os.getpid(), signal.SIGTERM)
 
+    def forward_log(level: str, event: dict[str, Any]) -> None:
+        level = {"exception": "error", "warn": "warning", "fatal": "critical", "msg": "info"}.get(level, level)
+        if level not in ("info", "warning", "error", "critical") or not bus.connected.is_set():
+            return
+        text = str(event.pop("event", ""))[:2000]
+        for k in ("level", "timestamp", "service", "exc_info"):
+            event.pop(k, None)
+        fields = {k: v if isinstance(v, int | float | bool | type(None)) else str(v)[:500]
+                  for k, v in list(event.items())[:30]}
+        rec = p.LogRecord(service=name, level=level, event=text, fields=fields)  # type: ignore[arg-type]
+        bus.publish("service.log", rec, service=name)
+
+    logsetup.add_sink(forward_log)
+    ctx._log_sink = forward_log  # type: ignore[attr-defined]
     bus.on_connect(ctx.publish_health)
     bus.subscribe("service.command", on_command, service=name)
     await bus.start(wait=connect_timeout)
@@ -178,6 +192,7 @@ async def start_context(name: str, config: cfgmod.Config, config_path: Path | No
 
 
 async def stop_context(ctx: ServiceContext) -> None:
+    logsetup.remove_sink(getattr(ctx, "_log_sink", None))
     hb: asyncio.Task[Any] | None = getattr(ctx, "_heartbeat", None)
     if hb is not None:
         hb.cancel()

@@ -83,6 +83,8 @@ SPECS: tuple[TopicSpec, ...] = (
               "per EVSE: the current granted and the limit or rule that bound it"),
     TopicSpec("service.health", "service/{service}/health", p.Health, True, 1, SERVICES,
               "per service: online/offline (last will), version, uptime, config version, counters"),
+    TopicSpec("service.log", "service/{service}/log", p.LogRecord, False, 0, SERVICES,
+              "per service: log events (info and above) for remote reading"),
     TopicSpec("service.command", "service/{service}/command", p.ServiceCommand, False, 1, (),
               "reload/restart requests to a service (written by the admin account)"),
 )

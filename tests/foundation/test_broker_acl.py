@@ -7,9 +7,10 @@ import time
 
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
 from chargegate.broker import hash_password, render_acl
 from conftest import BrokerHandle
-from paho.mqtt.enums import CallbackAPIVersion
 
 
 def client(broker: BrokerHandle, user: str | None, password: str | None = None) -> tuple[mqtt.Client, int]:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from chargegate import config as cfgmod
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from chargegate import payloads as p
 from chargegate.broker import LocalBroker, free_port
 from chargegate.runner import Proc, Supervisor
@@ -114,3 +115,22 @@ def test_supervisor_restarts_crashed_process_and_broker(tmp_path: Path, monkeypa
     finally:
         sup.stop_all()
     assert not sup.broker.alive()
+
+
+async def test_service_logs_reach_the_bus_redacted(broker: BrokerHandle) -> None:
+    from chargegate import log as logsetup
+    from chargegate.runtime import start_context, stop_context
+
+    logsetup.setup("test", fmt="json")
+    obs = await connected_bus(broker, "observer")
+    got: list[p.LogRecord] = []
+    obs.subscribe("service.log", lambda m: got.append(m.payload), service="ocpp-gateway")
+    await asyncio.sleep(0.1)
+    ctx = await start_context("ocpp-gateway", broker.config, broker.config_path, connect_timeout=5)
+    ctx.log.warning("backend refused", charge_box="CB1", password="hunter2")
+    await wait_for(lambda: any(r.event == "backend refused" for r in got))
+    rec = next(r for r in got if r.event == "backend refused")
+    assert rec.level == "warning" and rec.fields["charge_box"] == "CB1"
+    assert "hunter2" not in rec.model_dump_json()
+    await stop_context(ctx)
+    await obs.stop()

@@ -6,10 +6,11 @@ import json
 from datetime import timedelta
 
 import pytest
-from chargegate import payloads as p
-from chargegate.topics import SPECS, Registry, TopicError
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from chargegate import payloads as p
+from chargegate.topics import SPECS, Registry, TopicError
 
 NOW = p.utcnow()
 LATER = NOW + timedelta(seconds=10)
@@ -33,6 +34,8 @@ SAMPLES: dict[str, tuple[dict[str, str], p.Payload]] = {
     "controller.allocation": ({}, p.Allocation(cycle=1, evses=[p.EvseAllocation(evse_id="wb1", current_a=6, phases=3,
                                                                                  bound_by="node:grid:L1")])),
     "service.health": ({"service": "evse-poller"}, p.Health(service="evse-poller", status=p.HealthStatus.ONLINE)),
+    "service.log": ({"service": "evse-poller"}, p.LogRecord(service="evse-poller", level="warning", event="x",
+                                                          fields={"device": "wb1"})),
     "service.command": ({"service": "evse-poller"}, p.ServiceCommand(action="reload", request_id="x")),
 }
 
