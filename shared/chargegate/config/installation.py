@@ -63,7 +63,7 @@ class ModbusConnection(Strict):
     host: str | None = None
     port: Port | None = None
     serial: SerialLine | None = None
-    device_id: int | None = Field(default=None, ge=0, le=247, description="Modbus unit id")
+    device_id: int | None = Field(default=None, ge=0, le=255, description="Modbus unit id (RTU: 1..247; TCP: 0..255)")
     timeout_s: float = Field(default=0.5, gt=0, le=30)
     retries: int = Field(default=2, ge=0, le=10)
     poll_interval_s: float | None = Field(default=None, ge=0.1, le=60,
