@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from chargegate.config.smgw import Endpoint, Smgw
 
+from chargegate.config.smgw import Endpoint, Smgw
 from smgw_link import socks5
 from smgw_link.tlsconf import (
     CertificateMismatch,
@@ -53,9 +53,15 @@ class HanConnector:
         self.gw = gw
         self.where = f"SMGW {gw.host}:{gw.port}"
         try:
-            self.ctx = han_client_context(cert=cert, key=key, trust_anchor=gw.trust_anchor,
+            def make(version: str) -> ssl.SSLContext:
+                return han_client_context(cert=cert, key=key, trust_anchor=gw.trust_anchor,
                                           check_name=gw.server_name is not None and smgw.proxy == "socks5",
-                                          tls_version=smgw.tls_version)
+                                          tls_version=version)
+
+            self.ctx = make(smgw.tls_version)
+            # "auto": TLS 1.3 where possible, 1.2 for a gateway that picks 1.3 but cannot finish it
+            # (OpenSSL 3.0 gateways with brainpool certificates: no RFC 8734 signature schemes)
+            self.ctx12 = make("1.2") if smgw.tls_version == "auto" else None
         except Exception as e:  # TlsSetupError and file problems
             raise LinkError("setup", str(e)) from None
         self.gateway_fingerprint: str | None = None
@@ -66,12 +72,20 @@ class HanConnector:
         gw = self.gw
         server_hostname = sni or gw.server_name or gw.host
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(gw.host, gw.port, ssl=self.ctx, server_hostname=server_hostname,
-                                        ssl_handshake_timeout=gw.connect_timeout_s),
-                gw.connect_timeout_s + 1)
+            reader, writer = await self._handshake(self.ctx, server_hostname)
         except Exception as e:
-            raise classify(e, self.where) from None
+            err = classify(e, self.where)
+            if self.ctx12 is None or err.kind != "tls" or not any(
+                    r in err.message for r in ("HANDSHAKE_FAILURE", "PROTOCOL_VERSION", "INSUFFICIENT_SECURITY",
+                                               "ILLEGAL_PARAMETER", "DECODE_ERROR")):
+                raise err from None
+            try:
+                reader, writer = await self._handshake(self.ctx12, server_hostname)
+            except Exception as e2:
+                raise classify(e2, self.where) from None
+            log.info("gateway handshake works with TLS 1.2 only; keeping TLS 1.2 for it", gateway=self.where,
+                     first_error=err.message)
+            self.ctx, self.ctx12 = self.ctx12, None
         try:
             obj = writer.get_extra_info("ssl_object")
             # the name is checked here when OpenSSL did not (pinned-only, or SNI routing)
@@ -85,6 +99,13 @@ class HanConnector:
             raise LinkError("certificate", f"{self.where}: wrong gateway certificate: {e}") from None
         set_keepalive(writer.get_extra_info("socket"), self.smgw.keepalive_s)
         return reader, writer
+
+    async def _handshake(self, ctx: ssl.SSLContext, server_hostname: str) -> Streams:
+        gw = self.gw
+        return await asyncio.wait_for(
+            asyncio.open_connection(gw.host, gw.port, ssl=ctx, server_hostname=server_hostname,
+                                    ssl_handshake_timeout=gw.connect_timeout_s),
+            gw.connect_timeout_s + 1)
 
     async def open(self, endpoint: Endpoint) -> Streams:
         """A channel to ``endpoint``; raises :class:`LinkError`."""

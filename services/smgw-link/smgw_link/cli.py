@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 from chargegate import config as cfgmod
-
 from smgw_link.certstore import REQUEST_CURVES, CertInfo, CertStore, CertStoreError, describe
 
 DEFAULT_CONFIG = os.environ.get("CHARGEGATE_CONFIG", "chargegate.yaml")

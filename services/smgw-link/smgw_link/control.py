@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import structlog
+from pydantic import TypeAdapter, ValidationError
+
 from chargegate import payloads as p
 from chargegate.config.smgw import Smgw
-from pydantic import TypeAdapter, ValidationError
 
 log = structlog.get_logger("smgw_link.control")
 

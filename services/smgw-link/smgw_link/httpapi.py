@@ -30,12 +30,12 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import structlog
-from chargegate import payloads as p
-from chargegate.config.smgw import Smgw
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from chargegate import payloads as p
+from chargegate.config.smgw import Smgw
 from smgw_link.control import OperatorControl
 
 log = structlog.get_logger("smgw_link.http")

@@ -16,7 +16,6 @@ from typing import Any
 
 from chargegate import payloads as p
 from chargegate.config import Config
-
 from smgw_link.clseedi.messages import measurement_set
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+
 from chargegate import payloads as p
 from chargegate.bus import Message
 from chargegate.runtime import ServiceContext, run_service
-
 from smgw_link.certstore import WARN_DAYS, CertInfo, CertStore, CertStoreError
 from smgw_link.channel import HanConnector, InboundServer, Link, Streams
 from smgw_link.clseedi.client import ClsEediClient

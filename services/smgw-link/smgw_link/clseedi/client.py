@@ -19,9 +19,9 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import structlog
-from chargegate.config.smgw import ClsEedi
 from paho.mqtt.enums import CallbackAPIVersion
 
+from chargegate.config.smgw import ClsEedi
 from smgw_link.clseedi.messages import schema_errors
 
 log = structlog.get_logger("smgw_link.clseedi.client")

@@ -26,8 +26,8 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from chargegate.config.smgw import Smgw
 
+from chargegate.config.smgw import Smgw
 from smgw_link.clseedi import messages as m
 from smgw_link.control import Notify, OperatorControl
 from smgw_link.measurements import Measurements

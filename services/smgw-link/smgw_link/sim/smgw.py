@@ -53,7 +53,7 @@ class SmgwSim:
     def __init__(self, *, cert: Path, key: Path, client_ca: Path, host: str = "127.0.0.1", port: int = 0,
                  groups: tuple[str, ...] = HAN_GROUPS, tls_version: str = "auto",
                  routes: dict[str, tuple[str, int]] | None = None, mode: str = "socks5",
-                 socks_reply: int | None = None) -> None:
+                 socks_reply: int | None = None, cap_brainpool: bool = True) -> None:
         self.cert, self.key, self.client_ca = cert, key, client_ca
         self.host, self._port = host, port
         self.groups = groups
@@ -61,6 +61,7 @@ class SmgwSim:
         self.routes = dict(routes or {})
         self.mode = mode
         self.socks_reply = socks_reply
+        self.cap_brainpool = cap_brainpool
         self.stats = SimStats()
         self.server: asyncio.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
@@ -70,9 +71,11 @@ class SmgwSim:
     def _context(self) -> ssl.SSLContext:
         ctx = han_server_context(cert=self.cert, key=self.key, client_ca=self.client_ca, tls_version=self.tls_version,
                                  groups=self.groups)
-        if any(g.startswith("brainpool") for g in self.groups) and not any(
-                g in ("P-256", "P-384") for g in self.groups):
-            # OpenSSL 3.0 has no TLS 1.3 brainpool groups: a brainpool-only gateway speaks TLS 1.2
+        brainpool_only = any(g.startswith("brainpool") for g in self.groups) and not any(
+            g in ("P-256", "P-384") for g in self.groups)
+        if brainpool_only or (self.cap_brainpool and _brainpool_key(self.cert)):
+            # OpenSSL 3.0 has neither TLS 1.3 brainpool groups nor brainpool signature schemes
+            # (RFC 8734 came with 3.2): such a gateway speaks TLS 1.2, as TR-03109 gateways do
             ctx.maximum_version = ssl.TLSVersion.TLSv1_2
 
         def sni(obj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
@@ -113,8 +116,8 @@ class SmgwSim:
     async def stop(self) -> None:
         await self.pause()
         self.drop_all()
-        for t in list(self._tasks):
-            t.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2)
 
     def _route(self, host: str, port: int) -> tuple[str, int] | None:
         key = f"{host}:{port}"
@@ -215,6 +218,14 @@ class SmgwSim:
         """Open a channel to chargegate's inbound TLS server with the gateway's certificate."""
         ctx = self.inbound_context(device_ca, cert, key)
         return await asyncio.open_connection(host, port, ssl=ctx, server_hostname=None if _is_ip(host) else host)
+
+
+def _brainpool_key(cert: Path) -> bool:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = x509.load_pem_x509_certificate(cert.read_bytes()).public_key()
+    return isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name.startswith("brainpool")
 
 
 def _is_ip(host: str) -> bool:
