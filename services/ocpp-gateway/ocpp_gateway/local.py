@@ -30,14 +30,14 @@ from decimal import Decimal
 from typing import Any
 
 import structlog
-from chargegate import payloads as p
-from chargegate.bus import Bus
-from chargegate.config import Config, Evse
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from chargegate import payloads as p
+from chargegate.bus import Bus
+from chargegate.config import Config, Evse
 from ocpp_gateway import conv
 from ocpp_gateway.rpc import SUBPROTOCOL, SUBPROTOCOL_OF, OcppRpc, RpcError, Version
 from ocpp_gateway.txqueue import TxQueue, TxRow

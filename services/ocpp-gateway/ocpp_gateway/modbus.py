@@ -17,10 +17,10 @@ from decimal import Decimal
 from typing import Any
 
 import structlog
+
 from chargegate import payloads as p
 from chargegate.bus import Bus
 from chargegate.config import Config, Evse
-
 from ocpp_gateway import conv
 from ocpp_gateway.rpc import Version
 from ocpp_gateway.txqueue import TxRow

@@ -10,7 +10,6 @@ from chargegate import payloads as p
 from chargegate.bus import Message
 from chargegate.config import Config
 from chargegate.runtime import ServiceContext, run_service
-
 from ocpp_gateway.local import LocalCsms
 from ocpp_gateway.modbus import ModbusEvse
 from ocpp_gateway.txqueue import TxQueue

@@ -22,11 +22,11 @@ from decimal import Decimal
 from typing import Any, Protocol
 
 import structlog
-from chargegate import payloads as p
-from chargegate.config import Config, Evse
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from chargegate import payloads as p
+from chargegate.config import Config, Evse
 from ocpp_gateway import conv
 from ocpp_gateway.profiles import Profile, effective
 from ocpp_gateway.rpc import SUBPROTOCOL_OF, OcppRpc, RpcError, Version
@@ -633,7 +633,7 @@ class UpstreamCP:
         self._profiles.append(prof)
         self._save_profiles()
         self.log.info("backend charging profile received", profile_id=prof.id, purpose=prof.purpose,
-                      stack=prof.stack, unit=prof.unit)
+                      stack_level=prof.stack, unit=prof.unit)
         self._publish_limit()
         return True
 

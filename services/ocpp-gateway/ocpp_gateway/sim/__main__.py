@@ -8,7 +8,6 @@ import contextlib
 
 from chargegate import config as cfgmod
 from chargegate import log as logsetup
-
 from ocpp_gateway.sim.runner import run
 
 

@@ -16,11 +16,11 @@ import time
 from typing import Any
 
 import structlog
+
 from chargegate.broker import bus_settings
 from chargegate.bus import Bus
 from chargegate.config import Config
 from chargegate.topics import Registry
-
 from ocpp_gateway.sim.wallbox import SimConnector, WallboxSim
 
 log = structlog.get_logger("ocpp_gateway.sim")
