@@ -15,10 +15,10 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import structlog
+
 from chargegate import payloads as p
 from chargegate.config import Evse, Meter
 from chargegate.config.poller import Poller as PollerSettings
-
 from evse_poller import logic
 from evse_poller.profile import Profile
 from evse_poller.registers import ReadBlock, encode_raw, encode_value, extract, plan_reads

@@ -19,7 +19,6 @@ from typing import Literal
 
 from chargegate.config import Evse
 from chargegate.payloads import EvseState, IecState, Setpoint
-
 from evse_poller.profile import CurrentControl, Profile
 from evse_poller.registers import Value, encode_raw, encode_value, to_raw
 
@@ -276,7 +275,7 @@ def current_words(profile: Profile, target_a: float) -> tuple[list[int], float]:
         target_a = cc.pause_a
     words = encode_value(profile, reg, target_a)
     applied = to_raw(reg, target_a) * reg.scale if reg.type.value.startswith(("uint", "int")) else target_a
-    return words, round(applied, 3)
+    return words, math.floor(applied * 1000 + 1e-6) / 1000  # reported to the mA, never rounded up
 
 
 def needs_write(words: list[int], last_words: list[int] | None, last_write_at: float | None, now: float,
@@ -326,9 +325,9 @@ def evaluate_meter(values: dict[str, Value], memory: MeterMemory, *, invert: boo
         currents = []
         for i, x in enumerate(raw_i):
             assert x is not None
-            c = sign * x
-            if power_phase is not None and c > 0 and power_phase[i] < 0:
-                c = -c
+            pp = p_phase[i]
+            c = -x if pp is not None and x > 0 and pp < 0 else x  # magnitude meters: sign of the power
+            c *= sign
             if abs(c) > limits.meter_max_current_a:
                 flags.append(f"current_l{i + 1}_out_of_range")
             currents.append(round(c, 3))

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
+
 from chargegate import payloads as p
 from chargegate.config import Config
-
 from evse_poller import logic
 from evse_poller.device import DeviceError, EvseDevice, MeterDevice
 from evse_poller.profile import ProfileError, load_profile

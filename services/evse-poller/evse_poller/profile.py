@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from chargegate.payloads import EvseState, IecState
-from chargegate.topics import format_loc
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from chargegate.payloads import EvseState, IecState
+from chargegate.topics import format_loc
 from evse_poller.codec import DType, width
 
 PROFILE_DIR = Path(__file__).parent / "profiles"

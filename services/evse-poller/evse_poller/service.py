@@ -13,7 +13,6 @@ from chargegate import payloads as p
 from chargegate.bus import Bus, Message
 from chargegate.config import Config
 from chargegate.runtime import ServiceContext, run_service
-
 from evse_poller.poller import Poller
 
 NAME = "evse-poller"

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import structlog
-from chargegate.config import ModbusConnection
 from pymodbus import FramerType
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 from pymodbus.pdu import ExceptionResponse
 
+from chargegate.config import ModbusConnection
 from evse_poller.profile import Profile, Table
 
 log = structlog.get_logger("evse-poller.transport")

@@ -10,7 +10,6 @@ import sys
 
 from chargegate import config as cfgmod
 from chargegate import log as logsetup
-
 from evse_poller.sim.runner import run
 
 

@@ -24,11 +24,11 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import structlog
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from chargegate.bus import Bus
 from chargegate.config import Circuit, Config, Evse, Meter
 from chargegate.topics import Registry, format_validation_error
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 from evse_poller.logic import grid_currents
 from evse_poller.profile import load_profile
 from evse_poller.sim.devices import EVSE_SIMS, METER_SIMS, SimSettings
