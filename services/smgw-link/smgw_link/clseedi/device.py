@@ -100,7 +100,8 @@ class ClsEediDevice:
         result = self._control(data, relation is not None, now, msg_id)
         if relation is not None:
             return []  # a reply to our read is not acknowledged
-        self._seen[key] = result
+        if result == m.OK:  # a refused message may be retried and is evaluated again
+            self._seen[key] = result
         while len(self._seen) > 256:
             self._seen.popitem(last=False)
         return [m.ack(self.source, msg_id, result)]
