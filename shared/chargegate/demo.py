@@ -178,7 +178,7 @@ class _Ticker:
             fam = "/".join(parts[1:2] + parts[3:]) if len(parts) > 3 else "/".join(parts[1:])
             families[fam] = families.get(fam, 0) + 1
         health = {k: v.get("status") for k, v in self.snap.select("service", "health").items()}
-        print(json.dumps({"demo": "broker", "messages_seen": total, "retained_topics": families,
+        print(json.dumps({"demo": "broker", "messages_seen": total, "topics": families,
                           "services": health}), flush=True)
 
     def close(self) -> None:
