@@ -16,7 +16,6 @@ from zoneinfo import ZoneInfo
 
 from chargegate import payloads as p
 from chargegate.config import Controller
-
 from load_controller import rules as rules_mod
 from load_controller.limits import FailsafeState, failsafe_state, limit_group
 from load_controller.solver import INF, PHASE_NAMES, Demand, Fixed, Group, Mode, Node, Problem, Solution, solve
@@ -403,10 +402,10 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
             nm.reclaim_cap = None
             nm.used_phases = None
         new_mems.append(nm)
+        hold = hold_detail = None
         if nm.off_since is not None and m.granted <= 0 and _age(now, nm.off_since) < cfg.min_pause_s:
-            demands.append(Demand(e.id, e.node, e.min_a, [], order=i, off_label="min_pause",
-                                  off_detail=f"paused at {_fmt(nm.off_since)}, minimum pause {cfg.min_pause_s:g} s"))
-            continue
+            hold = "min_pause"
+            hold_detail = f"paused at {_fmt(nm.off_since)}, minimum pause {cfg.min_pause_s:g} s"
         cap_a, lab, det = e.max_a, "evse_max", None
         cap_w, wlab = INF, ""
         force1 = False
@@ -469,7 +468,8 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
             modes = [mode(1, one)]
         protected = m.granted > 0 and m.on_since is not None and _age(now, m.on_since) < cfg.min_charge_time_s
         demands.append(Demand(e.id, e.node, e.min_a, modes, priority=e.priority, protected=protected,
-                              charging=m.granted > 0, order=i, groups=gtuple, three_phases=three_track))
+                              charging=m.granted > 0, order=i, groups=gtuple, three_phases=three_track,
+                              hold=hold, hold_detail=hold_detail))
 
     # -- solve ------------------------------------------------------------------------------------------------
     problem = Problem(nodes=nodes, demands=demands, groups=groups, fixed=fixed,

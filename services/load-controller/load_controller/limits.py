@@ -9,7 +9,6 @@ from typing import Any
 
 from chargegate import payloads as p
 from chargegate.config import Controller
-
 from load_controller.solver import INF, Group
 
 OPERATOR_SOURCES = (p.LimitSource.DSO, p.LimitSource.SUPPLIER)

@@ -11,8 +11,10 @@ The problem is a set of linear capacity constraints with non-negative coefficien
 Each EVSE gets 0 or at least its minimum. The solve has three stages:
 
 1. *fixed* loads (EVSEs that cannot be read) are subtracted first;
-2. *admission*: EVSEs protected by the minimum charging time, then each priority class from the
-   highest, are admitted at their minimum while it fits (in the first phase mode that fits);
+2. *admission*: EVSEs protected by the minimum charging time, then all others by priority (the
+   ones already charging first within a priority), are admitted at their minimum while it fits
+   (in the first phase mode that fits) - so a lower priority is paused only when its minimum no
+   longer fits next to the higher ones' minimums, and no current is left unused;
 3. *water-filling* per priority class (highest first): all admitted EVSEs of the class rise
    together (equal current per phase, from their minimum up to their cap) until a constraint is
    tight; the EVSEs in it freeze and the others keep rising. This is max-min fairness with floors.
@@ -59,6 +61,8 @@ class Demand:
     off_label: str = "not_connected"  # bound_by when it does not want power
     off_detail: str | None = None
     three_phases: tuple[int, ...] | None = None  # when set: report whether 3-phase at lo would fit
+    hold: str | None = None  # e.g. "min_pause": not started even if it fits (reported only if it would)
+    hold_detail: str | None = None
 
 
 @dataclass(slots=True)
@@ -287,6 +291,9 @@ def _solve_once(problem: Problem, space: _Space) -> tuple[list[Grant], list[floa
                 continue
             coefs = space.coefs(d.node, m.phases, d.groups)
             k = _fits(used, cap, coefs, d.lo)
+            if k < 0 and d.hold is not None:
+                g.bound_by, g.detail = d.hold, d.hold_detail
+                return
             if k < 0:
                 for kk, a in coefs:
                     used[kk] += a * d.lo
@@ -302,8 +309,9 @@ def _solve_once(problem: Problem, space: _Space) -> tuple[list[Grant], list[floa
                 elif d.three_phases is not None:
                     g.three_fits = True
                 return
-            if blocked_label is None or blocked_label != "min_current":
-                blocked_label = "min_current"
+            if blocked_label is None or not blocked_label.startswith(("min_current", "rule:")):
+                # a rule's budget names the rule; any other constraint (fuses, limits) is min_current
+                blocked_label = space.labels[k] if space.labels[k].startswith("rule:") else "min_current"
                 blocked_detail = f"the minimum {d.lo:g} A does not fit under {space.labels[k]}"
         g.bound_by = blocked_label or "min_current"
         g.detail = blocked_detail
@@ -321,10 +329,10 @@ def _solve_once(problem: Problem, space: _Space) -> tuple[list[Grant], list[floa
             classes[-1].append(i)
         else:
             classes.append([i])
+    for i in order:
+        if not demands[i].protected:
+            try_admit(i)
     for cls in classes:
-        for i in cls:
-            if not demands[i].protected:
-                try_admit(i)
         members = [i for i in cls if i in admitted_mode]
         if members:
             _fill(members, demands, admitted_mode, admitted_coefs, grants, used, cap, space.labels, space.details)
