@@ -227,6 +227,7 @@ class BackendSim:
         self.rejected_tags: set[str] = set()
         self.connects: dict[str, int] = {}
         self.auth_users: dict[str, str | None] = {}
+        self.hosts: dict[str, str | None] = {}  # HTTP Host header per charge point
 
     def tag_status(self, tag: str) -> str:
         return "Invalid" if tag in self.rejected_tags else "Accepted"
@@ -270,6 +271,7 @@ class BackendSim:
                 user, _, pw = base64.b64decode(auth[6:]).decode().partition(":")
         cp = urllib.parse.unquote(request.path.rstrip("/").rsplit("/", 1)[-1])
         self.auth_users[cp] = user
+        self.hosts[cp] = request.headers.get("Host")
         if self.password is not None and (pw != self.password or user != cp):
             return conn.respond(401, "bad credentials\n")
         return None
