@@ -42,6 +42,7 @@ log = structlog.get_logger("smgw_link.http")
 
 Origin = Literal["local", "inbound"]
 VARIABLES = ("AVAIL", "TARIF")
+_bearer = HTTPBearer(auto_error=False)  # module level: annotations are resolved in module globals
 
 
 class VariableIn(BaseModel):
@@ -80,13 +81,12 @@ class ApiState:
 def make_app(state: ApiState, origin: Origin) -> FastAPI:
     app = FastAPI(title=f"chargegate variables API ({origin})", version="1",
                   description=__doc__ or "", docs_url="/docs", redoc_url=None)
-    bearer = HTTPBearer(auto_error=False)
 
     def count(key: str) -> None:
         state.counters[key] = state.counters.get(key, 0) + 1
 
     def auth(request: Request,
-             cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+             cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
         tokens = []
         for t in state.cfg.http_api.tokens:
             try:
@@ -184,7 +184,6 @@ def make_app(state: ApiState, origin: Origin) -> FastAPI:
         return {"failsafe": out.failsafe, "limits": {k: v.model_dump(mode="json") for k, v in out.limits.items()},
                 "tariff": out.tariff.model_dump(mode="json")}
 
-    @app.api_route("/cnf", methods=["GET", "POST"], dependencies=deps)
     def cnf(cmd: Annotated[str, Query(max_length=32)], name: Annotated[str | None, Query(max_length=32)] = None,
             val: Annotated[str | None, Query(max_length=32)] = None) -> dict[str, Any]:
         """Compatibility with the reference product's ``/cnf?cmd=set_cm_vars&name=AVAIL&val=50``."""
@@ -200,5 +199,8 @@ def make_app(state: ApiState, origin: Origin) -> FastAPI:
             raise HTTPException(422, f"val {val!r} is not a number") from None
         out = set_var(name, body)
         return {out.name: out.value}
+
+    for method in ("GET", "POST"):
+        app.add_api_route("/cnf", cnf, methods=[method], dependencies=deps, operation_id=f"cnf_{method.lower()}")
 
     return app

@@ -9,7 +9,7 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,7 @@ class SmgwLink:
         self.tariff_sig: tuple[Any, ...] | None = None
         self.schedule_sig: str | None = None
         self._status_dirty = True
+        self._last_state: p.LinkState | None = None
         self._status_at = 0.0
         self._cert_checked = 0.0
         self._cert_warned = 0.0
@@ -248,8 +249,20 @@ class SmgwLink:
         elif self.link is None:
             state, error, since = p.LinkState.CONNECTING, None, None
         else:
-            state = p.LinkState(self.link.state)
+            # up: HAN link (and, with CLS.EEDI, the operator broker) up; connecting: lost for less
+            # than link_loss_grace_s, reconnecting; down: lost for longer (the failsafe moment)
             error, since = self.link.error, datetime.fromtimestamp(self.link.since, UTC)
+            up = self.link.state == "up" and (not cfg.clseedi.enabled or self.operator_link_up())
+            if up:
+                state = p.LinkState.UP
+            else:
+                lost = self.control.link_down_since
+                if self.link.state == "up":  # HAN up, operator broker not (yet) connected
+                    error = error or "operator CLS.EEDI broker not connected"
+                if lost is not None:
+                    since = lost
+                late = lost is not None and utcnow() - lost >= timedelta(seconds=cfg.link_loss_grace_s)
+                state = p.LinkState.DOWN if late else p.LinkState.CONNECTING
         if error is None and self.cert_error and cfg.enabled:
             error = f"setup: {self.cert_error}"
         channels: dict[str, Any] = {}
@@ -276,7 +289,9 @@ class SmgwLink:
             channels=channels)
 
     def publish_status(self) -> None:
-        self.ctx.bus.publish("link.smgw", self.link_status())
+        st = self.link_status()
+        self._last_state = st.state
+        self.ctx.bus.publish("link.smgw", st)
         self._status_dirty = False
         self._status_at = time.monotonic()
 
@@ -398,6 +413,13 @@ class SmgwLink:
                 waits.append(self._notify_at - mono)
             if self.cfg.enabled and not self.operator_link_up():
                 waits.append(1.0)  # the link state is also polled while down (failsafe timing)
+                lost = self.control.link_down_since
+                if lost is not None:
+                    at = (lost - now).total_seconds() + self.cfg.link_loss_grace_s
+                    if at > 0:
+                        waits.append(at + 0.001)
+                    elif self.link_status().state != self._last_state:
+                        self._status_dirty = True
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(0.005, min(waits)))

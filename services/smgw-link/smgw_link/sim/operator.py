@@ -90,6 +90,7 @@ class OperatorBackend:
     source: str = "operator-sim"
     received: list[Received] = field(default_factory=list)
     connected: bool = False
+    read_reply: dict[str, Any] | None = None  # control data sent in reply to the device's read
 
     def __post_init__(self) -> None:
         self.to_device = f"clseedi/to-localdevice/{self.device_id}"
@@ -117,6 +118,9 @@ class OperatorBackend:
         except json.JSONDecodeError as e:
             obj, errs = {"raw": msg.payload.decode(errors="replace")}, [f"not JSON: {e}"]
         self.received.append(Received(time.monotonic(), obj, errs))
+        if (self.read_reply is not None and not errs and obj.get("type") == m.READ
+                and isinstance(obj.get("id"), str)):
+            client.publish(self.to_device, json.dumps(self.control(self.read_reply, relation=obj["id"])), qos=1)
         if self._loop is not None and self._event is not None:
             self._loop.call_soon_threadsafe(self._event.set)
 
