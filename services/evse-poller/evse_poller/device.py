@@ -196,7 +196,20 @@ class EvseDevice(_Base):
         self._in_fallback: bool | None = None
         self.last_status: p.EvseStatus | None = None
         names = [n for n in logic_names(profile, "evse") if n in profile.registers]
+        if profile.watchdog is not None and profile.watchdog.remaining_register is not None:
+            names.append(profile.watchdog.remaining_register)
         self._reads = plan_reads(profile, names)
+        self._remaining_s: float | None = None
+        self._last_ok: float | None = None
+        self.watchdog_s = settings.watchdog_timeout_s
+        wd = profile.watchdog
+        if wd is not None and wd.timeout_register is not None:
+            lo, hi = wd.timeout_min_s or 0.0, wd.timeout_max_s or float("inf")
+            clamped = min(max(self.watchdog_s, lo), hi)
+            if clamped != self.watchdog_s:
+                self.log.warning("watchdog timeout adjusted to what the device accepts", evse=self.id,
+                                 wanted_s=self.watchdog_s, programmed_s=clamped)
+                self.watchdog_s = clamped
 
     @property
     def can_switch_phases(self) -> bool:
@@ -211,7 +224,7 @@ class EvseDevice(_Base):
         wd = prof.watchdog
         if wd is not None and wd.timeout_register is not None:
             reg = prof.registers[wd.timeout_register]
-            await self._init_write(wd.timeout_register, encode_value(prof, reg, self.settings.watchdog_timeout_s))
+            await self._init_write(wd.timeout_register, encode_value(prof, reg, self.watchdog_s))
         if wd is not None and wd.failsafe_register is not None:
             reg = prof.registers[wd.failsafe_register]
             cc = prof.current
@@ -245,7 +258,16 @@ class EvseDevice(_Base):
                 values, errors = extract(self.profile, words, self._reads)
                 for e in errors:
                     self._warn_once(f"decode:{e}", "register value could not be decoded", error=e)
-                await self._apply_locked(time.monotonic())
+                now = time.monotonic()
+                wd = self.profile.watchdog
+                if wd is not None and wd.remaining_register is not None:
+                    rem = values.get(wd.remaining_register)
+                    self._remaining_s = float(rem) if isinstance(rem, int | float) else None
+                if self._last_ok is not None and now - self._last_ok > 0.8 * self.watchdog_s:
+                    # silent for about a watchdog period: the device may sit on its failsafe; rewrite
+                    self._last_words = None
+                await self._apply_locked(now)
+                self._last_ok = now
             except (LinkError, DeviceError) as e:
                 self._failed(e)
                 self.last_poll_s = time.perf_counter() - t0
@@ -308,7 +330,9 @@ class EvseDevice(_Base):
             self._in_fallback = target.fallback
         words, applied_a = logic.current_words(prof, target.current_a)
         wrote = False
-        if logic.needs_write(words, self._last_words, self._last_write_at, now, cc.refresh_s):
+        expiring = self._remaining_s is not None and self._remaining_s <= 2 * self.interval_s + 1
+        if expiring or logic.needs_write(words, self._last_words, self._last_write_at, now, cc.refresh_s):
+            self._remaining_s = None
             try:
                 await self._write(cc.reg, words)
             except DeviceRejected as e:
@@ -341,7 +365,7 @@ class EvseDevice(_Base):
         wd = self.profile.watchdog
         if wd is None or wd.keepalive is None:
             return
-        every = wd.keepalive.every_s or self.settings.watchdog_timeout_s / 3
+        every = wd.keepalive.every_s or self.watchdog_s / 3
         if self._keepalive_at is not None and now - self._keepalive_at < every:
             return
         ka = wd.keepalive

@@ -69,7 +69,8 @@ def derive_state(info: StateInfo, *, offered_a: float, enabled: bool) -> EvseSta
         return EvseState.AVAILABLE
     if info.iec is IecState.B:
         return EvseState.PREPARING if offered_a > 0 else EvseState.SUSPENDED
-    return EvseState.CHARGING  # C, D
+    # C, D: the car asks for energy; with nothing offered (C1/D1) it is suspended by the EVSE
+    return EvseState.CHARGING if offered_a > 0 else EvseState.SUSPENDED
 
 
 # -- EVSE evaluation ---------------------------------------------------------------------------

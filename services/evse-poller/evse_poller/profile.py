@@ -166,7 +166,11 @@ class Watchdog(_Strict):
                                                                     "watchdog_timeout_s (in the register's unit)")
     failsafe_register: Name | None = Field(default=None, description="written at connect with the EVSE's "
                                                                      "safe_current_a")
+    timeout_min_s: float | None = Field(default=None, ge=0, description="shortest timeout the device accepts")
+    timeout_max_s: float | None = Field(default=None, gt=0, description="longest timeout the device accepts")
     keepalive: Keepalive | None = None
+    remaining_register: Name | None = Field(default=None, description="remaining validity of the written "
+                                                                    "setpoint (s); rewritten before it runs out")
     builtin_s: float | None = Field(default=None, gt=0, le=86400,
                                     description="a validity time configured on the device itself (not writable "
                                                 "over Modbus): the setpoint is refreshed well within it")
@@ -244,6 +248,7 @@ class Profile(_Strict):
             if self.watchdog is not None:
                 need(self.watchdog.timeout_register, "watchdog.timeout_register", writable=True)
                 need(self.watchdog.failsafe_register, "watchdog.failsafe_register", writable=True)
+                need(self.watchdog.remaining_register, "watchdog.remaining_register")
                 if self.watchdog.keepalive is not None:
                     need(self.watchdog.keepalive.reg, "watchdog.keepalive.register", writable=True)
         else:

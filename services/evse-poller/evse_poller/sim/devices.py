@@ -406,7 +406,7 @@ def sunspec_meter(meter: MeterModel) -> RegisterMap:
     m.constant(h, c + 50, STR, "SIM0001", count=16, name="SN")
     m.constant(h, c + 66, U16, 1, name="DA")
     b = SUNSPEC_203_AT
-    a_sf, v_sf, w_sf = -2, -1, 0
+    a_sf, v_sf, w_sf = -2, -1, 1
     m.constant(h, b, U16, 203, name="ID")
     m.constant(h, b + 1, U16, 105, name="L")
     m.field(h, b + 2, I16, lambda: round(sum(meter.currents()) / 10**a_sf), name="A")
