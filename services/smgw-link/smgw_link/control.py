@@ -245,6 +245,8 @@ class OperatorControl:
             changed = True
         if self.failsafe_since is not None and self.failsafe_ends is not None and now >= self.failsafe_ends:
             self._leave_failsafe(now, "failsafe duration over")
+            if self.lpc is not None:  # LPC: after the failsafe duration, unlimited ("autonomous")
+                self.lpc.active = False
             changed = True
         if (self._failsafe_enabled() and not self.link_up and not self.outage_handled
                 and self.failsafe_since is None and self.link_down_since is not None
