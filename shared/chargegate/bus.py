@@ -170,10 +170,11 @@ class Bus:
                             port=self.settings.port)
                 self._logged_down = True
             return
-        for f in {s.filter for s in self._subs}:
+        done = {s.filter for s in list(self._subs)}
+        for f in done:
             client.subscribe(f, qos=1)
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._connected)
+        self._loop.call_soon_threadsafe(self._connected, done)
 
     def _paho_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if self._loop is not None and not self._loop.is_closed():
@@ -184,10 +185,15 @@ class Bus:
             self._loop.call_soon_threadsafe(self._dispatch, msg.topic, msg.payload, bool(msg.retain))
 
     # -- asyncio side ------------------------------------------------------------------------
-    def _connected(self) -> None:
+    def _connected(self, subscribed: set[str] | None = None) -> None:
         self.connections += 1
         self._logged_down = False
         self.connected.set()
+        # subscriptions added on the loop between paho's connect callback and this point were not
+        # sent (``connected`` was not set yet): send them now, or they would be lost until a reconnect
+        if subscribed is not None:
+            for f in {s.filter for s in self._subs} - subscribed:
+                self._client.subscribe(f, qos=1)
         log.info("bus connected", host=self.settings.host, port=self.settings.port, connections=self.connections)
         if self.connections > 1:
             for topic, (data, qos) in list(self._retained.items()):
