@@ -126,7 +126,10 @@ class SerialEndpoint:
                  parity: str = "N", stopbits: int = 1, bytesize: int = 8) -> None:
         self.link_path = link_path
         self.framing = framing
-        self.settings = {"baudrate": baudrate, "parity": parity, "stopbits": stopbits, "bytesize": bytesize}
+        # a pseudo-terminal has no parity: pyserial cannot reconfigure a pty with parity enabled, so the
+        # simulator end always opens it 8N1 (the poller end must be configured with parity N, too)
+        self.settings = {"baudrate": baudrate, "parity": "N", "stopbits": stopbits, "bytesize": bytesize}
+        self.configured_parity = parity
         self.maps: dict[int, RegisterMap] = {}
         self.line: VirtualSerialLine | None = None
         self._server: ModbusSerialServer | None = None
