@@ -4,6 +4,8 @@
   validates every message strictly against the OCPP schemas (the library does it) and answers,
 * records every frame in and out in SQLite (``frames``) so that tests can check that every
   transaction arrived exactly once, in order, with exact meter values (:meth:`transactions`),
+* handles a message once: a repeat with a message id it already answered (a charge point that
+  lost the answer) gets the same answer again and is recorded as ``replay``, not handled twice,
 * sends RemoteStart/Stop, SetChargingProfile, ... on request (:meth:`call`),
 * can be told to go away (stop listening, drop every connection) and to come back.
 
@@ -88,11 +90,26 @@ class _Recording:
     sim: BackendSim
 
     async def route_message(self, raw_msg: str) -> None:
+        try:
+            msg = json.loads(raw_msg)
+        except ValueError:
+            msg = None
+        if isinstance(msg, list) and len(msg) == 4 and msg[0] == 2 and isinstance(msg[1], str):
+            prev = self.sim.answered.get((self.id, msg[1]))
+            if prev is not None:
+                # a replay of a message already handled (same message id): answer it again, handle it once
+                self.recorder.frame(self.id, self._ocpp_version, "replay", raw_msg)
+                self.sim.replays += 1
+                await super()._send(prev)  # type: ignore[misc]
+                return
         self.recorder.frame(self.id, self._ocpp_version, "in", raw_msg)
         await super().route_message(raw_msg)  # type: ignore[misc]
 
     async def _send(self, message: str) -> None:
         self.recorder.frame(self.id, self._ocpp_version, "out", message)
+        if message.startswith(("[3,", "[4,")):
+            with contextlib.suppress(ValueError, IndexError):
+                self.sim.answered[(self.id, json.loads(message)[1])] = message
         await super()._send(message)  # type: ignore[misc]
 
 
@@ -228,6 +245,8 @@ class BackendSim:
         self.connects: dict[str, int] = {}
         self.auth_users: dict[str, str | None] = {}
         self.hosts: dict[str, str | None] = {}  # HTTP Host header per charge point
+        self.answered: dict[tuple[str, str], str] = {}  # (charge point, message id) -> answer frame
+        self.replays = 0
 
     def tag_status(self, tag: str) -> str:
         return "Invalid" if tag in self.rejected_tags else "Accepted"

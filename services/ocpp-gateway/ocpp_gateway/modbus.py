@@ -60,6 +60,9 @@ class ModbusEvse:
         if self.tx:
             self.log.info("open session restored from the queue", tx=self.tx)
         self._meter_task = asyncio.create_task(self._meter_loop())
+        if self.status is not None:
+            # a (retained) status that arrived before the upstream charge point existed
+            self.on_status(self.status)
 
     def close(self) -> None:
         if self._meter_task is not None:
