@@ -55,7 +55,7 @@ class ClsEediClient:
         cid = cfg.client_id or f"{cfg.device_id}-{uuid.uuid4().hex[:6]}"
         c = _ChannelClient(CallbackAPIVersion.VERSION2, client_id=cid, clean_session=True)
         c.connect_to = connect_to
-        c.reconnect_delay_set(min_delay=1, max_delay=30)
+        c.reconnect_delay_set(min_delay=1, max_delay=5)  # the forwarder fails fast; keep retrying briskly
         c.max_queued_messages_set(1000)
         if cfg.username:
             c.username_pw_set(cfg.username, cfg.password.reveal() if cfg.password else None)
