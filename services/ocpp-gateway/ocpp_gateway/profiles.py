@@ -139,8 +139,11 @@ def effective(profiles: list[Profile], now: datetime, tx_started: datetime | Non
     for prof in sorted(profiles, key=lambda x: -x.stack):
         period, nxt = prof.evaluate(now, tx_started)
         next_change = min(next_change, nxt)
-        if period is not None and prof.purpose not in by_purpose:
-            by_purpose[prof.purpose] = (prof, period)
+        if period is None:
+            continue
+        have = by_purpose.get(prof.purpose)
+        if have is None or (have[0].stack == prof.stack and have[0].unit == prof.unit and period.limit < have[1].limit):
+            by_purpose[prof.purpose] = (prof, period)  # same stack level twice: the lower limit is the safe one
     chosen = []
     if "TxProfile" in by_purpose:
         chosen.append(by_purpose["TxProfile"])
