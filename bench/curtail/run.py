@@ -1,0 +1,296 @@
+"""bench/curtail: from a CLS.EEDI limit at the operator's broker to the last of N simulated Modbus
+wallboxes holding its new setpoint.
+
+Chain: operator backend -> operator Mosquitto (TLS) -> SMGW simulator (brainpool HAN TLS, SOCKS5)
+-> smgw-link (CLS.EEDI) -> grid/limit/dso on the local Mosquitto -> load-controller -> setpoints ->
+evse-poller -> Modbus TCP write -> N Alfen simulators (evse_poller.sim). Every service runs as its
+own process, as deployed.
+
+Each round: release the limit and wait until every wallbox is back at its maximum (not timed),
+then publish a limit that forces every wallbox down (timed until the last one holds its new
+current, i.e. its final value for the round was written). Baseline in the same run: the same N
+simulators written directly over Modbus TCP (one connected client per simulator, all writes
+concurrent), until the last one holds it.
+
+``--until grid-limit`` stops the chain at the bus (smgw-link's share): the time until
+grid/limit/dso with the new value is seen on the local broker. It is the only mode available
+while the load-controller has no service.
+
+    .venv/bin/python bench/curtail/run.py --evses 100 --rounds 20
+    .venv/bin/python bench/curtail/run.py --until grid-limit --rounds 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from chargegate import config as cfgmod
+from chargegate import payloads as p
+from chargegate.broker import LocalBroker, bus_settings, free_port
+from chargegate.bus import Bus
+from chargegate.topics import Registry
+from smgw_link.certstore import CertStore
+from smgw_link.pki import make_pki
+from smgw_link.sim.operator import OperatorBackend, OperatorBroker
+from smgw_link.sim.smgw import SmgwSim
+
+MAX_A = 16.0
+LOW_A = 8.0
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, round(q / 100 * (len(s) - 1))))
+    return s[k]
+
+
+def config_text(n: int, ports: list[int], meter_port: int, broker_port: int, pki: Any, sim_port: int, fwd: int,
+                store: Path, require_controller: bool) -> str:
+    evses = "\n".join(
+        f"  - {{id: wb{i:03d}, circuit: grid, max_current_a: {MAX_A}, modbus: {{profile: alfen-eve, host: 127.0.0.1,"
+        f" port: {ports[i]}, device_id: 1}}}}" for i in range(n))
+    return f"""
+site: {{name: bench-curtail}}
+state_dir: state
+broker: {{port: {broker_port}}}
+logging: {{level: warning}}
+circuits:
+  - id: grid
+    fuse_a: {int(n * MAX_A * 2)}
+    meter: grid-meter
+evses:
+{evses}
+meters:
+  - id: grid-meter
+    modbus: {{profile: sdm630, host: 127.0.0.1, port: {meter_port}, device_id: 1}}
+smgw:
+  enabled: true
+  gateway: {{host: 127.0.0.1, port: {sim_port}, trust_anchor: {pki.gateway_ca}, server_name: smgw.local}}
+  cert_store: {store}
+  certificate: cls
+  functions: {{power_reduction: true}}
+  endpoints:
+    - {{name: op, host: mqtt.operator.test, port: 8883, listen_port: {fwd}, purpose: clseedi}}
+  clseedi: {{enabled: true, endpoint: op, ca_file: {pki.operator_ca}, device_id: bench,
+            require_controller: {str(require_controller).lower()}}}
+  http_api: {{enabled: false}}
+  limit_scope: controllable
+"""
+
+
+class Holds:
+    """When each simulated wallbox got each max-current value (from its register writes)."""
+
+    def __init__(self, sims: Any, ids: list[str]) -> None:
+        self.log: dict[str, list[tuple[float, float]]] = {e: [] for e in ids}
+        for e in ids:
+            point = sims.point(e)
+            point.on_change(lambda e=e, point=point: self._seen(e, point.commanded_a))
+
+    def _seen(self, evse: str, limit: float | None) -> None:
+        entries = self.log[evse]
+        if not entries or entries[-1][1] != limit:
+            entries.append((time.perf_counter(), limit))
+
+    def current(self, evse: str) -> float | None:
+        return self.log[evse][-1][1] if self.log[evse] else None
+
+    def settle_time(self, t0: float, want: Any) -> float | None:
+        """Latest time (over wallboxes) at which each reached the value it holds now, if ``want(value)``."""
+        last = 0.0
+        for entries in self.log.values():
+            if not entries or not want(entries[-1][1]):
+                return None
+            at = entries[-1][0]
+            last = max(last, at - t0)
+        return last
+
+
+async def wait_until(pred: Any, within_s: float, what: str) -> None:
+    deadline = time.monotonic() + within_s
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def direct_modbus(ports: list[int], holds: Holds, ids: list[str], rounds: int) -> list[float]:
+    from pymodbus.client import AsyncModbusTcpClient
+
+    clients = [AsyncModbusTcpClient("127.0.0.1", port=pt, timeout=2) for pt in ports]
+    await asyncio.gather(*(c.connect() for c in clients))
+    out = []
+    try:
+        for r in range(rounds):
+            value = LOW_A if r % 2 == 0 else MAX_A - 1
+            regs = list(struct.unpack(">HH", struct.pack(">f", value)))
+            t0 = time.perf_counter()
+            await asyncio.gather(*(c.write_registers(1210, regs, device_id=1) for c in clients))
+            await wait_until(lambda v=value: all(holds.current(e) == v for e in ids), 10, "direct writes")
+            out.append(holds.settle_time(t0, lambda x, v=value: x == v) or 0.0)
+    finally:
+        for c in clients:
+            c.close()
+    return out
+
+
+async def direct_only(args: argparse.Namespace) -> int:
+    """Only the baseline: N simulators written directly (no chargegate in the path)."""
+    from evse_poller.sim.runner import Simulators
+
+    tmp = Path(args.dir or tempfile.mkdtemp(prefix="bench-curtail-"))
+    n = args.evses
+    ports = [free_port() for _ in range(n)]
+    evses = "\n".join(f"  - {{id: wb{i:03d}, circuit: grid, max_current_a: {MAX_A}, modbus: {{profile: alfen-eve, "
+                      f"host: 127.0.0.1, port: {ports[i]}, device_id: 1}}}}" for i in range(n))
+    (tmp / "c.yaml").write_text(f"circuits: [{{id: grid, fuse_a: 4000}}]\nevses:\n{evses}\n")
+    cfg = cfgmod.load(tmp / "c.yaml")
+    sims = Simulators(cfg)
+    await sims.start()
+    try:
+        ids = [e.id for e in cfg.evses]
+        for e in ids:
+            sims.plug(e, 3, MAX_A)
+        holds = Holds(sims, ids)
+        direct = await direct_modbus(ports, holds, ids, args.rounds)
+        print(json.dumps({"mode": "direct", "evses": n, "rounds": len(direct),
+                          "direct_p50_ms": round(statistics.median(direct) * 1000, 1),
+                          "direct_p99_ms": round(pct(direct, 99) * 1000, 1)}))
+    finally:
+        await sims.stop()
+    return 0
+
+
+async def main(args: argparse.Namespace) -> int:
+    if args.until == "direct":
+        return await direct_only(args)
+    full = args.until == "evse"
+    have_controller = importlib.util.find_spec("load_controller.service") is not None
+    if full and not have_controller:
+        print("load-controller has no service yet (load_controller.service missing): the full chain cannot run.\n"
+              "Run with --until grid-limit for smgw-link's share, or wait for the load-controller service.")
+        return 2
+    tmp = Path(args.dir or tempfile.mkdtemp(prefix="bench-curtail-"))
+    pki = make_pki(tmp / "pki", "brainpoolP256r1")
+    store = CertStore(tmp / "certs")
+    store.import_pem("cls", pki.client_cert, pki.client_key)
+    n = args.evses
+    ports = [free_port() for _ in range(n)]
+    op_broker = OperatorBroker(tmp / "operator", pki.operator_cert, pki.operator_key)
+    op_broker.start()
+    sim = SmgwSim(cert=pki.gateway_cert, key=pki.gateway_key, client_ca=pki.device_ca,
+                  routes={"mqtt.operator.test:8883": ("127.0.0.1", op_broker.port)})
+    await sim.start()
+    path = tmp / "chargegate.yaml"
+    path.write_text(config_text(n, ports, free_port(), free_port(), pki, sim.port, free_port(), tmp / "certs",
+                                require_controller=full))
+    cfg = cfgmod.load(path)
+    broker = LocalBroker.prepare(cfg, persistence=False)
+    broker.start()
+    procs: list[subprocess.Popen[bytes]] = []
+    sims = None
+    backend = OperatorBackend("127.0.0.1", op_broker.port, pki.operator_ca, device_id="bench")
+    bus = Bus("observer", Registry(cfg.site.topic_root), bus_settings(cfg, "observer"))
+    try:
+        services = ["smgw_link"] + (["evse_poller", "load_controller"] if full else [])
+        env = {**os.environ, "CHARGEGATE_HEALTH_INTERVAL_S": "2"}
+        for mod in services:
+            logf = open(tmp / f"{mod}.log", "wb")
+            procs.append(subprocess.Popen([sys.executable, "-m", mod, "--config", str(path), "--log-format", "json"],
+                                          stdout=logf, stderr=logf, env=env))
+        limits: list[tuple[float, p.GridLimit]] = []
+        bus.subscribe("grid.limit", lambda m: limits.append((time.perf_counter(), m.payload)), source="dso")
+        links: list[p.SmgwLinkStatus] = []
+        bus.subscribe("link.smgw", lambda m: links.append(m.payload))
+        await bus.start(wait=10)
+        await backend.start()
+        await wait_until(lambda: bool(links) and links[-1].state == p.LinkState.UP, 30, "the SMGW link")
+        ids = [e.id for e in cfg.evses]
+        print(f"link up ({links[-1].channels.get('tls', {}).get('version')}); {n} wallboxes; mode {args.until}",
+              flush=True)
+        if full:
+            from evse_poller.sim.runner import Simulators
+
+            sims = Simulators(cfg)
+            await sims.start()
+            for e in ids:
+                sims.plug(e, 3, MAX_A)
+            holds = Holds(sims, ids)
+        latencies: list[float] = []
+        low_w = round(n * LOW_A * 230 * 3)
+        for r in range(args.rounds):
+            mid = backend.limit(low_w, active=False)
+            await backend.wait_reply(mid, 10)
+            if full:
+                await wait_until(lambda: all(holds.current(e) == MAX_A for e in ids), 60, "release to maximum")
+            else:
+                await wait_until(lambda: bool(limits) and not limits[-1][1].active, 10, "release on the bus")
+            await asyncio.sleep(0.2)
+            t0 = time.perf_counter()
+            mid = backend.limit(low_w - r)  # a new value every round
+            if full:
+                await wait_until(lambda: all((holds.current(e) or MAX_A) < MAX_A for e in ids), 30, "curtailment")
+                await asyncio.sleep(args.settle)
+                t = holds.settle_time(t0, lambda x: x < MAX_A)
+                if t is None:
+                    raise RuntimeError("a wallbox did not hold a reduced current")
+            else:
+                await wait_until(lambda v=low_w - r, t0=t0: any(lp.active and lp.power_w == v and at >= t0
+                                                                for at, lp in limits[-5:]), 10, "the limit on the bus")
+                t = next(at for at, lp in reversed(limits) if lp.active and lp.power_w == low_w - r) - t0
+            latencies.append(t)
+            print(f"round {r + 1:3d}: {t * 1000:7.1f} ms", flush=True)
+        result: dict[str, Any] = {
+            "mode": args.until, "evses": n, "rounds": len(latencies),
+            "p50_ms": round(statistics.median(latencies) * 1000, 1), "p99_ms": round(pct(latencies, 99) * 1000, 1),
+            "max_ms": round(max(latencies) * 1000, 1)}
+        if full:
+            direct = await direct_modbus(ports, holds, ids, args.rounds)
+            result.update({"direct_p50_ms": round(statistics.median(direct) * 1000, 1),
+                           "direct_p99_ms": round(pct(direct, 99) * 1000, 1),
+                           "ratio_p50": round(statistics.median(latencies) / max(statistics.median(direct), 1e-6), 1)})
+        print(json.dumps(result))
+        ok = result["p99_ms"] < 1000 and result["p50_ms"] < 300
+        print(f"targets p99 < 1000 ms, p50 < 300 ms: {'met' if ok else 'NOT met'}")
+        return 0
+    finally:
+        with contextlib.suppress(Exception):
+            await backend.stop()
+        with contextlib.suppress(Exception):
+            await bus.stop()
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if sims is not None:
+            await sims.stop()
+        await sim.stop()
+        op_broker.stop()
+        broker.stop()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--evses", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--until", choices=["evse", "grid-limit", "direct"], default="evse",
+                    help="evse: the whole chain; grid-limit: up to the bus; direct: only the Modbus baseline")
+    ap.add_argument("--settle", type=float, default=2.0, help="seconds to watch a round for further changes")
+    ap.add_argument("--dir", default=None)
+    sys.exit(asyncio.run(main(ap.parse_args())))
