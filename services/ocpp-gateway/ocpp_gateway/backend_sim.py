@@ -68,6 +68,7 @@ class Recorder:
     def __init__(self, path: Path | str) -> None:
         self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # a test tool: durable against its own crash is enough
         self.db.executescript(SCHEMA)
 
     def frame(self, cp: str, version: str, direction: str, raw: str) -> None:

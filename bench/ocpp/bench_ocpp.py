@@ -1,0 +1,221 @@
+"""Benchmark: N OCPP wallboxes and N upstream connections through one ocpp-gateway process.
+
+Processes: Mosquitto, the backend simulator, the gateway (each its own process); this process runs
+N wallbox clients (through the gateway) and N direct clients (straight to the same backend) at
+the same time. Each client sends a transaction MeterValues every 1/rate seconds with a unique
+energy value; the backend records the arrival time of every frame, so the forwarding latency is
+backend arrival minus client send time for both paths in the same run. Memory: the gateway's
+RSS with nothing connected, with N upstream connections, and with N wallboxes as well.
+
+    .venv/bin/python bench/ocpp/bench_ocpp.py [--n 200] [--duration 30] [--rate 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+from websockets.asyncio.client import ClientConnection, connect
+
+from chargegate import config as cfgmod
+from chargegate.broker import LocalBroker, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing on port {port}")
+
+
+def rss_mb(pid: int) -> float:
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+class Client:
+    """A minimal OCPP 1.6 charge point: boot, one transaction, periodic MeterValues."""
+
+    def __init__(self, url: str, cbid: str, rate: float, sends: dict[tuple[str, str], float], key_cp: str) -> None:
+        self.url, self.cbid, self.rate, self.sends, self.key_cp = url, cbid, rate, sends, key_cp
+        self.n = 0
+        self.pending: dict[str, asyncio.Future[Any]] = {}
+        self.ws: ClientConnection | None = None
+        self.errors = 0
+
+    async def call(self, action: str, payload: dict[str, Any]) -> Any:
+        self.n += 1
+        uid = f"{self.cbid}-{self.n}"
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.pending[uid] = fut
+        assert self.ws is not None
+        await self.ws.send(json.dumps([2, uid, action, payload]))
+        return await asyncio.wait_for(fut, 30)
+
+    async def reader(self) -> None:
+        assert self.ws is not None
+        async for raw in self.ws:
+            msg = json.loads(raw)
+            if msg[0] == 3 and msg[1] in self.pending:
+                self.pending.pop(msg[1]).set_result(msg[2])
+            elif msg[0] == 4 and msg[1] in self.pending:
+                self.errors += 1
+                self.pending.pop(msg[1]).set_result(None)
+            elif msg[0] == 2:  # SetChargingProfile etc. from the gateway
+                await self.ws.send(json.dumps([3, msg[1], {"status": "Accepted"}]))
+
+    async def run(self, stop: asyncio.Event, start_at: float) -> None:
+        self.ws = await connect(f"{self.url}/{self.cbid}", subprotocols=["ocpp1.6"],  # type: ignore[list-item]
+                                proxy=None, open_timeout=30, ping_interval=None, max_queue=64)
+        rd = asyncio.create_task(self.reader())
+        try:
+            await self.call("BootNotification", {"chargePointVendor": "bench", "chargePointModel": "b"})
+            ts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            res = await self.call("StartTransaction", {"connectorId": 1, "idTag": "BENCH", "meterStart": 0,
+                                                       "timestamp": ts})
+            tid = res["transactionId"]
+            await asyncio.sleep(max(0.0, start_at - time.time()) + random.random() / self.rate)
+            energy = 0
+            while not stop.is_set():
+                energy += 1
+                value = str(energy)
+                payload = {"connectorId": 1, "transactionId": tid, "meterValue": [{
+                    "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "sampledValue": [{"value": value, "measurand": "Energy.Active.Import.Register", "unit": "Wh"}]}]}
+                self.sends[(self.key_cp, value)] = time.time()
+                await self.call("MeterValues", payload)
+                await asyncio.sleep(1 / self.rate)
+        finally:
+            rd.cancel()
+            await self.ws.close()
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))
+    return xs[k]
+
+
+async def bench(n: int, duration: float, rate: float) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ocpp-"))
+    bport, gport, kport = free_port(), free_port(), free_port()
+    evses = "\n".join(f"  - id: wb-{i}\n    circuit: grid\n    ocpp: {{charge_box_id: WB-{i}}}" for i in range(n))
+    (tmp / "chargegate.yaml").write_text(f"""
+site: {{name: bench}}
+broker: {{port: {bport}}}
+logging: {{level: warning}}
+circuits: [{{id: grid, fuse_a: 4000}}]
+evses:
+{evses}
+ocpp:
+  local: {{host: 127.0.0.1, port: {gport}, max_messages_per_s: 50}}
+  backend: {{enabled: true, url: "ws://127.0.0.1:{kport}/ocpp", heartbeat_interval_s: 3600,
+            reconnect_min_s: 0.5, reconnect_max_s: 2}}
+""")
+    cfg = cfgmod.load(tmp / "chargegate.yaml")
+    broker = LocalBroker.prepare(cfg, port=bport, persistence=False)
+    broker.start()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    procs: list[subprocess.Popen[bytes]] = []
+    backend: subprocess.Popen[bytes] | None = None
+    try:
+        gw = subprocess.Popen([sys.executable, "-m", "ocpp_gateway", "--config", str(tmp / "chargegate.yaml")],
+                              stdout=open(tmp / "gateway.log", "wb"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        procs.append(gw)
+        wait_port(gport)
+        await asyncio.sleep(2.0)
+        rss0 = rss_mb(gw.pid)
+        backend = subprocess.Popen([sys.executable, "-m", "ocpp_gateway.backend_sim", "--port", str(kport),
+                                    "--db", str(tmp / "backend.sqlite"), "--control-port", str(free_port())],
+                                   stdout=open(tmp / "backend.log", "wb"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        procs.append(backend)
+        wait_port(kport)
+        db = sqlite3.connect(tmp / "backend.sqlite")
+        t0 = time.time()
+        while True:
+            up = db.execute("SELECT COUNT(DISTINCT cp) FROM frames WHERE raw LIKE '%BootNotification%'").fetchone()[0]
+            if up >= n or time.time() - t0 > 60:
+                break
+            await asyncio.sleep(0.2)
+        t_up = time.time() - t0
+        await asyncio.sleep(2.0)
+        rss1 = rss_mb(gw.pid)
+        sends: dict[tuple[str, str], float] = {}
+        stop = asyncio.Event()
+        start_at = time.time() + 5
+        via = [Client(f"ws://127.0.0.1:{gport}/ocpp", f"WB-{i}", rate, sends, f"wb-{i}") for i in range(n)]
+        direct = [Client(f"ws://127.0.0.1:{kport}/ocpp", f"DIRECT-{i}", rate, sends, f"DIRECT-{i}") for i in range(n)]
+        cpu0 = psutil.Process(gw.pid).cpu_times()
+        tasks = [asyncio.create_task(c.run(stop, start_at)) for c in via + direct]
+        await asyncio.sleep(4.5)
+        rss2 = rss_mb(gw.pid)
+        await asyncio.sleep(duration)
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        cpu1 = psutil.Process(gw.pid).cpu_times()
+        await asyncio.sleep(3.0)  # let the last forwarded messages arrive
+        lat: dict[str, list[float]] = {"gateway": [], "direct": []}
+        for cp, raw, ts in db.execute("SELECT cp, raw, ts FROM frames WHERE dir = 'in' AND raw LIKE '%MeterValues%'"):
+            msg = json.loads(raw)
+            value = msg[3]["meterValue"][0]["sampledValue"][0]["value"]
+            sent = sends.get((cp, value))
+            if sent is not None:
+                lat["direct" if cp.startswith("DIRECT") else "gateway"].append((ts - sent) * 1000)
+        expected = {"gateway": sum(1 for k in sends if not k[0].startswith("DIRECT")),
+                    "direct": sum(1 for k in sends if k[0].startswith("DIRECT"))}
+        print(f"\nocpp-gateway benchmark: {n} wallboxes + {n} upstream connections through one gateway, "
+              f"{n} direct clients to the same backend, {rate} MeterValues/s per client, {duration:.0f} s")
+        print(f"  upstream connections registered: {up}/{n} in {t_up:.1f} s")
+        for path in ("direct", "gateway"):
+            xs = lat[path]
+            print(f"  {path:8s} latency client->backend: n={len(xs)}/{expected[path]}  p50={percentile(xs, 50):.2f} ms"
+                  f"  p99={percentile(xs, 99):.2f} ms  mean={statistics.fmean(xs) if xs else float('nan'):.2f} ms"
+                  f"  max={max(xs) if xs else float('nan'):.1f} ms")
+        busy = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+        print(f"  added by the gateway: p50 +{percentile(lat['gateway'], 50) - percentile(lat['direct'], 50):.2f} ms,"
+              f" p99 +{percentile(lat['gateway'], 99) - percentile(lat['direct'], 99):.2f} ms")
+        print(f"  gateway RSS: idle {rss0:.1f} MB, +{n} upstream {rss1:.1f} MB, +{n} wallboxes {rss2:.1f} MB")
+        print(f"  memory per upstream connection {(rss1 - rss0) * 1024 / n:.1f} KB, "
+              f"per wallbox connection {(rss2 - rss1) * 1024 / n:.1f} KB")
+        print(f"  gateway CPU during the run: {100 * busy / (duration + 4.5):.0f} % of one core "
+              f"(forwarding {rate * n:.0f} transaction messages/s with two SQLite commits each)")
+        print(f"  CALLERRORs seen by clients: {sum(c.errors for c in via + direct)}")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(10)
+        broker.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--duration", type=float, default=30.0)
+    ap.add_argument("--rate", type=float, default=0.5, help="MeterValues per second per client")
+    args = ap.parse_args()
+    asyncio.run(bench(args.n, args.duration, args.rate))
+
+
+if __name__ == "__main__":
+    main()
