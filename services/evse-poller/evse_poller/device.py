@@ -56,6 +56,7 @@ class _Base:
         self._warned: set[str] = set()
         self.last_poll_s = 0.0
         self._reads: list[ReadBlock] = []
+        self._last_request: float | None = None
 
     # -- helpers -----------------------------------------------------------------------------
     def _warn_once(self, key: str, msg: str, **kw: Any) -> None:
@@ -66,12 +67,15 @@ class _Base:
     async def _read_blocks(self, blocks: list[ReadBlock]) -> dict[tuple[Any, int], list[int]]:
         out: dict[tuple[Any, int], list[int]] = {}
         t = self.target
+        opts = self.profile.read
+        idle = self._last_request is None or time.monotonic() - self._last_request > opts.idle_s
+        wake = opts.repeat - 1 if idle else 0
         for b in blocks:
             words: list[int] | None = None
             last_error: Exception | None = None
             for attempt in range(t.retries + 1):
                 try:
-                    for _ in range(self.profile.read.repeat - 1):  # wake-up request of sleepy devices
+                    for _ in range(wake):  # wake-up request of devices that sleep on an idle bus
                         try:
                             await self.link.read(b.table, b.address, b.count, t.device_id, t.timeout_s)
                         except DeviceRejected:
@@ -91,6 +95,7 @@ class _Base:
                 assert last_error is not None
                 raise last_error
             out[(b.table, b.address)] = words
+            self._last_request = time.monotonic()
         return out
 
     async def _write(self, name: str, words: list[int]) -> None:
@@ -458,9 +463,9 @@ class MeterDevice(_Base):
 
 def logic_names(profile: Profile, kind: str) -> list[str]:
     """The registers a poll reads: the measurements the logic uses (and the state)."""
-    from evse_poller.profile import EVSE_MEASUREMENTS, METER_MEASUREMENTS
+    from evse_poller.profile import EVSE_POLLED, METER_MEASUREMENTS
 
-    names = list(EVSE_MEASUREMENTS if kind == "evse" else METER_MEASUREMENTS)
+    names = list(EVSE_POLLED if kind == "evse" else METER_MEASUREMENTS)
     extra: list[str] = []
     for n in names:
         reg = profile.registers.get(n)

@@ -34,6 +34,8 @@ Name = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=48)]
 #: register names the poller understands, per device kind
 EVSE_MEASUREMENTS = ("state", "current_l1", "current_l2", "current_l3", "voltage_l1", "voltage_l2", "voltage_l3",
                      "power", "energy", "applied_current")
+#: the EVSE registers read every poll (voltages are not part of the EVSE status)
+EVSE_POLLED = ("state", "current_l1", "current_l2", "current_l3", "power", "energy")
 METER_MEASUREMENTS = ("current_l1", "current_l2", "current_l3", "voltage_l1", "voltage_l2", "voltage_l3",
                       "power", "power_l1", "power_l2", "power_l3", "energy_import", "energy_export")
 
@@ -109,8 +111,11 @@ class ReadOptions(_Strict):
     max_registers: int = Field(default=100, ge=1, le=125, description="largest single read")
     max_gap: int = Field(default=0, ge=0, le=100,
                          description="unused registers a read may span to merge two blocks (0: only adjacent)")
-    repeat: int = Field(default=1, ge=1, le=3, description="send every read this often (devices that wake up on "
-                                                           "the first request answer the second)")
+    repeat: int = Field(default=1, ge=1, le=3, description="send a read this often after the device was idle "
+                                                           "(devices that wake up on the first request answer "
+                                                           "the second)")
+    idle_s: float = Field(default=5.0, ge=0, le=3600, description="with repeat: the device counts as idle after "
+                                                                  "this long without a request")
 
 
 class StateMap(_Strict):

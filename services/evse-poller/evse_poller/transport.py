@@ -156,6 +156,8 @@ class Link:
 
     async def connect(self) -> int:
         """Make sure the link is up; returns its generation (raises LinkError)."""
+        if self._client is not None and self._client.connected:
+            return self.generation
         async with self.lock:
             await self._ensure()
         return self.generation
@@ -175,7 +177,8 @@ class Link:
             client = await self._ensure()
             self.requests += 1
             try:
-                rsp = await asyncio.wait_for(coro_factory(client), timeout_s)
+                async with asyncio.timeout(timeout_s):  # no extra task, unlike wait_for on 3.11
+                    rsp = await coro_factory(client)
             except TimeoutError:
                 self.failures += 1
                 if self.endpoint.kind == "tcp" and self.endpoint.framer == "socket":

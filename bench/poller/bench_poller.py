@@ -1,0 +1,169 @@
+"""Benchmark: one poller, N simulated wallboxes over Modbus TCP (default 200).
+
+The simulators run in separate processes (``python -m evse_poller.sim --no-bus``), each wallbox on
+its own TCP port like real wallboxes on their own IP addresses, the profiles mixed round-robin
+(Alfen, CHARX, Webasto, Heidelberg and ABL behind TCP). The poller runs in this process, publishing
+into memory, so the figures are the poller's own:
+
+* wall time of one poll cycle over all N devices (``poll_once``: all devices concurrently),
+* CPU time per device per second while polling every device at a 1 s interval (``run``),
+  and what that is in % of one core per 100 devices.
+
+Targets (issue 3): a cycle under 250 ms, under 5 % of one core per 100 devices at 1 s.
+
+    .venv/bin/python bench/poller/bench_poller.py [--devices 200] [--seconds 10] [--sim-procs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from chargegate import config as cfgmod
+from chargegate import log as logsetup
+from chargegate import payloads as p
+from evse_poller.poller import MemoryPublisher, Poller
+
+PROFILES = ["alfen-eve", "phoenix-charx", "webasto-next", "heidelberg-energy-control", "abl-emh"]
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def write_config(path: Path, ports: list[int], evse_ids: list[str], profiles: list[str]) -> None:
+    lines = [f"state_dir: {path.parent / 'state'}", "logging: {level: warning}",
+             "poller: {poll_interval_s: 1, offline_after_failures: 3}",
+             "circuits: [{id: grid, fuse_a: 4000}]", "evses:"]
+    for evse_id, port, prof in zip(evse_ids, ports, profiles, strict=True):
+        lines.append(f"  - {{id: {evse_id}, circuit: grid, modbus: {{profile: {prof}, transport: tcp, "
+                     f"host: 127.0.0.1, port: {port}, timeout_s: 1.0, retries: 0}}}}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def wait_ports(ports: list[int], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    for port in ports:
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"simulator port {port} did not open") from None
+                time.sleep(0.05)
+
+
+def cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+async def bench(config: cfgmod.Config, cycles: int, seconds: float) -> dict[str, float]:
+    pub = MemoryPublisher()
+    poller = Poller(config, pub)
+    until = datetime.now(UTC) + timedelta(hours=1)
+    for i, evse_id in enumerate(poller.evses):
+        poller.set_setpoint(p.Setpoint(evse_id=evse_id, current_a=6 + i % 10, valid_until=until, seq=1))
+    await poller.poll_once()  # connect and initialise every device
+    await poller.poll_once()
+    online = sum(1 for s in pub.statuses.values() if s.online)
+    walls = [await poller.poll_once() for _ in range(cycles)]
+    # steady state at the configured interval: every device in its own loop
+    task = asyncio.create_task(poller.run())
+    await asyncio.sleep(2.0)  # settle
+    n0, c0, t0 = pub.count, cpu_s(), time.monotonic()
+    await asyncio.sleep(seconds)
+    n1, c1, t1 = pub.count, cpu_s(), time.monotonic()
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    n = len(poller.evses)
+    cpu = c1 - c0
+    wall = t1 - t0
+    return {
+        "devices": n,
+        "online": online,
+        "cycle_ms_median": statistics.median(walls) * 1000,
+        "cycle_ms_p95": sorted(walls)[max(0, int(len(walls) * 0.95) - 1)] * 1000,
+        "cycle_ms_max": max(walls) * 1000,
+        "polls_per_s": (n1 - n0) / wall,
+        "cpu_s": cpu,
+        "wall_s": wall,
+        "cpu_ms_per_device_per_s": cpu / (n * wall) * 1000,
+        "core_pct_per_100_devices": cpu / wall * 100 / (n / 100),
+        "setpoint_writes": poller.counters["setpoint_writes"],
+        "poll_failures": poller.counters["evse_poll_failures"],
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--devices", type=int, default=200)
+    ap.add_argument("--cycles", type=int, default=20, help="poll_once cycles timed back to back")
+    ap.add_argument("--seconds", type=float, default=10.0, help="steady-state run at 1 s for the CPU figure")
+    ap.add_argument("--sim-procs", type=int, default=2, help="simulator processes")
+    ap.add_argument("--profiles", default=",".join(PROFILES))
+    args = ap.parse_args()
+    profiles = args.profiles.split(",")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-poller-"))
+    ids = [f"wb{i:03d}" for i in range(args.devices)]
+    ports = free_ports(args.devices)
+    profs = [profiles[i % len(profiles)] for i in range(args.devices)]
+    full = tmp / "chargegate.yaml"
+    write_config(full, ports, ids, profs)
+    procs = []
+    per = (args.devices + args.sim_procs - 1) // args.sim_procs
+    env = {**os.environ, "CHARGEGATE_LOG_LEVEL": "warning"}
+    for k in range(args.sim_procs):
+        part = tmp / f"sim{k}.yaml"
+        sl = slice(k * per, (k + 1) * per)
+        write_config(part, ports[sl], ids[sl], profs[sl])
+        procs.append(subprocess.Popen([sys.executable, "-m", "evse_poller.sim", "--config", str(part), "--no-bus"],
+                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        wait_ports(ports)
+        config = cfgmod.load(full)
+        logsetup.setup("bench", "warning", "console")
+        r = asyncio.run(bench(config, args.cycles, args.seconds))
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(10)
+    print(f"evse-poller benchmark: {r['devices']} wallboxes over Modbus TCP ({', '.join(profiles)}), "
+          f"{args.sim_procs} simulator processes, {os.cpu_count()} CPUs")
+    print(f"  online after connect:           {r['online']}/{r['devices']}")
+    print(f"  poll cycle over all devices:    median {r['cycle_ms_median']:.1f} ms, "
+          f"p95 {r['cycle_ms_p95']:.1f} ms, max {r['cycle_ms_max']:.1f} ms  (target < 250 ms)")
+    print(f"  steady state at 1 s interval:   {r['polls_per_s']:.0f} device polls/s over {r['wall_s']:.1f} s")
+    print(f"  CPU:                            {r['cpu_ms_per_device_per_s']:.3f} ms per device per second = "
+          f"{r['core_pct_per_100_devices']:.2f} % of one core per 100 devices  (target < 5 %)")
+    print(f"  setpoint writes {r['setpoint_writes']}, poll failures {r['poll_failures']}")
+    ok = r["cycle_ms_median"] < 250 and r["core_pct_per_100_devices"] < 5 and r["online"] == r["devices"]
+    print("  result:", "within targets" if ok else "MISSES a target")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
