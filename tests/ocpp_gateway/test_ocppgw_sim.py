@@ -52,7 +52,7 @@ async def test_sim_runner_over_mqtt(broker: BrokerHandle, tmp_path: Path) -> Non
         sim_bus.publish_raw(f"{reg.root}/sim/sim2/command", b'{"action": "plug", "phases": 1}', qos=1)
         sim_bus.publish_raw(f"{reg.root}/sim/sim1/command", b'{"action": "explode"}', qos=1)  # dropped, logged
         # without a setpoint the wallbox gets its safe current (6 A)
-        await until(lambda: draws.get("sim1", {}).get("car") == "charging", 10, what="car charging")
+        await until(lambda: draws.get("sim1", {}).get("state") == "C", 10, what="car charging")
         assert draws["sim1"]["limit_a"] == 6.0
         ctl.publish("evse.setpoint", p.Setpoint(evse_id="sim1", current_a=13.0, phases=3,
                                                 valid_until=p.utcnow() + timedelta(seconds=30), seq=1),
@@ -60,11 +60,13 @@ async def test_sim_runner_over_mqtt(broker: BrokerHandle, tmp_path: Path) -> Non
         await until(lambda: draws.get("sim1", {}).get("limit_a") == 13.0, 10, what="setpoint obeyed")
         d = draws["sim1"]
         assert d["evse_current_a"] == [13.0, 13.0, 13.0]
-        assert d["current_a"] == [13.0, 13.0, 13.0]  # rotation moves the phases around, all three used
+        assert d["grid_current_a"] == [13.0, 13.0, 13.0]  # rotation moves the phases around, all three used
+        assert d["commanded_a"] == 13.0 and d["fallback"] is False and d["car_max_current_a"] == 32
         await until(lambda: status["sim1"].state == p.EvseState.CHARGING and status["sim1"].session is not None,
                     10, what="charging on the bus")
-        await until(lambda: draws.get("sim2", {}).get("phases") == 1, 10, what="1-phase car on sim2")
-        assert draws["sim2"]["current_a"] == [6.0, 0.0, 0.0]
+        await until(lambda: draws.get("sim2", {}).get("state") == "C" and draws["sim2"]["car_phases"] == 1, 10,
+                    what="1-phase car on sim2")
+        assert draws["sim2"]["grid_current_a"] == [6.0, 0.0, 0.0] and draws["sim2"]["fallback"] is True
         await asyncio.sleep(0.6)
         sim_bus.publish_raw(f"{reg.root}/sim/sim1/command", b'{"action": "unplug"}', qos=1)
         await until(lambda: draws.get("sim1", {}).get("plugged") is False, 10, what="unplugged")

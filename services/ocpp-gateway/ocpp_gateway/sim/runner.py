@@ -1,10 +1,11 @@
 """Run one simulated wallbox per OCPP charge box of a configuration, steered over MQTT.
 
 Account ``sim`` (ACL: readwrite ``<root>/sim/#``). Commands on ``<root>/sim/<evse_id>/command``:
-``{"action": "plug", "phases": 1|3, "max_current_a": 16.0}`` or ``{"action": "unplug"}``.
-State, retained, on ``<root>/sim/<evse_id>/draw``: ``plugged``, ``iec_state``, ``car``,
-``phases``, ``limit_a`` (what the wallbox offers), ``current_a`` (per grid phase),
-``evse_current_a`` (per EVSE phase), ``power_w``, ``energy_wh``, ``transaction``, ``online``.
+``{"action": "plug", "phases": 1|2|3, "max_current_a": 16.0}`` or ``{"action": "unplug"}``.
+State, retained, on ``<root>/sim/<evse_id>/draw`` on every change and every second, with the keys
+of evse-poller's simulators (``plugged, car_phases, car_max_current_a, state`` (IEC letter),
+``enabled, limit_a, commanded_a, fallback, evse_current_a, grid_current_a, phase_rotation,
+energy_wh``) plus ``limit_phases, power_w, transaction, online, source: "ocpp-sim"``.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ async def run(config: Config, *, meter_interval_s: float = 10.0, ca_file: str | 
         key = json.dumps({k: v for k, v in state.items() if k not in ("ts", "energy_wh")}, sort_keys=True)
         prev = last.get(c.evse_id)
         now = time.monotonic()
-        if prev is not None and prev[1] == key and now - prev[0] < 5.0:
+        if prev is not None and prev[1] == key and now - prev[0] < 1.0:
             return
         last[c.evse_id] = (now, key)
         bus.publish_raw(f"{root}/sim/{c.evse_id}/draw", json.dumps(state).encode(), qos=1, retain=True)
@@ -85,7 +86,7 @@ async def run(config: Config, *, meter_interval_s: float = 10.0, ca_file: str | 
             action = cmd["action"]
             phases = int(cmd.get("phases", 3))
             amps = float(cmd.get("max_current_a", 16.0))
-            if action not in ("plug", "unplug") or phases not in (1, 3) or not 0 < amps <= 80:
+            if action not in ("plug", "unplug") or phases not in (1, 2, 3) or not 0 < amps <= 80:
                 raise ValueError(f"bad command {cmd!r}")
         except (ValueError, KeyError, TypeError) as e:
             log.warning("bad simulator command dropped", topic=topic, error=str(e))

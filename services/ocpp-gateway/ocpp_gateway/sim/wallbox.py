@@ -709,14 +709,22 @@ class WallboxSim:
 
     # -- for tests and the draw topic ---------------------------------------------------------
     def draw_state(self, c: SimConnector) -> dict[str, Any]:
+        """The ``<root>/sim/<evse_id>/draw`` payload (same keys as evse-poller's simulators, plus OCPP ones)."""
+        self._tick(c)
         limit, phases = c.limit_a()
         draw = c.draw()
-        return {"evse_id": c.evse_id, "ts": now_iso(), "plugged": c.car.plugged,
-                "iec_state": "A" if not c.car.plugged else ("C" if any(draw) else "B"),
-                "car": "none" if not c.car.plugged else ("charging" if any(draw) else "connected"),
-                "phases": sum(1 for a in draw if a > 0), "limit_a": round(limit, 2), "limit_phases": phases,
-                "current_a": [round(x, 3) for x in c.grid_draw()], "evse_current_a": [round(x, 3) for x in draw],
-                "power_w": round(sum(draw) * NOMINAL_V, 1), "energy_wh": round(c.energy_wh, 3),
+        now = datetime.now(UTC)
+        setpoint = [x for x in c.profiles if x.stack > 0 and x.purpose == "TxDefaultProfile"
+                    and (x.valid_to is None or now < x.valid_to)]
+        return {"evse_id": c.evse_id, "ts": now.isoformat(), "plugged": c.car.plugged,
+                "car_phases": c.car.phases, "car_max_current_a": c.car.max_current_a,
+                "state": "A" if not c.car.plugged else ("C" if any(draw) else "B"),
+                "enabled": c.operative, "limit_a": round(limit, 3), "limit_phases": phases,
+                "commanded_a": setpoint[-1].limit if setpoint else None, "fallback": not setpoint,
+                "evse_current_a": [round(x, 3) for x in draw],
+                "grid_current_a": [round(x, 3) for x in c.grid_draw()],
+                "phase_rotation": list(c.phase_rotation), "energy_wh": round(c.energy_wh, 3),
+                "power_w": round(sum(draw) * NOMINAL_V, 1),
                 "transaction": self.tx_ids.get(c.tx_key) if c.tx_key else None, "online": self.connected.is_set(),
                 "source": "ocpp-sim"}
 
