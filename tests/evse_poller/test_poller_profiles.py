@@ -175,5 +175,5 @@ def test_read_plan_merges_within_gap_only():
     assert [(b.address, b.count) for b in blocks] == [(320, 58), (1201, 7)]
     charx = load_profile("phoenix-charx")
     blocks = plan_reads(charx, ["current_l1", "current_l3", "energy", "state", "max_current"])
-    # max_gap 0: never spans registers the CHARX does not document here
-    assert [(b.address, b.count) for b in blocks] == [(1238, 2), (1242, 2), (1250, 4), (1299, 1), (1301, 1)]
+    # max_gap 1: spans the documented 1300, never the undocumented 1246..1249
+    assert [(b.address, b.count) for b in blocks] == [(1238, 2), (1242, 2), (1250, 4), (1299, 3)]
