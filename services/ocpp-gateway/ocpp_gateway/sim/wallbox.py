@@ -714,8 +714,9 @@ class WallboxSim:
         limit, phases = c.limit_a()
         draw = c.draw()
         now = datetime.now(UTC)
+        # a setpoint is a profile with an end; without one the wallbox runs on a safe/fallback profile
         setpoint = [x for x in c.profiles if x.stack > 0 and x.purpose == "TxDefaultProfile"
-                    and (x.valid_to is None or now < x.valid_to)]
+                    and x.valid_to is not None and now < x.valid_to]
         return {"evse_id": c.evse_id, "ts": now.isoformat(), "plugged": c.car.plugged,
                 "car_phases": c.car.phases, "car_max_current_a": c.car.max_current_a,
                 "state": "A" if not c.car.plugged else ("C" if any(draw) else "B"),
