@@ -89,5 +89,16 @@ async def serve(ctx: ServiceContext) -> None:
                 await task
 
 
+def use_fast_event_loop() -> bool:
+    """Run on uvloop when it is installed: it costs about half the CPU per Modbus request."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
 def main() -> None:
+    use_fast_event_loop()
     run_service(NAME, serve)
