@@ -480,7 +480,8 @@ class UpstreamCP:
                 return {"status": "Rejected"}
             return {"status": "Accepted" if await self.driver.remote_stop(row) else "Rejected"}
         if action == "Reset":
-            return {"status": await self.driver.reset(d["type"] == "Hard")}
+            st = await self.driver.reset(d["type"] == "Hard")  # a 2.0.1 wallbox may answer Scheduled
+            return {"status": "Accepted" if st in ("Accepted", "Scheduled") else "Rejected"}
         if action == "ChangeAvailability":
             if d["connectorId"] not in (0, 1):
                 return {"status": "Rejected"}
