@@ -168,3 +168,26 @@ async def test_sim_cli_plugs_and_unplugs(service) -> None:
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 2 and "unknown simulated EVSE" in err.decode()
+
+
+async def test_service_process_on_uvloop_publishes_and_stops_cleanly(service, broker: BrokerHandle, tmp_path) -> None:
+    _ctx, _sims, seen, _lc, _gw, path, _sbus = service
+    text = (await asyncio.to_thread(_read, path)).replace("id: wb1,", "id: wb9,").replace(
+        "  - {id: wb2, circuit: grid, phases: 1, phase_rotation: [3],\n", "").replace(
+        "      modbus: {profile: webasto-next", "#")
+    cfg_path = tmp_path / "process.yaml"
+    await asyncio.to_thread(cfg_path.write_text, "\n".join(
+        line for line in text.splitlines() if not line.startswith("#") and "device_id: 7" not in line))
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "evse_poller", "--config", str(cfg_path),
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        await eventually(lambda: "wb9" in seen.status and seen.status["wb9"].online, within_s=15)
+    finally:
+        proc.terminate()
+        _out, err = await asyncio.wait_for(proc.communicate(), 15)
+    assert proc.returncode == 0, err.decode()[-2000:]
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
