@@ -228,3 +228,17 @@ def test_rpc_answers_every_bad_call_and_never_crashes(raw: str, version: str) ->
         assert msg[0] in (3, 4)
         if msg[0] == 4:
             assert isinstance(msg[2], str) and isinstance(msg[4], dict)
+
+
+def test_values_the_other_version_cannot_express_are_left_out() -> None:
+    s201 = conv.from_201([{"timestamp": "t", "sampledValue": [
+        {"value": 5, "measurand": "Energy.Active.Net", "unitOfMeasure": {"unit": "Wh"}},
+        {"value": 7, "measurand": "Energy.Active.Import.Register", "unitOfMeasure": {"unit": "Wh"},
+         "context": "Transaction.Begin"},
+        {"value": 1, "measurand": "Voltage", "unitOfMeasure": {"unit": "dBm"}}]}])
+    out16 = conv.to_16(s201, "Sample.Periodic")
+    assert out16 == [{"timestamp": "t", "sampledValue": [
+        {"value": "7", "measurand": "Energy.Active.Import.Register", "context": "Transaction.Begin", "unit": "Wh"}]}]
+    s16 = conv.from_16([{"timestamp": "t", "sampledValue": [{"value": "1500", "measurand": "RPM"},
+                                                            {"value": "20.5", "measurand": "Temperature"}]}])
+    assert conv.to_201(s16) == []

@@ -12,6 +12,9 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from ocpp.v16 import enums as e16
+from ocpp.v201 import enums as e201
+
 from chargegate import payloads as p
 
 ENERGY = "Energy.Active.Import.Register"
@@ -93,20 +96,35 @@ def from_201(meter_value: list[dict[str, Any]]) -> list[Sample]:
     return out
 
 
+MEASURANDS_16 = frozenset(x.value for x in e16.Measurand)
+UNITS_16 = frozenset(x.value for x in e16.UnitOfMeasure)
+PHASES_16 = frozenset(x.value for x in e16.Phase)
+LOCATIONS_16 = frozenset(x.value for x in e16.Location)
+CONTEXTS_16 = frozenset(x.value for x in e16.ReadingContext)
+MEASURANDS_201 = frozenset(x.value for x in e201.MeasurandEnumType)
+PHASES_201 = frozenset(x.value for x in e201.PhaseEnumType)
+LOCATIONS_201 = frozenset(x.value for x in e201.LocationEnumType)
+CONTEXTS_201 = frozenset(x.value for x in e201.ReadingContextEnumType)
+
+
 def to_16(samples: list[Sample], context: str | None = None) -> list[dict[str, Any]]:
+    """1.6 meterValue list; values 1.6 cannot express (a 2.0.1-only measurand or unit) are left out."""
     out = []
     for s in samples:
         svs = []
         for v in s.values:
+            if v.measurand not in MEASURANDS_16 or (v.unit is not None and v.unit not in UNITS_16) \
+                    or (v.phase is not None and v.phase not in PHASES_16):
+                continue
             sv: dict[str, Any] = {"value": v.value, "measurand": v.measurand}
-            ctx = context or v.context
+            ctx = v.context if v.context in CONTEXTS_16 else context
             if ctx:
                 sv["context"] = ctx
             if v.unit:
                 sv["unit"] = v.unit
             if v.phase:
                 sv["phase"] = v.phase
-            if v.location:
+            if v.location in LOCATIONS_16:
                 sv["location"] = v.location
             svs.append(sv)
         if svs:
@@ -114,30 +132,27 @@ def to_16(samples: list[Sample], context: str | None = None) -> list[dict[str, A
     return out
 
 
-_CONTEXT_201 = {"Sample.Clock", "Sample.Periodic", "Transaction.Begin", "Transaction.End", "Trigger",
-                "Interruption.Begin", "Interruption.End", "Other"}
-_MEASURANDS_201_UNITS = {"Wh", "kWh", "W", "kW", "A", "V", "Percent", "Celsius", "varh", "kvarh", "var", "kvar",
-                         "VA", "kVA", "K", "Fahrenheit"}
-
-
 def to_201(samples: list[Sample], context: str | None = None) -> list[dict[str, Any]]:
+    """2.0.1 meterValue list; values 2.0.1 cannot express (RPM, Temperature) are left out."""
     out = []
     for s in samples:
         svs = []
         for v in s.values:
+            if v.measurand not in MEASURANDS_201 or (v.phase is not None and v.phase not in PHASES_201):
+                continue
             try:
                 number = to_number(v.value)
             except InvalidOperation:
                 continue
             sv: dict[str, Any] = {"value": number, "measurand": v.measurand}
-            ctx = context or v.context
-            if ctx in _CONTEXT_201:
+            ctx = v.context if v.context in CONTEXTS_201 else context
+            if ctx:
                 sv["context"] = ctx
-            if v.unit in _MEASURANDS_201_UNITS:
-                sv["unitOfMeasure"] = {"unit": v.unit}
+            if v.unit:
+                sv["unitOfMeasure"] = {"unit": v.unit[:20]}
             if v.phase:
                 sv["phase"] = v.phase
-            if v.location in ("Body", "Cable", "EV", "Inlet", "Outlet"):
+            if v.location in LOCATIONS_201:
                 sv["location"] = v.location
             svs.append(sv)
         if svs:

@@ -180,13 +180,16 @@ class UpstreamCP:
             self.queue.add(tx, "update", "MeterValues", payload, meter=float(energy) if energy is not None else None,
                            last_ts=last_ts, local_seq=local_seq)
         else:
+            mv201 = conv.to_201(samples, "Sample.Periodic")
+            if not mv201:
+                return
             info: dict[str, Any] = {"transactionId": row.backend_id or tx}
             if charging_state:
                 info["chargingState"] = charging_state
             payload = {"eventType": "Updated", "timestamp": last_ts, "triggerReason": "MeterValuePeriodic",
                        "seqNo": self.queue.next_seq_no(tx), "transactionInfo": info,
                        "evse": {"id": 1, "connectorId": 1},
-                       "meterValue": conv.to_201(samples, "Sample.Periodic")}
+                       "meterValue": mv201}
             self.queue.add(tx, "update", "TransactionEvent", payload,
                            meter=float(energy) if energy is not None else None, last_ts=last_ts, local_seq=local_seq)
         self.kick()
@@ -232,6 +235,8 @@ class UpstreamCP:
 
     def send_live(self, action: str, payload: dict[str, Any]) -> None:
         """A non-transaction message (sent now if connected, else dropped: it is state, re-sent on boot)."""
+        if action == "MeterValues" and not payload.get("meterValue"):
+            return
         if self.booted.is_set():
             self._spawn(self._call_quiet(action, payload))
 
