@@ -252,3 +252,20 @@ async def test_command_to_an_offline_device_is_rejected(rig: Rig) -> None:
     finally:
         await rig.sims.endpoint_of("charx").start()
     assert await rig.poller.command(p.EvseCommand(evse_id="ocpp-box", action="stop", request_id="x2")) is None
+
+
+async def test_phase_switching_on_the_alfen(rig: Rig) -> None:
+    # alfen has phase_switching in the test configuration; register 1215: 1 or 3 phases
+    rig.poller.set_setpoint(setpoint("alfen", 10.0, seq=30, phases=1))
+    await rig.poller.poll_once()
+    await rig.poller.poll_once()
+    assert await read_raw(rig.ports["alfen"], "holding", 1215, 1, 1) == [1]
+    st = rig.status("alfen")
+    assert st.applied.phases == 1 and st.phases_in_use == 1 and st.current_a == [10.0, 0.0, 0.0]
+    rig.poller.set_setpoint(setpoint("alfen", 10.0, seq=31, phases=3))
+    await rig.poller.poll_once()
+    assert await read_raw(rig.ports["alfen"], "holding", 1215, 1, 1) == [3]
+    # the CHARX cannot switch: a 1-phase setpoint keeps its 3 phases at the per-phase limit
+    rig.poller.set_setpoint(setpoint("charx", 10.0, seq=32, phases=1))
+    await rig.poller.poll_once()
+    assert rig.status("charx").applied.phases == 3
