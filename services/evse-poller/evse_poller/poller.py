@@ -193,7 +193,10 @@ class Poller:
         if dev is None:
             return False
         old = dev.setpoint
-        if old is not None and sp.source == old.source and sp.seq < old.seq and not old.expired():
+        # a late duplicate from the same source (older timestamp and sequence) must not undo a newer one;
+        # a restarted controller counts from 0 again but with a newer timestamp, so it is accepted
+        if (old is not None and sp.source == old.source and sp.seq < old.seq and sp.ts < old.ts
+                and not old.expired()):
             self.counters["setpoints_out_of_order"] += 1
             self.log.warning("older setpoint ignored", evse=sp.evse_id, seq=sp.seq, current_seq=old.seq)
             return True
