@@ -1,0 +1,343 @@
+"""The load-controller service: bus in, pure ``step`` every cycle and on important changes, bus out.
+
+Reads ``evse/+/status``, ``meter/+/reading``, ``grid/limit/+``, ``evse/+/limit``, ``tariff/current``,
+``tariff/schedule``, ``link/smgw`` (and its own retained ``evse/+/setpoint`` at start-up, to go on
+from the setpoints in force). Writes ``evse/<id>/setpoint`` (on change and before expiry) and
+``controller/allocation`` (on change and every ``allocation_interval_s``).
+
+A cycle runs every ``cycle_s`` and at once when something important changes: a grid limit, an EVSE
+plugged or unplugged or going offline, an EVSE limit, the SMGW link, a tariff, a meter showing an
+overdraw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from chargegate import payloads as p
+from chargegate.bus import Message
+from chargegate.config import Config
+from chargegate.runtime import ServiceContext, run_service
+from load_controller.controller import Decision, Inputs, Memory, step, wants_power
+from load_controller.solver import INF
+from load_controller.topology import Topology
+
+SERVICE = "load-controller"
+FUTURE_TOLERANCE_S = 60.0  # a message stamped further ahead than this gets its arrival time
+
+
+@dataclass(slots=True)
+class Published:
+    current: float
+    phases: int
+    valid_until: datetime
+    seq: int
+
+
+class LoadController:
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.bus = ctx.bus
+        self.log = ctx.log
+        self.counters = ctx.counters
+        self.inputs = Inputs()
+        self.memory = Memory()
+        self.wake = asyncio.Event()
+        self.wake_reasons: set[str] = set()
+        self.published: dict[str, Published] = {}
+        self.seq: dict[str, int] = {}
+        self.seq_base = int(time.time()) * 1000  # keeps seq increasing over restarts without retained state
+        self.logged_once: set[str] = set()
+        self.warnings: set[str] = set()
+        self.started = False
+        self.last_alloc_key: tuple[tuple[str, float, int, str], ...] | None = None
+        self.last_alloc_at = 0.0
+        self.last_decision: Decision | None = None
+        self.limit_arrived: dict[str, float] = {}  # source -> perf_counter() when it arrived
+        self.cycle_done = asyncio.Event()  # set after every cycle (tests)
+        self.configure(ctx.config)
+
+    # -- configuration -----------------------------------------------------------------------------------
+    def configure(self, config: Config) -> None:
+        old = getattr(self, "topo", None)
+        self.config = config
+        self.topo = Topology(config)
+        try:
+            self.tz = ZoneInfo(config.site.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            self.log.error("unknown time zone, using UTC for charging rules", timezone=config.site.timezone)
+            self.tz = ZoneInfo("UTC")
+        if old is not None and [n.id for n in old.nodes] != [n.id for n in self.topo.nodes]:
+            # node-indexed memory (penalties, last known non-EV load) belongs to the old tree
+            self.memory.penalties.clear()
+            self.memory.non_ev.clear()
+        self.trigger("config")
+
+    async def on_reload(self, config: Config) -> None:
+        self.configure(config)
+        self.log.info("load controller reconfigured", evses=len(self.topo.evses), nodes=len(self.topo.nodes),
+                      floor_14a_w=round(self.topo.floor_w))
+
+    # -- inputs ------------------------------------------------------------------------------------------
+    def trigger(self, reason: str) -> None:
+        self.wake_reasons.add(reason)
+        self.wake.set()
+
+    def _once(self, key: str, counter: str, msg: str, **kw: object) -> None:
+        self.counters[counter] += 1
+        if key not in self.logged_once:
+            self.logged_once.add(key)
+            self.log.warning(msg, **kw)
+
+    def _stamp(self, payload: p.Payload, topic: str) -> p.Payload:
+        """A timestamp far in the future would keep a message fresh forever: use the arrival time."""
+        now = p.utcnow()
+        if (payload.ts - now).total_seconds() > FUTURE_TOLERANCE_S:
+            self._once(f"future:{topic}", "future_timestamps", "message stamped in the future, using arrival time",
+                       topic=topic, ts=payload.ts.isoformat())
+            return payload.model_copy(update={"ts": now})
+        return payload
+
+    def on_status(self, msg: Message) -> None:
+        st = msg.payload
+        assert isinstance(st, p.EvseStatus)
+        if st.evse_id not in self.topo.evse_index:
+            self._once(f"evse:{st.evse_id}", "unknown_evse", "status of an EVSE that is not configured, ignored",
+                       evse_id=st.evse_id, topic=msg.topic)
+            return
+        st = self._stamp(st, msg.topic)  # type: ignore[assignment]
+        prev = self.inputs.statuses.get(st.evse_id)
+        self.inputs.statuses[st.evse_id] = st
+        if (prev is None or prev.online != st.online or wants_power(prev) != wants_power(st)
+                or (prev.state in (p.EvseState.FAULTED, p.EvseState.UNAVAILABLE)) != (
+                    st.state in (p.EvseState.FAULTED, p.EvseState.UNAVAILABLE))):
+            self.trigger("evse")
+
+    def on_reading(self, msg: Message) -> None:
+        r = msg.payload
+        assert isinstance(r, p.MeterReading)
+        if r.meter_id not in self.topo.meters:
+            self._once(f"meter:{r.meter_id}", "unknown_meter", "reading of a meter that is not configured, ignored",
+                       meter_id=r.meter_id, topic=msg.topic)
+            return
+        r = self._stamp(r, msg.topic)  # type: ignore[assignment]
+        prev = self.inputs.readings.get(r.meter_id)
+        self.inputs.readings[r.meter_id] = r
+        if prev is None or prev.online != r.online:
+            self.trigger("meter")
+            return
+        if r.current_a is not None:
+            tol = self.config.controller.overdraw_tolerance_a
+            for n, mid in self.topo.metered:
+                if mid == r.meter_id:
+                    lim = self.topo.nodes[n].limits
+                    if any(lim[k] < INF and r.current_a[k] > lim[k] + tol for k in range(3)):
+                        self.trigger("overdraw")
+
+    def on_grid_limit(self, msg: Message) -> None:
+        lim = msg.payload
+        assert isinstance(lim, p.GridLimit)
+        lim = self._stamp(lim, msg.topic)  # type: ignore[assignment]
+        now = p.utcnow()
+        if lim.valid_until <= now and not msg.retained:
+            self.counters["limits_expired_on_arrival"] += 1
+            self.log.warning("grid limit already expired on arrival", source=lim.source.value,
+                             valid_until=lim.valid_until.isoformat(), active=lim.active)
+        prev = self.inputs.grid_limits.get(lim.source.value)
+        self.inputs.grid_limits[lim.source.value] = lim
+        self.counters["grid_limits_received"] += 1
+        if prev is None or prev.model_dump(exclude={"ts"}) != lim.model_dump(exclude={"ts"}) or not msg.retained:
+            self.limit_arrived[lim.source.value] = time.perf_counter()
+            self.log.info("grid limit received", source=lim.source.value, active=lim.active, power_w=lim.power_w,
+                          current_a=lim.current_a, scope=lim.scope.value if lim.scope else None,
+                          valid_until=lim.valid_until.isoformat())
+            self.trigger("grid_limit")
+
+    def on_evse_limit(self, msg: Message) -> None:
+        lim = msg.payload
+        assert isinstance(lim, p.EvseLimit)
+        if lim.evse_id not in self.topo.evse_index:
+            self._once(f"evse:{lim.evse_id}", "unknown_evse", "limit for an EVSE that is not configured, ignored",
+                       evse_id=lim.evse_id, topic=msg.topic)
+            return
+        lim = self._stamp(lim, msg.topic)  # type: ignore[assignment]
+        if lim.valid_until <= p.utcnow() and not msg.retained:
+            self.counters["limits_expired_on_arrival"] += 1
+            self.log.warning("EVSE limit already expired on arrival", evse_id=lim.evse_id,
+                             valid_until=lim.valid_until.isoformat())
+        if lim.phases == 1 and not self.topo.evses[self.topo.evse_index[lim.evse_id]].switching:
+            self._once(f"phases:{lim.evse_id}", "odd_inputs", "EVSE limit asks for 1 phase but the EVSE cannot "
+                       "switch phases; the phase count is ignored", evse_id=lim.evse_id)
+        self.inputs.evse_limits[lim.evse_id] = lim
+        self.trigger("evse_limit")
+
+    def on_tariff_current(self, msg: Message) -> None:
+        assert isinstance(msg.payload, p.TariffCurrent)
+        self.inputs.tariff_current = self._stamp(msg.payload, msg.topic)  # type: ignore[assignment]
+        self.trigger("tariff")
+
+    def on_tariff_schedule(self, msg: Message) -> None:
+        assert isinstance(msg.payload, p.TariffSchedule)
+        self.inputs.tariff_schedule = self._stamp(msg.payload, msg.topic)  # type: ignore[assignment]
+        self.trigger("tariff")
+
+    def on_link(self, msg: Message) -> None:
+        link = msg.payload
+        assert isinstance(link, p.SmgwLinkStatus)
+        link = self._stamp(link, msg.topic)  # type: ignore[assignment]
+        prev = self.inputs.link
+        self.inputs.link = link
+        if prev is None or prev.state != link.state:
+            self.log.info("SMGW link state", state=link.state.value)
+            self.trigger("link")
+
+    def on_setpoint(self, msg: Message) -> None:
+        """Our own retained setpoints: go on from them after a restart (sequence numbers, ramps)."""
+        sp = msg.payload
+        assert isinstance(sp, p.Setpoint)
+        if sp.source != SERVICE:
+            self._once(f"foreign-setpoint:{sp.evse_id}", "odd_inputs", "setpoint from another source seen",
+                       evse_id=sp.evse_id, source=sp.source)
+            return
+        if sp.evse_id not in self.topo.evse_index:
+            if msg.retained:
+                self.log.info("clearing the retained setpoint of an EVSE no longer configured", evse_id=sp.evse_id)
+                self.bus.clear("evse.setpoint", evse_id=sp.evse_id)
+            return
+        self.seq[sp.evse_id] = max(self.seq.get(sp.evse_id, 0), sp.seq)
+        if not self.started:
+            self.inputs.setpoints[sp.evse_id] = sp
+
+    def on_connect(self) -> None:
+        # a broker that lost its state: publish every setpoint again at once
+        self.published.clear()
+        self.last_alloc_key = None
+        self.trigger("connect")
+
+    # -- the cycle ---------------------------------------------------------------------------------------
+    def cycle(self) -> Decision | None:
+        reasons = self.wake_reasons
+        self.wake_reasons = set()
+        now = p.utcnow()
+        t0 = time.perf_counter()
+        try:
+            decision, memory = step(self.topo, self.config.controller, self.tz, self.inputs, self.memory, now)
+        except Exception as e:  # never leave the loop: setpoints expire and the wallboxes fall back safely
+            self.counters["cycle_errors"] += 1
+            self.log.exception("control cycle failed; setpoints in force expire by themselves", error=repr(e))
+            return None
+        solve_ms = (time.perf_counter() - t0) * 1000
+        self.memory = memory
+        self.started = True
+        self.counters["cycles"] += 1
+        if reasons - {"tick"}:
+            self.counters["event_cycles"] += 1
+        changed = self.publish_setpoints(decision, now)
+        self.publish_allocation(decision, solve_ms)
+        done = time.perf_counter()
+        if "grid_limit" in reasons:
+            for src, at in list(self.limit_arrived.items()):
+                self.log.info("grid limit applied", source=src, latency_ms=round((done - at) * 1000, 2),
+                              setpoints_changed=changed, solve_ms=round(solve_ms, 2))
+            self.limit_arrived.clear()
+        self.report_warnings(decision)
+        self.last_decision = decision
+        self.cycle_done.set()
+        return decision
+
+    def publish_setpoints(self, decision: Decision, now: datetime) -> int:
+        validity = self.config.controller.setpoint_validity_s
+        valid_until = now + timedelta(seconds=validity)
+        refresh_before = now + timedelta(seconds=validity / 2)
+        changed = 0
+        for d in decision.evses:
+            last = self.published.get(d.evse_id)
+            if last is not None and abs(last.current - d.current) < 1e-9 and last.phases == d.phases \
+                    and last.valid_until > refresh_before:
+                continue
+            seq = max(self.seq.get(d.evse_id, 0), self.seq_base) + 1
+            self.seq[d.evse_id] = seq
+            sp = p.Setpoint(evse_id=d.evse_id, current_a=d.current, phases=d.phases, valid_until=valid_until,  # type: ignore[arg-type]
+                            source=SERVICE, seq=seq, reason=d.bound_by, ts=now)
+            self.bus.publish("evse.setpoint", sp, evse_id=d.evse_id)
+            if last is None or abs(last.current - d.current) >= 1e-9 or last.phases != d.phases:
+                changed += 1
+                self.log.debug("setpoint", evse_id=d.evse_id, current_a=d.current, phases=d.phases,
+                               bound_by=d.bound_by)
+            self.published[d.evse_id] = Published(d.current, d.phases, valid_until, seq)
+            self.counters["setpoints_published"] += 1
+        return changed
+
+    def publish_allocation(self, decision: Decision, solve_ms: float) -> None:
+        key = tuple((d.evse_id, d.current, d.phases, d.bound_by) for d in decision.evses)
+        mono = time.monotonic()
+        if key == self.last_alloc_key and mono - self.last_alloc_at < self.config.controller.allocation_interval_s:
+            return
+        alloc = p.Allocation(
+            cycle=decision.cycle, solve_ms=round(solve_ms, 3), limits=decision.limits,
+            evses=[p.EvseAllocation(evse_id=d.evse_id, current_a=d.current, phases=d.phases,  # type: ignore[arg-type]
+                                    wanted=d.wanted, bound_by=d.bound_by, detail=d.detail)
+                   for d in decision.evses])
+        self.bus.publish("controller.allocation", alloc)
+        self.last_alloc_key = key
+        self.last_alloc_at = mono
+        self.counters["allocations_published"] += 1
+
+    def report_warnings(self, decision: Decision) -> None:
+        now_set = set(decision.warnings)
+        for w in sorted(now_set - self.warnings):
+            self.counters["warnings"] += 1
+            self.log.warning("load controller: " + w)
+        for w in sorted(self.warnings - now_set):
+            self.log.info("load controller: no longer: " + w)
+        self.warnings = now_set
+
+    # -- running -----------------------------------------------------------------------------------------
+    def subscribe(self) -> None:
+        b = self.bus
+        b.subscribe("evse.status", self.on_status)
+        b.subscribe("meter.reading", self.on_reading)
+        b.subscribe("grid.limit", self.on_grid_limit)
+        b.subscribe("evse.limit", self.on_evse_limit)
+        b.subscribe("tariff.current", self.on_tariff_current)
+        b.subscribe("tariff.schedule", self.on_tariff_schedule)
+        b.subscribe("link.smgw", self.on_link)
+        b.subscribe("evse.setpoint", self.on_setpoint)
+        b.on_connect(self.on_connect)
+
+    async def run(self, settle_s: float = 0.3) -> None:
+        self.subscribe()
+        self.ctx.on_reload(self.on_reload)
+        await self.bus.connected.wait()
+        await asyncio.sleep(settle_s)  # let retained state arrive before the first decision
+        self.log.info("load controller running", evses=len(self.topo.evses), nodes=len(self.topo.nodes),
+                      cycle_s=self.config.controller.cycle_s, floor_14a_w=round(self.topo.floor_w))
+        loop = asyncio.get_running_loop()
+        next_tick = loop.time()
+        while True:
+            timeout = next_tick - loop.time()
+            if timeout > 0 and not self.wake.is_set():
+                try:
+                    await asyncio.wait_for(self.wake.wait(), timeout)
+                except TimeoutError:
+                    pass
+            self.wake.clear()
+            if loop.time() >= next_tick:
+                self.wake_reasons.add("tick")
+                next_tick += self.config.controller.cycle_s
+                if next_tick <= loop.time():
+                    next_tick = loop.time() + self.config.controller.cycle_s
+            self.cycle()
+            await asyncio.sleep(0)  # let the bus deliver what arrived meanwhile
+
+
+async def serve(ctx: ServiceContext) -> None:
+    await LoadController(ctx).run()
+
+
+def main() -> None:
+    run_service(SERVICE, serve)

@@ -1,0 +1,217 @@
+"""The running load-controller service against the real Mosquitto (project ACL, own accounts):
+statuses, readings and grid limits go in over MQTT; setpoints and the allocation come out."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from chargegate import payloads as p
+from chargegate.bus import Bus, Message
+from chargegate.runtime import start_context, stop_context
+from conftest import BrokerHandle, connected_bus, make_config, wait_for
+from load_controller.service import LoadController
+
+CONFIG = """
+site: {name: lc-service-test}
+circuits:
+  - id: grid
+    fuse_a: 35
+    meter: grid-meter
+    children:
+      - id: garage
+        fuse_a: 32
+evses:
+  - id: wb1
+    circuit: garage
+    modbus: {profile: sim, host: 127.0.0.1, port: 1502}
+  - id: wb2
+    circuit: garage
+    phases: 1
+    phase_rotation: [2]
+    ocpp: {charge_box_id: CB1}
+meters:
+  - id: grid-meter
+    modbus: {profile: sdm630, host: 127.0.0.1, port: 1503}
+controller:
+  cycle_s: 1
+  ramp_step_a: 50
+  reclaim: false
+  setpoint_validity_s: 10
+"""
+
+
+@dataclass
+class Env:
+    ctl: LoadController
+    poller: Bus
+    smgw: Bus
+    observer: Bus
+    setpoints: dict[str, list[p.Setpoint]] = field(default_factory=dict)
+    allocations: list[p.Allocation] = field(default_factory=list)
+
+    def last(self, evse_id: str) -> p.Setpoint | None:
+        got = self.setpoints.get(evse_id)
+        return got[-1] if got else None
+
+    def status(self, evse_id: str, iec: str = "C", state: str = "charging", **kw: object) -> None:
+        st = p.EvseStatus(evse_id=evse_id, online=True, state=state, iec_state=iec, **kw)  # type: ignore[arg-type]
+        self.poller.publish("evse.status", st, evse_id=evse_id)
+
+    def reading(self, current: list[float]) -> None:
+        self.poller.publish("meter.reading", p.MeterReading(meter_id="grid-meter", current_a=current),
+                            meter_id="grid-meter")
+
+    def limit(self, source: str, **kw: object) -> None:
+        kw.setdefault("valid_until", p.utcnow() + timedelta(minutes=10))
+        self.smgw.publish("grid.limit", p.GridLimit(source=source, **kw), source=source)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+async def env(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
+    tmp: Path = tmp_path_factory.mktemp("lc")
+    cfg = make_config(tmp, CONFIG, broker_port=broker.port)
+    cfg.state_dir = broker.config.state_dir  # the broker's generated account passwords
+    # the broker's ACL is generated for the default root; use its root
+    cfg.site.topic_root = broker.config.site.topic_root
+    poller = await connected_bus(broker, "evse-poller")
+    smgw = await connected_bus(broker, "smgw-link")
+    observer = await connected_bus(broker, "observer")
+    # start clean: no retained state from other test modules for our EVSEs and limits
+    for eid in ("wb1", "wb2"):
+        poller.clear("evse.status", evse_id=eid)
+    for src in ("dso", "supplier", "local", "failsafe"):
+        smgw.clear("grid.limit", source=src)
+    smgw.clear("link.smgw")
+    await asyncio.sleep(0.2)
+    ctx = await start_context("load-controller", cfg, None, connect_timeout=5)
+    for eid in ("wb1", "wb2", "ghost"):
+        ctx.bus.clear("evse.setpoint", evse_id=eid)
+    ctl = LoadController(ctx)
+    e = Env(ctl, poller, smgw, observer)
+
+    def on_sp(m: Message) -> None:
+        assert isinstance(m.payload, p.Setpoint)
+        e.setpoints.setdefault(m.payload.evse_id, []).append(m.payload)
+
+    def on_alloc(m: Message) -> None:
+        assert isinstance(m.payload, p.Allocation)
+        e.allocations.append(m.payload)
+
+    observer.subscribe("evse.setpoint", on_sp)
+    observer.subscribe("controller.allocation", on_alloc)
+    await asyncio.sleep(0.2)
+    task = asyncio.create_task(ctl.run(settle_s=0.1))
+    try:
+        yield e
+    finally:
+        task.cancel()
+        for b in (poller, smgw, observer):
+            await b.stop()
+        await stop_context(ctx)
+
+
+async def test_statuses_and_reading_give_setpoints(env: Env) -> None:
+    env.reading([2.0, 2.0, 2.0])
+    env.status("wb1")
+    env.status("wb2")
+    await wait_for(lambda: (s := env.last("wb1")) is not None and s.current_a == 16
+                   and (t := env.last("wb2")) is not None and t.current_a == 16, timeout=5)
+    sp1, sp2 = env.last("wb1"), env.last("wb2")
+    assert sp1 is not None and sp2 is not None
+    assert sp1.phases == 3 and sp2.phases == 1
+    assert sp1.source == "load-controller" and sp1.reason == "evse_max"
+    assert 8 <= (sp1.valid_until - sp1.ts).total_seconds() <= 10.5
+    seqs = [s.seq for s in env.setpoints["wb1"]]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    await wait_for(lambda: any({a.evse_id: a.current_a for a in al.evses} == {"wb1": 16, "wb2": 16}
+                               for al in env.allocations))
+
+
+async def test_dso_limit_is_applied_at_once_with_the_14a_floor(env: Env) -> None:
+    before = len(env.setpoints.get("wb1", []))
+    t0 = asyncio.get_running_loop().time()
+    env.limit("dso", active=True, power_w=2000)
+    # two controllable EVSEs: floor 7560 W = 32.87 A over 3 + 1 phase-conductors -> 8.2 A each
+    await wait_for(lambda: (s := env.last("wb1")) is not None and s.current_a == 8.2
+                   and (t := env.last("wb2")) is not None and t.current_a == 8.2, timeout=3, interval=0.002)
+    elapsed = asyncio.get_running_loop().time() - t0
+    assert elapsed < 0.5, elapsed  # an event cycle, not the next tick
+    assert len(env.setpoints["wb1"]) > before
+    assert env.last("wb1").reason == "§14a_floor"  # type: ignore[union-attr]
+    await wait_for(lambda: any(
+        {a.evse_id: (a.current_a, a.bound_by) for a in al.evses} == {"wb1": (8.2, "§14a_floor"),
+                                                                     "wb2": (8.2, "§14a_floor")}
+        and al.limits["grid_limits"][0]["raised_to_floor"] for al in env.allocations))
+
+
+async def test_a_higher_limit_and_its_end(env: Env) -> None:
+    env.limit("dso", active=True, power_w=9200)  # 40 A over 4 conductors = 10 A each
+    await wait_for(lambda: (s := env.last("wb1")) is not None and s.current_a == 10.0
+                   and s.reason == "grid_limit:dso")
+    env.limit("dso", active=False)  # the operator ends it: no failsafe
+    await wait_for(lambda: (s := env.last("wb1")) is not None and s.current_a == 16)
+    assert env.ctl.last_decision is not None and env.ctl.last_decision.limits["failsafe"] is None
+
+
+async def test_unplug_is_immediate(env: Env) -> None:
+    t0 = asyncio.get_running_loop().time()
+    env.status("wb2", iec="A", state="available")
+    await wait_for(lambda: (s := env.last("wb2")) is not None and s.current_a == 0, timeout=3, interval=0.002)
+    assert asyncio.get_running_loop().time() - t0 < 0.5
+    assert env.last("wb2").reason == "not_connected"  # type: ignore[union-attr]
+    env.status("wb2")
+    await wait_for(lambda: (s := env.last("wb2")) is not None and s.current_a == 16)
+
+
+async def test_odd_inputs_are_counted_and_survived(env: Env) -> None:
+    counters = env.ctl.counters
+    unknown0 = counters["unknown_evse"]
+    expired0 = counters["limits_expired_on_arrival"]
+    future0 = counters["future_timestamps"]
+    # a status of an EVSE that is not configured (valid payload, unknown id)
+    env.poller.publish("evse.status", p.EvseStatus(evse_id="ghost", online=True, state="charging"), evse_id="ghost")
+    # a limit that ended before it arrived, and an extreme but valid one
+    env.limit("local", active=True, power_w=1000, valid_until=p.utcnow() - timedelta(hours=1))
+    env.limit("supplier", active=True, power_w=10_000_000, current_a=[1000, 1000, 1000])
+    # a reading stamped far in the future
+    env.poller.publish("meter.reading", p.MeterReading(meter_id="grid-meter", current_a=[2, 2, 2],
+                                                       ts=p.utcnow() + timedelta(days=365)), meter_id="grid-meter")
+    # a limit for an EVSE that is not configured (written by the OCPP gateway's account)
+    gw = await connected_bus_for(env, "ocpp-gateway")
+    gw.publish("evse.limit", p.EvseLimit(evse_id="ghost", current_a=6, valid_until=p.utcnow() + timedelta(minutes=1)),
+               evse_id="ghost")
+    await wait_for(lambda: counters["unknown_evse"] >= unknown0 + 2 and counters["limits_expired_on_arrival"] > expired0
+                   and counters["future_timestamps"] > future0)
+    assert "ghost" not in env.ctl.inputs.statuses
+    # still deciding: the huge supplier limit binds nothing, the past one nothing either
+    cycles = counters["cycles"]
+    await wait_for(lambda: counters["cycles"] > cycles + 1)
+    assert env.last("wb1").current_a == 16  # type: ignore[union-attr]
+    assert counters["cycle_errors"] == 0
+    assert env.ctl.inputs.readings["grid-meter"].ts < p.utcnow() + timedelta(seconds=5)
+    await gw.stop()
+    env.smgw.clear("grid.limit", source="local")
+    env.smgw.clear("grid.limit", source="supplier")
+
+
+async def connected_bus_for(env: Env, account: str) -> Bus:
+    from chargegate.broker import bus_settings
+
+    bus = Bus(account, env.ctl.ctx.registry, bus_settings(env.ctl.config, account))
+    await bus.start(wait=5)
+    return bus
+
+
+async def test_setpoints_are_refreshed_before_they_expire(env: Env) -> None:
+    first = env.last("wb1")
+    assert first is not None
+    # nothing changes; within half the validity a fresh setpoint with a later valid_until arrives
+    await wait_for(lambda: (s := env.last("wb1")) is not None and s.valid_until > first.valid_until, timeout=8)
+    s = env.last("wb1")
+    assert s is not None and s.current_a == first.current_a and s.seq > first.seq
