@@ -316,3 +316,30 @@ async def test_backend_outage_queues_and_delivers_in_order(env: Env) -> None:
            and float(pl["meterValue"][0]["sampledValue"][0]["value"]) >= 200000}
     assert ids == {int(s.transaction_id)}
     assert env.backend.errors_sent() == []
+
+
+async def test_backend_sim_http_control(env: Env, tmp_path: Path) -> None:
+    import json as _json
+    import urllib.request
+
+    from chargegate.broker import free_port
+
+    port = free_port()
+    await env.backend.start_control(port)
+
+    def get(path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return _json.loads(r.read())
+
+    loop = asyncio.get_running_loop()
+    st = await loop.run_in_executor(None, get, "/status")
+    assert st["listening"] and "wb16" in st["connected"]
+    res = await loop.run_in_executor(None, get, "/call?cp=wb16&action=GetConfiguration&payload="
+                                     + urllib.parse.quote('{"key": ["NumberOfConnectors"]}'))
+    assert res["configurationKey"][0]["value"] == "2"
+    tx = await loop.run_in_executor(None, get, "/transactions?cp=wb16")
+    assert tx and all(s["problems"] == [] for s in tx)
+    assert (await loop.run_in_executor(None, get, "/down")) == {"listening": False}
+    await until(lambda: not env.gw.upstreams["wb16"].booted.is_set(), what="gateway noticed the backend left")
+    assert (await loop.run_in_executor(None, get, "/up")) == {"listening": True}
+    await until(lambda: env.gw.upstreams["wb16"].booted.is_set(), 10, what="gateway back at the backend")

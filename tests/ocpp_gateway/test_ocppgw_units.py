@@ -242,3 +242,31 @@ def test_values_the_other_version_cannot_express_are_left_out() -> None:
     s16 = conv.from_16([{"timestamp": "t", "sampledValue": [{"value": "1500", "measurand": "RPM"},
                                                             {"value": "20.5", "measurand": "Temperature"}]}])
     assert conv.to_201(s16) == []
+
+
+@FAST
+@given(current=st.floats(0, 1000, allow_nan=False), phases=st.sampled_from([1, 3]),
+       evse_phases=st.sampled_from([1, 3]), max_a=st.floats(6, 80), safe=st.floats(0, 6),
+       valid_s=st.floats(-30, 30, allow_nan=False))
+def test_profile_sent_never_exceeds_setpoint_or_evse_maximum(current: float, phases: int, evse_phases: int,
+                                                             max_a: float, safe: float, valid_s: float) -> None:
+    from chargegate import payloads as p
+    from chargegate.config import Evse
+    from ocpp_gateway.local import Connector, _amps
+
+    evse = Evse.model_validate({"id": "e", "circuit": "grid", "phases": evse_phases,
+                                "phase_rotation": [1, 2, 3][:evse_phases], "max_current_a": max_a,
+                                "safe_current_a": safe, "ocpp": {"charge_box_id": "CB"}})
+    c = Connector(evse, None)  # type: ignore[arg-type]
+    now = datetime.now(UTC)
+    c.setpoint = p.Setpoint(evse_id="e", current_a=current, phases=phases, valid_until=now + timedelta(seconds=valid_s),
+                            seq=1)
+    amps, ph, until, fallback = c.desired(now)
+    sent = _amps(amps)
+    if c.setpoint.valid_until > now:
+        assert not fallback and until == c.setpoint.valid_until
+        assert sent <= current + 1e-9 and sent <= max_a + 1e-9
+    else:  # expired: the safe current, without an end
+        assert fallback and until is None and amps == safe
+    assert sent <= amps + 1e-9 and round(sent * 10, 6) == int(round(sent * 10, 6))  # a multiple of 0.1 A
+    assert ph <= evse_phases
