@@ -8,8 +8,12 @@ car's draw mapped through its EVSE's ``phase_rotation``; a circuit meter reads t
 its circuit.
 
 On the bus (account ``sim``) the simulators take ``<root>/sim/<evse_id>/command``
-(``{"action": "plug"|"unplug", "phases": 1|3, "max_current_a": 16}``) and publish retained
-``<root>/sim/<evse_id>/draw`` on every change and every second.
+(``{"action": "plug"|"unplug", "phases": 1|3, "max_current_a": 16}``, and
+``{"action": "network", "up": false}`` to take a device - EVSE or meter, by its id - off the
+network: its TCP port is closed and every connection dropped; ``"up": true`` brings it back) and
+publish retained ``<root>/sim/<evse_id>/draw`` on every change and every second. The draws of
+configured EVSEs simulated elsewhere (OCPP wallboxes, ``ocpp_gateway.sim``) are read from the same
+topics and counted by the meters above them, so that a grid meter sees every car.
 """
 
 from __future__ import annotations
@@ -47,9 +51,10 @@ class SimCommand(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    action: Literal["plug", "unplug"]
+    action: Literal["plug", "unplug", "network"]
     phases: Literal[1, 2, 3] = 3
     max_current_a: float = Field(default=16.0, gt=0, le=80)
+    up: bool = True  # action "network": False takes the device off the network, True brings it back
 
 
 @dataclass
@@ -101,6 +106,12 @@ class Simulators:
         self._tasks: list[asyncio.Task[None]] = []
         self._dirty: asyncio.Event | None = None
         self._last_sent: dict[str, str] = {}
+        # grid currents of configured EVSEs simulated elsewhere (OCPP wallbox simulators), from their draws
+        self.external: dict[str, list[float]] = {}
+        self._external_ids = {e.id for e in config.evses}
+        self._evse_circuit = {e.id: e.circuit for e in config.evses}
+        self.offline: set[str] = set()  # devices taken off the network
+        self._net_tasks: set[asyncio.Future[None]] = set()
         settings = settings or {}
         for evse in config.evses:
             if evse.modbus is None:
@@ -182,17 +193,36 @@ class Simulators:
                 if se.evse.circuit in below:
                     for i, a in enumerate(se.grid_draw()):
                         total[i] += a
+            for evse_id, amps in self.external.items():
+                if self._evse_circuit.get(evse_id) in below:
+                    for i, a in enumerate(amps):
+                        total[i] += a
             return [sign * x for x in total]
 
         return source
 
     def grid_current_a(self) -> list[float]:
-        """Base load plus every simulated car, per grid phase."""
+        """Base load plus every simulated car (also those simulated elsewhere), per grid phase."""
         total = list(self.base_load_a)
         for se in self.evses.values():
             for i, a in enumerate(se.grid_draw()):
                 total[i] += a
+        for amps in self.external.values():
+            for i, a in enumerate(amps):
+                total[i] += a
         return total
+
+    async def set_network(self, ident: str, up: bool) -> None:
+        """Take a device (EVSE or meter) off the network or bring it back. Every device sharing its
+        endpoint (same host:port or serial line) goes with it."""
+        ep = self.endpoint_of(ident)
+        if up:
+            await ep.start()
+            self.offline.discard(ident)
+        else:
+            await ep.stop()
+            self.offline.add(ident)
+        log.info("device network " + ("up" if up else "down"), device=ident)
 
     # -- cars --------------------------------------------------------------------------------
     def point(self, evse_id: str) -> ChargePoint:
@@ -244,6 +274,7 @@ class Simulators:
         self._bus = bus
         root = bus.registry.root
         bus.subscribe_raw(f"{root}/sim/+/command", self._on_command)
+        bus.subscribe_raw(f"{root}/sim/+/draw", self._on_draw)
         bus.on_connect(self._mark_all)
         self._mark_all()
 
@@ -260,9 +291,10 @@ class Simulators:
         evse_id = parts[-2] if len(parts) >= 2 else ""
         if retained:
             return  # a command is an event, never state
-        if evse_id not in self.evses:
-            self.counters["sim_commands_unknown_evse"] += 1
-            log.warning("sim command for an unknown EVSE dropped", topic=topic, evse=evse_id)
+        if evse_id not in self.evses and evse_id not in self.meters:
+            if evse_id not in self._external_ids:  # an OCPP wallbox's simulator takes its own commands
+                self.counters["sim_commands_unknown_evse"] += 1
+                log.warning("sim command for an unknown EVSE dropped", topic=topic, evse=evse_id)
             return
         try:
             cmd = SimCommand.model_validate(json.loads(payload))
@@ -271,11 +303,47 @@ class Simulators:
             err = format_validation_error(e) if isinstance(e, ValidationError) else str(e)
             log.warning("invalid sim command dropped", topic=topic, error=err)
             return
+        if cmd.action == "network":
+            task = asyncio.ensure_future(self.set_network(evse_id, cmd.up))
+            self._net_tasks.add(task)
+            task.add_done_callback(self._network_done)
+            self.counters["sim_commands"] += 1
+            return
+        if evse_id not in self.evses:
+            self.counters["sim_commands_invalid"] += 1
+            log.warning("sim command for a meter dropped (meters take only network)", topic=topic, action=cmd.action)
+            return
         if cmd.action == "plug":
             self.plug(evse_id, cmd.phases, cmd.max_current_a)
         else:
             self.unplug(evse_id)
         self.counters["sim_commands"] += 1
+
+    def _network_done(self, task: asyncio.Future[None]) -> None:
+        self._net_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("network command failed", error=repr(task.exception()))
+
+    def _on_draw(self, topic: str, payload: bytes, retained: bool) -> None:
+        """The draw of an EVSE simulated elsewhere: its grid currents count at the meters above it."""
+        parts = topic.split("/")
+        evse_id = parts[-2] if len(parts) >= 2 else ""
+        if evse_id in self.evses or evse_id not in self._external_ids:
+            return
+        if not payload:
+            self.external.pop(evse_id, None)
+            return
+        try:
+            amps = [float(x) for x in json.loads(payload)["grid_current_a"]]
+            if len(amps) != 3 or any(not 0 <= a <= 1000 for a in amps):
+                raise ValueError(f"grid_current_a {amps!r}")
+        except (ValueError, KeyError, TypeError) as e:
+            self.counters["sim_draws_invalid"] += 1
+            log.warning("invalid draw of an external EVSE dropped", topic=topic, error=str(e))
+            return
+        for m in self.meters.values():
+            m.tick()  # integrate energy up to the change
+        self.external[evse_id] = amps
 
     def publish_draws(self) -> None:
         """Publish every EVSE's draw now."""
