@@ -147,6 +147,8 @@ async def test_link_up_with_certificate_and_channels(rig: Rig) -> None:
     assert st.channels["clseedi"]["connected"] is True
     await wait_for(lambda: rig.links[-1].bytes_tx > 0 and rig.links[-1].bytes_rx > 0, 5)
     # on connect the device announced its use cases and asked the backend for its control state
+    await rig.backend.wait_for(lambda r: r.msg.get("type") == m.READ, 5)
+    await rig.backend.wait_for(lambda r: r.msg.get("type") == m.STATE, 5)
     reads = [x for x in rig.backend.received if x.msg.get("type") == m.READ]
     states = [x for x in rig.backend.received if x.msg.get("type") == m.STATE]
     assert reads and states and all(not x.schema_errors for x in rig.backend.received)
@@ -257,3 +259,43 @@ async def test_link_loss_leads_to_the_failsafe_limit(rig: Rig) -> None:
     await wait_for(lambda: rig.links[-1].state == p.LinkState.UP, 20)
     await wait_for(lambda: rig.last("dso").id != "failsafe" and rig.last("dso").power_w == 6500, 10)  # type: ignore[union-attr]
     rig.backend.read_reply = None
+
+
+async def test_inbound_operator_commands_need_the_function_switch(tmp_path: Path) -> None:
+    """Functions off: the operator's AVAIL/TARIF through the inbound channel are 'not supported'
+    (403, logged, nothing changes); the same variables set locally still work."""
+    import socket
+    from datetime import UTC, datetime
+
+    from chargegate.config.smgw import Smgw
+    from smgw_link.control import OperatorControl
+    from smgw_link.httpapi import ApiState, make_app
+    from smgw_link.service import _serve_http
+
+    cfg = Smgw.model_validate({"http_api": {"tokens": [TOKEN]}, "inbound": {"enabled": True}})
+    control = OperatorControl.load(cfg, None, datetime.now(UTC))
+    counters: dict[str, int] = {}
+    state = ApiState(cfg, control, lambda: None, lambda: datetime.now(UTC), counters)
+    servers = []
+    ports = {}
+    for origin in ("inbound", "local"):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        ports[origin] = sock.getsockname()[1]
+        servers.append(await _serve_http(make_app(state, origin), sock))  # type: ignore[arg-type]
+    try:
+        async def put(origin: str, name: str, value: float) -> int:
+            streams = await asyncio.open_connection("127.0.0.1", ports[origin])
+            body = json.dumps({"value": value}).encode()
+            return (await http_request(streams, "PUT", f"/api/variables/{name}", TOKEN, body))[0]
+
+        assert await put("inbound", "AVAIL", 30) == 403
+        assert await put("inbound", "TARIF", 1) == 403
+        assert control.avail == {} and control.tarif is None
+        assert counters["http_not_supported"] == 2
+        assert await put("local", "AVAIL", 30) == 200
+        assert control.avail["local"].percent == 30
+    finally:
+        for s in servers:
+            await s.stop()

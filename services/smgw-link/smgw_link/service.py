@@ -240,10 +240,11 @@ class SmgwLink:
             bus.publish("tariff.schedule", out.schedule)
             self.schedule_sig = ssig
         if force or self._status_dirty or mono - self._status_at >= STATUS_REFRESH_S:
-            self.publish_status()
+            self.publish_status(now)
 
-    def link_status(self) -> p.SmgwLinkStatus:
+    def link_status(self, now: datetime | None = None) -> p.SmgwLinkStatus:
         cfg = self.cfg
+        now = now or utcnow()
         if not cfg.enabled:
             state, error, since = p.LinkState.DISABLED, None, None
         elif self.link is None:
@@ -261,7 +262,7 @@ class SmgwLink:
                     error = error or "operator CLS.EEDI broker not connected"
                 if lost is not None:
                     since = lost
-                late = lost is not None and utcnow() - lost >= timedelta(seconds=cfg.link_loss_grace_s)
+                late = lost is not None and now - lost >= timedelta(seconds=cfg.link_loss_grace_s)
                 state = p.LinkState.DOWN if late else p.LinkState.CONNECTING
         if error is None and self.cert_error and cfg.enabled:
             error = f"setup: {self.cert_error}"
@@ -288,8 +289,8 @@ class SmgwLink:
             bytes_tx=self.link.bytes_tx if self.link else 0, bytes_rx=self.link.bytes_rx if self.link else 0,
             channels=channels)
 
-    def publish_status(self) -> None:
-        st = self.link_status()
+    def publish_status(self, now: datetime | None = None) -> None:
+        st = self.link_status(now)
         self._last_state = st.state
         self.ctx.bus.publish("link.smgw", st)
         self._status_dirty = False
