@@ -144,6 +144,8 @@ class HttpApi(Strict):
     port: Port = 8090
     house_power_w: float = Field(default=24000, gt=0, le=10_000_000, description="AVAIL=100 means this much")
     tokens: list[Secret] = Field(default_factory=list, description="bearer tokens allowed to use the API")
+    inbound_source: Literal["dso", "supplier"] = Field(
+        default="supplier", description="whose limit AVAIL set through the inbound channel is")
 
 
 class Functions(Strict):
@@ -199,6 +201,10 @@ class Smgw(Strict):
             raise ValueError("two smgw.endpoints use the same listen_host:listen_port")
         if self.clseedi.enabled and self.clseedi.endpoint and self.clseedi.endpoint not in names:
             raise ValueError(f"clseedi.endpoint {self.clseedi.endpoint!r} is not in smgw.endpoints")
+        if (self.clseedi.enabled and self.inbound.enabled
+                and self.http_api.inbound_source == self.limit_source):
+            raise ValueError("http_api.inbound_source must differ from limit_source when CLS.EEDI and the "
+                             "inbound channel are both on (each source publishes one limit)")
         if self.limit_hold_s <= self.limit_heartbeat_s:
             raise ValueError("limit_hold_s must be longer than limit_heartbeat_s")
         if self.reconnect_max_s < self.reconnect_min_s:
