@@ -8,7 +8,6 @@ and returns per EVSE the current, the phase count and the constraint or rule tha
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -57,6 +56,11 @@ class EvseMemory:
     plugged_at: datetime | None = None
     offline_assumed: float | None = None  # while offline: the current it is assumed to draw
 
+    def copy(self) -> EvseMemory:
+        return EvseMemory(self.granted, self.nph, self.phases, self.wanted, self.on_since, self.off_since,
+                          self.changed_at, self.raised_at, self.reclaim_cap, self.used_phases,
+                          self.three_fit_since, self.plugged_at, self.offline_assumed)
+
 
 @dataclass(slots=True)
 class Penalty:
@@ -72,6 +76,7 @@ class Memory:
     meter_seen: dict[str, datetime] = field(default_factory=dict)  # newest reading checked for overdraw
     non_ev: dict[int, list[float]] = field(default_factory=dict)  # last known non-EV load per node
     failsafe: FailsafeState | None = None
+    imbalance_caps: list[float] | None = None  # warm start for the phase-imbalance bound
     cycle: int = 0
 
 
@@ -316,7 +321,12 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
     rule_groups_of: dict[int, list[int]] = {}
     if cfg.rules:
         views = []
-        for e in evses:
+        if any(not r.evses for r in cfg.rules if r.enabled):
+            ruled = evses
+        else:
+            wanted_ids = {i for r in cfg.rules if r.enabled for i in r.evses}
+            ruled = [e for e in evses if e.id in wanted_ids]
+        for e in ruled:
             m = mems[e.index]
             st = statuses[e.index]
             mi = meas[e.index]
@@ -375,7 +385,8 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
         if not fresh[i]:
             assumed = m.offline_assumed if m.offline_assumed is not None else assumed_draw(e, m, st)
             offline_assumed[i] = assumed
-            nm = dataclasses.replace(m, offline_assumed=assumed)
+            nm = m.copy()
+            nm.offline_assumed = assumed
             new_mems.append(nm)
             fixed.append(Fixed(e.id, e.node, e.grid_phases, assumed, ctrl_t if e.controllable else ()))
             why = "no status yet" if st is None else ("reported offline" if not st.online or
@@ -395,7 +406,9 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
                                   off_detail=f"state {st.state.value}"
                                              + (f", IEC {st.iec_state.value}" if st.iec_state else "")))
             continue
-        nm = dataclasses.replace(m, offline_assumed=None, wanted=True)
+        nm = m.copy()
+        nm.offline_assumed = None
+        nm.wanted = True
         if not m.wanted:
             nm.plugged_at = now
             nm.off_since = None
@@ -473,8 +486,12 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
 
     # -- solve ------------------------------------------------------------------------------------------------
     problem = Problem(nodes=nodes, demands=demands, groups=groups, fixed=fixed,
-                      imbalance_limit=cfg.imbalance_limit_a, step=cfg.current_step_a)
+                      imbalance_limit=cfg.imbalance_limit_a, step=cfg.current_step_a,
+                      imbalance_caps=memory.imbalance_caps)
     sol = solve(problem)
+    if sol.imbalance_bound and sol.imbalance_caps is not None:
+        # start from here next cycle, one ramp step looser (a tighter bound is only ever safer)
+        new.imbalance_caps = [c + cfg.ramp_step_a for c in sol.imbalance_caps]
     for r in sol.repairs:
         warnings.append(f"final safety check cut a grant: {r}")
 

@@ -108,6 +108,7 @@ class Problem:
     fixed: list[Fixed] = field(default_factory=list)
     imbalance_limit: float = INF
     step: float = 0.0  # round grants down to this (0: no rounding)
+    imbalance_caps: list[float] | None = None  # start caps per phase for the asymmetric load (warm start)
 
 
 @dataclass(slots=True)
@@ -130,6 +131,8 @@ class Solution:
     imbalance: float  # final difference between phases of the asymmetric load
     iterations: int
     repairs: list[str]  # constraint violations found by the final check (never expected)
+    imbalance_caps: list[float] | None = None  # final caps per phase on the asymmetric load (None: none)
+    imbalance_bound: bool = False  # the imbalance limit bound a grant
 
 
 class _Space:
@@ -216,7 +219,8 @@ def solve(problem: Problem) -> Solution:
     groups = list(problem.groups)
     imb_index = -1
     if problem.imbalance_limit < INF:
-        groups.append(Group(label="phase_imbalance", all_members=True, asym_only=True,
+        start = list(problem.imbalance_caps) if problem.imbalance_caps else [INF, INF, INF]
+        groups.append(Group(label="phase_imbalance", cap=start, all_members=True, asym_only=True,
                             detail=f"phase imbalance limit {problem.imbalance_limit:g} A"))
         imb_index = len(groups) - 1
     iterations = 0
@@ -232,7 +236,8 @@ def solve(problem: Problem) -> Solution:
         if new_cap >= g.cap[heavy] - 1e-9:
             # cannot tighten further (fixed loads alone are asymmetric): stop
             break
-        g.cap[heavy] = new_cap
+        # bound every phase by the lightest one (not only the heaviest): one re-solve usually does it
+        g.cap = [min(c, new_cap) for c in g.cap]
     if imb_index >= 0 and imbalance > problem.imbalance_limit + 1e-6:
         _force_imbalance(problem, grants, imbalance)
         imbalance, _, _ = _imbalance(problem, grants)
@@ -246,8 +251,10 @@ def solve(problem: Problem) -> Solution:
         if space.cap[k] < INF:
             usage[space.names[k]] = final_used[k]
             capacity[space.names[k]] = space.cap[k]
+    caps = list(groups[imb_index].cap) if imb_index >= 0 else None
+    bound = any(g.bound_by == "phase_imbalance" for g in grants)
     return Solution(grants=grants, fixed_cut=fixed_cut, usage=usage, capacity=capacity, imbalance=imbalance,
-                    iterations=iterations, repairs=repairs)
+                    iterations=iterations, repairs=repairs, imbalance_caps=caps, imbalance_bound=bound)
 
 
 def _solve_once(problem: Problem, space: _Space) -> tuple[list[Grant], list[float], dict[str, str]]:

@@ -39,10 +39,7 @@ class EvseSpec:
     priority: int
     switching: bool
     controllable: bool
-
-    @property
-    def grid_phases(self) -> tuple[int, ...]:
-        return tuple(sorted(self.rotation))
+    grid_phases: tuple[int, ...] = ()  # the grid phases it is connected to, sorted
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +81,7 @@ class Topology:
                 id=e.id, index=i, node=self.node_index[e.circuit], phases=e.phases,
                 rotation=tuple(p - 1 for p in e.phase_rotation), min_a=e.min_current_a, max_a=e.max_current_a,
                 safe_a=e.safe_current_a, priority=e.priority, switching=e.phase_switching,
-                controllable=e.controllable)
+                controllable=e.controllable, grid_phases=tuple(sorted(p - 1 for p in e.phase_rotation)))
             self.evses.append(spec)
             self.evse_index[e.id] = i
         self.meters = {m.id: m for m in config.meters}
