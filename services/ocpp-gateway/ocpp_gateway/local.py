@@ -555,6 +555,10 @@ class WallboxSession:
                     self.csms.counters["duplicate_meter_values"] += 1
             elif c.up is not None and tid is None:
                 c.up.send_live("MeterValues", _live_meter(c.up.version, samples))
+            elif tid is not None and (row is None or row.stopped is not None) and c.up is not None:
+                self.csms.counters["unknown_transaction"] += 1
+                self.csms.log_once(f"unknown-tx:{self.cbid}:{tid}", "MeterValues for an unknown or finished "
+                                   "transaction, not forwarded", charge_box_id=self.cbid, transaction_id=tid)
             c.publish()
             return {}
         if action == "StartTransaction":
@@ -617,7 +621,12 @@ class WallboxSession:
             self.csms.counters["duplicate_stop"] += 1
             return answer
         samples = conv.from_16(d.get("transactionData") or [])
-        assert c.up is not None
+        if c.up is None:  # the EVSE no longer goes upstream (configuration changed): just close it
+            self.csms.queue.mark_stopped(row.tx, d["timestamp"])
+            c.tx = None
+            c.energy_wh = meter
+            c.publish()
+            return answer
         c.up.stop_tx(row.tx, meter_stop_wh=meter, timestamp=d["timestamp"], reason16=d.get("reason", "Local"),
                      id_tag=d.get("idTag") or row.id_tag, samples=samples)
         if c.tx == row.tx:
