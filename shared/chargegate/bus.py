@@ -115,6 +115,12 @@ class Bus:
         self._client.disconnect()
         await asyncio.get_running_loop().run_in_executor(None, self._client.loop_stop)
 
+    def set_max_inflight(self, n: int) -> None:
+        """QoS 1 messages in flight at once (paho's default is 20). A service that publishes bursts
+        (the load controller: one setpoint per EVSE at once) raises it so a burst is not paced by
+        round trips to the broker."""
+        self._client.max_inflight_messages_set(max(1, n))
+
     def on_connect(self, fn: Callable[[], Awaitable[None] | None]) -> None:
         """Run ``fn`` after every (re)connect, e.g. to republish state."""
         self._on_connect.append(fn)
