@@ -60,6 +60,9 @@ class BusSettings:
     reconnect_min_s: float = 0.2
     reconnect_max_s: float = 2.0
     extra: dict[str, Any] = field(default_factory=dict)
+    # QoS 1 messages in flight at once. paho's default (20) paces a burst - the load controller's
+    # 200 setpoints after a grid limit, a poller's 200 statuses - by round trips to the broker.
+    max_inflight: int = 1000
 
 
 class Bus:
@@ -84,6 +87,7 @@ class Bus:
         client_id = f"{service}-{uuid.uuid4().hex[:8]}"
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
         self._client.max_queued_messages_set(10_000)
+        self._client.max_inflight_messages_set(max(1, settings.max_inflight))
         self._client.reconnect_delay_set(min_delay=1, max_delay=max(1, int(settings.reconnect_max_s)))
         if settings.username:
             self._client.username_pw_set(settings.username, settings.password)
@@ -114,12 +118,6 @@ class Bus:
             await asyncio.get_running_loop().run_in_executor(None, lambda: info.wait_for_publish(1.0))
         self._client.disconnect()
         await asyncio.get_running_loop().run_in_executor(None, self._client.loop_stop)
-
-    def set_max_inflight(self, n: int) -> None:
-        """QoS 1 messages in flight at once (paho's default is 20). A service that publishes bursts
-        (the load controller: one setpoint per EVSE at once) raises it so a burst is not paced by
-        round trips to the broker."""
-        self._client.max_inflight_messages_set(max(1, n))
 
     def on_connect(self, fn: Callable[[], Awaitable[None] | None]) -> None:
         """Run ``fn`` after every (re)connect, e.g. to republish state."""
