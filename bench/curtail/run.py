@@ -1,6 +1,9 @@
 """bench/curtail: from a CLS.EEDI limit at the operator's broker to the last of N simulated Modbus
 wallboxes holding its new setpoint.
 
+No grid meter (a simulated one would read N x 16 A, beyond a real meter's range): the limit is on
+the controllable devices (``limit_scope: controllable``), as §14a limits are.
+
 Chain: operator backend -> operator Mosquitto (TLS) -> SMGW simulator (brainpool HAN TLS, SOCKS5)
 -> smgw-link (CLS.EEDI) -> grid/limit/dso on the local Mosquitto -> load-controller -> setpoints ->
 evse-poller -> Modbus TCP write -> N Alfen simulators (evse_poller.sim). Every service runs as its
@@ -51,13 +54,22 @@ MAX_A = 16.0
 LOW_A = 8.0
 
 
+def unique_ports(n: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < n:
+        pt = free_port()
+        if pt not in ports:
+            ports.append(pt)
+    return ports
+
+
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     k = max(0, min(len(s) - 1, round(q / 100 * (len(s) - 1))))
     return s[k]
 
 
-def config_text(n: int, ports: list[int], meter_port: int, broker_port: int, pki: Any, sim_port: int, fwd: int,
+def config_text(n: int, ports: list[int], broker_port: int, pki: Any, sim_port: int, fwd: int,
                 store: Path, require_controller: bool) -> str:
     evses = "\n".join(
         f"  - {{id: wb{i:03d}, circuit: grid, max_current_a: {MAX_A}, modbus: {{profile: alfen-eve, host: 127.0.0.1,"
@@ -70,12 +82,8 @@ logging: {{level: warning}}
 circuits:
   - id: grid
     fuse_a: {int(n * MAX_A * 2)}
-    meter: grid-meter
 evses:
 {evses}
-meters:
-  - id: grid-meter
-    modbus: {{profile: sdm630, host: 127.0.0.1, port: {meter_port}, device_id: 1}}
 smgw:
   enabled: true
   gateway: {{host: 127.0.0.1, port: {sim_port}, trust_anchor: {pki.gateway_ca}, server_name: smgw.local}}
@@ -153,7 +161,7 @@ async def direct_only(args: argparse.Namespace) -> int:
 
     tmp = Path(args.dir or tempfile.mkdtemp(prefix="bench-curtail-"))
     n = args.evses
-    ports = [free_port() for _ in range(n)]
+    ports = unique_ports(n + 4)
     evses = "\n".join(f"  - {{id: wb{i:03d}, circuit: grid, max_current_a: {MAX_A}, modbus: {{profile: alfen-eve, "
                       f"host: 127.0.0.1, port: {ports[i]}, device_id: 1}}}}" for i in range(n))
     (tmp / "c.yaml").write_text(f"circuits: [{{id: grid, fuse_a: 4000}}]\nevses:\n{evses}\n")
@@ -188,14 +196,14 @@ async def main(args: argparse.Namespace) -> int:
     store = CertStore(tmp / "certs")
     store.import_pem("cls", pki.client_cert, pki.client_key)
     n = args.evses
-    ports = [free_port() for _ in range(n)]
+    ports = unique_ports(n + 4)
     op_broker = OperatorBroker(tmp / "operator", pki.operator_cert, pki.operator_key)
     op_broker.start()
     sim = SmgwSim(cert=pki.gateway_cert, key=pki.gateway_key, client_ca=pki.device_ca,
                   routes={"mqtt.operator.test:8883": ("127.0.0.1", op_broker.port)})
     await sim.start()
     path = tmp / "chargegate.yaml"
-    path.write_text(config_text(n, ports, free_port(), free_port(), pki, sim.port, free_port(), tmp / "certs",
+    path.write_text(config_text(n, ports, ports[n + 1], pki, sim.port, ports[n + 2], tmp / "certs",
                                 require_controller=full))
     cfg = cfgmod.load(path)
     broker = LocalBroker.prepare(cfg, persistence=False)
@@ -235,7 +243,13 @@ async def main(args: argparse.Namespace) -> int:
             mid = backend.limit(low_w, active=False)
             await backend.wait_reply(mid, 10)
             if full:
-                await wait_until(lambda: all(holds.current(e) == MAX_A for e in ids), 60, "release to maximum")
+                try:
+                    await wait_until(lambda: all(holds.current(e) == MAX_A for e in ids), 60, "release to maximum")
+                except TimeoutError:
+                    from collections import Counter
+
+                    print("wallbox currents:", Counter(holds.current(e) for e in ids), flush=True)
+                    raise
             else:
                 await wait_until(lambda: bool(limits) and not limits[-1][1].active, 10, "release on the bus")
             await asyncio.sleep(0.2)
