@@ -85,7 +85,26 @@ class Gateway:
             self.local.on_setpoint(sp)
 
     async def _housekeeping(self) -> None:
+        last_prune = float("-inf")
+        down_since: float | None = None
+        loop = asyncio.get_running_loop()
         while True:
+            if loop.time() - last_prune > 3600:
+                last_prune = loop.time()
+                self.queue.prune()  # finished, delivered transactions older than 60 days
+            connected = sum(1 for u in self.upstreams.values() if u.booted.is_set())
+            queued = self.queue.count()
+            if self.upstreams and connected < len(self.upstreams):
+                down_since = down_since or loop.time()
+            else:
+                down_since = None
+            if down_since is not None and loop.time() - down_since >= 30:  # grace for (re)connecting
+                self.ctx.status = p.HealthStatus.DEGRADED
+                self.ctx.detail = (f"{len(self.upstreams) - connected} of {len(self.upstreams)} charge points not "
+                                   f"registered at the backend; {queued} transaction messages queued")
+            else:
+                self.ctx.status = p.HealthStatus.ONLINE
+                self.ctx.detail = None
             self.ctx.counters["queue_length"] = self.queue.count()
             self.ctx.counters["queue_dropped"] = self.queue.dropped
             self.ctx.counters["queue_dead"] = self.queue.dead_count()
