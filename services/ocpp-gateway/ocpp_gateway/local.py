@@ -817,8 +817,13 @@ class LocalCsms:
             self.server.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.server.wait_closed(), 5)
+        for box in self.boxes.values():
+            box.session = None
         for c in self.connectors.values():
             c.close()
+            c.applied = None
+            with contextlib.suppress(Exception):
+                c.publish()  # offline: nobody reads these wallboxes any more
 
     def _refuse(self, conn: ServerConnection, status: int, why: str, cbid: str | None) -> Response:
         self.counters["local_refused"] += 1
