@@ -1,9 +1,10 @@
 """The load-controller service: bus in, pure ``step`` every cycle and on important changes, bus out.
 
 Reads ``evse/+/status``, ``meter/+/reading``, ``grid/limit/+``, ``evse/+/limit``, ``tariff/current``,
-``tariff/schedule``, ``link/smgw`` (and its own retained ``evse/+/setpoint`` at start-up, to go on
-from the setpoints in force). Writes ``evse/<id>/setpoint`` (on change and before expiry) and
-``controller/allocation`` (on change and every ``allocation_interval_s``).
+``tariff/schedule``, ``link/smgw`` (and, once at start-up on a short-lived connection, its own
+retained ``evse/+/setpoint``, to go on from the setpoints in force). Writes ``evse/<id>/setpoint``
+(on change and before expiry) and ``controller/allocation`` (on change and every
+``allocation_interval_s``).
 
 A cycle runs every ``cycle_s`` and at once when something important changes: a grid limit, an EVSE
 plugged or unplugged or going offline, an EVSE limit, the SMGW link, a tariff, a meter showing an
@@ -13,13 +14,14 @@ overdraw.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from chargegate import payloads as p
-from chargegate.bus import Message
+from chargegate.bus import Bus, Message
 from chargegate.config import Config
 from chargegate.runtime import ServiceContext, run_service
 from load_controller.controller import Decision, Inputs, Memory, step, wants_power
@@ -59,6 +61,7 @@ class LoadController:
         self.last_decision: Decision | None = None
         self.limit_arrived: dict[str, float] = {}  # source -> perf_counter() when it arrived
         self.cycle_done = asyncio.Event()  # set after every cycle (tests)
+        self.topics: dict[str, str] = {}
         self.configure(ctx.config)
 
     # -- configuration -----------------------------------------------------------------------------------
@@ -218,6 +221,12 @@ class LoadController:
         self.last_alloc_key = None
         self.trigger("connect")
 
+    def topic(self, evse_id: str) -> str:
+        t = self.topics.get(evse_id)
+        if t is None:
+            t = self.topics[evse_id] = self.ctx.registry.topic("evse.setpoint", evse_id=evse_id)
+        return t
+
     # -- the cycle ---------------------------------------------------------------------------------------
     def cycle(self) -> Decision | None:
         reasons = self.wake_reasons
@@ -237,8 +246,9 @@ class LoadController:
         if reasons - {"tick"}:
             self.counters["event_cycles"] += 1
         changed = self.publish_setpoints(decision, now)
-        self.publish_allocation(decision, solve_ms)
         done = time.perf_counter()
+        # the allocation (large, not urgent) after paho's thread has had a chance to send the setpoints
+        asyncio.get_running_loop().call_later(0.002, self.publish_allocation, decision, solve_ms)
         if "grid_limit" in reasons:
             for src, at in list(self.limit_arrived.items()):
                 self.log.info("grid limit applied", source=src, latency_ms=round((done - at) * 1000, 2),
@@ -254,6 +264,8 @@ class LoadController:
         valid_until = now + timedelta(seconds=validity)
         refresh_before = now + timedelta(seconds=validity / 2)
         changed = 0
+        ts = now.isoformat()
+        until = valid_until.isoformat()
         for d in decision.evses:
             last = self.published.get(d.evse_id)
             if last is not None and abs(last.current - d.current) < 1e-9 and last.phases == d.phases \
@@ -261,9 +273,8 @@ class LoadController:
                 continue
             seq = max(self.seq.get(d.evse_id, 0), self.seq_base) + 1
             self.seq[d.evse_id] = seq
-            sp = p.Setpoint(evse_id=d.evse_id, current_a=d.current, phases=d.phases, valid_until=valid_until,  # type: ignore[arg-type]
-                            source=SERVICE, seq=seq, reason=d.bound_by, ts=now)
-            self.bus.publish("evse.setpoint", sp, evse_id=d.evse_id)
+            self.bus.publish_raw(self.topic(d.evse_id), setpoint_json(d.evse_id, d.current, d.phases, until, seq,
+                                                                      d.bound_by, ts), qos=1, retain=True)
             if last is None or abs(last.current - d.current) >= 1e-9 or last.phases != d.phases:
                 changed += 1
                 self.log.debug("setpoint", evse_id=d.evse_id, current_a=d.current, phases=d.phases,
@@ -306,14 +317,27 @@ class LoadController:
         b.subscribe("tariff.current", self.on_tariff_current)
         b.subscribe("tariff.schedule", self.on_tariff_schedule)
         b.subscribe("link.smgw", self.on_link)
-        b.subscribe("evse.setpoint", self.on_setpoint)
         b.on_connect(self.on_connect)
+
+    async def recover_setpoints(self, settle_s: float) -> None:
+        """Read our own retained setpoints once (sequence numbers, what is in force) on a short-lived
+        connection, so that the setpoints we publish later are not echoed back to us."""
+        tmp = Bus(SERVICE, self.ctx.registry, self.bus.settings)
+        tmp.subscribe("evse.setpoint", self.on_setpoint)
+        try:
+            await tmp.start(wait=5)
+            await asyncio.sleep(settle_s)
+        except TimeoutError:
+            self.log.warning("could not read the setpoints in force at start-up; starting from scratch")
+        finally:
+            await tmp.stop()
 
     async def run(self, settle_s: float = 0.3) -> None:
         self.subscribe()
         self.ctx.on_reload(self.on_reload)
         await self.bus.connected.wait()
-        await asyncio.sleep(settle_s)  # let retained state arrive before the first decision
+        # let retained state arrive before the first decision
+        await asyncio.gather(self.recover_setpoints(settle_s), asyncio.sleep(settle_s))
         self.log.info("load controller running", evses=len(self.topo.evses), nodes=len(self.topo.nodes),
                       cycle_s=self.config.controller.cycle_s, floor_14a_w=round(self.topo.floor_w))
         loop = asyncio.get_running_loop()
@@ -337,6 +361,15 @@ class LoadController:
 
 async def serve(ctx: ServiceContext) -> None:
     await LoadController(ctx).run()
+
+
+def setpoint_json(evse_id: str, current: float, phases: int, valid_until: str, seq: int, reason: str,
+                  ts: str) -> bytes:
+    """A ``Setpoint`` payload, serialised directly (a cycle may publish hundreds at once; the tests check
+    that it validates as :class:`chargegate.payloads.Setpoint`)."""
+    return json.dumps({"v": p.SCHEMA_VERSION, "ts": ts, "evse_id": evse_id, "current_a": current, "phases": phases,
+                       "valid_until": valid_until, "source": SERVICE, "seq": seq, "reason": reason},
+                      separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def main() -> None:

@@ -1,0 +1,28 @@
+"""The service serialises setpoints itself (hundreds per cycle): they must validate as Setpoint."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chargegate import payloads as p
+from chargegate.topics import Registry
+from load_controller.service import setpoint_json
+
+
+@settings(max_examples=100, deadline=None)
+@given(current=st.floats(0, 80), phases=st.sampled_from([1, 3]), seq=st.integers(0, 2**53),
+       reason=st.sampled_from(["§14a_floor", "node:garage:L2", "grid_limit:dso", "evse_max", "min_current"]))
+def test_setpoint_json_is_a_valid_setpoint(current: float, phases: int, seq: int, reason: str) -> None:
+    now = p.utcnow()
+    data = setpoint_json("wb-1.a", current, phases, (now + timedelta(seconds=10)).isoformat(), seq, reason,
+                         now.isoformat())
+    reg = Registry()
+    parsed = reg.parse(reg.topic("evse.setpoint", evse_id="wb-1.a"), data)
+    assert parsed is not None, reg.invalid
+    sp = parsed[2]
+    assert isinstance(sp, p.Setpoint)
+    assert (sp.current_a, sp.phases, sp.seq, sp.reason, sp.source) == (current, phases, seq, reason, "load-controller")
+    assert sp.valid_until > sp.ts
