@@ -256,7 +256,7 @@ class UpstreamCP:
         while not self.stopped:
             try:
                 ws = await self._connect()
-            except (OSError, InvalidHandshake, TimeoutError, ssl.SSLError) as e:
+            except Exception as e:  # unreachable, refused, TLS, bad URL: all retried with backoff
                 self.counters["upstream_connect_failed"] += 1
                 if not self._down_logged:
                     self._down_logged = True
