@@ -343,3 +343,35 @@ async def test_backend_sim_http_control(env: Env, tmp_path: Path) -> None:
     await until(lambda: not env.gw.upstreams["wb16"].booted.is_set(), what="gateway noticed the backend left")
     assert (await loop.run_in_executor(None, get, "/up")) == {"listening": True}
     await until(lambda: env.gw.upstreams["wb16"].booted.is_set(), 10, what="gateway back at the backend")
+
+
+async def test_201_backend_commands_to_16_wallbox(env: Env) -> None:
+    b, w = env.backend, env.wbup
+    res = await b.call("UP-201", "RequestStartTransaction", {"idToken": {"idToken": "R-201", "type": "Central"},
+                                                             "remoteStartId": 7})
+    assert res["status"] == "Accepted"
+    assert ("RemoteStartTransaction", {"idTag": "R-201", "connectorId": 1}) in w.received
+    w.plug(1)
+    await until(lambda: any(s.id_tag == "R-201" for s in b.transactions("UP-201")), what="remote started session")
+    tid = next(s.transaction_id for s in b.transactions("UP-201") if s.id_tag == "R-201")
+    res = await b.call("UP-201", "RequestStopTransaction", {"transactionId": tid})
+    assert res["status"] == "Accepted"
+    local = [pl for a, pl in w.received if a == "RemoteStopTransaction"][-1]["transactionId"]
+    assert str(local) == w.tx_ids[next(iter(k for k, v in w.tx_ids.items() if str(v) == str(local)))]
+    await until(lambda: any(s.transaction_id == tid and s.meter_stop is not None
+                            for s in b.transactions("UP-201")), what="remote stopped")
+    w.unplug(1)
+    res = await b.call("UP-201", "Reset", {"type": "Immediate"})
+    assert res["status"] == "Accepted" and w.received[-1] == ("Reset", {"type": "Hard"})
+    res = await b.call("UP-201", "TriggerMessage", {"requestedMessage": "StatusNotification"})
+    assert res["status"] == "Accepted"
+    res = await b.call("UP-201", "TriggerMessage", {"requestedMessage": "TransactionEvent"})
+    assert res["status"] == "NotImplemented"  # a 1.6 wallbox has no TransactionEvent
+    res = await b.call("UP-201", "GetVariables", {"getVariableData": [
+        {"component": {"name": "OCPPCommCtrlr"}, "variable": {"name": "HeartbeatInterval"}}]})
+    assert res["getVariableResult"][0]["attributeStatus"] == "UnknownComponent"
+    res = await b.call("UP-201", "UnlockConnector", {"evseId": 1, "connectorId": 1})
+    assert res["status"] == "Unlocked"
+    res = await b.call("UP-201", "RequestStopTransaction", {"transactionId": "nope"})
+    assert res["status"] == "Rejected"
+    assert b.errors_sent() == []
