@@ -152,6 +152,11 @@ class Config(Strict):
             for ev in r.evses:
                 if ev not in ids:
                     errs.append(f"rule {r.id}: unknown evse {ev!r}")
+            rule_meter = getattr(r, "meter", None)
+            if rule_meter is not None and rule_meter not in mids:
+                errs.append(f"rule {r.id}: unknown meter {rule_meter!r}")
+            if r.type == "solar" and rule_meter is None and self.root_circuit.meter is None:
+                errs.append(f"rule {r.id}: a solar rule needs a meter (rule meter or the root circuit's)")
         if errs:
             raise ValueError("; ".join(errs))
         return self
