@@ -13,7 +13,7 @@ import pytest
 
 from chargegate import payloads as p
 from chargegate.bus import Bus, Message
-from chargegate.runtime import start_context, stop_context
+from chargegate.runtime import ServiceContext, start_context, stop_context
 from conftest import BrokerHandle, connected_bus, make_config, wait_for
 from load_controller.service import LoadController
 
@@ -52,6 +52,8 @@ class Env:
     poller: Bus
     smgw: Bus
     observer: Bus
+    task: asyncio.Task[None] | None = None
+    ctx: ServiceContext | None = None
     setpoints: dict[str, list[p.Setpoint]] = field(default_factory=dict)
     allocations: list[p.Allocation] = field(default_factory=list)
 
@@ -106,14 +108,17 @@ async def env(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory) ->
     observer.subscribe("evse.setpoint", on_sp)
     observer.subscribe("controller.allocation", on_alloc)
     await asyncio.sleep(0.2)
-    task = asyncio.create_task(ctl.run(settle_s=0.1))
+    e.ctx = ctx
+    e.task = asyncio.create_task(ctl.run(settle_s=0.1))
     try:
         yield e
     finally:
-        task.cancel()
+        if e.task is not None:
+            e.task.cancel()
         for b in (poller, smgw, observer):
             await b.stop()
-        await stop_context(ctx)
+        if e.ctx is not None:
+            await stop_context(e.ctx)
 
 
 async def test_statuses_and_reading_give_setpoints(env: Env) -> None:
@@ -215,3 +220,43 @@ async def test_setpoints_are_refreshed_before_they_expire(env: Env) -> None:
     await wait_for(lambda: (s := env.last("wb1")) is not None and s.valid_until > first.valid_until, timeout=8)
     s = env.last("wb1")
     assert s is not None and s.current_a == first.current_a and s.seq > first.seq
+
+
+async def test_link_loss_starts_the_failsafe_and_a_new_limit_ends_it(env: Env) -> None:
+    env.smgw.publish("link.smgw", p.SmgwLinkStatus(state=p.LinkState.UP))
+    await wait_for(lambda: (s := env.last("wb1")) is not None and s.current_a == 16)
+    env.smgw.publish("link.smgw", p.SmgwLinkStatus(state=p.LinkState.DOWN, since=p.utcnow()))
+    # failsafe 4.2 kW, raised to the floor for two controllable EVSEs (7.56 kW): 8.2 A each
+    await wait_for(lambda: (s := env.last("wb1")) is not None and s.current_a == 8.2, timeout=3)
+    assert env.ctl.last_decision is not None
+    fs = env.ctl.last_decision.limits["failsafe"]
+    assert fs is not None and fs["cause"] == "SMGW link lost" and fs["raised_to_floor"]
+    env.smgw.publish("link.smgw", p.SmgwLinkStatus(state=p.LinkState.UP))
+    await asyncio.sleep(0.3)
+    assert env.last("wb1").current_a == 8.2  # type: ignore[union-attr]  # holds after the link is back
+    env.limit("dso", active=False)  # a new operator message ends it
+    await wait_for(lambda: (s := env.last("wb1")) is not None and s.current_a == 16, timeout=5)
+
+
+async def test_restart_goes_on_from_the_retained_state(env: Env, broker: BrokerHandle) -> None:
+    # a DSO limit in force, then the controller is restarted
+    env.limit("dso", active=True, power_w=9200)
+    await wait_for(lambda: (s := env.last("wb1")) is not None and s.current_a == 10.0)
+    last_seq = env.last("wb1").seq  # type: ignore[union-attr]
+    assert env.task is not None and env.ctx is not None
+    env.task.cancel()
+    await stop_context(env.ctx)
+    env.ctx = None
+    cfg = env.ctl.config
+    ctx = await start_context("load-controller", cfg, None, connect_timeout=5)
+    env.ctx = ctx
+    ctl = LoadController(ctx)
+    env.ctl = ctl
+    env.task = asyncio.create_task(ctl.run(settle_s=0.3))
+    # statuses, the reading and the limit come back as retained messages
+    await wait_for(lambda: ctl.started and "dso" in ctl.inputs.grid_limits and len(ctl.inputs.statuses) == 2)
+    await wait_for(lambda: (s := env.last("wb1")) is not None and s.seq > last_seq)
+    s = env.last("wb1")
+    assert s is not None and s.current_a == 10.0 and s.reason == "grid_limit:dso"
+    assert ctl.seq["wb1"] > last_seq
+    env.limit("dso", active=False)

@@ -154,7 +154,8 @@ class LoadController:
         self.inputs.grid_limits[lim.source.value] = lim
         self.counters["grid_limits_received"] += 1
         if prev is None or prev.model_dump(exclude={"ts"}) != lim.model_dump(exclude={"ts"}) or not msg.retained:
-            self.limit_arrived[lim.source.value] = time.perf_counter()
+            if self.started:
+                self.limit_arrived[lim.source.value] = time.perf_counter()
             self.log.info("grid limit received", source=lim.source.value, active=lim.active, power_w=lim.power_w,
                           current_a=lim.current_a, scope=lim.scope.value if lim.scope else None,
                           valid_until=lim.valid_until.isoformat())

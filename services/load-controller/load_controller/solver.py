@@ -417,8 +417,8 @@ def _fill(members: list[int], demands: list[Demand], modes: dict[int, Mode],
             x = hi[j] if level >= hi[j] else (lo[j] if level <= lo[j] else level)
             active[j] = False
             val[j] = x
-            if x < hi[j] - 1e-9:
-                bound[j] = k
+            if x < hi[j] - 1e-9 or (level <= hi[j] + 1e-9 and modes[members[j]].hi_label == "ramp"):
+                bound[j] = k  # below its cap, or tight exactly at a mere ramp step: name the constraint
             for k2, a2 in coefs_of[members[j]]:
                 base[k2] += a2 * x
                 act_lo[k2] -= a2 * lo[j]
