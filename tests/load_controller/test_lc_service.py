@@ -54,6 +54,7 @@ class Env:
     observer: Bus
     task: asyncio.Task[None] | None = None
     ctx: ServiceContext | None = None
+    states: dict[str, dict[str, object]] = field(default_factory=dict)
     setpoints: dict[str, list[p.Setpoint]] = field(default_factory=dict)
     allocations: list[p.Allocation] = field(default_factory=list)
 
@@ -62,8 +63,19 @@ class Env:
         return got[-1] if got else None
 
     def status(self, evse_id: str, iec: str = "C", state: str = "charging", **kw: object) -> None:
-        st = p.EvseStatus(evse_id=evse_id, online=True, state=state, iec_state=iec, **kw)  # type: ignore[arg-type]
+        self.states[evse_id] = {"iec_state": iec, "state": state, **kw}
+        self.publish_status(evse_id)
+
+    def publish_status(self, evse_id: str) -> None:
+        st = p.EvseStatus(evse_id=evse_id, online=True, **self.states[evse_id])  # type: ignore[arg-type]
         self.poller.publish("evse.status", st, evse_id=evse_id)
+
+    async def poll(self) -> None:
+        """Like a poller: every EVSE's status again every second."""
+        while True:
+            await asyncio.sleep(1.0)
+            for evse_id in self.states:
+                self.publish_status(evse_id)
 
     def reading(self, current: list[float]) -> None:
         self.poller.publish("meter.reading", p.MeterReading(meter_id="grid-meter", current_a=current),
@@ -110,9 +122,11 @@ async def env(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory) ->
     await asyncio.sleep(0.2)
     e.ctx = ctx
     e.task = asyncio.create_task(ctl.run(settle_s=0.1))
+    polling = asyncio.create_task(e.poll())
     try:
         yield e
     finally:
+        polling.cancel()
         if e.task is not None:
             e.task.cancel()
         for b in (poller, smgw, observer):
@@ -234,7 +248,10 @@ async def test_link_loss_starts_the_failsafe_and_a_new_limit_ends_it(env: Env) -
     env.smgw.publish("link.smgw", p.SmgwLinkStatus(state=p.LinkState.UP))
     await asyncio.sleep(0.3)
     assert env.last("wb1").current_a == 8.2  # type: ignore[union-attr]  # holds after the link is back
-    env.limit("dso", active=False)  # a new operator message ends it
+    env.limit("dso", active=False)  # the same message again (a heartbeat): not a new limit
+    await asyncio.sleep(0.3)
+    assert env.last("wb1").current_a == 8.2  # type: ignore[union-attr]
+    env.limit("dso", active=False, id="clseedi:4711")  # a new operator message ends it
     await wait_for(lambda: (s := env.last("wb1")) is not None and s.current_a == 16, timeout=5)
 
 

@@ -76,6 +76,7 @@ class Memory:
     meter_seen: dict[str, datetime] = field(default_factory=dict)  # newest reading checked for overdraw
     non_ev: dict[int, list[float]] = field(default_factory=dict)  # last known non-EV load per node
     failsafe: FailsafeState | None = None
+    failsafe_cleared_at: datetime | None = None  # ended early by a new limit at (its triggers are spent)
     imbalance_caps: list[float] | None = None  # warm start for the phase-imbalance bound
     cycle: int = 0
 
@@ -293,7 +294,8 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
         limit_infos.append(lg.info)
         if lg.warning:
             warnings.append(lg.warning)
-    fs = failsafe_state(cfg, inputs.grid_limits, inputs.link, memory.failsafe, now)
+    fs, new.failsafe_cleared_at = failsafe_state(cfg, inputs.grid_limits, inputs.link, memory.failsafe, now,
+                                                 memory.failsafe_cleared_at)
     new.failsafe = fs
     fs_info: dict[str, Any] | None = None
     if fs is not None:

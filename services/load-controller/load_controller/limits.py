@@ -20,10 +20,33 @@ class FailsafeState:
     until: datetime
     cause: str
     power_w: float
+    signature: tuple[Any, ...] = ()  # the operator limits in force when it began
 
 
 def _operator_limits(limits: dict[str, p.GridLimit]) -> list[p.GridLimit]:
     return [lim for lim in limits.values() if lim.source in OPERATOR_SOURCES]
+
+
+def is_failsafe_publication(lim: p.GridLimit) -> bool:
+    """smgw-link publishes its own failsafe as the operator's limit, marked ``id: failsafe``."""
+    return lim.id == "failsafe"
+
+
+def operator_signature(limits: dict[str, p.GridLimit]) -> tuple[Any, ...]:
+    """What the operators currently say, without timestamps and expiry (heartbeats repeat it)."""
+    out = []
+    for lim in sorted(_operator_limits(limits), key=lambda x: x.source.value):
+        if is_failsafe_publication(lim):
+            continue
+        out.append((lim.source.value, lim.active, lim.power_w, tuple(lim.current_a) if lim.current_a else None,
+                    lim.scope.value if lim.scope else None, lim.id))
+    return tuple(out)
+
+
+def _new_limit_since(entry: tuple[Any, ...], now_sig: tuple[Any, ...]) -> bool:
+    """Whether an operator said something new: a source whose (non-failsafe) limit changed or appeared."""
+    before = {x[0]: x for x in entry}
+    return any(before.get(x[0]) != x for x in now_sig)
 
 
 def failsafe_params(cfg: Controller, limits: dict[str, p.GridLimit]) -> tuple[float, float]:
@@ -46,32 +69,43 @@ def failsafe_params(cfg: Controller, limits: dict[str, p.GridLimit]) -> tuple[fl
 
 
 def link_lost_at(cfg: Controller, link: p.SmgwLinkStatus | None, now: datetime) -> datetime | None:
-    """When the SMGW link counts as lost (None: it does not)."""
+    """When the SMGW link counts as lost (None: it does not). smgw-link says ``connecting`` while the
+    link has been lost for less than its grace and ``down`` after it, with ``since`` = when it was
+    lost: ``down`` counts from since + grace but no later than the message itself (a ``down`` from
+    elsewhere counts at once); ``connecting`` counts once it has lasted ``link_loss_grace_s``."""
     if link is None or not cfg.failsafe_on_link_loss:
         return None
     since = link.since or link.ts
+    grace = timedelta(seconds=cfg.link_loss_grace_s)
     if link.state == p.LinkState.DOWN:
-        at = since
+        at = min(since + grace, link.ts)
     elif link.state == p.LinkState.CONNECTING:
-        at = since + timedelta(seconds=cfg.link_loss_grace_s)
+        at = since + grace
     else:
         return None
     return at if at <= now else None
 
 
 def failsafe_state(cfg: Controller, limits: dict[str, p.GridLimit], link: p.SmgwLinkStatus | None,
-                   previous: FailsafeState | None, now: datetime) -> FailsafeState | None:
-    """The failsafe in force at ``now``.
+                   previous: FailsafeState | None, now: datetime,
+                   cleared_at: datetime | None = None) -> tuple[FailsafeState | None, datetime | None]:
+    """The failsafe in force at ``now``, and the moment it was last ended by a new limit.
 
     Entered when an operator limit (dso, supplier) expires while active, or when the SMGW link is
     lost (if configured); held for the failsafe duration from that moment, unless a new operator
-    limit (active or not, not expired) arrives after it. Derived from the retained inputs, so a
-    restarted controller reconstructs it; ``previous`` keeps it when the trigger itself goes away
-    (the link flapping back up).
+    limit arrives - one whose content differs from what the operators said when it began (a
+    heartbeat repeating the same limit, or smgw-link publishing its own failsafe, is not new).
+    Derived from the retained inputs, so a restarted controller reconstructs it; ``previous`` keeps
+    it when the trigger itself goes away (the link coming back), ``cleared_at`` keeps an ended
+    failsafe from being entered again by the same old trigger.
     """
     power, duration = failsafe_params(cfg, limits)
-    fresh = [lim.ts for lim in _operator_limits(limits) if now < lim.valid_until]
-    newest_ts = max(fresh) if fresh else None
+    sig = operator_signature(limits)
+    state = previous
+    if state is not None and (now >= state.until or _new_limit_since(state.signature, sig)):
+        if now < state.until:
+            cleared_at = now
+        state = None
     triggers: list[tuple[datetime, str]] = []
     for lim in _operator_limits(limits):
         if lim.active and now >= lim.valid_until:
@@ -79,18 +113,17 @@ def failsafe_state(cfg: Controller, limits: dict[str, p.GridLimit], link: p.Smgw
     lost = link_lost_at(cfg, link, now)
     if lost is not None:
         triggers.append((lost, "SMGW link lost"))
-    state = previous
     for at, cause in triggers:
-        if newest_ts is not None and newest_ts > at:
+        if cleared_at is not None and at <= cleared_at:
             continue
         until = at + timedelta(seconds=duration)
         if until <= now:
             continue
-        if state is None or until > state.until:
-            state = FailsafeState(since=at, until=until, cause=cause, power_w=power)
-    if state is not None and (now >= state.until or (newest_ts is not None and newest_ts > state.since)):
-        state = None
-    return state
+        if state is None:
+            state = FailsafeState(since=at, until=until, cause=cause, power_w=power, signature=sig)
+        elif until > state.until:
+            state = FailsafeState(since=at, until=until, cause=cause, power_w=power, signature=state.signature)
+    return state, cleared_at
 
 
 @dataclass(slots=True)
