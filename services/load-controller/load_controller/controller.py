@@ -557,6 +557,7 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
         "imbalance_a": round(sol.imbalance, 2),
         "usage_a": {k: round(x, 2) for k, x in sol.usage.items()},
         "capacity_a": {k: round(x, 2) for k, x in sol.capacity.items()},
+        "warnings": warnings,
     }
     return Decision(cycle=new.cycle, evses=out, limits=limits, warnings=warnings, solution=sol), new
 
