@@ -693,7 +693,10 @@ class WallboxSession:
             c.update_readings(samples)
         if info.get("chargingState"):
             c.charging_state = info["chargingState"]
-            if c.status16 not in ("Unavailable", "Faulted"):
+            # "Idle" (e.g. in the Ended event) does not say a car is there: after the wallbox reported the
+            # connector Available (the StatusNotification may overtake the transaction message), keep it
+            if c.status16 not in ("Unavailable", "Faulted") and not (c.status16 == "Available"
+                                                                       and c.charging_state == "Idle"):
                 c.set_status16(conv.status16_from201("Occupied", c.charging_state))
         ev = d["eventType"]
         energy = conv.energy_of(samples)
