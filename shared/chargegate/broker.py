@@ -70,7 +70,7 @@ def render_acl(root: str) -> str:
     for svc in SERVICES:
         lines += [f"user {svc}", f"topic read {root}/#"]
         for spec in SPECS:
-            if "service" in spec.params:  # per-service topics: only its own
+            if "service" in spec.params and spec.own_only:  # per-service state: only its own
                 if svc in spec.writers:
                     lines.append(f"topic write {reg.topic(spec.name, service=svc)}")
             elif svc in spec.writers:

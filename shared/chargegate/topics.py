@@ -39,6 +39,9 @@ class TopicSpec:
     qos: int
     writers: tuple[str, ...]
     doc: str = ""
+    # per-service topics (``{service}`` in the pattern): True = each writer writes only its own
+    # (health, log); False = the writers address any service (commands)
+    own_only: bool = True
     params: tuple[str, ...] = field(init=False)
     _regex: re.Pattern[str] = field(init=False, repr=False)
 
@@ -85,8 +88,9 @@ SPECS: tuple[TopicSpec, ...] = (
               "per service: online/offline (last will), version, uptime, config version, counters"),
     TopicSpec("service.log", "service/{service}/log", p.LogRecord, False, 0, SERVICES,
               "per service: log events (info and above) for remote reading"),
-    TopicSpec("service.command", "service/{service}/command", p.ServiceCommand, False, 1, (),
-              "reload/restart requests to a service (written by the admin account)"),
+    TopicSpec("service.command", "service/{service}/command", p.ServiceCommand, False, 1, ("smgw-link",),
+              "reload/restart requests to a service (written by the admin account and smgw-link's admin API)",
+              own_only=False),
 )
 
 

@@ -67,6 +67,12 @@ CASES = [
     ("observer", "evse/wb1/status", False),
     ("observer", "grid/limit/dso", False),
     ("admin", "service/evse-poller/command", True),
+    ("smgw-link", "service/evse-poller/command", True),  # the admin API sends reload/restart
+    ("smgw-link", "service/smgw-link/command", True),
+    ("smgw-link", "service/evse-poller/health", False),  # health and logs stay per service
+    ("smgw-link", "service/evse-poller/log", False),
+    ("evse-poller", "service/ocpp-gateway/command", False),
+    ("load-controller", "service/load-controller/command", False),
     ("admin", "grid/limit/dso", False),
     ("sim", "sim/wb1/command", True),
     ("sim", "evse/wb1/setpoint", False),
@@ -115,6 +121,12 @@ def test_acl_generated_from_registry() -> None:
     assert "user load-controller\ntopic read site/#\ntopic write site/evse/+/setpoint" in acl
     assert "topic write site/service/evse-poller/health" in acl
     assert "readwrite site/#" not in acl
+    assert "user smgw-link\ntopic read site/#" in acl
+    smgw = acl.split("user smgw-link\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert "topic write site/service/+/command" in smgw
+    assert "topic write site/service/smgw-link/health" in smgw and "topic write site/service/+/health" not in smgw
+    poller = acl.split("user evse-poller\n", 1)[1].split("\n\n", 1)[0]
+    assert "command" not in poller.replace("evse/+/command/result", "")
 
 
 def test_password_hash_format() -> None:
