@@ -103,6 +103,7 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=200)
     ap.add_argument("--evses-per-board", type=int, default=10)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--no-gc-tuning", action="store_true", help="measure without the service's GC tuning")
     args = ap.parse_args()
     cfg, inputs, rnd = build(args.evses_per_board, args.seed)
     topo = Topology(cfg)
@@ -129,6 +130,10 @@ def main() -> None:
     import load_controller.controller as ctl_mod
 
     ctl_mod.solve = timed_solve  # type: ignore[assignment]
+    if not args.no_gc_tuning:
+        from load_controller.service import tune_gc
+
+        tune_gc()  # as the service does after start-up
     warm = 20
     charging = 0
     for c in range(args.cycles + warm):

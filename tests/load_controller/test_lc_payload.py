@@ -26,3 +26,22 @@ def test_setpoint_json_is_a_valid_setpoint(current: float, phases: int, seq: int
     assert isinstance(sp, p.Setpoint)
     assert (sp.current_a, sp.phases, sp.seq, sp.reason, sp.source) == (current, phases, seq, reason, "load-controller")
     assert sp.valid_until > sp.ts
+
+
+def test_allocation_json_is_a_valid_allocation() -> None:
+    from lc_harness import SCENARIOS, run_scenario
+
+    from load_controller.service import allocation_json
+
+    runner = run_scenario(SCENARIOS / "08_dso_limit_two_evses.json")
+    decision = runner.history[-1]
+    reg = Registry()
+    parsed = reg.parse(reg.topic("controller.allocation"), allocation_json(decision, 1.234, p.utcnow().isoformat()))
+    assert parsed is not None, reg.invalid
+    alloc = parsed[2]
+    assert isinstance(alloc, p.Allocation)
+    assert [(a.evse_id, a.current_a, a.bound_by) for a in alloc.evses] == [("wb1", 10.9, "§14a_floor"),
+                                                                          ("wb2", 0.0, "min_current")]
+    assert alloc.limits["grid_limits"][0]["raised_to_floor"] is True
+    assert any("§14a floor" in w for w in alloc.limits["warnings"])
+    assert alloc.solve_ms == 1.234 and alloc.cycle == decision.cycle

@@ -121,7 +121,7 @@ async def env(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory) ->
     observer.subscribe("controller.allocation", on_alloc)
     await asyncio.sleep(0.2)
     e.ctx = ctx
-    e.task = asyncio.create_task(ctl.run(settle_s=0.1))
+    e.task = asyncio.create_task(ctl.run(settle_s=0.1, tune=False))
     polling = asyncio.create_task(e.poll())
     try:
         yield e
@@ -269,7 +269,7 @@ async def test_restart_goes_on_from_the_retained_state(env: Env, broker: BrokerH
     env.ctx = ctx
     ctl = LoadController(ctx)
     env.ctl = ctl
-    env.task = asyncio.create_task(ctl.run(settle_s=0.3))
+    env.task = asyncio.create_task(ctl.run(settle_s=0.3, tune=False))
     # statuses, the reading and the limit come back as retained messages
     await wait_for(lambda: ctl.started and "dso" in ctl.inputs.grid_limits and len(ctl.inputs.statuses) == 2)
     await wait_for(lambda: (s := env.last("wb1")) is not None and s.seq > last_seq)
