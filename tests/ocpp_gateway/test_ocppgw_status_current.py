@@ -1,6 +1,10 @@
 """The bus status of an OCPP EVSE once the car has left, found by the system fault-injection suite
 (tests/system):
 
+* it reports no current, whatever the last MeterValues said: the status kept the currents of the last
+  MeterValues (state ``available``, 6.2 A per phase) until the next session; the load controller
+  subtracted that phantom current from the grid meter, underestimated the house load and overloaded
+  the fuse for as long as it lasted;
 * a 2.0.1 wallbox's StatusNotification ``Available`` may overtake its TransactionEvent ``Ended``
   (chargingState ``Idle``): the gateway then turned the connector back to ``Preparing`` (to the bus
   and to the backend) although no car was there."""
@@ -59,6 +63,24 @@ async def rig(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory
         await g.stop()
         await obs.stop()
         await backend.stop()
+
+
+@pytest.mark.parametrize("evse", ["cur16", "cur201"])
+async def test_no_current_once_the_car_has_left(rig: tuple[dict[str, p.EvseStatus], dict[str, WallboxSim]],
+                                                evse: str) -> None:
+    status, boxes = rig
+    w = boxes[evse]
+    w.plug(1, phases=3, max_current_a=10)
+    # charging on the wallbox's safe profile; the MeterValues bring its phase currents to the bus
+    await until(lambda: evse in status and status[evse].state == p.EvseState.CHARGING
+                and min(status[evse].current_a) > 5, 10, what="charging current on the bus")
+    w.unplug(1)
+    await until(lambda: status[evse].state == p.EvseState.AVAILABLE, 10, what=f"available ({status[evse]})")
+    await until(lambda: w.pending_tx_messages() == 0, 10, what="transaction messages answered")
+    st = status[evse]
+    assert st.current_a == [0.0, 0.0, 0.0], st
+    assert st.power_w in (None, 0.0)
+    assert st.phases_in_use == 0
 
 
 async def test_201_available_after_the_car_left(rig: tuple[dict[str, p.EvseStatus], dict[str, WallboxSim]]) -> None:

@@ -135,12 +135,18 @@ class Connector:
             energy = float(self.energy_wh) if self.energy_wh is not None else e0
             session = p.Session(id=str(self.local_tx["id"]), started=_dt(self.local_tx["started"]),
                                 energy_start_wh=e0, energy_wh=max(0.0, energy - e0), id_tag=self.local_tx["id_tag"])
-        phases_in_use = sum(1 for a in self.current_a if a > 0.5) if state == p.EvseState.CHARGING else 0
+        charging = state == p.EvseState.CHARGING
+        phases_in_use = sum(1 for a in self.current_a if a > 0.5) if charging else 0
+        # currents and power come from the last MeterValues, which may be a whole sample interval old:
+        # an EVSE that is not charging draws nothing, whatever its last sample said (a load controller
+        # that subtracts a stale current from its grid meter would underestimate the other loads)
+        current = [max(0.0, min(1000.0, a)) for a in self.current_a] if charging else [0.0, 0.0, 0.0]
+        power = (float(self.power_w) if charging else 0.0) if self.power_w is not None else None
         st = p.EvseStatus(
             evse_id=self.evse.id, online=online, state=state, iec_state=iec,
             raw_state=self.status16 if online else None,
-            phases_in_use=phases_in_use, current_a=[max(0.0, min(1000.0, a)) for a in self.current_a],
-            power_w=float(self.power_w) if self.power_w is not None else None,
+            phases_in_use=phases_in_use, current_a=current,
+            power_w=power,
             energy_wh=float(self.energy_wh) if self.energy_wh is not None else None,
             session=session, applied=self.applied if online else None,
             reason=None if online else "wallbox not connected",
@@ -149,6 +155,8 @@ class Connector:
         self.csms.bus.publish("evse.status", st, evse_id=self.evse.id)
 
     def set_status16(self, status16: str, error16: str = "NoError", info: str | None = None) -> None:
+        if status16 != "Charging":
+            self.current_a = [0.0, 0.0, 0.0]  # no energy flows; the next MeterValues tells when it does again
         self.status16, self.error16, self.info = status16, error16, info
         self.publish()
         if self.up is not None:
