@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from chargegate.config.base import Ident, Port, Secret, Strict
 from chargegate.config.controller import Controller
@@ -24,8 +24,9 @@ from chargegate.config.smgw import Smgw
 from chargegate.topics import SERVICES, format_loc
 
 __all__ = [
-    "Admin", "Broker", "Circuit", "Config", "ConfigError", "Controller", "Evse", "Logging", "Meter",
-    "ModbusConnection", "Ocpp", "Poller", "Secret", "Site", "Smgw", "load", "loads", "validate_data",
+    "Admin", "AdminClient", "AdminTls", "Broker", "Circuit", "Config", "ConfigError", "Controller", "Evse",
+    "Logging", "Meter", "ModbusConnection", "Ocpp", "Poller", "Secret", "Site", "Smgw", "load", "loads",
+    "resolve_paths", "validate_data",
 ]
 
 
@@ -82,12 +83,62 @@ class AdminToken(Strict):
     token: Secret
 
 
+class AdminClient(Strict):
+    """A TLS client certificate of the local admin listener mapped to a role."""
+
+    name: str = Field(min_length=1, max_length=64)
+    role: Literal["admin", "operator", "viewer"]
+    sha256: str | None = Field(default=None, pattern=r"^([0-9A-Fa-f]{2}:?){31}[0-9A-Fa-f]{2}$",
+                               description="fingerprint of the client certificate")
+    common_name: str | None = Field(default=None, min_length=1, max_length=128,
+                                    description="subject CN of a certificate issued by admin.tls.client_ca_file")
+
+    @field_validator("sha256")
+    @classmethod
+    def _norm(cls, v: str | None) -> str | None:
+        return v.replace(":", "").lower() if v else v
+
+    @model_validator(mode="after")
+    def _one(self) -> AdminClient:
+        if (self.sha256 is None) == (self.common_name is None):
+            raise ValueError("an admin client needs exactly one of sha256 or common_name")
+        return self
+
+
+class AdminTls(Strict):
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = Field(default=None, description="CA of admin client certificates; clients "
+                                                                  "may then log in with a certificate")
+
+
 class Admin(Strict):
     enabled: bool = False
     host: str = "127.0.0.1"
     port: Port = 8091
     tokens: list[AdminToken] = Field(default_factory=list)
     keep_versions: int = Field(default=20, ge=1, le=1000)
+    tls: AdminTls | None = Field(default=None, description="serve the local admin API over TLS")
+    clients: list[AdminClient] = Field(default_factory=list, description="client certificates -> roles "
+                                                                         "(local TLS listener only)")
+    switch_timeout_s: float = Field(default=60.0, gt=0, le=3600,
+                                    description="a new SMGW client certificate must bring the link up within "
+                                                "this time, else the previous one is restored")
+    log_buffer: int = Field(default=1000, ge=10, le=100_000, description="recent log events kept for the API")
+    audit_file: Path | None = Field(default=None, description="default state_dir/admin/audit.jsonl")
+    history_dir: Path | None = Field(default=None, description="configuration versions; default "
+                                                               "<config dir>/.chargegate-history")
+
+    @model_validator(mode="after")
+    def _unique(self) -> Admin:
+        names = [t.name for t in self.tokens] + [c.name for c in self.clients]
+        if len(set(names)) != len(names):
+            raise ValueError("admin token and client names must be unique (they appear in the audit log)")
+        if self.clients and (self.tls is None):
+            raise ValueError("admin.clients need admin.tls (client certificates are only seen over TLS)")
+        if any(c.common_name for c in self.clients) and (self.tls is None or self.tls.client_ca_file is None):
+            raise ValueError("admin.clients with common_name need admin.tls.client_ca_file")
+        return self
 
 
 class Config(Strict):
@@ -211,12 +262,17 @@ def load(path: str | Path) -> Config:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(str(path), [("", f"cannot read: {e.strerror}")]) from None
-    cfg = loads(text, str(path))
+    return resolve_paths(loads(text, str(path)), path)
+
+
+def resolve_paths(cfg: Config, path: str | Path) -> Config:
+    """What :func:`load` does after validation: the ``CHARGEGATE_STATE_DIR`` override and a relative
+    ``state_dir`` taken from the configuration file's folder (so the digest matches a loaded file)."""
     override = os.environ.get("CHARGEGATE_STATE_DIR")
     if override:
         cfg.state_dir = Path(override)
     if not cfg.state_dir.is_absolute():
-        cfg.state_dir = (path.parent / cfg.state_dir).resolve()
+        cfg.state_dir = (Path(path).parent / cfg.state_dir).resolve()
     return cfg
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from chargegate.config import Config, ConfigError, loads, validate_data
+from chargegate.config import Config, ConfigError, loads, resolve_paths, validate_data
 
 _VERSION_FILE = re.compile(r"^(\d{8}T\d{6}\d{6}Z)-([0-9a-f]{12})\.yaml$")
 
@@ -94,7 +94,12 @@ class ConfigStore:
         return data
 
     def current(self) -> Config:
-        return loads(self.text(), str(self.path))
+        return self.parse(self.text(), str(self.path))
+
+    def parse(self, text: str, source: str = "new configuration") -> Config:
+        """Validate ``text`` as this file would be loaded (paths resolved: the digest is the version
+        the services report after loading it)."""
+        return resolve_paths(loads(text, source), self.path)
 
     def versions(self) -> list[Version]:
         if not self.history_dir.exists():
@@ -109,7 +114,7 @@ class ConfigStore:
     # -- changing ----------------------------------------------------------------------------
     def replace(self, text: str, source: str = "new configuration") -> Config:
         """Validate ``text`` and make it the configuration. Raises ConfigError, changing nothing."""
-        cfg = loads(text, source)
+        cfg = self.parse(text, source)
         with self._lock:
             if not self.versions() and self.path.exists():
                 try:  # keep the original, so that a rollback can return to it
