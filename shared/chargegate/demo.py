@@ -79,6 +79,7 @@ def plan(dirpath: Path) -> DemoPlan:
         "services": sorted(services),
     }
     sims: list[Proc] = []
+    backend_sim: Proc | None = None
     cars: list[dict[str, Any]] = []
     cfg_file = str(dirpath / "chargegate.yaml")
 
@@ -107,19 +108,22 @@ def plan(dirpath: Path) -> DemoPlan:
         cfg["circuits"][0].pop("meter")
 
     if "ocpp-gateway" in services and _has("ocpp_gateway.sim"):
-        local_port, backend_port = free_port(), free_port()
+        local_port, backend_port, control_port = free_port(), free_port(), free_port()
         cfg["evses"].append({"id": "ocpp-1", "name": "OCPP wallbox (carport)", "circuit": "carport", "phases": 3,
                              "max_current_a": 16, "ocpp": {"charge_box_id": "DEMO-CB-1", "connector_id": 1}})
         cfg["ocpp"] = {
             "local": {"host": "127.0.0.1", "port": local_port},
             "backend": {"enabled": True, "url": f"ws://127.0.0.1:{backend_port}/ocpp"},
         }
-        sims.append(Proc("sim-backend", [sys.executable, "-m", "ocpp_gateway.backend_sim", "--port",
-                                         str(backend_port), "--db", str(dirpath / "backend.sqlite")]))
+        backend_sim = Proc("sim-backend", [sys.executable, "-m", "ocpp_gateway.backend_sim", "--port",
+                                           str(backend_port), "--control-port", str(control_port),
+                                           "--db", str(dirpath / "backend.sqlite")])
+        sims.append(backend_sim)
         sims.append(Proc("sim-ocpp", [sys.executable, "-m", "ocpp_gateway.sim", "--config", cfg_file]))
         cars.append({"evse": "ocpp-1", "phases": 3, "max_current_a": 16})
-        notes.append(f"operator OCPP backend simulator: ws://127.0.0.1:{backend_port}/ocpp "
-                     f"(its record: {dirpath / 'backend.sqlite'})")
+        notes.append(f"operator's OCPP backend simulator: 127.0.0.1:{backend_port}; its record: "
+                     f"curl http://127.0.0.1:{control_port}/status (and /messages?cp=alfen, "
+                     f"/transactions?cp=alfen; all frames in {dirpath / 'backend.sqlite'})")
     else:
         notes.append("ocpp-gateway is not installed: no OCPP wallbox and no operator backend in this demo")
 
@@ -127,6 +131,8 @@ def plan(dirpath: Path) -> DemoPlan:
         demo_mod = importlib.import_module("smgw_link.demo")
         extra = demo_mod.demo_setup(dirpath, cfg)  # adds smgw config, returns simulator Procs and notes
         sims.extend(Proc(name, argv) for name, argv in extra["processes"])
+        if backend_sim is not None:  # e.g. its TLS certificate: the backend is reached through the SMGW
+            backend_sim.argv += list(extra.get("backend_args", []))
         notes.extend(extra.get("notes", []))
     else:
         notes.append("smgw-link demo parts are not installed: no SMGW simulator in this demo")
