@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from datetime import UTC, datetime
@@ -66,22 +67,145 @@ def _fmt(v: Any, nd: int = 1) -> str:
     return str(v)
 
 
+def _parse_ts(ts: Any) -> datetime | None:
+    if not isinstance(ts, str) or not ts:
+        return None
+    try:
+        t = datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
 def _age(ts: str | None) -> str:
     if not ts:
         return "-"
-    try:
-        t = datetime.fromisoformat(ts)
-    except ValueError:
+    t = _parse_ts(ts)
+    if t is None:
         return "?"
     return f"{(datetime.now(UTC) - t).total_seconds():.0f}s"
+
+
+def _until(ts: Any) -> str:
+    """``in 95s`` / ``12s ago`` / ``-`` for a timestamp, with the local clock time."""
+    t = _parse_ts(ts)
+    if t is None:
+        return "-"
+    left = (t - datetime.now(UTC)).total_seconds()
+    rel = f"in {left:.0f}s" if left >= 0 else f"{-left:.0f}s ago"
+    if abs(left) >= 3600:
+        rel = f"in {left / 3600:.1f}h" if left >= 0 else f"{-left / 3600:.1f}h ago"
+    return f"{t.astimezone():%H:%M:%S} ({rel})"
+
+
+def _amps(v: Any) -> str:
+    if not isinstance(v, list):
+        return "-"
+    return "/".join(_fmt(x) for x in v) + " A"
+
+
+def _limit_value(lim: dict[str, Any]) -> str:
+    parts = []
+    if lim.get("power_w") is not None:
+        parts.append(f"{_fmt(lim['power_w'], 0)} W")
+    if lim.get("current_a") is not None:
+        parts.append(_amps(lim["current_a"]))
+    return " + ".join(parts) or "-"
+
+
+def _effective(alloc: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """``source -> how the controller applied that grid limit`` from the allocation's ``limits``."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in ((alloc or {}).get("limits") or {}).get("grid_limits") or []:
+        if isinstance(item, dict) and isinstance(item.get("source"), str):
+            out[item["source"]] = item
+    return out
+
+
+def grid_rows(snap: Snapshot) -> list[tuple[str, str, str]]:
+    """(what, value, valid until / since) for the grid limits, tariff, SMGW link and allocation."""
+    rows: list[tuple[str, str, str]] = []
+    with snap.lock:
+        limits = {t: d for t, d in snap.state.items() if t.startswith(f"{snap.root}/grid/limit/")}
+    alloc = snap.get("controller/allocation")
+    applied = _effective(alloc)
+    for t, lim in sorted(limits.items()):
+        source = str(lim.get("source") or t.rsplit("/", 1)[-1])
+        expired = (_parse_ts(lim.get("valid_until")) or datetime.max.replace(tzinfo=UTC)) < datetime.now(UTC)
+        if lim.get("active") and not expired:
+            val = f"{_limit_value(lim)} active, scope {lim.get('scope') or 'default'}"
+            eff = applied.get(source) or {}
+            if eff.get("raised_to_floor"):
+                val += f", applied {_fmt(eff.get('effective_w'), 0)} W (§14a floor)"
+            if lim.get("reason"):
+                val += f" - {lim['reason']}"
+        else:
+            val = "expired" if lim.get("active") else "inactive"
+            if lim.get("reason"):
+                val += f" ({lim['reason']})"
+        rows.append((f"grid limit ({source})", val, _until(lim.get("valid_until"))))
+    failsafe = ((alloc or {}).get("limits") or {}).get("failsafe")
+    if failsafe:
+        rows.append(("failsafe (controller)", json.dumps(failsafe, default=str)[:120], ""))
+    tariff = snap.get("tariff/current")
+    if tariff:
+        per = tariff.get("period") or {}
+        price = per.get("price_ct_per_kwh")
+        val = f"{per.get('level')} ({per.get('id')}"
+        val += f", {_fmt(price)} ct/kWh)" if price is not None else ")"
+        val += f" from {tariff.get('source')}" if tariff.get("source") else ""
+        rows.append(("tariff", val, _until(per.get("end")) if per.get("end") else "open end"))
+    sched = snap.get("tariff/schedule")
+    if sched:
+        now = datetime.now(UTC)
+        nxt = [per for per in sched.get("periods") or []
+               if (_parse_ts(per.get("start")) or now) > now]
+        if nxt:
+            per = min(nxt, key=lambda x: _parse_ts(x.get("start")) or now)
+            rows.append(("next tariff", f"{per.get('level')} ({per.get('id')})", f"starts {_until(per.get('start'))}"))
+    link = snap.get("link/smgw")
+    if link:
+        ch = link.get("channels") or {}
+        val = str(link.get("state"))
+        if link.get("error"):
+            val += f": {link['error']}"
+        details = []
+        if link.get("gateway"):
+            details.append(f"gateway {link['gateway']}")
+        tls = ch.get("tls") or {}
+        if tls.get("version"):
+            details.append(f"{tls['version']} {tls.get('cipher') or ''}".strip())
+        if link.get("certificate"):
+            details.append(f"cert {link['certificate']} ({_fmt(link.get('cert_days_left'), 0)} days left)")
+        eps = [f"{name} {'open' if c.get('active') else ('off' if not c.get('enabled') else 'idle')}"
+               for name, c in ch.items() if isinstance(c, dict) and "target" in c]
+        if eps:
+            details.append("channels: " + ", ".join(eps))
+        if isinstance(ch.get("clseedi"), dict):
+            details.append("CLS.EEDI " + ("connected" if ch["clseedi"].get("connected") else "not connected"))
+        if ch.get("failsafe"):
+            details.append("FAILSAFE")
+        if details:
+            val += " - " + "; ".join(details)
+        rows.append(("SMGW link", val, f"since {_until(link.get('since'))}" if link.get("since") else ""))
+    if alloc:
+        warnings = ((alloc.get("limits") or {}).get("warnings")) or []
+        binding = sorted({e.get("bound_by") for e in alloc.get("evses") or [] if e.get("bound_by")})
+        val = f"cycle {alloc.get('cycle')}; bound by {', '.join(binding) or '-'}"
+        if warnings:
+            val += "; " + "; ".join(str(w) for w in warnings[:3])
+        rows.append(("allocation", val, _age(alloc.get("ts"))))
+    return rows
 
 
 def render(snap: Snapshot) -> Group:
     evses = Table(title="EVSEs", expand=True)
     for col in ("id", "state", "IEC", "online", "phases", "current A (L1/L2/L3)", "power W", "energy Wh",
-                "setpoint", "flags", "age"):
+                "setpoint", "allocated / bound by", "flags", "age"):
         evses.add_column(col)
     setpoints = snap.select("evse", "setpoint")
+    alloc = snap.get("controller/allocation") or {}
+    allocated = {e.get("evse_id"): e for e in alloc.get("evses") or [] if isinstance(e, dict)}
     for ident, s in snap.select("evse", "status").items():
         cur = "/".join(_fmt(x) for x in s.get("current_a") or [])
         sp = setpoints.get(ident)
@@ -89,9 +213,11 @@ def render(snap: Snapshot) -> Group:
         spt = f"{_fmt(sp.get('current_a'))} A x{sp.get('phases')}" if sp else "-"
         if applied:
             spt += f" (applied {_fmt(applied.get('current_a'))}{' fallback' if applied.get('fallback') else ''})"
+        a = allocated.get(ident)
+        alloc_txt = f"{_fmt(a.get('current_a'))} A x{a.get('phases')} {a.get('bound_by')}" if a else "-"
         evses.add_row(ident, str(s.get("state")), str(s.get("iec_state") or "-"), "yes" if s.get("online") else "NO",
                       str(s.get("phases_in_use")), cur, _fmt(s.get("power_w"), 0), _fmt(s.get("energy_wh"), 0),
-                      spt, ",".join(s.get("flags") or []), _age(s.get("ts")))
+                      spt, alloc_txt, ",".join(s.get("flags") or []), _age(s.get("ts")))
     meters = Table(title="Meters", expand=True)
     for col in ("id", "online", "current A", "power W", "import Wh", "age"):
         meters.add_column(col)
@@ -99,26 +225,11 @@ def render(snap: Snapshot) -> Group:
         meters.add_row(ident, "yes" if m.get("online", True) else "NO",
                        "/".join(_fmt(x) for x in m.get("current_a") or []), _fmt(m.get("power_w"), 0),
                        _fmt(m.get("energy_import_wh"), 0), _age(m.get("ts")))
-    grid = Table(title="Grid limits, tariff, SMGW link", expand=True)
+    grid = Table(title="Grid limits, tariff, SMGW link, allocation", expand=True)
     for col in ("what", "value", "valid until / since"):
         grid.add_column(col)
-    with snap.lock:
-        limits = {t: d for t, d in snap.state.items() if t.startswith(f"{snap.root}/grid/limit/")}
-    for t, lim in sorted(limits.items()):
-        val = f"{_fmt(lim.get('power_w'), 0)} W" if lim.get("power_w") is not None else str(lim.get("current_a"))
-        grid.add_row(f"limit ({t.rsplit('/', 1)[-1]})", f"{val} {'active' if lim.get('active') else 'inactive'}",
-                     str(lim.get("valid_until")))
-    tariff = snap.get("tariff/current")
-    if tariff:
-        per = tariff.get("period") or {}
-        grid.add_row("tariff", f"{per.get('level')} ({per.get('id')})", str(per.get("end")))
-    link = snap.get("link/smgw")
-    if link:
-        grid.add_row("SMGW link", f"{link.get('state')} {link.get('error') or ''}", str(link.get("since")))
-    alloc = snap.get("controller/allocation")
-    if alloc:
-        grid.add_row("allocation", ", ".join(f"{e['evse_id']}={_fmt(e['current_a'])}A<{e['bound_by']}>"
-                                             for e in alloc.get("evses", [])[:8]), _age(alloc.get("ts")))
+    for row in grid_rows(snap):
+        grid.add_row(*row)
     services = Table(title="Services", expand=True)
     for col in ("service", "status", "version", "uptime s", "config", "invalid msgs", "detail"):
         services.add_column(col)
@@ -142,6 +253,19 @@ def connect_observer(cfg: cfgmod.Config, snap: Snapshot) -> mqtt.Client:
     return client
 
 
+def wait_retained(snap: Snapshot, timeout: float, quiet: float = 0.5) -> None:
+    """Wait until the retained state has arrived: no new message for ``quiet`` s, at most ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    seen, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        n = snap.messages
+        if n != seen:
+            seen, since = n, time.monotonic()
+        elif n and time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.05)
+
+
 def status(config_path: Path, once: bool = False, timeout: float = 3.0) -> int:
     try:
         cfg = cfgmod.load(config_path)
@@ -155,9 +279,11 @@ def status(config_path: Path, once: bool = False, timeout: float = 3.0) -> int:
         print(f"chargegate status: {e}")
         return 1
     console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=160)  # a pipe or a file: wide enough for every column
     try:
         if once:
-            time.sleep(timeout)
+            wait_retained(snap, timeout)
             console.print(render(snap))
             return 0 if snap.messages else 1
         with Live(render(snap), console=console, refresh_per_second=2) as live:
