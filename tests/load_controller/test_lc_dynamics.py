@@ -1,0 +1,188 @@
+"""Random event sequences through the controller with its memory, against a physical plant.
+
+Cars plug in and out (1-, 2- and 3-phase cars, on rotated EVSEs, some switching 1/3 phases), the
+house load jumps, DSO limits come and go, EVSEs drop off the network (and keep drawing what they
+last heard) and come back, time passes irregularly. After every cycle the currents the plant would
+actually draw (each car: min(setpoint it heard, its own maximum) on its phases) plus the house load
+and the reserve must stay within every fuse on every phase, and within the DSO limit (or the §14a
+floor) - hysteresis, ramps, reclaim, phase detection and switching included.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from lc_harness import build_config
+
+from chargegate import payloads as p
+from load_controller.controller import Inputs, Memory, step
+from load_controller.solver import INF
+from load_controller.topology import Topology
+
+START = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+
+events = st.one_of(
+    st.tuples(st.just("plug"), st.integers(0, 5), st.sampled_from([(0,), (0, 1), (0, 1, 2)]),
+              st.sampled_from([10.0, 16.0, 32.0])),
+    st.tuples(st.just("unplug"), st.integers(0, 5)),
+    st.tuples(st.just("house"), st.integers(0, 1), st.lists(st.floats(0, 30), min_size=3, max_size=3)),
+    st.tuples(st.just("limit"), st.one_of(st.none(), st.floats(0, 25000))),
+    st.tuples(st.just("offline"), st.integers(0, 5)),
+    st.tuples(st.just("online"), st.integers(0, 5)),
+    st.tuples(st.just("wait"), st.sampled_from([0.3, 1.0, 1.0, 5.0, 25.0, 70.0])),
+)
+
+
+@st.composite
+def sites(draw: st.DrawFn) -> dict[str, Any]:
+    n = draw(st.integers(2, 6))
+    evses = []
+    for j in range(n):
+        phases = draw(st.sampled_from([1, 3, 3]))
+        rot = list(draw(st.permutations([1, 2, 3])))[:phases]
+        evses.append({"id": f"e{j}", "circuit": draw(st.sampled_from(["grid", "sub"])), "phases": phases,
+                      "phase_rotation": rot, "min_current_a": draw(st.sampled_from([6, 6, 8])),
+                      "max_current_a": draw(st.sampled_from([16, 32])), "priority": draw(st.sampled_from([0, 0, 1])),
+                      "phase_switching": phases == 3 and draw(st.booleans()),
+                      "controllable": draw(st.booleans())})
+    return {
+        "circuits": [{"id": "grid", "fuse_a": draw(st.sampled_from([25, 35, 50])), "meter": "gm",
+                      "children": [{"id": "sub", "fuse_a": draw(st.sampled_from([16, 20, 32])), "meter": "sm"}]}],
+        "meters": [{"id": "gm"}, {"id": "sm"}],
+        "evses": evses,
+        "controller": {"reserve_a": draw(st.sampled_from([0, 1])), "ramp_step_a": draw(st.sampled_from([2, 50])),
+                       "reclaim_after_s": 5, "min_charge_time_s": draw(st.sampled_from([0, 60])),
+                       "phase_switch_delay_s": 30},
+    }
+
+
+class Plant:
+    def __init__(self, cfg_data: dict[str, Any]) -> None:
+        self.cfg = build_config(cfg_data)
+        self.topo = Topology(self.cfg)
+        self.ctl = self.cfg.controller
+        self.now = START
+        self.memory = Memory()
+        self.inputs = Inputs()
+        self.cars: dict[str, tuple[tuple[int, ...], float] | None] = {e.id: None for e in self.topo.evses}
+        self.online = {e.id: True for e in self.topo.evses}
+        self.heard: dict[str, tuple[float, int]] = {e.id: (e.safe_a, e.phases) for e in self.topo.evses}
+        self.house = {"grid": [0.0, 0.0, 0.0], "sub": [0.0, 0.0, 0.0]}
+        self.limit: float | None = None
+
+    def draw(self, eid: str) -> list[float]:
+        """EVSE-frame currents the car takes now."""
+        car = self.cars[eid]
+        out = [0.0, 0.0, 0.0]
+        if car is None:
+            return out
+        phases, car_max = car
+        current, nph = self.heard[eid]
+        e = self.topo.evses[self.topo.evse_index[eid]]
+        used = (0,) if (nph == 1 or e.phases == 1) else tuple(k for k in phases if k < e.phases)
+        for k in used:
+            out[k] = min(current, car_max)
+        return out
+
+    def grid_draw(self, eid: str) -> list[float]:
+        e = self.topo.evses[self.topo.evse_index[eid]]
+        d = self.draw(eid)
+        g = [0.0, 0.0, 0.0]
+        for k in range(e.phases):
+            g[e.rotation[k]] += d[k]
+        return g
+
+    def node_house(self, node: str) -> list[float]:
+        if node == "grid":
+            return [a + b for a, b in zip(self.house["grid"], self.house["sub"], strict=True)]
+        return list(self.house["sub"])
+
+    def observe(self) -> None:
+        for e in self.topo.evses:
+            if not self.online[e.id]:
+                self.inputs.statuses[e.id] = p.EvseStatus(evse_id=e.id, online=False, state="offline", ts=self.now)
+                continue
+            d = self.draw(e.id)
+            car = self.cars[e.id] is not None
+            iec = ("C" if max(d) > 0 else "B") if car else "A"
+            self.inputs.statuses[e.id] = p.EvseStatus(evse_id=e.id, online=True, iec_state=iec,
+                                                      state="charging" if car else "available", current_a=d,
+                                                      ts=self.now)
+        for node, mid in (("grid", "gm"), ("sub", "sm")):
+            cur = self.node_house(node)
+            for i in self.topo.below[self.topo.node_index[node]]:
+                g = self.grid_draw(self.topo.evses[i].id)
+                cur = [a + b for a, b in zip(cur, g, strict=True)]
+            self.inputs.readings[mid] = p.MeterReading(meter_id=mid, current_a=[min(c, 1000) for c in cur],
+                                                       ts=self.now)
+        if self.limit is None:
+            self.inputs.grid_limits.pop("dso", None)
+        else:
+            self.inputs.grid_limits["dso"] = p.GridLimit(source="dso", active=True, power_w=self.limit,
+                                                         valid_until=self.now + timedelta(hours=1), ts=self.now)
+
+    def cycle(self) -> None:
+        self.observe()
+        decision, self.memory = step(self.topo, self.ctl, ZoneInfo("Europe/Berlin"), self.inputs, self.memory,
+                                     self.now)
+        for d in decision.evses:
+            e = self.topo.evses[self.topo.evse_index[d.evse_id]]
+            assert d.current == 0 or d.current >= e.min_a - 1e-9 or not d.online, d
+            assert d.current <= e.max_a + 1e-9, d
+            if self.online[d.evse_id]:
+                self.heard[d.evse_id] = (d.current, d.phases)
+        self.check(decision)
+
+    def check(self, decision: Any) -> None:
+        offline = [e.id for e in self.topo.evses if not self.online[e.id]]
+        for nd in self.topo.nodes:
+            house = self.node_house(nd.id)
+            load = [0.0, 0.0, 0.0]
+            base = [h + self.ctl.reserve_a for h in house]
+            for i in self.topo.below[nd.index]:
+                eid = self.topo.evses[i].id
+                g = self.grid_draw(eid)
+                load = [a + b for a, b in zip(load, g, strict=True)]
+                if eid in offline:
+                    base = [a + b for a, b in zip(base, g, strict=True)]
+            for k in range(3):
+                lim = nd.limits[k]
+                if lim == INF:
+                    continue
+                total = house[k] + self.ctl.reserve_a + load[k]
+                assert total <= max(lim, base[k]) + 1e-6, (nd.id, k, total, lim, decision.evses, self.cars)
+        if self.limit is not None:
+            v = self.ctl.voltage_v
+            ctrl = [e for e in self.topo.evses if e.controllable]
+            watts = sum(sum(self.grid_draw(e.id)) * v for e in ctrl)
+            off_w = sum(sum(self.grid_draw(e.id)) * v for e in ctrl if e.id in offline)
+            allowed = max(self.limit, self.topo.floor_w, off_w)
+            assert watts <= allowed + 1e-3, (watts, self.limit, self.topo.floor_w, decision.evses)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(sites(), st.lists(events, min_size=5, max_size=40))
+def test_random_sequences_never_exceed_a_fuse_or_limit(site: dict[str, Any], seq: list[tuple[Any, ...]]) -> None:
+    plant = Plant(site)
+    ids = [e.id for e in plant.topo.evses]
+    plant.cycle()
+    for ev in seq:
+        kind = ev[0]
+        if kind == "plug":
+            plant.cars[ids[ev[1] % len(ids)]] = (ev[2], ev[3])
+        elif kind == "unplug":
+            plant.cars[ids[ev[1] % len(ids)]] = None
+        elif kind == "house":
+            plant.house["grid" if ev[1] == 0 else "sub"] = ev[2]
+        elif kind == "limit":
+            plant.limit = ev[1]
+        elif kind == "offline":
+            plant.online[ids[ev[1] % len(ids)]] = False
+        elif kind == "online":
+            plant.online[ids[ev[1] % len(ids)]] = True
+        plant.now += timedelta(seconds=ev[1] if kind == "wait" else 1.0)
+        plant.cycle()
