@@ -55,11 +55,12 @@ class EvseMemory:
     three_fit_since: datetime | None = None  # in 1-phase mode: 3 phases at the minimum fit since
     plugged_at: datetime | None = None
     offline_assumed: float | None = None  # while offline: the current it is assumed to draw
+    measured: bool = False  # this session it has reported a real draw (its meter can be trusted for reclaim)
 
     def copy(self) -> EvseMemory:
         return EvseMemory(self.granted, self.nph, self.phases, self.wanted, self.on_since, self.off_since,
                           self.changed_at, self.raised_at, self.reclaim_cap, self.used_phases,
-                          self.three_fit_since, self.plugged_at, self.offline_assumed)
+                          self.three_fit_since, self.plugged_at, self.offline_assumed, self.measured)
 
 
 @dataclass(slots=True)
@@ -201,9 +202,15 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
                 evs[1] += mi[1]
                 evs[2] += mi[2]
         ne = [max(0.0, cur[k] - evs[k]) for k in range(3)]
+        seen = memory.meter_seen.get(mid)
+        last_ne = memory.non_ev.get(n)
+        if seen is not None and r.ts <= seen and last_ne is not None:
+            # the reading an earlier cycle used already, against newer EV currents: the cars may have ramped up
+            # since the meter was read (a silent meter within meter_timeout_s), so the difference can only
+            # understate the non-EV load - it may grow, but only a new reading lowers it
+            ne = [max(ne[k], last_ne[k]) for k in range(3)]
         non_ev[n] = ne
         new.non_ev[n] = ne
-        seen = memory.meter_seen.get(mid)
         if seen is None or r.ts > seen:
             new.meter_seen[mid] = r.ts
             node = topo.nodes[n]
@@ -588,7 +595,10 @@ def _drawn(e: EvseSpec, nm: EvseMemory, st: p.EvseStatus) -> float:
 def _reclaim(cfg: Controller, e: EvseSpec, m: EvseMemory, nm: EvseMemory, st: p.EvseStatus,
              now: datetime) -> None:
     """Current a car does not draw is capped (and given to others); the cap goes when it draws up to it."""
-    if not cfg.reclaim or not st.plausible or m.granted <= 0 or nm.granted <= 0:
+    if st.plausible and max(st.current_a) >= 1.0:
+        nm.measured = True
+    if not cfg.reclaim or not st.plausible or m.granted <= 0 or nm.granted <= 0 or not nm.measured:
+        # an EVSE that has never shown a draw may have no meter at all (currents read 0): not reclaimed
         nm.reclaim_cap = None if nm.granted <= 0 else nm.reclaim_cap
         return
     drawn = _drawn(e, nm, st)
