@@ -172,6 +172,11 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
         wants[e.index] = wants_power(st)
         if st.plausible:
             cur = st.current_a
+            if st.applied is not None:
+                # a car draws at most what its EVSE allows now: a higher measurement predates the setpoint (an
+                # OCPP wallbox's currents come with its MeterValues, up to a sample interval old) and would
+                # understate the non-EV load behind the meter
+                cur = [min(a, st.applied.current_a) for a in cur]
             g = [0.0, 0.0, 0.0]
             if e.phases == 3:
                 for k in range(3):
