@@ -236,6 +236,16 @@ async def test_setpoints_are_refreshed_before_they_expire(env: Env) -> None:
     assert s is not None and s.current_a == first.current_a and s.seq > first.seq
 
 
+async def test_reload_applies_the_new_configuration(env: Env) -> None:
+    cfg = env.ctl.config.model_copy(deep=True)
+    cfg.evses[0].max_current_a = 10
+    await env.ctl.on_reload(cfg)
+    await wait_for(lambda: (s := env.last("wb1")) is not None and s.current_a == 10 and s.reason == "evse_max")
+    await env.ctl.on_reload(env.ctl.config.model_copy(update={"evses": [
+        e.model_copy(update={"max_current_a": 16}) for e in env.ctl.config.evses]}))
+    await wait_for(lambda: (s := env.last("wb1")) is not None and s.current_a == 16)
+
+
 async def test_link_loss_starts_the_failsafe_and_a_new_limit_ends_it(env: Env) -> None:
     env.smgw.publish("link.smgw", p.SmgwLinkStatus(state=p.LinkState.UP))
     await wait_for(lambda: (s := env.last("wb1")) is not None and s.current_a == 16)

@@ -414,6 +414,8 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
             new_mems.append(EvseMemory(nph=e.phases))
             if st.state in DEAD_STATES:
                 label = f"evse_state:{st.state.value}"
+            elif st.iec_state in (p.IecState.E, p.IecState.F):
+                label = f"evse_state:{st.iec_state.value}"
             else:
                 label = "not_connected"
             demands.append(Demand(e.id, e.node, e.min_a, [], order=i, off_label=label,
