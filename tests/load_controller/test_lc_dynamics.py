@@ -34,6 +34,7 @@ events = st.one_of(
     st.tuples(st.just("offline"), st.integers(0, 5)),
     st.tuples(st.just("online"), st.integers(0, 5)),
     st.tuples(st.just("wait"), st.sampled_from([0.3, 1.0, 1.0, 5.0, 25.0, 70.0])),
+    st.tuples(st.just("silence"), st.booleans()),
 )
 
 
@@ -73,6 +74,7 @@ class Plant:
         self.heard: dict[str, tuple[float, int]] = {e.id: (e.safe_a, e.phases) for e in self.topo.evses}
         self.house = {"grid": [0.0, 0.0, 0.0], "sub": [0.0, 0.0, 0.0]}
         self.limit: float | None = None
+        self.silent = False  # the meters keep their last reading (not refreshed)
 
     def draw(self, eid: str) -> list[float]:
         """EVSE-frame currents the car takes now."""
@@ -113,6 +115,8 @@ class Plant:
                                                       state="charging" if car else "available", current_a=d,
                                                       ts=self.now)
         for node, mid in (("grid", "gm"), ("sub", "sm")):
+            if self.silent and mid in self.inputs.readings:
+                continue
             cur = self.node_house(node)
             for i in self.topo.below[self.topo.node_index[node]]:
                 g = self.grid_draw(self.topo.evses[i].id)
@@ -177,7 +181,10 @@ def test_random_sequences_never_exceed_a_fuse_or_limit(site: dict[str, Any], seq
         elif kind == "unplug":
             plant.cars[ids[ev[1] % len(ids)]] = None
         elif kind == "house":
-            plant.house["grid" if ev[1] == 0 else "sub"] = ev[2]
+            if not plant.silent:  # unknowable while the meters are silent
+                plant.house["grid" if ev[1] == 0 else "sub"] = ev[2]
+        elif kind == "silence":
+            plant.silent = ev[1]
         elif kind == "limit":
             plant.limit = ev[1]
         elif kind == "offline":
