@@ -151,13 +151,22 @@ class Plan:
     device_id: str = "house-1"
 
     def __post_init__(self) -> None:
+        taken: set[int] = set()
+
+        def port() -> int:
+            while True:  # free_port() may hand out the same port twice in a row
+                pt = free_port()
+                if pt not in taken:
+                    taken.add(pt)
+                    return pt
+
         for name in ("meter_port", "broker_port", "lab_port", "local_ocpp_port", "backend_port",
                      "backend_control_port", "smgw_port", "fwd_mqtt_port", "fwd_ocpp_port"):
             if not getattr(self, name):
-                setattr(self, name, free_port())
+                setattr(self, name, port())
         for wb in self.wallboxes:
             if wb.kind == "modbus" and not wb.port:
-                wb.port = free_port()
+                wb.port = port()
 
     def wallbox(self, evse_id: str) -> Wallbox:
         return next(w for w in self.wallboxes if w.id == evse_id)
@@ -650,7 +659,7 @@ class LimitResult:
 
 
 class System:
-    def __init__(self, plan: Plan, grace_s: float | None = None) -> None:
+    def __init__(self, plan: Plan, grace_s: float | None = None, monitor_period_s: float = 0.05) -> None:
         from smgw_link.certstore import CertStore
         from smgw_link.pki import make_pki
 
@@ -667,7 +676,7 @@ class System:
         t = plan.tuning
         # one control cycle + the poller's cycle (setpoint written, simulator ramps) + draw sampling
         self.grace_s = grace_s if grace_s is not None else t.cycle_s + t.poll_interval_s + 1.0
-        self.monitor = Monitor(plan, self.cfg, self.grace_s)
+        self.monitor = Monitor(plan, self.cfg, self.grace_s, period_s=monitor_period_s)
         self.logs = self.dir / "logs"
         self.broker = LocalBroker.prepare(self.cfg, persistence=True)
         lab_conf = write_broker_files(self.cfg, self.dir / "lab-broker", port=plan.lab_port, persistence=False)

@@ -1,0 +1,268 @@
+"""bench/system: the whole chain under load, one run on this machine.
+
+100 Modbus wallboxes (Alfen simulators, each on its own TCP port) and 100 OCPP wallboxes (half 1.6J,
+half 2.0.1, one WebSocket each), every one with a car, the four services as separate processes, the
+SMGW simulator (brainpool HAN TLS, SOCKS5) with the operator's CLS.EEDI backend (TLS Mosquitto) and
+the operator's OCPP backend behind it: 200 upstream charge points through the SMGW channel. The system
+is the one of the fault-injection suite (tests/system/harness.py), with production timings.
+
+Reported:
+
+* CPU (% of one core) and memory (RSS) of each service at steady state (psutil, over ``--steady-s``),
+  and their sum; the simulators, brokers and this process for context;
+* latency from an operator limit (CLS.EEDI control sent at the operator's broker) to all setpoints
+  applied (the last wallbox whose setpoint the limit changed runs on its new value, by the
+  simulators' own timestamps), p50/p99 over ``--rounds`` reductions (each after a release);
+* latency from a wallbox state change (a car plugged in or out at the simulator) to the backend's
+  StatusNotification for it (the backend simulator's receive time), p50/p99 over ``--changes``.
+
+Targets: all services together < 50 % of one core and < 400 MB at steady state; limit-to-applied
+p99 < 1 s. Exit code 0 when all are met (the figures are printed either way).
+
+    .venv/bin/python bench/system/run.py [--modbus 100] [--ocpp 100] [--rounds 20] [--changes 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "system"))
+from harness import SERVICES, Circuit, Plan, System, Tuning, Wallbox
+
+MAX_A = 16.0
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, round(q / 100 * (len(s) - 1))))
+    return s[k]
+
+
+def bench_plan(tmp: Path, n_modbus: int, n_ocpp: int) -> Plan:
+    boxes = [Wallbox(f"mb{i:03d}", "modbus", "grid", rotation=[[1, 2, 3], [2, 3, 1], [3, 1, 2]][i % 3],
+                     profile="alfen-eve") for i in range(n_modbus)]
+    boxes += [Wallbox(f"oc{i:03d}", "ocpp", "grid", rotation=[[1, 2, 3], [2, 3, 1], [3, 1, 2]][i % 3],
+                      version="1.6" if i % 2 == 0 else "2.0.1") for i in range(n_ocpp)]
+    # production timings (the defaults of the configuration), a connection that does not bind
+    tuning = Tuning(setpoint_validity_s=10.0, evse_timeout_s=10.0, meter_timeout_s=10.0, watchdog_timeout_s=15.0,
+                    link_loss_grace_s=120.0, meter_values_interval_s=60.0, health_interval_s=10.0,
+                    log_level="warning", min_charge_time_s=60.0, min_pause_s=60.0)
+    return Plan(dir=tmp, circuits=[Circuit("grid", 4000.0)], wallboxes=boxes, base_load_a=(20.0, 20.0, 20.0),
+                tuning=tuning)
+
+
+def limits_for(plan: Plan) -> tuple[int, int]:
+    """A high and a low limit in W: both above the §14a floor, both binding, every car above 6 A."""
+    n = len(plan.wallboxes)
+    high = int(n * 3 * 10.0 * 230)  # about 10 A per phase each
+    low = int(n * 3 * 7.5 * 230)  # about 7.5 A each
+    assert low > plan.floor_w, (low, plan.floor_w)
+    return high, low
+
+
+def charging(s: System) -> list[str]:
+    return [e for e, d in s.monitor.draws.items() if any(float(a) > 0 for a in d.get("evse_current_a", []))]
+
+
+def ts_of(d: dict[str, Any]) -> float:
+    return datetime.fromisoformat(str(d["ts"])).timestamp()
+
+
+async def steady_resources(s: System, seconds: float) -> dict[str, Any]:
+    procs: dict[str, psutil.Process] = {}
+    for name, pr in s.procs.items():
+        if pr.popen is not None and pr.alive():
+            procs[name] = psutil.Process(pr.popen.pid)
+    for label, b in (("mosquitto (bus)", s.broker), ("mosquitto (lab)", s.lab_broker),
+                     ("mosquitto (operator)", s.op_broker)):
+        if b is not None and b.proc is not None:
+            procs[label] = psutil.Process(b.proc.pid)
+    procs["bench process"] = psutil.Process(os.getpid())
+    for p in procs.values():
+        p.cpu_percent(None)
+    await asyncio.sleep(seconds)
+    out: dict[str, Any] = {}
+    for name, p in procs.items():
+        try:
+            out[name] = {"cpu_pct": round(p.cpu_percent(None), 1), "rss_mb": round(p.memory_info().rss / 2**20, 1)}
+        except psutil.Error as e:
+            out[name] = {"error": str(e)}
+    svc = [out[n] for n in SERVICES if "cpu_pct" in out.get(n, {})]
+    out["services total"] = {"cpu_pct": round(sum(x["cpu_pct"] for x in svc), 1),
+                             "rss_mb": round(sum(x["rss_mb"] for x in svc), 1)}
+    return out
+
+
+async def limit_rounds(s: System, rounds: int) -> tuple[list[float], list[dict[str, Any]]]:
+    m = s.monitor
+    high, low = limits_for(s.plan)
+    ids = [w.id for w in s.plan.wallboxes]
+    lat: list[float] = []
+    details: list[dict[str, Any]] = []
+    for r in range(rounds):
+        rel = await s.operator_limit(high + r, retry_for_s=10)  # release to the higher value (not timed)
+        await s.limit_applied(rel, 30)
+        await m.until(lambda: not m.open, 30, "no breach open")
+        await asyncio.sleep(2.5)  # increases are rate-limited: let the ramps finish
+        watts = low - r  # a new value every round
+        t_send = time.time()
+        sent = await s.operator_limit(watts, retry_for_s=10)
+        await s.limit_applied(sent, 30)
+        await asyncio.sleep(2.0)  # later corrections of the same decision count as well
+        with m.lock:
+            final: dict[str, float] = {}
+            for e in ids:
+                sps = [d for t, d in m.setpoints.get(e, []) if ts_of(d) >= t_send]
+                if sps:
+                    final[e] = float(sps[-1]["current_a"])
+            applied_at: dict[str, float] = {}
+            for _t, e, d in m.draw_log:
+                if e in final and e not in applied_at and ts_of(d) >= t_send \
+                        and abs(float(d.get("limit_a") or 0) - final[e]) <= 0.11:
+                    applied_at[e] = ts_of(d)
+        missing = sorted(set(final) - set(applied_at))
+        if not final or missing:
+            details.append({"round": r, "watts": watts, "changed": len(final), "not applied": missing[:5]})
+            continue
+        t = max(applied_at.values()) - t_send
+        lat.append(t)
+        details.append({"round": r, "watts": watts, "acks": sent.acks, "changed": len(final),
+                        "on_bus_ms": round((sent.on_bus_at or 0) - sent.sent_at, 3) * 1000 if sent.on_bus_at else None,
+                        "applied_ms": round(t * 1000, 1)})
+        print(f"  limit round {r + 1:2d}: {watts} W, {len(final)} setpoints changed, all applied after "
+              f"{t * 1000:7.1f} ms", flush=True)
+    return lat, details
+
+
+def backend_status_frames(db: Path, since: float) -> list[tuple[float, str, dict[str, Any]]]:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        rows = con.execute("SELECT ts, cp, raw FROM frames WHERE dir = 'in' AND ts >= ? AND raw LIKE "
+                           "'%StatusNotification%' ORDER BY id", (since,)).fetchall()
+    finally:
+        con.close()
+    out = []
+    for ts, cp, raw in rows:
+        try:
+            msg = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(msg, list) and len(msg) == 4 and msg[0] == 2 and msg[2] == "StatusNotification":
+            out.append((float(ts), cp, msg[3]))
+    return out
+
+
+async def state_changes(s: System, n: int) -> tuple[list[float], dict[str, list[float]], int]:
+    """Unplug/plug cars one after the other, alternating Modbus and OCPP wallboxes; for each change the
+    time until the backend received a StatusNotification for that charge point saying so."""
+    mb = [w for w in s.plan.wallboxes if w.kind == "modbus"]
+    oc = [w for w in s.plan.wallboxes if w.kind == "ocpp"]
+    events: list[tuple[float, str, str, str]] = []  # (t, evse, kind, want)
+    pick = [w for pair in zip(mb, oc, strict=False) for w in pair][: max(1, n // 2)]
+    t_begin = time.time()
+    for w in pick:
+        events.append((time.time(), w.id, w.kind, "Available"))
+        s.unplug(w.id)
+        await asyncio.sleep(0.4)
+    for w in pick:
+        events.append((time.time(), w.id, w.kind, "occupied"))
+        s.plug(w.id)
+        await asyncio.sleep(0.4)
+    await asyncio.sleep(5)
+    frames = backend_status_frames(s.dir / "backend.sqlite", t_begin)
+    lat: list[float] = []
+    by_kind: dict[str, list[float]] = {"modbus": [], "ocpp": []}
+    missing = 0
+    for t0, evse, kind, want in events:
+        hit = None
+        for ts, cp, pl in frames:
+            if cp != evse or ts < t0:
+                continue
+            status = pl.get("status") or pl.get("connectorStatus")
+            if (want == "Available" and status == "Available") or (want != "Available" and status not in
+                                                                    ("Available", "Unavailable", "Faulted")):
+                hit = ts
+                break
+        if hit is None:
+            missing += 1
+            continue
+        lat.append(hit - t0)
+        by_kind[kind].append(hit - t0)
+    return lat, by_kind, missing
+
+
+async def main(args: argparse.Namespace) -> int:
+    tmp = Path(args.dir or tempfile.mkdtemp(prefix="bench-system-"))
+    plan = bench_plan(tmp, args.modbus, args.ocpp)
+    s = System(plan, monitor_period_s=0.5)
+    print(f"bench/system: {args.modbus} Modbus + {args.ocpp} OCPP wallboxes, {len(SERVICES)} services, dir {tmp}",
+          flush=True)
+    result: dict[str, Any] = {"modbus_wallboxes": args.modbus, "ocpp_wallboxes": args.ocpp, "cpus": os.cpu_count()}
+    try:
+        took = await s.start(ready_within_s=240)
+        print(f"system ready after {took:.1f} s (every EVSE online, 200 charge points at the backend)", flush=True)
+        result["ready_s"] = round(took, 1)
+        await asyncio.gather(*(s.plug_when_idle(w.id, 30) for w in plan.wallboxes))
+        high, _low = limits_for(plan)
+        first = await s.operator_limit(high, retry_for_s=10)
+        await s.limit_applied(first, 60)
+        m = s.monitor
+        await m.until(lambda: len(charging(s)) == len(plan.wallboxes), 120, "every car charging")
+        await asyncio.sleep(args.settle_s)
+        print(f"steady state: every car charging, {m.controllable_w() / 1000:.0f} kW; measuring {args.steady_s:g} s",
+              flush=True)
+        res = await steady_resources(s, args.steady_s)
+        result["steady"] = res
+        for name, v in res.items():
+            print(f"  {name:22s} {v}", flush=True)
+        lat, details = await limit_rounds(s, args.rounds)
+        result["limit_rounds"] = details
+        if lat:
+            result["limit_to_applied_ms"] = {"p50": round(statistics.median(lat) * 1000, 1),
+                                             "p99": round(pct(lat, 99) * 1000, 1),
+                                             "max": round(max(lat) * 1000, 1), "rounds": len(lat)}
+        sl, by_kind, missing = await state_changes(s, args.changes)
+        if sl:
+            result["state_change_to_status_notification_ms"] = {
+                "p50": round(statistics.median(sl) * 1000, 1), "p99": round(pct(sl, 99) * 1000, 1),
+                "max": round(max(sl) * 1000, 1), "changes": len(sl), "missing": missing,
+                **{f"{k}_p50": round(statistics.median(v) * 1000, 1) for k, v in by_kind.items() if v},
+                **{f"{k}_p99": round(pct(v, 99) * 1000, 1) for k, v in by_kind.items() if v}}
+        result["crashes"] = [(n, c) for _, n, c in s.crashes]
+    finally:
+        await s.stop()
+    tot = result.get("steady", {}).get("services total", {})
+    lim = result.get("limit_to_applied_ms", {})
+    targets = {"services_cpu_below_50pct": tot.get("cpu_pct", 1e9) < 50,
+               "services_rss_below_400mb": tot.get("rss_mb", 1e9) < 400,
+               "limit_to_applied_p99_below_1s": lim.get("p99", 1e9) < 1000}
+    result["targets"] = targets
+    print(json.dumps({k: v for k, v in result.items() if k != "limit_rounds"}, indent=1))
+    print("targets: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in targets.items()))
+    (tmp / "result.json").write_text(json.dumps(result, indent=1))
+    return 0 if all(targets.values()) else 1
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--modbus", type=int, default=100)
+    ap.add_argument("--ocpp", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=20, help="timed limit reductions")
+    ap.add_argument("--changes", type=int, default=40, help="wallbox state changes (half unplug, half plug)")
+    ap.add_argument("--steady-s", type=float, default=30.0, help="CPU measurement window")
+    ap.add_argument("--settle-s", type=float, default=10.0, help="wait before measuring")
+    ap.add_argument("--dir", default=None)
+    sys.exit(asyncio.run(main(ap.parse_args())))
