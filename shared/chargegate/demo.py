@@ -13,14 +13,19 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
+import shutil
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import structlog
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -28,6 +33,8 @@ from chargegate import config as cfgmod
 from chargegate import log as logsetup
 from chargegate.broker import account_password, free_port
 from chargegate.runner import Proc, Supervisor, available_services
+
+log = structlog.get_logger("chargegate.demo")
 
 DEMO_OBSERVER_PASSWORD = "demo"  # read-only account, documented in the README, for MQTT explorers
 
@@ -39,6 +46,23 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def shown(path: Path) -> str:
+    """``path`` as the user types it: relative to the working directory when it is below it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def cli_command() -> str:
+    """How the user runs ``chargegate``: plain when it is on PATH, else the virtual environment's script."""
+    script = Path(sys.executable).parent / "chargegate"
+    found = shutil.which("chargegate")
+    if not script.exists() or (found and Path(found).resolve() == script.resolve()):
+        return "chargegate"
+    return shown(script)
 
 
 def _has(module: str) -> bool:
@@ -143,20 +167,99 @@ def plan(dirpath: Path) -> DemoPlan:
     return DemoPlan(cfg, sims, cars, notes)
 
 
-def _plug_cars(cfg: cfgmod.Config, cars: list[dict[str, Any]], port: int) -> None:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="demo-driver")
-    client.username_pw_set("sim", account_password(cfg, "sim"))
-    try:
-        client.connect("127.0.0.1", port)
-    except OSError:
-        return
-    client.loop_start()
-    for car in cars:
-        payload = {"action": "plug", "phases": car["phases"], "max_current_a": car["max_current_a"]}
-        topic = f"{cfg.site.topic_root}/sim/{car['evse']}/command"
-        client.publish(topic, json.dumps(payload), qos=1).wait_for_publish(2)
-    client.loop_stop()
-    client.disconnect()
+class _CarDriver:
+    """Plugs the demo's cars in once their simulators listen.
+
+    A simulator command is not retained: one sent before the simulator has subscribed is lost
+    (a slow start-up on a busy machine). So the plug command is repeated every ``retry_s`` until
+    the simulator's own draw (``sim/<evse>/draw``, published by this run) says the car is plugged.
+    """
+
+    def __init__(self, cfg: cfgmod.Config, cars: list[dict[str, Any]], port: int, retry_s: float = 2.0,
+                 give_up_s: float = 120.0) -> None:
+        self.root = cfg.site.topic_root
+        self.pending = {car["evse"]: car for car in cars}
+        self.sent_at: dict[str, float] = {}
+        self.plugged: dict[str, bool] = {}  # evse -> the last fresh draw's "plugged"
+        self.retry_s, self.give_up_s = retry_s, give_up_s
+        self.started = time.monotonic()
+        self.since = datetime.now(UTC) - timedelta(seconds=2)
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"demo-driver-{os.getpid()}")
+        self.client.username_pw_set("sim", account_password(cfg, "sim"))
+        self.client.on_connect = lambda c, u, f, rc, pr: c.subscribe(f"{self.root}/sim/+/draw", qos=1)
+        self.client.on_message = self._on_draw
+        self.client.reconnect_delay_set(0.2, 2)
+        self.client.connect_async("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_draw(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            d = json.loads(msg.payload)
+            ts = datetime.fromisoformat(str(d.get("ts")).replace("Z", "+00:00"))
+        except (ValueError, TypeError, AttributeError):
+            return
+        if ts.tzinfo is None or ts < self.since:
+            return  # retained from an earlier run
+        with self.lock:
+            self.plugged[msg.topic.split("/")[-2]] = bool(d.get("plugged"))
+
+    def __call__(self) -> None:
+        if not self.pending:
+            return
+        now = time.monotonic()
+        if now - self.started > self.give_up_s:
+            log.warning("simulators never confirmed the cars", evses=sorted(self.pending))
+            self.pending.clear()
+            return
+        with self.lock:
+            plugged = dict(self.plugged)
+        for evse, car in list(self.pending.items()):
+            if plugged.get(evse) and evse in self.sent_at:
+                del self.pending[evse]
+                log.info("car plugged in", evse=evse, phases=car["phases"], max_current_a=car["max_current_a"])
+                continue
+            if evse in self.sent_at and now - self.sent_at[evse] < self.retry_s:
+                continue
+            payload = {"action": "plug", "phases": car["phases"], "max_current_a": car["max_current_a"]}
+            self.client.publish(f"{self.root}/sim/{evse}/command", json.dumps(payload), qos=1)
+            self.sent_at[evse] = now
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def summary(snap: Any) -> dict[str, Any]:
+    """The installation in a few words per item (for the one-line-per-interval output without a terminal)."""
+    alloc = snap.get("controller/allocation") or {}
+    granted = {e.get("evse_id"): e for e in alloc.get("evses") or [] if isinstance(e, dict)}
+    evses = {}
+    for ident, st in snap.select("evse", "status").items():
+        amps = "/".join(f"{x:g}" for x in st.get("current_a") or [])
+        text = f"{st.get('state')} {amps} A"
+        if ident in granted:
+            g = granted[ident]
+            text += f", granted {g.get('current_a')} A x{g.get('phases')} ({g.get('bound_by')})"
+        evses[ident] = text
+    meters = {ident: f"{m.get('power_w')} W" for ident, m in snap.select("meter", "reading").items()}
+    limits = {}
+    with snap.lock:
+        raw = {t.rsplit("/", 1)[-1]: d for t, d in snap.state.items() if t.startswith(f"{snap.root}/grid/limit/")}
+    for source, lim in sorted(raw.items()):
+        limits[source] = (f"{lim.get('power_w')} W" if lim.get("power_w") is not None else
+                          str(lim.get("current_a"))) + " active" if lim.get("active") else "inactive"
+    tariff = (snap.get("tariff/current") or {}).get("period") or {}
+    link = snap.get("link/smgw") or {}
+    out: dict[str, Any] = {"evses": evses, "meters": meters, "grid_limits": limits}
+    if tariff:
+        out["tariff"] = f"{tariff.get('level')} ({tariff.get('id')})"
+    if link:
+        out["smgw_link"] = str(link.get("state")) + (f": {link['error']}" if link.get("error") else "")
+    warnings = (alloc.get("limits") or {}).get("warnings") or []
+    if warnings:
+        out["controller_warnings"] = warnings[:3]
+    return out
 
 
 class _Ticker:
@@ -181,11 +284,13 @@ class _Ticker:
         families: dict[str, int] = {}
         for t in topics:
             parts = t.split("/")
-            fam = "/".join(parts[1:2] + parts[3:]) if len(parts) > 3 else "/".join(parts[1:])
+            # evse/<id>/status -> evse/status; grid/limit/dso stays as it is
+            keyed = len(parts) > 3 and parts[1] in ("evse", "meter", "sim", "service")
+            fam = "/".join(parts[1:2] + parts[3:]) if keyed else "/".join(parts[1:])
             families[fam] = families.get(fam, 0) + 1
         health = {k: v.get("status") for k, v in self.snap.select("service", "health").items()}
-        print(json.dumps({"demo": "broker", "messages_seen": total, "topics": families,
-                          "services": health}), flush=True)
+        print(json.dumps({"demo": "broker", "messages_seen": total, "topics": families, "services": health,
+                          **summary(self.snap)}, ensure_ascii=False), flush=True)
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -200,6 +305,8 @@ def demo(dirpath: Path, duration: float | None = None, status: bool = True) -> i
     cfg_path.write_text("# generated by `chargegate demo`; edit a copy, not this file\n"
                         + yaml.safe_dump(p.config, sort_keys=False))
     cfg = cfgmod.load(cfg_path)
+    # a demo starts from scratch: no retained state of an earlier run in the broker
+    shutil.rmtree(cfg.state_dir / "broker" / "data", ignore_errors=True)
     logsetup.setup("demo", "info", "console" if sys.stderr.isatty() else "json")
     from chargegate.runner import build
 
@@ -215,17 +322,18 @@ def demo(dirpath: Path, duration: float | None = None, status: bool = True) -> i
     print(f"  broker:        127.0.0.1:{port}  (read-only account: observer / {DEMO_OBSERVER_PASSWORD})")
     print(f"  watch it:      mosquitto_sub -h 127.0.0.1 -p {port} -u observer -P {DEMO_OBSERVER_PASSWORD} "
           f"-t 'chargegate/#' -v")
-    print(f"  live view:     chargegate status --config {cfg_path}")
+    cli, cfg_shown = cli_command(), shown(cfg_path)
+    print(f"  live view:     {cli} status --config {cfg_shown}")
     print(f"  service logs:  {logs}/")
     if p.cars:
-        print(f"  cars:          chargegate sim unplug {p.cars[0]['evse']} --config {cfg_path}   "
+        print(f"  cars:          {cli} sim unplug {p.cars[0]['evse']} --config {cfg_shown}   "
               f"(and `sim plug`)")
     for n in p.notes:
         print(f"  note:          {n}")
     print("  stop:          Ctrl-C\n", flush=True)
 
     started = time.monotonic()
-    plugged = False
+    driver: _CarDriver | None = None
     ticker: Any = None
     live_view = status and sys.stdout.isatty()
 
@@ -233,10 +341,11 @@ def demo(dirpath: Path, duration: float | None = None, status: bool = True) -> i
         return duration is not None and time.monotonic() - started > duration
 
     def on_tick() -> None:
-        nonlocal plugged, ticker
-        if not plugged and time.monotonic() - started > 3.0:
-            plugged = True
-            _plug_cars(cfg, p.cars, port)
+        nonlocal driver, ticker
+        if driver is None and p.cars:
+            driver = _CarDriver(cfg, p.cars, port)
+        if driver is not None:
+            driver()
         if ticker is None and time.monotonic() - started > 1.0:
             ticker = _LiveView(cfg) if live_view else _Ticker(cfg, port)
         if ticker is not None:
@@ -247,6 +356,8 @@ def demo(dirpath: Path, duration: float | None = None, status: bool = True) -> i
     finally:
         if ticker is not None:
             ticker.close()
+        if driver is not None:
+            driver.close()
     return 0
 
 

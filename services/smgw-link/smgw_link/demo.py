@@ -60,17 +60,6 @@ def _port(preferred: int) -> int:
             return free_port()
 
 
-def _cli() -> str:
-    """How the user runs ``chargegate`` (the venv's script when it is not on PATH)."""
-    import shutil
-
-    script = Path(sys.executable).parent / "chargegate"
-    found = shutil.which("chargegate")
-    if found and Path(found).resolve() == script.resolve():
-        return "chargegate"
-    return str(script) if script.exists() else "chargegate"
-
-
 def operator_broker_conf(dirpath: Path, port: int, cert: Path, key: Path) -> Path:
     """The operator's Mosquitto (TLS with the operator's certificate, loopback only)."""
     d = dirpath / "operator"
@@ -99,7 +88,8 @@ def demo_setup(dirpath: Path, cfg: dict[str, Any]) -> dict[str, Any]:
 
     dirpath = dirpath.resolve()
     pki = make_pki(dirpath / "pki", "brainpoolP256r1")
-    state_dir = dirpath / str(cfg.get("state_dir", "state"))
+    # as chargegate.config.load resolves it (an absolute override replaces dirpath)
+    state_dir = dirpath / (os.environ.get("CHARGEGATE_STATE_DIR") or str(cfg.get("state_dir", "state")))
     store = CertStore(state_dir / "certs")
     store.import_pem(CERT_NAME, pki.client_cert, pki.client_key, replace=True)
     store.select(CERT_NAME)
@@ -164,16 +154,18 @@ def demo_setup(dirpath: Path, cfg: dict[str, Any]) -> dict[str, Any]:
                           "--broker-port", str(op_port), "--device", DEVICE_ID, "--record", str(record),
                           "--inbound", f"127.0.0.1:{inbound_port}", "--token", DEMO_TOKEN]),
     ]
-    cli = _cli()
-    cfg_file = dirpath / "chargegate.yaml"
+    from chargegate.demo import cli_command, shown
+
+    cli = cli_command()
+    cfg_file = shown(dirpath / "chargegate.yaml")
     notes += [
         f"SMGW simulator: 127.0.0.1:{smgw_port} (brainpoolP256r1, TLS 1.2, SOCKS5 CLS proxy); test PKI in "
-        f"{pki.dir}; client certificate '{CERT_NAME}' selected: {cli} cert list --config {cfg_file}",
+        f"{shown(pki.dir)}; client certificate '{CERT_NAME}' selected: {cli} cert list --config {cfg_file}",
         f"grid operator (CLS.EEDI over its own TLS Mosquitto, reached as {MQTT_HOST}:{MQTT_PORT} through the SMGW): "
         f"about {TARIFF_AFTER_S + TARIFF_START_IN_S:.0f} s after the link is up a low tariff starts "
         f"(announced through the inbound channel), after {LIMIT_AFTER_S:.0f} s a {LIMIT_W / 1000:g} kW limit "
         f"for {LIMIT_S} s arrives on chargegate/grid/limit/dso (raised to the §14a floor when lower)",
-        f"operator's record (every CLS.EEDI message and inbound request): tail -f {record}",
+        f"operator's record (every CLS.EEDI message and inbound request): tail -f {shown(record)}",
         f"variables API: curl -H 'Authorization: Bearer {DEMO_TOKEN}' "
         f"'http://127.0.0.1:{http_port}/cnf?cmd=set_cm_vars&name=AVAIL&val=50'   "
         f"(house power 50 % -> grid/limit/local; GET /api/variables, /api/limits, /docs)",
