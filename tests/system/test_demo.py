@@ -1,5 +1,8 @@
 """The demo as a user runs it: messages within 30 s, every service back within 5 s of a broker
-restart, and a malformed payload leaves every service running with one clear log line each."""
+restart, and a malformed payload leaves every service running with one clear log line each; the
+whole product (every EVSE with status and setpoint and booted at the operator's OCPP backend
+through the SMGW, the grid operator's CLS.EEDI limit on grid/limit/dso and in the allocation, the
+tariff, a grid meter that sees every car); Ctrl-C stops it with exit 0 and no process left."""
 
 from __future__ import annotations
 
@@ -11,11 +14,14 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from chargegate.runner import available_services
@@ -92,9 +98,45 @@ class Watch:
                 out[topic.split("/")[2]] = json.loads(payload)["status"]
         return out
 
+    def latest(self, topic: str) -> dict[str, Any] | None:
+        for _, t, payload in reversed(list(self.msgs)):
+            if t == topic:
+                return json.loads(payload) if payload else None
+        return None
+
+    def payloads(self, topic: str) -> list[tuple[float, dict[str, Any]]]:
+        return [(t, json.loads(pl)) for t, tp, pl in list(self.msgs) if tp == topic and pl]
+
     def close(self) -> None:
         self.c.loop_stop()
         self.c.disconnect()
+
+
+def _wait(what: str, cond: Any, timeout: float, show: Any = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not within {timeout} s" + (f"; last seen: {show()}" if show else ""))
+
+
+def _demo_processes(demo: Demo) -> dict[int, str]:
+    """pid -> command line of every live process that belongs to the demo (its directory in argv)."""
+    out = {}
+    marker = str(demo.dir)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in cmd and state != "Z":
+            out[int(entry.name)] = cmd
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +201,107 @@ def test_demo_messages_broker_restart_and_bad_input(demo: Demo) -> None:
         assert "online" in line["error"] and line["level"] == "warning"
     finally:
         watch.close()
+
+
+def test_demo_whole_product(demo: Demo) -> None:
+    """Every EVSE has a status and a setpoint and is booted at the operator's backend (reached through
+    the SMGW); the operator's LPC limit arrives on grid/limit/dso and the allocation names it; the
+    tariff period and the SMGW link are on the bus; the grid meter counts every car, OCPP ones too."""
+    port = int(demo.wait_line(r"broker:\s+127\.0\.0\.1:(\d+)", 30).group(1))
+    control = int(demo.wait_line(r"curl http://127\.0\.0\.1:(\d+)/status", 5).group(1))
+    demo.wait_line(r"SMGW simulator: 127\.0\.0\.1:\d+ \(brainpoolP256r1, TLS 1\.2, SOCKS5", 5)
+    cfg = yaml.safe_load((demo.dir / "chargegate.yaml").read_text())
+    evses = [e["id"] for e in cfg["evses"]]
+    assert {"alfen", "webasto", "charx", "ocpp-1"} <= set(evses)
+    assert cfg["ocpp"]["backend"]["via_smgw"] and cfg["smgw"]["functions"] == {
+        "ocpp_via_smgw": True, "power_reduction": True, "tariffs": True}
+    watch = Watch(port)
+    try:
+        # every EVSE: a status and a setpoint
+        _wait("status and setpoint of every EVSE", lambda: all(
+            watch.latest(f"chargegate/evse/{e}/status") and watch.latest(f"chargegate/evse/{e}/setpoint")
+            for e in evses), 30)
+        for e in evses:
+            assert watch.latest(f"chargegate/evse/{e}/status")["online"] is True, e  # type: ignore[index]
+
+        # every EVSE booted at the operator's OCPP backend, which it reaches through the SMGW
+        def booted() -> set[str]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{control}/messages", timeout=5) as r:
+                frames = json.load(r)
+            return {f["cp"] for f in frames if isinstance(f["msg"], list) and f["msg"][0] == 2
+                    and f["msg"][2] == "BootNotification"}
+        _wait("BootNotification of every EVSE at the backend", lambda: set(evses) <= booted(), 30)
+        link = _wait("SMGW link up with the OCPP channel used", lambda: (
+            (lk := watch.latest("chargegate/link/smgw")) and lk["state"] == "up"
+            and lk["channels"]["operator-ocpp"]["opened"] >= 1 and lk), 20)
+        assert link["channels"]["tls"]["version"] == "TLSv1.2" and link["certificate"] == "demo-cls"
+        assert link["channels"]["clseedi"]["connected"] is True
+
+        # the grid operator's limit: on grid/limit/dso, and the allocation names it
+        dso = _wait("the operator's LPC limit on grid/limit/dso", lambda: (
+            (lim := watch.latest("chargegate/grid/limit/dso")) and lim["active"] and lim["power_w"] == 6000
+            and lim), 60)
+        assert dso["id"].startswith("clseedi:") and dso["scope"] == "controllable"
+
+        def names_dso() -> dict[str, Any] | None:
+            a = watch.latest("chargegate/controller/allocation")
+            if not a:
+                return None
+            applied = [g for g in a["limits"].get("grid_limits", []) if g.get("source") == "dso"
+                       and g.get("power_w") == 6000]
+            bound = [e for e in a["evses"] if e["bound_by"] in ("grid_limit:dso", "§14a_floor")
+                     and (e["bound_by"] == "grid_limit:dso" or "dso" in (e.get("detail") or ""))]
+            return a if applied and bound else None
+        alloc = _wait("the allocation bound by the DSO limit", names_dso, 15,
+                      lambda: watch.latest("chargegate/controller/allocation"))
+        floor = alloc["limits"]["floor_14a_w"]
+        # 6 kW is below the §14a floor of the four controllable wallboxes: raised to it, never above
+        assert floor > 6000
+        total_w = sum(e["current_a"] * (3 if e["phases"] == 3 else 1) * 230 for e in alloc["evses"])
+        assert total_w <= floor + 1, (total_w, floor)
+
+        # the operator's record: the limit acknowledged with errorNumber 0, every message schema-valid
+        record = [json.loads(line) for line in (demo.dir / "operator-record.jsonl").read_text().splitlines()]
+        sent = [r for r in record if r["dir"] == "out" and r["channel"] == "clseedi"
+                and "limits" in (r.get("msg", {}).get("data") or {})]
+        acks = {r["msg"]["relation"]: r["msg"]["data"]["errorNumber"] for r in record
+                if r["dir"] == "in" and r.get("msg", {}).get("type", "").endswith(".ack")}
+        assert sent and acks.get(sent[-1]["msg"]["id"]) == 0, (sent, acks)
+        assert all(not r["schema_errors"] for r in record if r["dir"] == "in" and r["channel"] == "clseedi")
+
+        # the tariff period announced through the inbound channel
+        tariff = _wait("the low tariff period", lambda: (
+            (t := watch.latest("chargegate/tariff/current")) and t["period"]["level"] == "low" and t), 30)
+        assert tariff["period"]["id"].startswith("demo-low-")
+
+        # the grid meter: house base load (1 A per phase) plus every car, OCPP ones included
+        def meter_matches() -> bool:
+            reading = watch.latest("chargegate/meter/grid-meter/reading")
+            draws = {e: watch.latest(f"chargegate/sim/{e}/draw") for e in evses}
+            if not reading or not all(draws.values()):
+                return False
+            expect = [1.0 + sum(d["grid_current_a"][i] for d in draws.values()) for i in range(3)]  # type: ignore[union-attr]
+            return all(abs(a - b) < 0.25 for a, b in zip(reading["current_a"], expect, strict=True))
+        assert watch.latest("chargegate/sim/ocpp-1/draw")["source"] == "ocpp-sim"  # type: ignore[index]
+        _wait("grid meter = base load + every car's draw", meter_matches, 15)
+    finally:
+        watch.close()
+
+
+def test_demo_stops_cleanly_on_ctrl_c(demo: Demo) -> None:
+    """Ctrl-C: exit 0, and no simulator, broker or service of the demo is left running."""
+    started = [int(e["pid"]) for e in demo.events("process started")]  # type: ignore[call-overload]
+    brokers = [int(e["pid"]) for e in demo.events("broker started")]  # type: ignore[call-overload]
+    names = {e["process"] for e in demo.events("process started")}
+    assert {"sim-smgw", "sim-operator", "sim-operator-broker", "sim-backend", "sim-ocpp", "sim-modbus"} <= names
+    running = _demo_processes(demo)
+    assert len(running) >= len(names), running  # the check below sees them while they run
+    code = demo.stop()
+    assert code == 0, "demo did not stop cleanly on Ctrl-C:\n" + "\n".join(demo.lines[-30:])
+    time.sleep(0.2)
+    left = _demo_processes(demo)
+    assert not left, f"processes of the demo still running: {left}"
+    for pid in started + brokers:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1]
+                                                                 .split()[:1]), pid
+    assert not any("process did not stop in time" in line for line in demo.lines), demo.lines[-20:]
