@@ -55,6 +55,7 @@ class Env:
     task: asyncio.Task[None] | None = None
     ctx: ServiceContext | None = None
     states: dict[str, dict[str, object]] = field(default_factory=dict)
+    meter: list[float] | None = None
     setpoints: dict[str, list[p.Setpoint]] = field(default_factory=dict)
     allocations: list[p.Allocation] = field(default_factory=list)
 
@@ -71,13 +72,16 @@ class Env:
         self.poller.publish("evse.status", st, evse_id=evse_id)
 
     async def poll(self) -> None:
-        """Like a poller: every EVSE's status again every second."""
+        """Like a poller: every EVSE's status and the meter reading again every second."""
         while True:
             await asyncio.sleep(1.0)
             for evse_id in self.states:
                 self.publish_status(evse_id)
+            if self.meter is not None:
+                self.reading(self.meter)
 
     def reading(self, current: list[float]) -> None:
+        self.meter = current
         self.poller.publish("meter.reading", p.MeterReading(meter_id="grid-meter", current_a=current),
                             meter_id="grid-meter")
 
@@ -141,6 +145,7 @@ async def test_statuses_and_reading_give_setpoints(env: Env) -> None:
     env.status("wb2")
     await wait_for(lambda: (s := env.last("wb1")) is not None and s.current_a == 16
                    and (t := env.last("wb2")) is not None and t.current_a == 16, timeout=5)
+    assert env.ctl.ctx.status == p.HealthStatus.ONLINE, env.ctl.ctx.detail
     sp1, sp2 = env.last("wb1"), env.last("wb2")
     assert sp1 is not None and sp2 is not None
     assert sp1.phases == 3 and sp2.phases == 1
@@ -287,3 +292,16 @@ async def test_restart_goes_on_from_the_retained_state(env: Env, broker: BrokerH
     assert s is not None and s.current_a == 10.0 and s.reason == "grid_limit:dso"
     assert ctl.seq["wb1"] > last_seq
     env.limit("dso", active=False)
+
+
+async def test_a_silent_grid_meter_degrades_health_and_falls_back(env: Env) -> None:
+    env.ctl.ctx.started -= 60  # past the start-up grace
+    meter, env.meter = env.meter, None  # the meter goes silent
+    try:
+        await wait_for(lambda: env.ctl.ctx.status == p.HealthStatus.DEGRADED, timeout=15)
+        assert "grid-meter" in (env.ctl.ctx.detail or "")
+        await wait_for(lambda: (s := env.last("wb1")) is not None and s.current_a == 6 and s.reason == "stale_meter")
+    finally:
+        env.meter = meter
+    env.reading(meter or [2.0, 2.0, 2.0])
+    await wait_for(lambda: env.ctl.ctx.status == p.HealthStatus.ONLINE, timeout=5)

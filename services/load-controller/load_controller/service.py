@@ -307,6 +307,17 @@ class LoadController:
         for w in sorted(self.warnings - now_set):
             self.log.info("load controller: no longer: " + w)
         self.warnings = now_set
+        # health: degraded while the meters it needs are silent (it then assumes the worst). Unreachable
+        # EVSEs are the device services' to report (their status says so); they are only counted here.
+        stale = decision.limits.get("stale_meters") or []
+        if time.monotonic() - self.ctx.started < self.config.controller.meter_timeout_s:
+            stale = []  # start-up: the first readings may still be on their way (control assumes the worst anyway)
+        status = p.HealthStatus.DEGRADED if stale else p.HealthStatus.ONLINE
+        detail = ("meters silent, assuming the worst: " + ", ".join(str(m) for m in stale)) if stale else None
+        if status != self.ctx.status or detail != self.ctx.detail:
+            self.ctx.status, self.ctx.detail = status, detail
+            if self.bus.connected.is_set():
+                self.ctx.publish_health()
 
     # -- running -----------------------------------------------------------------------------------------
     def subscribe(self) -> None:
