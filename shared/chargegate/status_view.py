@@ -92,10 +92,9 @@ def _until(ts: Any) -> str:
     if t is None:
         return "-"
     left = (t - datetime.now(UTC)).total_seconds()
-    rel = f"in {left:.0f}s" if left >= 0 else f"{-left:.0f}s ago"
-    if abs(left) >= 3600:
-        rel = f"in {left / 3600:.1f}h" if left >= 0 else f"{-left / 3600:.1f}h ago"
-    return f"{t.astimezone():%H:%M:%S} ({rel})"
+    span = abs(left)
+    amount = f"{span:.0f}s" if span < 120 else (f"{span / 60:.0f} min" if span < 7200 else f"{span / 3600:.1f} h")
+    return f"{t.astimezone():%H:%M:%S} ({'in ' + amount if left >= 0 else amount + ' ago'})"
 
 
 def _amps(v: Any) -> str:
