@@ -144,8 +144,13 @@ def grid_rows(snap: Snapshot) -> list[tuple[str, str, str]]:
                 val += f" ({lim['reason']})"
         rows.append((f"grid limit ({source})", val, _until(lim.get("valid_until"))))
     failsafe = ((alloc or {}).get("limits") or {}).get("failsafe")
-    if failsafe:
-        rows.append(("failsafe (controller)", json.dumps(failsafe, default=str)[:120], ""))
+    if isinstance(failsafe, dict):
+        val = f"{_fmt(failsafe.get('power_w'), 0)} W active"
+        if failsafe.get("raised_to_floor"):
+            val += f", applied {_fmt(failsafe.get('effective_w'), 0)} W (§14a floor)"
+        if failsafe.get("cause"):
+            val += f" - {failsafe['cause']}"
+        rows.append(("failsafe (controller)", val, _until(failsafe.get("until"))))
     tariff = snap.get("tariff/current")
     if tariff:
         per = tariff.get("period") or {}

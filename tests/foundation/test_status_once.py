@@ -136,12 +136,16 @@ def test_grid_rows_expired_failsafe_and_link_down() -> None:
                             channels={"failsafe": True, "operator_link": False})
     snap.feed("chargegate/link/smgw", link.model_dump_json().encode())
     alloc = _alloc(5000, 13020).model_dump(mode="json")
-    alloc["limits"]["failsafe"] = {"power_w": 4200, "until": "later"}
+    until = (p.utcnow() + timedelta(hours=2)).isoformat()
+    alloc["limits"]["failsafe"] = {"cause": "SMGW link down", "since": old.isoformat(), "until": until,
+                                   "power_w": 4200.0, "scope": "controllable", "effective_w": 13020.0,
+                                   "raised_to_floor": True}
     snap.feed("chargegate/controller/allocation", json.dumps(alloc).encode())
     snap.feed("chargegate/tariff/current", b"not json")  # ignored, not a crash
     rows = {what: (val, when) for what, val, when in grid_rows(snap)}
     assert rows["grid limit (dso)"][0] == "expired"
     assert "ago" in rows["grid limit (dso)"][1]
     assert rows["SMGW link"][0].startswith("down: tls: TLS alert 'unknown ca'") and "FAILSAFE" in rows["SMGW link"][0]
-    assert "4200" in rows["failsafe (controller)"][0]
+    assert rows["failsafe (controller)"][0] == ("4200 W active, applied 13020 W (§14a floor) - SMGW link down")
+    assert "(in 120 min)" in rows["failsafe (controller)"][1] or "(in 119 min)" in rows["failsafe (controller)"][1]
     assert "tariff" not in rows
