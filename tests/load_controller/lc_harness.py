@@ -13,7 +13,7 @@ A scenario::
                 "meter": {"grid-meter": {"current_a": [5, 3, 2]}},
                 "grid_limit": {"dso": {"active": true, "power_w": 4000, "valid_for_s": 600}},
                 "evse_limit": {"wb1": {...}}, "tariff_current": {...}, "tariff_schedule": {...},
-                "link": {"state": "down"},
+                "link": {"state": "down"}, "health": {"ocpp-gateway": {"status": "online"}},
                 "plant": {"cars": {"wb1": {"max_a": 8}}, "silent_meters": ["grid-meter"]},  # plant changes
                 "expect": {"wb1": {"current_a": 16, "phases": 3, "bound_by": "evse_max"}},
                 "expect_warning": "raised to the §14a floor"}]}
@@ -110,6 +110,11 @@ class Runner:
         if "tariff_schedule" in s:
             d = s["tariff_schedule"]
             self.inputs.tariff_schedule = None if d is None else p.TariffSchedule.model_validate(_when(now, d))
+        for name, d in (s.get("health") or {}).items():
+            if d is None:
+                self.inputs.services.pop(name, None)
+                continue
+            self.inputs.services[name] = p.Health.model_validate(_when(now, {"service": name, **d}))
         if "link" in s:
             d = s["link"]
             self.inputs.link = None if d is None else p.SmgwLinkStatus.model_validate(_when(now, d))

@@ -305,3 +305,26 @@ async def test_a_silent_grid_meter_degrades_health_and_falls_back(env: Env) -> N
         env.meter = meter
     env.reading(meter or [2.0, 2.0, 2.0])
     await wait_for(lambda: env.ctl.ctx.status == p.HealthStatus.ONLINE, timeout=5)
+
+
+async def test_event_driven_ocpp_status_stays_fresh_while_the_gateway_lives(env: Env) -> None:
+    gw = await connected_bus_for(env, "ocpp-gateway")
+    env.states.pop("wb2", None)  # the fake poller no longer refreshes wb2: the OCPP gateway speaks for it
+    gw.publish("service.health", p.Health(service="ocpp-gateway", status=p.HealthStatus.ONLINE),
+               service="ocpp-gateway")
+    gw.publish("evse.status", p.EvseStatus(evse_id="wb2", online=True, state=p.EvseState.CHARGING,
+                                           source="ocpp-gateway", ts=p.utcnow() - timedelta(seconds=60)),
+               evse_id="wb2")
+
+    def wb2() -> tuple[str, bool] | None:
+        d = env.ctl.last_decision
+        x = next((e for e in d.evses if e.evse_id == "wb2"), None) if d else None
+        return (x.bound_by, x.online) if x else None
+
+    # a minute old, yet fresh: its publisher is alive
+    await wait_for(lambda: (w := wb2()) is not None and w[1] and w[0] != "evse_offline")
+    gw.publish("service.health", p.Health(service="ocpp-gateway", status=p.HealthStatus.OFFLINE),
+               service="ocpp-gateway")
+    await wait_for(lambda: (w := wb2()) is not None and w[0] == "evse_offline" and not w[1], timeout=3)
+    await gw.stop()
+    env.status("wb2")

@@ -38,6 +38,7 @@ class Inputs:
     tariff_schedule: p.TariffSchedule | None = None
     link: p.SmgwLinkStatus | None = None
     setpoints: dict[str, p.Setpoint] = field(default_factory=dict)  # in force (retained, e.g. before a restart)
+    services: dict[str, p.Health] = field(default_factory=dict)  # service health (event-driven publishers)
 
 
 @dataclass(slots=True)
@@ -159,13 +160,18 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
     # -- EVSE observations ------------------------------------------------------------------------
     statuses: list[p.EvseStatus | None] = [inputs.statuses.get(e.id) for e in evses]
     fresh = [False] * n_e
+    recent = [False] * n_e  # the status (its measurement) itself is younger than evse_timeout_s
     wants = [False] * n_e
     meas: list[list[float] | None] = [None] * n_e  # measured current per grid phase
+    live_sources = {name for name, h in inputs.services.items()
+                    if name in cfg.event_driven_sources and h.status != p.HealthStatus.OFFLINE
+                    and _age(now, h.ts) <= cfg.publisher_timeout_s}
     for e in evses:
         st = statuses[e.index]
         if st is None:
             continue
-        ok = st.online and st.state != p.EvseState.OFFLINE and _age(now, st.ts) <= cfg.evse_timeout_s
+        recent[e.index] = _age(now, st.ts) <= cfg.evse_timeout_s
+        ok = st.online and st.state != p.EvseState.OFFLINE and (recent[e.index] or st.source in live_sources)
         fresh[e.index] = ok
         if not ok:
             continue
@@ -405,7 +411,9 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
             fixed.append(Fixed(e.id, e.node, e.grid_phases, assumed, ctrl_t if e.controllable else ()))
             why = "no status yet" if st is None else ("reported offline" if not st.online or
                                                        st.state == p.EvseState.OFFLINE else
-                                                       f"status older than {cfg.evse_timeout_s:g} s")
+                                                       f"status older than {cfg.evse_timeout_s:g} s"
+                                                       + (f" and {st.source} is gone" if st.source in
+                                                          cfg.event_driven_sources else ""))
             demands.append(Demand(e.id, e.node, e.min_a, [], order=i, off_label="evse_offline",
                                   off_detail=f"{why}: assumed to draw {assumed:g} A"))
             continue
@@ -552,7 +560,7 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
             nm.three_fit_since = (m.three_fit_since or now) if g.three_fits else None
         else:
             nm.three_fit_since = None
-        if st is not None:
+        if st is not None and recent[i]:  # only on a recent measurement
             _reclaim(cfg, e, m, nm, st, now)
             _detect_phases(cfg, e, m, nm, st, now)
         out.append(EvseDecision(e.id, cur, g.nph, g.bound_by, g.detail, wanted=True, online=True))

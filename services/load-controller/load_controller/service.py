@@ -201,6 +201,19 @@ class LoadController:
             self.log.info("SMGW link state", state=link.state.value)
             self.trigger("link")
 
+    def on_health(self, msg: Message) -> None:
+        """Health of the services that publish EVSE status only on events (OCPP): while one is alive, its
+        statuses stay fresh; when it goes (last will), its EVSEs are unreachable at once."""
+        h = msg.payload
+        assert isinstance(h, p.Health)
+        if h.service not in self.config.controller.event_driven_sources:
+            return
+        h = self._stamp(h, msg.topic)  # type: ignore[assignment]
+        prev = self.inputs.services.get(h.service)
+        self.inputs.services[h.service] = h
+        if prev is None or (prev.status == p.HealthStatus.OFFLINE) != (h.status == p.HealthStatus.OFFLINE):
+            self.trigger("publisher")
+
     def on_setpoint(self, msg: Message) -> None:
         """Our own retained setpoints: go on from them after a restart (sequence numbers, ramps)."""
         sp = msg.payload
@@ -329,6 +342,7 @@ class LoadController:
         b.subscribe("tariff.current", self.on_tariff_current)
         b.subscribe("tariff.schedule", self.on_tariff_schedule)
         b.subscribe("link.smgw", self.on_link)
+        b.subscribe("service.health", self.on_health)
         b.on_connect(self.on_connect)
 
     async def recover_setpoints(self, settle_s: float) -> None:

@@ -99,6 +99,12 @@ class Controller(Strict):
     setpoint_validity_s: float = Field(default=10.0, ge=1, le=600)
     meter_timeout_s: float = Field(default=10.0, ge=1, le=600)
     evse_timeout_s: float = Field(default=10.0, ge=1, le=600)
+    event_driven_sources: list[Ident] = Field(
+        default_factory=lambda: ["ocpp-gateway"],
+        description="services that publish EVSE status only on events (OCPP): their statuses stay fresh while "
+                    "the service's health is online and recent, whatever their age")
+    publisher_timeout_s: float = Field(default=35.0, ge=1, le=3600,
+                                       description="a service health message older than this: the service is gone")
     fallback_current_a: float = Field(default=0.0, ge=0, le=4000,
                                       description="per phase for the whole site when the grid meter is stale; "
                                                   "0 = the EVSEs' minimum only")
