@@ -149,6 +149,7 @@ class Plan:
     fwd_mqtt_port: int = 0
     fwd_ocpp_port: int = 0
     device_id: str = "house-1"
+    grid_meter: bool = True  # a meter at the grid connection (the bus carries at most 1000 A per phase)
 
     def __post_init__(self) -> None:
         taken: set[int] = set()
@@ -218,7 +219,7 @@ def config_dict(plan: Plan, pki_dir: Path, cert_store: Path) -> dict[str, Any]:
 
     def node(c: Circuit) -> dict[str, Any]:
         out: dict[str, Any] = {"id": c.id, "fuse_a": c.fuse_a}
-        if c.parent is None:
+        if c.parent is None and plan.grid_meter:
             out["meter"] = "grid-meter"
         kids = [node(k) for k in children.get(c.id, [])]
         if kids:
@@ -245,8 +246,11 @@ def config_dict(plan: Plan, pki_dir: Path, cert_store: Path) -> dict[str, Any]:
         "circuits": [node(plan.root)],
         "evses": evses,
         "meters": [{"id": "grid-meter", "role": "grid",
-                    "modbus": {"profile": "sdm630", "host": "127.0.0.1", "port": plan.meter_port, "device_id": 1}}],
-        "poller": {"poll_interval_s": t.poll_interval_s, "watchdog_timeout_s": t.watchdog_timeout_s},
+                    "modbus": {"profile": "sdm630", "host": "127.0.0.1", "port": plan.meter_port, "device_id": 1}}]
+        if plan.grid_meter else [],
+        "poller": {"poll_interval_s": t.poll_interval_s, "watchdog_timeout_s": t.watchdog_timeout_s,
+                   # a big site's grid meter reads more than the default plausibility bound (1000 A)
+                   "meter_max_current_a": max(1000.0, min(10000.0, 2 * plan.root.fuse_a))},
         "controller": {"cycle_s": t.cycle_s, "setpoint_validity_s": t.setpoint_validity_s,
                        "evse_timeout_s": t.evse_timeout_s, "meter_timeout_s": t.meter_timeout_s,
                        "link_loss_grace_s": t.link_loss_grace_s, "min_charge_time_s": t.min_charge_time_s,
@@ -303,6 +307,9 @@ class Fault:
     start: float
     lenient: bool  # the actuation path itself is down: a new limit cannot act before it is back
     end: float | None = None
+    # a device that silently stopped answering can only be accounted for once the system knows
+    # (the poller reports it offline after poller.offline_after_failures polls)
+    detected_at: float | None = None
 
 
 @dataclass
@@ -579,8 +586,12 @@ class Monitor:
         end = ep.start + self.grace_s
         if ep.key.startswith("limit:"):
             for f in self.faults:
-                if f.lenient and f.start <= ep.start + self.grace_s and (f.end is None or f.end >= ep.start):
+                if f.start > ep.start + self.grace_s or (f.end is not None and f.end < ep.start):
+                    continue
+                if f.lenient:
                     end = max(end, (f.end if f.end is not None else float("inf")) + self.grace_s)
+                elif f.detected_at is not None:
+                    end = max(end, f.detected_at + self.grace_s)
         return end
 
     def violations(self, since: float = 0.0) -> list[Episode]:
