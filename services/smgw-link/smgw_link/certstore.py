@@ -126,14 +126,19 @@ class CertStore:
                    password: str | None = None, replace: bool = False) -> CertInfo:
         """Import a PEM certificate (with optional chain). The key comes from ``key_file``, from
         the same PEM file, or from an earlier ``cert request`` under the same name."""
-        data = _read(cert_file)
+        return self.import_pem_bytes(name, _read(cert_file), _read(key_file) if key_file is not None else None,
+                                     password, replace, source=str(cert_file))
+
+    def import_pem_bytes(self, name: str, data: bytes, key_data: bytes | None = None, password: str | None = None,
+                         replace: bool = False, source: str = "the upload") -> CertInfo:
+        """:meth:`import_pem` from memory (the admin API's upload)."""
         try:
             certs = x509.load_pem_x509_certificates(data)
         except ValueError:
-            raise CertStoreError(f"{cert_file} holds no PEM certificate") from None
+            raise CertStoreError(f"{source} holds no PEM certificate") from None
         pw = password.encode() if password else None
-        if key_file is not None:
-            key = _load_key(_read(key_file), pw)
+        if key_data is not None:
+            key = _load_key(key_data, pw)
         elif b"PRIVATE KEY" in data:
             key = _load_key(data, pw)
         elif self.key_path(name).exists():
@@ -144,13 +149,16 @@ class CertStore:
         return self._store(name, certs, key, replace)
 
     def import_pkcs12(self, name: str, p12_file: Path, password: str | None, replace: bool = False) -> CertInfo:
+        return self.import_pkcs12_bytes(name, _read(p12_file), password, replace, source=str(p12_file))
+
+    def import_pkcs12_bytes(self, name: str, data: bytes, password: str | None, replace: bool = False,
+                            source: str = "the upload") -> CertInfo:
         try:
-            key, cert, extra = pkcs12.load_key_and_certificates(_read(p12_file),
-                                                                password.encode() if password else None)
-        except ValueError as e:
-            raise CertStoreError(f"{p12_file} cannot be opened (wrong password or not PKCS#12): {e}") from None
+            key, cert, extra = pkcs12.load_key_and_certificates(data, password.encode() if password else None)
+        except (ValueError, TypeError) as e:
+            raise CertStoreError(f"{source} cannot be opened (wrong password or not PKCS#12): {e}") from None
         if key is None or cert is None:
-            raise CertStoreError(f"{p12_file} does not hold a certificate with its private key")
+            raise CertStoreError(f"{source} does not hold a certificate with its private key")
         return self._store(name, [cert, *(extra or [])], key, replace)
 
     def import_file(self, name: str, path: Path, key_file: Path | None = None, password: str | None = None,

@@ -203,6 +203,12 @@ class Link:
         self._wake = asyncio.Event()
         self._last_ok = 0.0
         self.up_event = asyncio.Event()
+        # which connector (generation = number of resets) the last probe results were made with:
+        # a certificate switch-over waits for a probe of its own generation
+        self.generation = 0
+        self.connector_gen = 0
+        self.ok_gen = -1
+        self.failed_gen = -1
 
     # -- state -----------------------------------------------------------------------------------------
     def _set(self, state: str, error: LinkError | None = None) -> None:
@@ -231,12 +237,15 @@ class Link:
 
     def _connector(self) -> HanConnector:
         if self.connector is None:
+            self.connector_gen = self.generation
             self.connector = self.make_connector()
         return self.connector
 
     def reset(self) -> None:
-        """Rebuild the TLS context on the next attempt (new certificate or configuration)."""
+        """Rebuild the TLS context and probe with it at once (new certificate or configuration)."""
         self.connector = None
+        self.generation += 1
+        self._last_ok = 0.0
         self._wake.set()
 
     # -- probing -----------------------------------------------------------------------------------------
@@ -245,15 +254,19 @@ class Link:
         while True:
             idle = time.monotonic() - self._last_ok
             if self.state != "up" or idle >= self.smgw.keepalive_s:
+                gen = self.generation
                 try:
                     await self._connector().probe()
+                    self.ok_gen = gen
                     self._set("up")
                     delay = self.smgw.reconnect_min_s
                 except LinkError as e:
+                    self.failed_gen = gen
                     self._set("down", e)
                     if e.kind == "setup":
                         self.connector = None
                 except Exception as e:  # never let the prober die
+                    self.failed_gen = gen
                     self._set("down", classify(e, "SMGW"))
             if self.state == "up":
                 wait = max(0.05, self.smgw.keepalive_s - (time.monotonic() - self._last_ok))
@@ -357,6 +370,7 @@ class InboundServer:
         if ca is None:
             raise LinkError("setup", "the inbound channel needs smgw.inbound.gateway_ca or gateway.trust_anchor")
         self.smgw = smgw
+        self.client_ca = ca
         self.ctx = han_server_context(cert=cert, key=key, client_ca=ca, tls_version=smgw.tls_version)
         pins = list(smgw.inbound.allowed_sha256)
         if not pins and gw is not None and gw.pinned_sha256:
@@ -368,6 +382,10 @@ class InboundServer:
         self.stats: dict[str, Any] = {"accepted": 0, "refused": 0, "active": 0, "bytes_in": 0, "bytes_out": 0,
                                       "last_error": None}
         self._sem = asyncio.Semaphore(smgw.inbound.max_connections)
+
+    def use_certificate(self, cert: Path, key: Path) -> None:
+        """Serve new connections with another certificate (open ones keep theirs)."""
+        self.ctx = han_server_context(cert=cert, key=key, client_ca=self.client_ca, tls_version=self.smgw.tls_version)
 
     async def start(self) -> None:
         ib = self.smgw.inbound

@@ -316,8 +316,7 @@ class OperatorControl:
             limits[src.value] = p.GridLimit(
                 source=src, active=True, power_w=float(self.lpc.value_w), scope=scope,
                 valid_until=min(hold, ends) if ends else hold,
-                id=f"clseedi:{self.lpc.message_id}" if self.lpc.message_id else "clseedi",
-                reason="CLS.EEDI LPC consumption limit" + (f" for {self.lpc.duration_s} s" if ends else ""),
+                id=self._lpc_id(), reason=self._lpc_reason() + (f" for {self.lpc.duration_s} s" if ends else ""),
                 failsafe_power_w=fs_w, failsafe_duration_s=fs_d)
         else:
             limits[src.value] = p.GridLimit(source=src, active=False, scope=scope, valid_until=hold,
@@ -341,6 +340,18 @@ class OperatorControl:
         return Outputs(limits=limits, tariff=self.tariff_now(now), schedule=p.TariffSchedule(
             periods=list(self.schedule), source=p.LimitSource(cfg.limit_source if cfg.functions.tariffs else "local")),
             failsafe=self.in_failsafe)
+
+    def _lpc_id(self) -> str:
+        mid = self.lpc.message_id if self.lpc else None
+        if mid and mid.startswith("admin:"):
+            return mid[:128]  # set through the admin API: "admin:<who>"
+        return f"clseedi:{mid}"[:128] if mid else "clseedi"
+
+    def _lpc_reason(self) -> str:
+        mid = self.lpc.message_id if self.lpc else None
+        if mid and mid.startswith("admin:"):
+            return f"operator limit set through the admin API by {mid[6:]}"[:200]
+        return "CLS.EEDI LPC consumption limit"
 
     def tariff_now(self, now: datetime) -> p.TariffCurrent:
         if self.tarif is not None and (self.tarif.until is None or now < self.tarif.until):

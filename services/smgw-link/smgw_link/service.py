@@ -8,24 +8,28 @@ import os
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-
 from chargegate import payloads as p
 from chargegate.bus import Message
+from chargegate.config import Config
 from chargegate.runtime import ServiceContext, run_service
+from smgw_link.admin.server import AdminServer
 from smgw_link.certstore import WARN_DAYS, CertInfo, CertStore, CertStoreError
 from smgw_link.channel import HanConnector, InboundServer, Link, Streams
 from smgw_link.clseedi.client import ClsEediClient
 from smgw_link.clseedi.device import ClsEediDevice
 from smgw_link.control import OperatorControl, same_limit
 from smgw_link.httpapi import ApiState, make_app
+from smgw_link.httpserve import _HttpServer, _Uvicorn, serve_http
 from smgw_link.measurements import Measurements
 from smgw_link.tlsconf import LinkError
+
+_serve_http = serve_http  # the name the tests use
+__all__ = ["SmgwLink", "_HttpServer", "_Uvicorn", "_serve_http", "main", "serve"]
 
 STATUS_REFRESH_S = 10.0
 CERT_CHECK_S = 30.0
@@ -35,43 +39,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class _Uvicorn(uvicorn.Server):
-    """uvicorn inside our loop: the service runtime owns the signals."""
-
-    @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[no-untyped-def]
-        yield
-
-
-@dataclass
-class _HttpServer:
-    server: _Uvicorn
-    task: asyncio.Task[None]
-    sock: socket.socket
-
-    async def stop(self) -> None:
-        self.server.should_exit = True
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            await asyncio.wait_for(self.task, 5)
-        self.sock.close()
-
-
-async def _serve_http(app: Any, sock: socket.socket) -> _HttpServer:
-    cfg = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=2)
-    server = _Uvicorn(cfg)
-    task = asyncio.create_task(server.serve(sockets=[sock]), name="smgw-link.http")
-    for _ in range(200):
-        if server.started or task.done():
-            break
-        await asyncio.sleep(0.01)
-    return _HttpServer(server, task, sock)
-
-
 class SmgwLink:
-    def __init__(self, ctx: ServiceContext) -> None:
+    def __init__(self, ctx: ServiceContext, inbound_wrap: Callable[[Any], Any] | None = None) -> None:
         self.ctx = ctx
         self.config = ctx.config
         self.cfg = ctx.config.smgw
+        self.inbound_wrap = inbound_wrap  # routes the admin API's paths of the inbound channel
         self.log = ctx.log
         state = ctx.state_dir / "smgw"
         state.mkdir(parents=True, exist_ok=True)
@@ -150,6 +123,41 @@ class SmgwLink:
         if changed:
             self._status_dirty = True
         return changed
+
+    def reload_certificate(self) -> int:
+        """Re-read the active certificate now and rebuild the link with it (admin switch-over).
+        Returns the link generation whose probe result tells whether it works."""
+        self.check_certificate()
+        if self.inbound is not None and self.cfg.inbound.certificate is None and self.cert is not None:
+            try:
+                self.inbound.use_certificate(self.store.cert_path(self.cert.name), self.store.key_path(self.cert.name))
+            except Exception as e:  # the inbound server keeps its previous certificate
+                self.log.error("inbound server keeps its certificate", certificate=self.cert.name, error=str(e))
+        self._status_dirty = True
+        self.changed()
+        if self.link is None:
+            return -1
+        self.link.reset()
+        return self.link.generation
+
+    def probe_result(self, generation: int) -> tuple[bool | None, str | None]:
+        """(True, None) once a probe of ``generation`` or later succeeded; (False, error) after a
+        failed one; (None, None) while none has finished."""
+        link = self.link
+        if link is None:
+            return False, "the SMGW link is not running"
+        if link.ok_gen >= generation:
+            return True, None
+        if link.failed_gen >= generation:
+            return False, link.error
+        return None, None
+
+    def reconfigure(self, config: Config) -> None:
+        """A new configuration whose ``smgw`` section is unchanged: nothing to restart."""
+        self.config = config
+        self.measurements.config = config
+        self._status_dirty = True
+        self.changed()
 
     def make_connector(self) -> HanConnector:
         if self.cert is None:
@@ -342,7 +350,10 @@ class SmgwLink:
         os.chmod(path, 0o600)
         usock.listen(64)
         self.inbound_sock_path = path
-        self.http.append(await _serve_http(make_app(api, "inbound"), usock))
+        inbound_app = make_app(api, "inbound")
+        if self.inbound_wrap is not None:
+            inbound_app = self.inbound_wrap(inbound_app)
+        self.http.append(await _serve_http(inbound_app, usock))
 
         async def target() -> Streams:
             return await asyncio.open_unix_connection(str(path))
@@ -426,14 +437,26 @@ class SmgwLink:
                 await asyncio.wait_for(self._wake.wait(), max(0.005, min(waits)))
 
 
+def needs_restart(old: Config, new: Config) -> bool:
+    """Whether the link, its channels and the variables API must restart for ``new``."""
+    return old.smgw != new.smgw or old.state_dir != new.state_dir
+
+
 async def serve(ctx: ServiceContext) -> None:
     reload = asyncio.Event()
+    current: list[SmgwLink] = []  # the bus cannot unsubscribe: route to the live instance
+    admin = AdminServer(ctx, lambda: current[0] if current else None)
 
-    async def on_reload(_: Any) -> None:
-        reload.set()
+    async def on_reload(new: Config) -> None:
+        await admin.reconfigure(new)
+        svc = current[0] if current else None
+        if svc is not None and needs_restart(svc.config, new):
+            reload.set()
+        elif svc is not None:
+            svc.reconfigure(new)
+            ctx.log.info("configuration reloaded: smgw settings unchanged, link and channels keep running")
 
     ctx.on_reload(on_reload)
-    current: list[SmgwLink] = []  # the bus cannot unsubscribe: route to the live instance
 
     def route(method: str) -> Any:
         def handler(*args: Any) -> None:
@@ -446,28 +469,32 @@ async def serve(ctx: ServiceContext) -> None:
     bus.subscribe("evse.status", route("on_evse"))
     bus.subscribe("service.health", route("on_health"), service="load-controller")
     bus.on_connect(lambda: current and current[0].publish(force=True))
-    while True:
-        svc = SmgwLink(ctx)
-        if current:
-            svc.controller_health = current[0].controller_health
-            svc.measurements.meters = current[0].measurements.meters
-            svc.measurements.evses = current[0].measurements.evses
-        current[:] = [svc]
-        await svc.start()
-        loop = asyncio.create_task(svc.loop(), name="smgw-link.loop")
-        waiter = asyncio.create_task(reload.wait())
-        try:
-            await asyncio.wait({loop, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            if loop.done():
-                loop.result()  # re-raise
-        finally:
-            loop.cancel()
-            waiter.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await loop
-            await svc.stop()
-        reload.clear()
-        ctx.log.info("configuration reloaded: smgw-link restarted its link, channels and APIs")
+    await admin.start()
+    try:
+        while True:
+            svc = SmgwLink(ctx, admin.inbound_app)
+            if current:
+                svc.controller_health = current[0].controller_health
+                svc.measurements.meters = current[0].measurements.meters
+                svc.measurements.evses = current[0].measurements.evses
+            current[:] = [svc]
+            await svc.start()
+            loop = asyncio.create_task(svc.loop(), name="smgw-link.loop")
+            waiter = asyncio.create_task(reload.wait())
+            try:
+                await asyncio.wait({loop, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if loop.done():
+                    loop.result()  # re-raise
+            finally:
+                loop.cancel()
+                waiter.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await loop
+                await svc.stop()
+            reload.clear()
+            ctx.log.info("configuration reloaded: smgw-link restarted its link, channels and APIs")
+    finally:
+        await admin.stop()
 
 
 def main() -> None:

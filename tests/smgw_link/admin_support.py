@@ -1,0 +1,86 @@
+"""Helpers for the admin API tests: a minimal HTTP/1.1 client over real TCP (optionally TLS, or an
+already open channel such as the SMGW simulator's inbound connection) and configuration text."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from typing import Any
+
+from conftest import BrokerHandle
+
+ADMIN_TOKEN = "admin-token-0123456789abcdef"
+OPERATOR_TOKEN = "operator-token-0123456789abcdef"
+VIEWER_TOKEN = "viewer-token-0123456789abcdef"
+VARS_TOKEN = "vars-token-0123456789"
+
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def request(streams: Streams, method: str, path: str, token: str | None = None, body: Any = None,
+                  raw: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """One request on ``streams`` (closed afterwards); the answer's JSON (or text)."""
+    reader, writer = streams
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    head = [f"{method} {path} HTTP/1.1", "Host: chargegate", "Connection: close"]
+    if token:
+        head.append(f"Authorization: Bearer {token}")
+    for k, v in (headers or {}).items():
+        head.append(f"{k}: {v}")
+    if data is not None:
+        head += ["Content-Type: application/json", f"Content-Length: {len(data)}"]
+    writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + (data or b""))
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(-1), 30)
+    writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    parts = status_line.split()
+    if len(parts) < 2:
+        raise ConnectionError(f"no HTTP answer (got {answer[:80]!r})")
+    head_block, _, payload = rest.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in head_block.lower():
+        payload = _unchunk(payload)
+    try:
+        return int(parts[1]), json.loads(payload) if payload else None
+    except ValueError:
+        return int(parts[1]), payload.decode(errors="replace")
+
+
+def _unchunk(data: bytes) -> bytes:
+    out = b""
+    while data:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0] or b"0", 16)
+        if size == 0:
+            break
+        out += data[:size]
+        data = data[size + 2:]
+    return out
+
+
+async def api(port: int, method: str, path: str, token: str | None = ADMIN_TOKEN, body: Any = None,
+              tls: ssl.SSLContext | None = None, **kw: Any) -> tuple[int, Any]:
+    streams = await asyncio.open_connection("127.0.0.1", port, ssl=tls,
+                                            server_hostname="localhost" if tls else None)
+    return await request(streams, method, path, token, body, **kw)
+
+
+def admin_yaml(port: int) -> str:
+    return f"""
+admin:
+  enabled: true
+  host: 127.0.0.1
+  port: {port}
+  keep_versions: 5
+  switch_timeout_s: 3
+  tokens:
+    - {{name: alice, role: admin, token: "{ADMIN_TOKEN}"}}
+    - {{name: olga, role: operator, token: "{OPERATOR_TOKEN}"}}
+    - {{name: vera, role: viewer, token: "{VIEWER_TOKEN}"}}
+"""
+
+
+def accounts_yaml(broker: BrokerHandle, *names: str) -> str:
+    accounts = {a: broker.password(a) for a in names}
+    return f"broker:\n  port: {broker.port}\n  accounts: {json.dumps(accounts)}\n"

@@ -1,0 +1,280 @@
+"""The admin API on the local network: roles, configuration changes (validated, atomic, versioned,
+rolled back), live reload, limits, logs, service commands and the audit log - real Mosquitto, the
+real smgw-link service, real HTTP over TCP."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from admin_support import ADMIN_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN, accounts_yaml, admin_yaml, api
+
+from chargegate import payloads as p
+from chargegate.broker import free_port
+from chargegate.bus import Bus
+from chargegate.config import load
+from chargegate.runtime import ServiceContext, start_context, stop_context
+from conftest import BrokerHandle, connected_bus, make_config, wait_for
+from smgw_link.service import serve
+
+
+@dataclass
+class AdminRig:
+    ctx: ServiceContext
+    task: asyncio.Task[None]
+    port: int
+    path: Path
+    observer: Bus
+    commands: list[tuple[str, p.ServiceCommand]] = field(default_factory=list)
+    limits: dict[str, list[p.GridLimit]] = field(default_factory=dict)
+    health: list[p.Health] = field(default_factory=list)
+
+    async def call(self, method: str, path: str, token: str | None = ADMIN_TOKEN, body: Any = None,
+                   **kw: Any) -> tuple[int, Any]:
+        return await api(self.port, method, path, token, body, **kw)
+
+    async def audit(self) -> list[dict[str, Any]]:
+        status, rows = await self.call("GET", "/v1/audit?limit=1000")
+        assert status == 200, rows
+        return rows  # type: ignore[no-any-return]
+
+
+def rig_yaml(broker: BrokerHandle, port: int) -> str:
+    return f"""
+site: {{name: admin-test}}
+{accounts_yaml(broker, "smgw-link", "observer")}
+circuits:
+  - id: grid
+    fuse_a: 35
+    children:
+      - {{id: garage, fuse_a: 32}}
+evses:
+  - id: wb1
+    circuit: garage
+    modbus: {{profile: alfen-eve, host: 127.0.0.1, port: 1502}}
+    upstream: {{password: "wb1-backend-secret"}}
+smgw:
+  http_api: {{enabled: false}}
+  limit_heartbeat_s: 1
+  limit_hold_s: 5
+{admin_yaml(port)}
+"""
+
+
+@pytest.fixture(scope="module")
+async def rig(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[AdminRig]:
+    from chargegate import log
+
+    log.setup("smgw-link", fmt="console")  # structlog with the sink that forwards events to service/<name>/log
+    tmp = tmp_path_factory.mktemp("smgw-admin")
+    port = free_port()
+    cfg = make_config(tmp, rig_yaml(broker, port))
+    observer = await connected_bus(broker, "observer")
+    ctx = await start_context("smgw-link", cfg, tmp / "chargegate.yaml", connect_timeout=5)
+    r = AdminRig(ctx, asyncio.create_task(serve(ctx)), port, tmp / "chargegate.yaml", observer)
+    observer.subscribe("service.command", lambda msg: r.commands.append((msg.params["service"], msg.payload)))
+    observer.subscribe("grid.limit", lambda msg: r.limits.setdefault(msg.params["source"], []).append(msg.payload))
+    observer.subscribe("service.health", lambda msg: r.health.append(msg.payload), service="smgw-link")
+
+    async def up() -> bool:
+        try:
+            return (await r.call("GET", "/v1/whoami"))[0] == 200
+        except OSError:
+            return False
+
+    for _ in range(200):
+        if await up():
+            break
+        await asyncio.sleep(0.05)
+    try:
+        yield r
+    finally:
+        r.task.cancel()
+        try:
+            await r.task
+        except (asyncio.CancelledError, Exception):
+            pass
+        await stop_context(ctx)
+        await observer.stop()
+
+
+async def test_roles_and_authentication(rig: AdminRig) -> None:
+    for token, name, role in ((ADMIN_TOKEN, "alice", "admin"), (OPERATOR_TOKEN, "olga", "operator"),
+                              (VIEWER_TOKEN, "vera", "viewer")):
+        status, body = await rig.call("GET", "/v1/whoami", token)
+        assert status == 200 and body == {"name": name, "role": role, "method": "token", "via": "local"}
+    assert (await rig.call("GET", "/v1/status", None))[0] == 401
+    assert (await rig.call("GET", "/v1/status", "wrong-token"))[0] == 401
+    assert (await rig.call("GET", "/v1/audit", VIEWER_TOKEN))[0] == 403
+    assert (await rig.call("GET", "/v1/audit", OPERATOR_TOKEN))[0] == 403
+    # refused before the body is looked at: no credentials -> 401, wrong role -> 403, even with a broken body
+    assert (await rig.call("PATCH", "/v1/config", None, raw=b"{not json"))[0] == 401
+    assert (await rig.call("PATCH", "/v1/config", OPERATOR_TOKEN, raw=b"{not json"))[0] == 403
+
+
+async def test_operator_sets_a_limit_but_cannot_change_the_configuration(rig: AdminRig) -> None:
+    before = rig.path.read_bytes()
+    status, body = await rig.call("PATCH", "/v1/config", OPERATOR_TOKEN, {"circuits": [{"id": "grid", "fuse_a": 63}]})
+    assert status == 403 and "operator" in body["detail"]
+    status, _ = await rig.call("PUT", "/v1/config/evses/wb7", OPERATOR_TOKEN, {"circuit": "garage"})
+    assert status == 403
+    assert rig.path.read_bytes() == before
+    # the viewer may not set limits
+    assert (await rig.call("PUT", "/v1/limits/local", VIEWER_TOKEN, {"power_w": 5000}))[0] == 403
+    # the operator may: grid/limit/local is published at once, with its duration
+    status, body = await rig.call("PUT", "/v1/limits/local", OPERATOR_TOKEN, {"power_w": 6000, "duration_s": 600})
+    assert status == 200, body
+    assert body["input"] == "avail-local" and body["published"]["active"] and body["published"]["power_w"] == 6000
+    await wait_for(lambda: bool(rig.limits.get("local")) and rig.limits["local"][-1].active
+                   and rig.limits["local"][-1].power_w == 6000, 5)
+    # the operator's own source needs function 2 (power_reduction), switched off here
+    status, body = await rig.call("PUT", "/v1/limits/dso", OPERATOR_TOKEN, {"power_w": 4200})
+    assert status == 409 and "power_reduction" in body["detail"]
+    status, body = await rig.call("DELETE", "/v1/limits/local", OPERATOR_TOKEN)
+    assert status == 200 and not body["published"]["active"]
+    await wait_for(lambda: not rig.limits["local"][-1].active, 5)
+    status, view = await rig.call("GET", "/v1/limits", VIEWER_TOKEN)
+    assert status == 200 and any(g["source"] == "local" for g in view["grid"])
+    rows = await rig.audit()
+    mine = [r for r in rows if r["who"] == "olga"]
+    assert any(r["action"] == "PATCH patch_config" and r["result"].startswith("refused (403)") for r in mine)
+    assert any(r["action"] == "PUT put_evse" and r["result"].startswith("refused (403)") for r in mine)
+    assert any(r["action"] == "PUT put_limit" and r["result"] == "accepted" and r["detail"]["power_w"] == 6000
+               for r in mine)
+    assert any(r["who"] == "vera" and r["action"] == "PUT put_limit" and "403" in r["result"] for r in rows)
+
+
+async def test_invalid_configuration_is_refused_with_its_reason_and_changes_nothing(rig: AdminRig) -> None:
+    before = rig.path.read_bytes()
+    _, cur = await rig.call("GET", "/v1/config")
+    status, body = await rig.call("PATCH", "/v1/config", ADMIN_TOKEN,
+                                  {"circuits": [{"id": "grid", "fuse_a": -5, "children": [{"id": "garage",
+                                                                                          "fuse_a": 32}]}]})
+    assert status == 422
+    assert any(e["path"] == "circuits[0].fuse_a" for e in body["errors"]), body
+    status, body = await rig.call("PUT", "/v1/config/evses/wb2", ADMIN_TOKEN,
+                                  {"circuit": "attic", "ocpp": {"charge_box_id": "CB2"}})
+    assert status == 422 and any("attic" in e["message"] for e in body["errors"]), body
+    status, body = await rig.call("PATCH", "/v1/config", ADMIN_TOKEN, {"evses": [{"id": "wb1", "circuit": "garage",
+                                                                                   "max_current_a": "lots"}]})
+    assert status == 422 and any(e["path"] == "evses[0].max_current_a" for e in body["errors"]), body
+    # a change that would lock every administrator out is refused too
+    status, body = await rig.call("PATCH", "/v1/config", ADMIN_TOKEN, {"admin": {"tokens": []}})
+    assert status == 422 and body["errors"][0]["path"] == "admin"
+    assert rig.path.read_bytes() == before
+    _, now = await rig.call("GET", "/v1/config")
+    assert now["version"] == cur["version"]
+    rows = await rig.audit()
+    assert any(r["action"] == "PATCH patch_config" and "circuits[0].fuse_a" in r["result"] for r in rows)
+
+
+async def test_secrets_are_redacted_and_kept(rig: AdminRig) -> None:
+    status, cur = await rig.call("GET", "/v1/config", VIEWER_TOKEN)
+    assert status == 200
+    text = str(cur)
+    assert ADMIN_TOKEN not in text and "wb1-backend-secret" not in text and "<redacted>" in text
+    # the document sent back as it was read keeps every secret: same version, nothing written
+    status, body = await rig.call("PUT", "/v1/config", ADMIN_TOKEN, cur["document"])
+    assert status == 200 and body["changed"] is False and body["version"] == cur["version"]
+    assert "wb1-backend-secret" in rig.path.read_text()
+
+
+async def test_change_reload_rollback(rig: AdminRig) -> None:
+    status, cur = await rig.call("GET", "/v1/config")
+    v0 = cur["version"]
+    # a stale base version is refused
+    status, body = await rig.call("PATCH", "/v1/config?base_version=000000000000", ADMIN_TOKEN,
+                                  {"circuits": [{"id": "grid", "fuse_a": 40}]})
+    assert status == 409
+    doc = cur["document"]
+    doc["circuits"][0]["fuse_a"] = 40
+    n_cmd = len(rig.commands)
+    status, body = await rig.call("PUT", f"/v1/config?base_version={v0}&wait_s=10", ADMIN_TOKEN, doc)
+    assert status == 200, body
+    v1 = body["version"]
+    assert body["changed"] and body["previous_version"] == v0 and v1 != v0
+    assert body["applied"] == {"smgw-link": True}  # the only service running here picked it up, no restart
+    assert load(rig.path).root_circuit.fuse_a == 40 and load(rig.path).digest() == v1
+    await wait_for(lambda: len(rig.commands) >= n_cmd + 4, 5)
+    sent = {svc: c for svc, c in rig.commands[n_cmd:]}
+    assert set(sent) == {"evse-poller", "ocpp-gateway", "load-controller", "smgw-link"}
+    assert all(c.action == "reload" and c.config_version == v1 for c in sent.values())
+    await wait_for(lambda: rig.health[-1].config_version == v1, 5)
+    # add an EVSE, then remove it
+    status, body = await rig.call("PUT", "/v1/config/evses/wb9?wait_s=10", ADMIN_TOKEN,
+                                  {"circuit": "garage", "modbus": {"profile": "alfen-eve", "host": "127.0.0.1",
+                                                                   "port": 1509}})
+    assert status == 200, body
+    v2 = body["version"]
+    status, item = await rig.call("GET", "/v1/config/evses/wb9", VIEWER_TOKEN)
+    assert status == 200 and item["modbus"]["port"] == 1509
+    status, st = await rig.call("GET", "/v1/status", VIEWER_TOKEN)
+    assert status == 200 and [e["id"] for e in st["evses"]] == ["wb1", "wb9"]
+    assert (await rig.call("DELETE", "/v1/config/evses/nope"))[0] == 404
+    status, body = await rig.call("DELETE", "/v1/config/evses/wb9")
+    assert status == 200 and body["version"] == v1 != v2  # the same content is the same version
+    assert (await rig.call("GET", "/v1/config/evses/wb9"))[0] == 404
+    # every version is kept; roll back to the first one
+    status, versions = await rig.call("GET", "/v1/config/versions", VIEWER_TOKEN)
+    assert status == 200
+    assert [v["version"] for v in versions][:2] == [v0, v1] and versions[-1]["current"]
+    assert (await rig.call("POST", "/v1/config/rollback", OPERATOR_TOKEN, {"version": v0}))[0] == 403
+    assert (await rig.call("POST", "/v1/config/rollback", ADMIN_TOKEN, {"version": "0123456789ab"}))[0] == 404
+    status, body = await rig.call("POST", "/v1/config/rollback?wait_s=10", ADMIN_TOKEN, {"version": v0})
+    assert status == 200 and body["version"] == v0 and body["applied"] == {"smgw-link": True}, body
+    assert load(rig.path).root_circuit.fuse_a == 35
+    status, old = await rig.call("GET", f"/v1/config/versions/{v1}", VIEWER_TOKEN)
+    assert status == 200 and old["document"]["circuits"][0]["fuse_a"] == 40
+    status, st = await rig.call("GET", "/v1/status", VIEWER_TOKEN)
+    me = next(s for s in st["services"] if s["service"] == "smgw-link")
+    assert st["config_version"] == v0 and me["config_version"] == v0 and me["applied"] is True
+    rows = await rig.audit()
+    done = [r for r in rows if r["who"] == "alice" and r["result"] == "accepted"]
+    assert {"PUT put_config", "PUT put_evse", "DELETE delete_evse", "POST rollback"} <= {r["action"] for r in done}
+    rb = next(r for r in done if r["action"] == "POST rollback")
+    assert rb["detail"]["version"] == v0 and rb["detail"]["changed"] is True
+
+
+async def test_check_without_writing(rig: AdminRig) -> None:
+    before = rig.path.read_bytes()
+    _, cur = await rig.call("GET", "/v1/config")
+    doc = cur["document"]
+    doc["circuits"][0]["fuse_a"] = 0
+    status, body = await rig.call("POST", "/v1/config/check", ADMIN_TOKEN, doc)
+    assert status == 200 and body["valid"] is False and body["errors"][0]["path"] == "circuits[0].fuse_a"
+    doc["circuits"][0]["fuse_a"] = 50
+    status, body = await rig.call("POST", "/v1/config/check", ADMIN_TOKEN, doc)
+    assert status == 200 and body["valid"] is True
+    assert rig.path.read_bytes() == before
+
+
+async def test_service_commands_logs_and_audit(rig: AdminRig) -> None:
+    n = len(rig.commands)
+    status, body = await rig.call("POST", "/v1/services/evse-poller/restart", ADMIN_TOKEN)
+    assert status == 200 and body["action"] == "restart"
+    await wait_for(lambda: any(s == "evse-poller" and c.action == "restart" and c.request_id == body["request_id"]
+                               for s, c in rig.commands[n:]), 5)
+    assert (await rig.call("POST", "/v1/services/evse-poller/restart", OPERATOR_TOKEN))[0] == 403
+    assert (await rig.call("POST", "/v1/services/nonsense/restart", ADMIN_TOKEN))[0] == 422
+    status, logs = await rig.call("GET", "/v1/logs?service=smgw-link&limit=500", VIEWER_TOKEN)
+    assert status == 200
+    events = [x["event"] for x in logs]
+    assert "configuration changed through the admin API" in events
+    assert "service command sent through the admin API" in events
+    status, errs = await rig.call("GET", "/v1/logs?level=error", VIEWER_TOKEN)
+    assert status == 200 and all(x["level"] in ("error", "critical") for x in errs)
+    rows = await rig.audit()
+    # every request that is not a read is there: accepted and refused, with who, what, when, the result
+    assert all({"ts", "who", "role", "action", "target", "result"} <= set(r) for r in rows)
+    assert any(r["action"] == "POST command" and r["who"] == "alice" and r["target"] ==
+               "/v1/services/evse-poller/restart" and r["result"] == "accepted" for r in rows)
+    assert any(r["action"] == "POST command" and r["who"] == "olga" and "403" in r["result"] for r in rows)
+    # the audit file is the durable record
+    path = rig.ctx.config.state_dir / "admin" / "audit.jsonl"
+    assert len(path.read_text().splitlines()) == len(rows)
+    assert yaml.safe_load(path.read_text().splitlines()[-1])["action"]
