@@ -134,10 +134,9 @@ class Admin(Strict):
         names = [t.name for t in self.tokens] + [c.name for c in self.clients]
         if len(set(names)) != len(names):
             raise ValueError("admin token and client names must be unique (they appear in the audit log)")
-        if self.clients and (self.tls is None):
-            raise ValueError("admin.clients need admin.tls (client certificates are only seen over TLS)")
-        if any(c.common_name for c in self.clients) and (self.tls is None or self.tls.client_ca_file is None):
-            raise ValueError("admin.clients with common_name need admin.tls.client_ca_file")
+        if self.clients and (self.tls is None or self.tls.client_ca_file is None):
+            raise ValueError("admin.clients need admin.tls with client_ca_file (the CA that issued the client "
+                             "certificates; a sha256 then narrows it to one certificate)")
         return self
 
 
