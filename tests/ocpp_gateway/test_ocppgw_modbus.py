@@ -234,6 +234,9 @@ async def test_via_smgw_forwarder_wss_sni_and_basic_auth(broker: BrokerHandle,
 """, backend_extra=f"    via_smgw: true\n    password: up-pw\n    ca_file: {pki['ca']}\n",
         extra=f"""
 smgw:
+  enabled: true
+  gateway: {{host: 127.0.0.1, pinned_sha256: "{"00" * 32}"}}
+  functions: {{ocpp_via_smgw: true}}
   endpoints:
     - {{name: supplier-ocpp, host: ocpp.supplier.test, port: {backend.port}, listen_port: {relay.port},
        purpose: ocpp}}

@@ -77,19 +77,36 @@ def upstream_target(config: Config, evse: Evse) -> Target | None:
     t = Target(url=url, cbid=cbid, password=secret.reveal() if secret else None, version=version,
                ca_file=str(be.ca_file) if be.ca_file else None)
     if be.via_smgw:
+        smgw = config.smgw
+        # smgw-link opens the forwarding listener of an OCPP endpoint only with the SMGW link on and
+        # function 1 switched on: without them the channel does not exist, so say so instead of
+        # retrying a dead port (and do not bypass the gateway the installer asked for)
+        if not smgw.enabled:
+            raise ValueError(f"EVSE {evse.id}: ocpp.backend.via_smgw is set but the SMGW link is off "
+                             f"(smgw.enabled); set via_smgw: false to connect to the backend directly")
+        if not smgw.functions.ocpp_via_smgw:
+            raise ValueError(f"EVSE {evse.id}: ocpp.backend.via_smgw is set but function 1 (smgw.functions."
+                             f"ocpp_via_smgw) is switched off; switch it on, or set via_smgw: false to connect "
+                             f"directly")
         parsed = urllib.parse.urlsplit(base)
         port = parsed.port or (443 if parsed.scheme == "wss" else 80)
-        eps = config.smgw.endpoints
         ep = None
         if be.smgw_endpoint:
-            ep = next((e for e in eps if e.name == be.smgw_endpoint), None)
+            ep = next((e for e in smgw.endpoints if e.name == be.smgw_endpoint), None)
+            if ep is None:
+                raise ValueError(f"EVSE {evse.id}: ocpp.backend.smgw_endpoint {be.smgw_endpoint!r} is not in "
+                                 f"smgw.endpoints")
+            if ep.purpose != "ocpp":
+                raise ValueError(f"EVSE {evse.id}: smgw endpoint {ep.name} has purpose {ep.purpose}, not ocpp "
+                                 f"(smgw-link opens it only for that purpose)")
         else:
-            ep = next((e for e in eps if e.host == parsed.hostname and e.port == port), None)
-            ocpp_eps = [e for e in eps if getattr(e, "purpose", "ocpp") == "ocpp"]
+            ep = smgw.route(parsed.hostname or "", port)
+            ocpp_eps = [e for e in smgw.endpoints if e.purpose == "ocpp"]
             if ep is None and len(ocpp_eps) == 1:
                 ep = ocpp_eps[0]
         if ep is None:
-            raise ValueError(f"EVSE {evse.id}: ocpp.backend.via_smgw but no matching smgw.endpoints entry")
+            raise ValueError(f"EVSE {evse.id}: ocpp.backend.via_smgw but no smgw.endpoints entry for "
+                             f"{parsed.hostname}:{port}")
         t.connect_host, t.connect_port = ep.listen_host, ep.listen_port
     return t
 
