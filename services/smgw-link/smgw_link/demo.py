@@ -162,9 +162,9 @@ def demo_setup(dirpath: Path, cfg: dict[str, Any]) -> dict[str, Any]:
         f"SMGW simulator: 127.0.0.1:{smgw_port} (brainpoolP256r1, TLS 1.2, SOCKS5 CLS proxy); test PKI in "
         f"{shown(pki.dir)}; client certificate '{CERT_NAME}' selected: {cli} cert list --config {cfg_file}",
         f"grid operator (CLS.EEDI over its own TLS Mosquitto, reached as {MQTT_HOST}:{MQTT_PORT} through the SMGW): "
-        f"about {TARIFF_AFTER_S + TARIFF_START_IN_S:.0f} s after the link is up a low tariff starts "
-        f"(announced through the inbound channel), after {LIMIT_AFTER_S:.0f} s a {LIMIT_W / 1000:g} kW limit "
-        f"for {LIMIT_S} s arrives on chargegate/grid/limit/dso (raised to the §14a floor when lower)",
+        f"{LIMIT_AFTER_S:.0f} s after its link is up, a {LIMIT_W / 1000:g} kW limit for {LIMIT_S} s arrives on "
+        f"chargegate/grid/limit/dso (raised to the §14a floor when lower); a low tariff announced through the "
+        f"inbound channel starts after about {TARIFF_AFTER_S + TARIFF_START_IN_S:.0f} s",
         f"operator's record (every CLS.EEDI message and inbound request): tail -f {shown(record)}",
         f"variables API: curl -H 'Authorization: Bearer {DEMO_TOKEN}' "
         f"'http://127.0.0.1:{http_port}/cnf?cmd=set_cm_vars&name=AVAIL&val=50'   "
