@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections import Counter
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -200,6 +201,9 @@ class EvseDevice(_Base):
         self._keepalive_at: float | None = None
         self._in_fallback: bool | None = None
         self.last_status: p.EvseStatus | None = None
+        # the car's stay as the poller saw it: when it arrived and the energy register then, so that a session
+        # begun while ocpp-gateway was not running is still billed from the plug-in (status.session)
+        self.session: p.Session | None = None
         names = [n for n in logic_names(profile, "evse") if n in profile.registers]
         if profile.watchdog is not None and profile.watchdog.remaining_register is not None:
             names.append(profile.watchdog.remaining_register)
@@ -291,13 +295,28 @@ class EvseDevice(_Base):
             self.counters["implausible_readings"] += 1
             self._warn_once(f"implausible:{','.join(reading.flags)}", "implausible values, not trusted",
                             flags=reading.flags, raw_state=reading.raw_state)
+        self._track_session(reading)
         self.last_status = p.EvseStatus(
             evse_id=self.id, online=True, state=reading.state, iec_state=reading.iec, raw_state=reading.raw_state,
             phases_in_use=reading.phases_in_use, current_a=reading.current_a, power_w=reading.power_w,
-            energy_wh=reading.energy_wh, applied=self.applied, plausible=reading.plausible, flags=reading.flags,
-            reason=reading.reason, source="evse-poller")
+            energy_wh=reading.energy_wh, session=self.session, applied=self.applied, plausible=reading.plausible,
+            flags=reading.flags, reason=reading.reason, source="evse-poller")
         self.last_poll_s = time.perf_counter() - t0
         return self.last_status
+
+    def _track_session(self, reading: logic.EvseReading) -> None:
+        """A car arrived (IEC B/C/D): remember when and the energy register; it left (A): forget it."""
+        if reading.iec is p.IecState.A:
+            self.session = None
+            return
+        if reading.iec not in (p.IecState.B, p.IecState.C, p.IecState.D) or reading.energy_wh is None:
+            return  # E/F, an unknown state or no energy register: keep what we have
+        if self.session is None:
+            self.session = p.Session(id=uuid.uuid4().hex, started=datetime.now(UTC),
+                                     energy_start_wh=reading.energy_wh, energy_wh=0.0)
+        elif self.session.energy_start_wh is not None:
+            self.session = self.session.model_copy(
+                update={"energy_wh": max(0.0, reading.energy_wh - self.session.energy_start_wh)})
 
     def _offline_status(self) -> p.EvseStatus:
         return p.EvseStatus(evse_id=self.id, online=False, state=p.EvseState.OFFLINE, applied=self.applied,
