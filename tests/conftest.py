@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+
 from chargegate import config as cfgmod
 from chargegate.broker import LocalBroker, account_password, free_port
 from chargegate.bus import Bus

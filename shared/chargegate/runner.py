@@ -96,8 +96,8 @@ class Supervisor:
             log.warning("broker died, restarting it")
             try:
                 self.broker.start(timeout=5)
-                log.info("broker started", port=self.broker.port, pid=self.broker.proc.pid if self.broker.proc else None,
-                         restart=True)
+                pid = self.broker.proc.pid if self.broker.proc else None
+                log.info("broker started", port=self.broker.port, pid=pid, restart=True)
             except BrokerError as e:
                 log.error("broker restart failed", error=str(e))
         for p in self.procs:
