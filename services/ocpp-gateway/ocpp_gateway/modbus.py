@@ -86,9 +86,16 @@ class ModbusEvse:
         elif self.tx is None and plugged and not self._await_unplug and st.energy_wh is not None:
             tag = self._take_remote_tag() or (st.session.id_tag if st.session and st.session.id_tag else None) \
                 or self.evse.id_tag or self.config.ocpp.backend.id_tag
-            self.tx = up.start_tx(id_tag=tag, meter_start_wh=Decimal(str(st.energy_wh)), timestamp=ts, local_id=None,
+            meter, started, local_id = Decimal(str(st.energy_wh)), ts, None
+            ps = st.session  # the poller's record of this car's stay: plug-in time and register then
+            if (ps is not None and ps.energy_start_wh is not None and ps.energy_start_wh <= st.energy_wh
+                    and up.queue.tx_by_local(self.evse.id, ps.id) is None):
+                # the first session of this stay: bill from the plug-in, also when the car arrived (and charged)
+                # while the gateway was not running
+                meter, started, local_id = Decimal(str(ps.energy_start_wh)), conv.iso(ps.started), ps.id
+            self.tx = up.start_tx(id_tag=tag, meter_start_wh=meter, timestamp=started, local_id=local_id,
                                   trigger="CablePluggedIn")
-            self.log.info("session started", tx=self.tx, meter_start_wh=st.energy_wh, id_tag=tag)
+            self.log.info("session started", tx=self.tx, meter_start_wh=str(meter), started=started, id_tag=tag)
         elif self.tx is None and plugged and st.energy_wh is None and not self._no_energy_logged:
             self._no_energy_logged = True
             self.log.warning("car plugged in but the EVSE reports no energy register: no session can be billed")
