@@ -353,6 +353,7 @@ class Monitor:
         self.allocation_log: list[tuple[float, dict[str, Any]]] = []
         self.status_log: list[tuple[float, str, dict[str, Any]]] = []
         self.readings_log: list[tuple[float, str, dict[str, Any]]] = []
+        self.ev_w_log: list[tuple[float, float]] = []  # (evaluation time, controllable W)
         self.readings: dict[str, tuple[float, dict[str, Any]]] = {}
         self.sessions: dict[str, list[Session]] = {}
         self.episodes: list[Episode] = []
@@ -546,6 +547,7 @@ class Monitor:
         base_w = sum(self.plan.base_load_a) * VOLTAGE
         ev_w = self.controllable_w()
         all_w = self.all_ev_w()
+        self.ev_w_log.append((t, ev_w))
         for src, eff, lim, _since in self.binding_limits():
             scope = lim.get("scope") or self.cfg.controller.grid_limit_scope
             total = ev_w if scope == "controllable" else all_w + base_w
@@ -958,7 +960,11 @@ class System:
                 return time.monotonic()
             return None
 
-        res.compliant_at = await m.until(compliant, within_s, f"draws within {eff:.0f} W")
+        await m.until(compliant, within_s, f"draws within {eff:.0f} W")
+        # the first evaluation at or after the limit reached the bus that found the draws within it
+        with m.lock:
+            res.compliant_at = next((t for t, w in m.ev_w_log if t >= res.on_bus_at and w <= eff + m.tol_w),
+                                    time.monotonic())
         return res
 
     async def healthy_again(self, services: list[str], since: float, within_s: float = 10.0,

@@ -23,6 +23,7 @@ from harness import SERVICES, LimitResult, System, system_plan
 pytestmark = pytest.mark.system
 
 HEALTH_BACK_S = 10.0
+LIMITS: list[tuple[str, LimitResult]] = []  # every operator limit of the run, for the summary
 LENIENT = {"evse-poller", "load-controller", "ocpp-gateway"}  # on the actuation path of a new limit
 
 
@@ -39,8 +40,15 @@ async def system(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Syst
         yield s
     finally:
         m = s.monitor
-        print(f"[system] monitor: {m.evaluations} evaluations, {m.messages} messages, breaches (all, incl. within "
-              f"grace): {m.describe(m.breaches())}")
+        applied = [r.compliant_at - r.on_bus_at for _, r in LIMITS if r.compliant_at and r.on_bus_at]
+        if applied:
+            print(f"\n[system] operator limit on the bus -> draws within it: max {max(applied):.2f} s over "
+                  f"{len(applied)} limits (grace {s.grace_s:.1f} s); per scenario: "
+                  + ", ".join(f"{n} {r.compliant_at - r.on_bus_at:.2f} s" for n, r in LIMITS
+                              if r.compliant_at and r.on_bus_at))
+        longest = sorted(m.breaches(), key=lambda e: -e.duration(time.monotonic()))[:5]
+        print(f"[system] monitor: {m.evaluations} evaluations of the invariants, {m.messages} messages; "
+              f"{len(m.breaches())} breaches in all, the longest: {m.describe(longest)}")
         await s.stop()
 
 
@@ -60,7 +68,9 @@ def assert_no_violations(s: System, since: float, name: str) -> list[str]:
     return m.describe(within)
 
 
-def limit_figures(r: LimitResult) -> str:
+def limit_figures(r: LimitResult, scenario: str = "") -> str:
+    if scenario:
+        LIMITS.append((scenario, r))
     parts = [f"{r.watts} W acks {r.acks}"]
     if r.on_bus_at is not None:
         parts.append(f"on the bus {r.on_bus_at - r.sent_at:.2f} s after the first send")
@@ -107,7 +117,7 @@ async def test_baseline_limit_and_fuses(system: System) -> None:
     report("baseline", "all cars plugged, then an operator limit of 14500 W", {
         "loads per circuit before the limit (A)": {k: [round(x, 1) for x in v] for k, v in loads_before.items()},
         "sessions open at the backend": started,
-        "limit": limit_figures(r),
+        "limit": limit_figures(r, "baseline"),
         "first setpoint after the limit reached the bus": f"{min(sp_times) - r.on_bus_at:.2f} s" if sp_times else "-",
         "controllable draw now": f"{m.controllable_w():.0f} W",
         "breaches within the grace": within,
@@ -168,7 +178,7 @@ async def test_broker_killed_and_restarted(system: System) -> None:
         "wallboxes at their safe current after": f"{fell_after:.1f} s (waited {time.monotonic() - t_fb:.1f} s)",
         "offered current during the outage (A)": offered,
         "services healthy after the restart (s)": {k: round(v, 2) for k, v in back.items()},
-        "limit": limit_figures(r),
+        "limit": limit_figures(r, "broker"),
         "breaches within the grace": within,
     })
     assert set(back) == set(SERVICES), f"not healthy within {HEALTH_BACK_S} s: {set(SERVICES) - set(back)}"
@@ -203,7 +213,7 @@ async def test_service_sigkilled_and_restarted(system: System, service: str) -> 
            + (f"; cars unplugged meanwhile: {unplugged}" if unplugged else "") + "; restarted at once", {
                "dead for": f"{t_start - f.start:.2f} s",
                "healthy after the restart": f"{back.get(service, float('nan')):.2f} s",
-               "limit": limit_figures(r) + f" (effective {eff:.0f} W)",
+               "limit": limit_figures(r, service) + f" (effective {eff:.0f} W)",
                "breaches within the grace": within,
            })
     assert service in back, f"{service} not healthy within {HEALTH_BACK_S} s of its restart"
@@ -245,7 +255,7 @@ async def test_smgw_link_cut_and_restored(system: System) -> None:
         "link up again after the restore": f"{link_back:.2f} s",
         "smgw-link health online after the restore": f"{back.get('smgw-link', float('nan')):.2f} s",
         "every upstream charge point connected again after": f"{upstream_back:.2f} s",
-        "limit": limit_figures(r),
+        "limit": limit_figures(r, "smgw cut"),
         "breaches within the grace": within,
     })
     assert "smgw-link" in back
@@ -279,7 +289,7 @@ async def test_wallbox_off_the_network(system: System) -> None:
                                       f"then the wallbox silently keeps its last current)",
             "at its safe current (own watchdog) after": f"{t_safe:.1f} s",
             "allocation while it was unreachable": alloc,
-            "limit": limit_figures(r),
+            "limit": limit_figures(r, "wallbox offline"),
             "online again after the network came back": f"{online_again:.2f} s",
             "breaches within the grace": within})
 
@@ -310,7 +320,7 @@ async def test_grid_meter_silent(system: System) -> None:
         "controller on stale-meter rules after": f"{t_stale:.1f} s (meter_timeout_s "
                                                  f"{s.plan.tuning.meter_timeout_s:g} s)",
         "all cars drew then": f"{ev_w:.0f} W",
-        "limit": limit_figures(r),
+        "limit": limit_figures(r, "meter silent"),
         "readings again after": f"{back:.2f} s",
         "breaches within the grace": within,
     })
