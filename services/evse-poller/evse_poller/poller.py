@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import structlog
 
 from chargegate import payloads as p
-from chargegate.config import Config
+from chargegate.config import Config, Evse, Meter
 from evse_poller import logic
 from evse_poller.device import DeviceError, EvseDevice, MeterDevice
 from evse_poller.profile import ProfileError, load_profile
@@ -52,6 +52,12 @@ class MemoryPublisher:
     def command_result(self, result: p.EvseCommandResult) -> None:
         self.results.append(result)
 
+    def clear_evse(self, evse_id: str) -> None:
+        self.statuses.pop(evse_id, None)
+
+    def clear_meter(self, meter_id: str) -> None:
+        self.readings.pop(meter_id, None)
+
 
 class Poller:
     def __init__(self, config: Config, publisher: Publisher, log: Any = None,
@@ -65,30 +71,116 @@ class Poller:
         self.evses: dict[str, EvseDevice] = {}
         self.meters: dict[str, MeterDevice] = {}
         self.broken: dict[str, str] = {}  # device id -> why it cannot be polled
-        self._tasks: list[asyncio.Task[None]] = []
         self._apply_tasks: set[asyncio.Task[None]] = set()
         self._published: dict[str, object] = {}
         self._control_file = (state_dir or config.state_dir) / "evse-poller" / "control.json"
+        self._running = False
+        self._device_tasks: dict[str, asyncio.Task[None]] = {}  # "evse:<id>" / "meter:<id>"
         controls = self._load_controls()
         for evse in config.evses:
-            if evse.modbus is None:
-                continue
-            try:
-                prof = load_profile(evse.modbus.profile)
-                target = resolve(evse.modbus, prof)
-                link = self.pool.get(target.endpoint)
-                self.evses[evse.id] = EvseDevice(evse, prof, link, target, self.settings, self.counters, self.log,
-                                                 control=controls.get(evse.id))
-            except (ProfileError, DeviceError, ValueError) as e:
-                self._broken(evse.id, "evse", e)
+            if evse.modbus is not None:
+                self._add_evse(evse, controls)
         for meter in config.meters:
-            try:
-                prof = load_profile(meter.modbus.profile)
-                target = resolve(meter.modbus, prof)
-                link = self.pool.get(target.endpoint)
-                self.meters[meter.id] = MeterDevice(meter, prof, link, target, self.settings, self.counters, self.log)
-            except (ProfileError, DeviceError, ValueError) as e:
-                self._broken(meter.id, "meter", e)
+            self._add_meter(meter)
+
+    def _add_evse(self, evse: Evse, controls: dict[str, logic.Control]) -> EvseDevice | None:
+        assert evse.modbus is not None
+        try:
+            prof = load_profile(evse.modbus.profile)
+            target = resolve(evse.modbus, prof)
+            link = self.pool.get(target.endpoint)
+            dev = self.evses[evse.id] = EvseDevice(evse, prof, link, target, self.settings, self.counters, self.log,
+                                                   control=controls.get(evse.id))
+            return dev
+        except (ProfileError, DeviceError, ValueError) as e:
+            self._broken(evse.id, "evse", e)
+            return None
+
+    def _add_meter(self, meter: Meter) -> MeterDevice | None:
+        try:
+            prof = load_profile(meter.modbus.profile)
+            target = resolve(meter.modbus, prof)
+            link = self.pool.get(target.endpoint)
+            dev = self.meters[meter.id] = MeterDevice(meter, prof, link, target, self.settings, self.counters,
+                                                      self.log)
+            return dev
+        except (ProfileError, DeviceError, ValueError) as e:
+            self._broken(meter.id, "meter", e)
+            return None
+
+    # -- live configuration ------------------------------------------------------------------------
+    async def reconfigure(self, config: Config) -> bool:
+        """Apply ``config`` device by device: new EVSEs and meters are polled, removed ones stop (their
+        retained state is cleared), changed ones start over (keeping the EVSE's setpoint), the others go on
+        untouched. False when the poller settings changed: then the caller starts a new poller."""
+        if config.poller != self.config.poller or config.state_dir != self.config.state_dir:
+            return False
+        old_e = {e.id: e for e in self.config.evses if e.modbus is not None}
+        new_e = {e.id: e for e in config.evses if e.modbus is not None}
+        old_m = {m.id: m for m in self.config.meters}
+        new_m = {m.id: m for m in config.meters}
+        all_evses = {e.id for e in config.evses}
+        setpoints: dict[str, p.Setpoint] = {}
+        changed: list[str] = []
+        for i, e in old_e.items():
+            if new_e.get(i) != e:
+                dev = self.evses.get(i)
+                if dev is not None and dev.setpoint is not None and i in new_e:
+                    setpoints[i] = dev.setpoint
+                await self._drop("evse", i, clear=i not in all_evses)
+                changed.append(f"evse {i}")
+        for i, m in old_m.items():
+            if new_m.get(i) != m:
+                await self._drop("meter", i, clear=i not in new_m)
+                changed.append(f"meter {i}")
+        self.config = config
+        controls = self._load_controls()
+        for i, e in new_e.items():
+            if old_e.get(i) != e:
+                dev = self._add_evse(e, controls)
+                if dev is not None:
+                    if i in setpoints:
+                        dev.setpoint = setpoints[i]
+                    self._start(dev)
+                elif self._running:
+                    self.publish_broken(only=i)
+                changed.append(f"evse {i}")
+        for i, m in new_m.items():
+            if old_m.get(i) != m:
+                mdev = self._add_meter(m)
+                if mdev is not None:
+                    self._start(mdev)
+                elif self._running:
+                    self.publish_broken(only=i)
+                changed.append(f"meter {i}")
+        used = {d.link for d in [*self.evses.values(), *self.meters.values()]}
+        for endpoint, link in list(self.pool.links.items()):
+            if link not in used:
+                link.close()
+                del self.pool.links[endpoint]
+        if changed:
+            self.log.info("poller reconfigured", changes=sorted(set(changed)), evses=len(self.evses),
+                          meters=len(self.meters))
+        return True
+
+    async def _drop(self, kind: str, ident: str, clear: bool) -> None:
+        task = self._device_tasks.pop(f"{kind}:{ident}", None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        (self.evses if kind == "evse" else self.meters).pop(ident, None)  # type: ignore[attr-defined]
+        self.broken.pop(ident, None)
+        self._published.pop(ident if kind == "evse" else f"meter:{ident}", None)
+        if clear:
+            clearer = getattr(self.publisher, f"clear_{kind}", None)
+            if clearer is not None:
+                clearer(ident)
+
+    def _start(self, dev: EvseDevice | MeterDevice) -> None:
+        if self._running:
+            kind = "evse" if isinstance(dev, EvseDevice) else "meter"
+            self._device_tasks[f"{kind}:{dev.id}"] = asyncio.create_task(self._loop(dev), name=f"poll:{dev.id}")
 
     def _broken(self, ident: str, kind: str, e: Exception) -> None:
         self.broken[ident] = f"{kind} {ident}: {e}"
@@ -144,8 +236,10 @@ class Poller:
                              *(self.poll_meter(d) for d in self.meters.values()))
         return time.perf_counter() - t0
 
-    def publish_broken(self) -> None:
+    def publish_broken(self, only: str | None = None) -> None:
         for ident, why in self.broken.items():
+            if only is not None and ident != only:
+                continue
             if any(e.id == ident for e in self.config.evses):
                 self.publisher.evse_status(p.EvseStatus(evse_id=ident, online=False, state=p.EvseState.OFFLINE,
                                                         reason=why, source="evse-poller"))
@@ -168,22 +262,25 @@ class Poller:
             await asyncio.sleep(max(0.0, dev.interval_s - (time.monotonic() - t0)))
 
     async def run(self) -> None:
-        """Poll until cancelled."""
+        """Poll until cancelled (devices added by :meth:`reconfigure` join in)."""
         self.publish_broken()
-        self._tasks = [asyncio.create_task(self._loop(d), name=f"poll:{d.id}")
-                       for d in [*self.evses.values(), *self.meters.values()]]
+        self._running = True
+        for d in [*self.evses.values(), *self.meters.values()]:
+            self._start(d)
         try:
-            await asyncio.gather(*self._tasks)
+            await asyncio.Event().wait()
         finally:
             await self.stop()
 
     async def stop(self) -> None:
-        for t in [*self._tasks, *self._apply_tasks]:
+        self._running = False
+        tasks = [*self._device_tasks.values(), *self._apply_tasks]
+        for t in tasks:
             t.cancel()
-        for t in [*self._tasks, *self._apply_tasks]:
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        self._tasks = []
+        self._device_tasks.clear()
         self.pool.close()
 
     # -- bus input ---------------------------------------------------------------------------

@@ -31,6 +31,12 @@ class BusPublisher:
     def command_result(self, result: p.EvseCommandResult) -> None:
         self.bus.publish("evse.command_result", result, evse_id=result.evse_id)
 
+    def clear_evse(self, evse_id: str) -> None:
+        self.bus.clear("evse.status", evse_id=evse_id)  # removed from the configuration
+
+    def clear_meter(self, meter_id: str) -> None:
+        self.bus.clear("meter.reading", meter_id=meter_id)
+
 
 async def serve(ctx: ServiceContext) -> None:
     holder: dict[str, Poller] = {}
@@ -58,6 +64,10 @@ async def serve(ctx: ServiceContext) -> None:
             await poller.command(cmd)
 
     async def on_reload(config: Config) -> None:
+        current = holder.get("poller")
+        if current is not None and await current.reconfigure(config):
+            return  # device by device: the others keep polling
+        ctx.log.info("poller settings changed: restarting every device")
         old, task = holder.get("poller"), runner.get("task")
         setpoints = {k: d.setpoint for k, d in old.evses.items()} if old else {}
         if task is not None:
