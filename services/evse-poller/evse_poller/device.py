@@ -334,10 +334,17 @@ class EvseDevice(_Base):
         if not self.online:
             return
         async with self.lock:
+            before = self.applied.current_a if self.applied is not None else None
             try:
                 await self._apply_locked(time.monotonic())
             except LinkError as e:
                 self.log.debug("immediate setpoint write failed", evse=self.id, error=str(e))
+                if before is not None and self.decide().current_a < before - 1e-9:
+                    # a reduction that did not reach the device: it runs on its old current, out of our
+                    # control - report it offline now (the load controller then counts it at what it was
+                    # allowed before) rather than after offline_after_failures polls
+                    self.failures = max(self.failures, self.settings.offline_after_failures - 1)
+                    self._failed(e)
 
     async def _apply_locked(self, now: float) -> None:
         prof = self.profile
