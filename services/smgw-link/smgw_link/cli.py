@@ -94,6 +94,17 @@ def _cmd_test_pki(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_openapi(args: argparse.Namespace) -> int:
+    from smgw_link.admin.openapi import render
+
+    text = render()
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def _wrap(fn):  # type: ignore[no-untyped-def]
     def run(args: argparse.Namespace) -> int:
         try:
@@ -142,6 +153,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     r.add_argument("--out", default=None, help="write the CSR here (default: stdout)")
     r.add_argument("--replace", action="store_true")
     r.set_defaults(func=_wrap(_cmd_request))
+
+    a = subparsers.add_parser("admin", help="the admin API (served by smgw-link)")
+    asub = a.add_subparsers(dest="admin_command", required=True)
+    o = asub.add_parser("openapi", help="print or write the admin API's OpenAPI document")
+    o.add_argument("--out", default=None, help="write it here (default: stdout)")
+    o.set_defaults(func=_wrap(_cmd_openapi))
 
     t = sub.add_parser("test-pki", help="write a complete TEST PKI (gateway, device, operator; not for production)")
     t.add_argument("dir")

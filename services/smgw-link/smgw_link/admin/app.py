@@ -134,13 +134,8 @@ def make_app(service: AdminService) -> FastAPI:
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
         return error(request, e.status, e.detail, e.errors, e.headers)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        return error(request, e.status_code, str(e.detail), None, dict(e.headers) if e.headers else None)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-        # the body is parsed before the dependencies run: answer who-are-you and may-you first
+    def refused_first(request: Request) -> JSONResponse | None:
+        """The body is parsed before the dependencies run: answer who-are-you and may-you first."""
         principal = authenticate(service, request, _bearer_from_headers(request))
         if principal is None:
             service.ctx.counters["admin_unauthorized"] += 1
@@ -151,6 +146,21 @@ def make_app(service: AdminService) -> FastAPI:
         needed = (getattr(route, "openapi_extra", None) or {}).get("x-required-role", "admin")
         if not principal.may(needed):
             return error(request, 403, f"role {principal.role} may not do this (needs {needed})")
+        return None
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        if e.status_code == 400 and request.scope.get("route") is not None:
+            # a body that cannot even be parsed (not UTF-8, not JSON): an invalid request like any other
+            return refused_first(request) or error(request, 422, "the request is not valid",
+                                                   [("body", str(e.detail))])
+        return error(request, e.status_code, str(e.detail), None, dict(e.headers) if e.headers else None)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        refused = refused_first(request)
+        if refused is not None:
+            return refused
         errs = [(format_loc(x.get("loc", ())), str(x.get("msg", "invalid"))) for x in e.errors()]
         return error(request, 422, "the request is not valid", errs)
 
