@@ -19,6 +19,7 @@ import json
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from chargegate import payloads as p
@@ -31,6 +32,7 @@ from load_controller.topology import Topology
 
 SERVICE = "load-controller"
 FUTURE_TOLERANCE_S = 60.0  # a message stamped further ahead than this gets its arrival time
+UNCONFIGURED_KEPT = 1000  # devices not (yet) configured whose latest message is kept for a reload
 
 
 @dataclass(slots=True)
@@ -64,6 +66,10 @@ class LoadController:
         self.cycle_done = asyncio.Event()  # set after every cycle (tests)
         self.topics: dict[str, str] = {}
         self.tune = True  # GC tuning once running (off in tests that share the process)
+        # the latest message of EVSEs and meters that are not configured: adopted when a reload adds them
+        self.unconfigured_statuses: dict[str, p.EvseStatus] = {}
+        self.unconfigured_readings: dict[str, p.MeterReading] = {}
+        self.unconfigured_limits: dict[str, p.EvseLimit] = {}
         self.configure(ctx.config)
 
     # -- configuration -----------------------------------------------------------------------------------
@@ -80,7 +86,35 @@ class LoadController:
             # node-indexed memory (penalties, last known non-EV load) belongs to the old tree
             self.memory.penalties.clear()
             self.memory.non_ev.clear()
+        if old is not None:
+            self._adopt(old)
         self.trigger("config")
+
+    def _adopt(self, old: Topology) -> None:
+        """After a reload: EVSEs and meters that are new take the state the bus already told us about
+        them; removed ones leave the inputs, and their retained setpoints are cleared."""
+        inp = self.inputs
+        for kind, known, held, live in (("evse", self.topo.evse_index, self.unconfigured_statuses, inp.statuses),
+                                        ("evse", self.topo.evse_index, self.unconfigured_limits, inp.evse_limits),
+                                        ("meter", self.topo.meters, self.unconfigured_readings, inp.readings)):
+            for ident in [i for i in held if i in known]:
+                live[ident] = held.pop(ident)  # type: ignore[index]
+            for ident in [i for i in live if i not in known]:
+                del live[ident]
+            for ident in known:
+                self.logged_once.discard(f"{kind}:{ident}")
+        for evse_id in old.evse_index:
+            if evse_id not in self.topo.evse_index:
+                self.memory.evses.pop(evse_id, None)
+                inp.setpoints.pop(evse_id, None)
+                self.published.pop(evse_id, None)
+                self.log.info("EVSE removed from the configuration: clearing its setpoint", evse_id=evse_id)
+                self.bus.clear("evse.setpoint", evse_id=evse_id)
+
+    def _hold(self, held: dict[str, Any], ident: str, payload: Any) -> None:
+        """Keep the latest message of a device that is not configured (yet), bounded."""
+        if ident in held or len(held) < UNCONFIGURED_KEPT:
+            held[ident] = payload
 
     async def on_reload(self, config: Config) -> None:
         self.configure(config)
@@ -113,6 +147,7 @@ class LoadController:
         if st.evse_id not in self.topo.evse_index:
             self._once(f"evse:{st.evse_id}", "unknown_evse", "status of an EVSE that is not configured, ignored",
                        evse_id=st.evse_id, topic=msg.topic)
+            self._hold(self.unconfigured_statuses, st.evse_id, self._stamp(st, msg.topic))
             return
         st = self._stamp(st, msg.topic)  # type: ignore[assignment]
         prev = self.inputs.statuses.get(st.evse_id)
@@ -128,6 +163,7 @@ class LoadController:
         if r.meter_id not in self.topo.meters:
             self._once(f"meter:{r.meter_id}", "unknown_meter", "reading of a meter that is not configured, ignored",
                        meter_id=r.meter_id, topic=msg.topic)
+            self._hold(self.unconfigured_readings, r.meter_id, self._stamp(r, msg.topic))
             return
         r = self._stamp(r, msg.topic)  # type: ignore[assignment]
         prev = self.inputs.readings.get(r.meter_id)
@@ -169,6 +205,7 @@ class LoadController:
         if lim.evse_id not in self.topo.evse_index:
             self._once(f"evse:{lim.evse_id}", "unknown_evse", "limit for an EVSE that is not configured, ignored",
                        evse_id=lim.evse_id, topic=msg.topic)
+            self._hold(self.unconfigured_limits, lim.evse_id, self._stamp(lim, msg.topic))
             return
         lim = self._stamp(lim, msg.topic)  # type: ignore[assignment]
         if lim.valid_until <= p.utcnow() and not msg.retained:
