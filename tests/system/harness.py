@@ -307,9 +307,6 @@ class Fault:
     start: float
     lenient: bool  # the actuation path itself is down: a new limit cannot act before it is back
     end: float | None = None
-    # a device that silently stopped answering can only be accounted for once the system knows
-    # (the poller reports it offline after poller.offline_after_failures polls)
-    detected_at: float | None = None
 
 
 @dataclass
@@ -592,8 +589,6 @@ class Monitor:
                     continue
                 if f.lenient:
                     end = max(end, (f.end if f.end is not None else float("inf")) + self.grace_s)
-                elif f.detected_at is not None:
-                    end = max(end, f.detected_at + self.grace_s)
         return end
 
     def violations(self, since: float = 0.0) -> list[Episode]:
