@@ -47,6 +47,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 ERR = {"model": m.ErrorOut}
 COMMON: dict[int | str, dict[str, Any]] = {401: {**ERR, "description": "no valid credentials"},
                                            403: {**ERR, "description": "the role may not do this"},
+                                           413: {**ERR, "description": "the body is larger than 1 MiB"},
                                            422: {**ERR, "description": "the request is not valid"}}
 
 
@@ -292,8 +293,9 @@ def make_app(service: AdminService) -> FastAPI:
         return m.ConfigOut(version=cfg.digest(), document=confdoc.redact(data))
 
     async def change(request: Request, action: str, target: str, build: Callable[[dict[str, Any]], Any],
-                     base_version: str | None, wait_s: float) -> m.ChangeOut:
-        out = await service.change(action, target, build, base_version=base_version, wait_s=wait_s)
+                     base_version: str | None, wait_s: float, repairs: bool = False) -> m.ChangeOut:
+        out = await service.change(action, target, build, base_version=base_version, wait_s=wait_s,
+                                   repairs=repairs)
         note(request, version=out["version"], previous_version=out["previous_version"], changed=out["changed"])
         return m.ChangeOut(**out)
 
@@ -302,7 +304,7 @@ def make_app(service: AdminService) -> FastAPI:
                          base_version: BaseVersion = None, wait_s: WaitS = 0) -> m.ChangeOut:
         """Replace the whole configuration. ``<redacted>`` secrets keep their current value."""
         return await change(request, "config.replace", "config",
-                            lambda cur: confdoc.unredact(document, cur), base_version, wait_s)
+                            lambda cur: confdoc.unredact(document, cur), base_version, wait_s, repairs=True)
 
     @app.patch("/v1/config", responses=responses(409, 503), **role("admin"))
     async def patch_config(who: Admin, request: Request, patch: Annotated[dict[str, Any], Body()],
@@ -354,7 +356,7 @@ def make_app(service: AdminService) -> FastAPI:
         if not match:
             raise ApiError(404, f"no kept version {body.version}")
         text = match[-1].path.read_text()
-        return await change(request, "config.rollback", body.version, lambda cur: text, None, wait_s)
+        return await change(request, "config.rollback", body.version, lambda cur: text, None, wait_s, repairs=True)
 
     def items(section: str) -> list[dict[str, Any]]:
         _, data = service.current_document()
@@ -506,7 +508,8 @@ def make_app(service: AdminService) -> FastAPI:
 
 
 class Audited:
-    """ASGI wrapper: every non-GET request is audited before its answer is sent."""
+    """ASGI wrapper: every non-GET request is audited before its answer is sent; bodies over
+    :data:`MAX_BODY` are refused (413) before the app reads them."""
 
     def __init__(self, app: FastAPI, service: AdminService, origin: str | None = None) -> None:
         self.app = app
@@ -524,6 +527,25 @@ class Audited:
             return
         scope.setdefault("state", {})
         state: dict[str, Any] = scope["state"]
+        body, too_big = await _read_body(receive)
+        if too_big:
+            state["refusal"] = f"the body is larger than {MAX_BODY} bytes"
+            await self.record(scope, state, 413)
+            payload = m.ErrorOut(detail=state["refusal"]).model_dump_json().encode()
+            await send({"type": "http.response.start", "status": 413,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(payload)).encode()), (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": payload})
+            return
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: wait for the disconnect
+
         done = False
 
         async def audited_send(message: dict[str, Any]) -> None:
@@ -533,7 +555,7 @@ class Audited:
                 await self.record(scope, state, int(message["status"]))
             await send(message)
 
-        await self.app(scope, receive, audited_send)
+        await self.app(scope, replay, audited_send)
 
     async def record(self, scope: Scope, state: dict[str, Any], status: int) -> None:
         principal: Principal | None = state.get("principal")
@@ -550,3 +572,23 @@ class Audited:
         await self.service.audit(principal.name if principal else "(unauthenticated)",
                                  principal.role if principal else "-", f"{scope['method']} {action}", target,
                                  result, detail)
+
+
+MAX_BODY = 1 << 20  # 1 MiB: a whole configuration or a certificate upload fits many times
+
+
+async def _read_body(receive: Receive) -> tuple[bytes, bool]:
+    """The whole request body, or (what was read, True) once it passes :data:`MAX_BODY`."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks), False  # the client went away
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY:
+            return b"", True
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks), False

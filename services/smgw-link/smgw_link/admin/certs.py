@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,11 +156,17 @@ class SwitchStatus:
 
 
 class Switcher:
+    """One switch-over at a time. Its state is kept in ``state_path`` (when given), so that a
+    switch-over interrupted by a restart is watched again - with a fresh timeout - and still falls
+    back when the new certificate does not work."""
+
     def __init__(self, store_of: Callable[[], CertStore], link_of: Callable[[], LinkControl | None],
-                 audit: Callable[[str, str, Any], Awaitable[None] | None]) -> None:
+                 audit: Callable[[str, str, Any], Awaitable[None] | None],
+                 state_path: Callable[[], Path | None] = lambda: None) -> None:
         self.store_of = store_of
         self.link_of = link_of
         self.audit = audit  # (result, target, detail)
+        self.state_path = state_path
         self.status = SwitchStatus()
         self.task: asyncio.Task[None] | None = None
 
@@ -171,24 +179,68 @@ class Switcher:
         link = self.link_of()
         if link is None:
             raise RuntimeError("the SMGW link is not running")
+        self.status = SwitchStatus("switching", name, previous, by, dt.datetime.now(dt.UTC), None, timeout_s)
+        self._save()  # before the selection: a crash in between resumes (and falls back) on restart
         store.select(name)
         gen = link.reload_certificate()
-        self.status = SwitchStatus("switching", name, previous, by, dt.datetime.now(dt.UTC), None, timeout_s)
         log.info("certificate switch-over started", certificate=name, previous=previous, timeout_s=timeout_s)
-        self.task = asyncio.create_task(self._watch(gen, timeout_s), name="smgw-link.cert-switch")
+        self.task = asyncio.create_task(self._watch(timeout_s, link, gen), name="smgw-link.cert-switch")
         return self.status
 
-    async def _watch(self, gen: int, timeout_s: float) -> None:
+    def resume(self) -> bool:
+        """Watch a switch-over that a restart interrupted (state ``switching`` in the state file)."""
+        path = self.state_path()
+        if path is None or not path.exists() or self.busy:
+            return False
+        try:
+            data = json.loads(path.read_text())
+            st = SwitchStatus(**{k: v for k, v in data.items() if k in SwitchStatus.__dataclass_fields__})
+            for k in ("started", "finished"):
+                v = getattr(st, k)
+                setattr(st, k, dt.datetime.fromisoformat(v) if isinstance(v, str) else None)
+        except (OSError, ValueError, TypeError) as e:
+            log.error("certificate switch-over state unreadable, ignored", path=str(path), error=str(e))
+            return False
+        self.status = st
+        if st.state != "switching" or st.to is None:
+            return False
+        timeout = float(st.timeout_s or 60)
+        log.warning("resuming a certificate switch-over interrupted by a restart", certificate=st.to,
+                    previous=st.previous, timeout_s=timeout)
+        try:
+            self.store_of().select(st.to)
+        except (CertStoreError, OSError) as e:
+            log.error("the certificate of the interrupted switch-over is gone", certificate=st.to, error=str(e))
+        self.task = asyncio.create_task(self._watch(timeout, None, -1), name="smgw-link.cert-switch")
+        return True
+
+    def _save(self) -> None:
+        path = self.state_path()
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(self.status.as_dict(), default=str))
+            os.replace(tmp, path)
+        except OSError as e:
+            log.error("certificate switch-over state not saved", path=str(path), error=str(e))
+
+    async def _watch(self, timeout_s: float, link0: LinkControl | None, gen: int) -> None:
         st = self.status
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         error: str | None = None
+        anchor: tuple[LinkControl | None, int] = (link0, gen)
         while loop.time() < deadline:
             link = self.link_of()
             if link is not None:
-                ok, error = link.probe_result(gen)
+                if link is not anchor[0]:  # the link was restarted (or not there yet): probe again
+                    anchor = (link, link.reload_certificate())
+                ok, error = link.probe_result(anchor[1])
                 if ok:
                     st.state, st.finished = "done", dt.datetime.now(dt.UTC)
+                    self._save()
                     log.info("certificate switch-over done: the link is up with the new certificate",
                              certificate=st.to)
                     await self._audit("accepted", st)
@@ -212,6 +264,7 @@ class Switcher:
             st.error = f"{st.error}; switching back failed too: {e}"
             log.error("switching back to the previous certificate failed", previous=st.previous, error=str(e))
         st.finished = dt.datetime.now(dt.UTC)
+        self._save()
         await self._audit("failed", st)
 
     async def _audit(self, result: str, st: SwitchStatus) -> None:

@@ -72,7 +72,8 @@ class AdminService:
         self.lock = asyncio.Lock()
         self._audits: dict[Path, AuditLog] = {}
         self._unauth: list[float] = []
-        self.switcher = Switcher(self.cert_store, self._link_control, self._audit_switch)
+        self.switcher = Switcher(self.cert_store, self._link_control, self._audit_switch,
+                                 lambda: self.config.state_dir / "smgw" / "cert-switch.json")
 
     # -- configuration in force --------------------------------------------------------------------------
     @property
@@ -134,13 +135,32 @@ class AdminService:
         except OSError as e:
             raise ApiError(503, f"the configuration file cannot be read: {e.strerror}") from None
 
+    def _current_or_broken(self) -> tuple[str | None, dict[str, Any]]:
+        """The current version and document; a file that is not valid (edited by hand) gives no version
+        and whatever mapping it holds, so that a whole new configuration or a rollback can repair it."""
+        try:
+            cfg, data = self.current_document()
+            return cfg.digest(), data
+        except ApiError as e:
+            if e.status != 409:
+                raise
+        try:
+            raw = yaml.safe_load(self.store().text())
+        except (yaml.YAMLError, OSError):
+            raw = None
+        return None, raw if isinstance(raw, dict) else {}
+
     async def change(self, action: str, target: str, build: Callable[[dict[str, Any]], str | dict[str, Any]], *,
-                     base_version: str | None = None, wait_s: float = 0.0) -> dict[str, Any]:
-        """Apply ``build(current document)`` (a new document or YAML text) as the configuration."""
+                     base_version: str | None = None, wait_s: float = 0.0, repairs: bool = False) -> dict[str, Any]:
+        """Apply ``build(current document)`` (a new document or YAML text) as the configuration.
+        ``repairs``: allowed while the current file is not valid (replace, rollback)."""
         async with self.lock:
             store = self.store()
-            before, data = await asyncio.to_thread(self.current_document)
-            prev = before.digest()
+            if repairs:
+                prev, data = await asyncio.to_thread(self._current_or_broken)
+            else:
+                before, data = await asyncio.to_thread(self.current_document)
+                prev = before.digest()
             if base_version is not None and base_version != prev:
                 raise ApiError(409, f"the configuration is at version {prev}, not {base_version}: read it again")
             new = build(data)
@@ -172,7 +192,12 @@ class AdminService:
                 raise ApiError(503, f"the configuration cannot be written: {e.strerror}") from None
             log.info("configuration changed through the admin API", action=action, target=target,
                      version=version, previous=prev)
-            sent = self.send_all("reload", version)
+            # this service at once (the answer and the next request see it), the others over the bus
+            sent = [svc for svc in SERVICES if svc != self.ctx.name]
+            for svc in sent:
+                self.send(svc, "reload", version)
+        await self.ctx.reload()
+        sent.append(self.ctx.name)
         applied = await self.wait_applied(version, wait_s) if wait_s > 0 else None
         return {"action": action, "target": target, "version": version, "previous_version": prev,
                 "changed": True, "reload_sent_to": sent, "applied": applied}

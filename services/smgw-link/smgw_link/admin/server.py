@@ -5,6 +5,7 @@ certificates when ``admin.tls`` is set) and, behind the SMGW's inbound channel, 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
 from collections.abc import Callable
@@ -49,6 +50,7 @@ class AdminServer:
         self.inbound_admin = Audited(self.app, self.service, "inbound")
         self.http: _HttpServer | None = None
         self._listen_key: tuple[Any, ...] | None = None
+        self._restart: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int | None:
@@ -71,16 +73,25 @@ class AdminServer:
         return (a.enabled, a.host, a.port, a.tls)
 
     async def start(self) -> None:
-        await self.reconfigure(self.ctx.config)
+        self._listen_key = self._key(self.ctx.config)
+        await self._listen(self.ctx.config)
+        if self.ctx.config.smgw.enabled:
+            self.service.switcher.resume()
 
     async def reconfigure(self, config: Config) -> None:
-        """Apply admin settings: the listener restarts only when its own settings changed."""
+        """Apply admin settings: the listener restarts only when its own settings changed - in the
+        background, so that the request that made the change (served by it) is answered first."""
         self.service.view.resize(config.admin.log_buffer)
         key = self._key(config)
         if key == self._listen_key:
             return
-        await self._stop_listener()
         self._listen_key = key
+        if self._restart is not None and not self._restart.done():
+            self._restart.cancel()
+        self._restart = asyncio.create_task(self._listen(config), name="smgw-link.admin-listener")
+
+    async def _listen(self, config: Config) -> None:
+        await self._stop_listener()
         a = config.admin
         if not a.enabled:
             return
@@ -105,4 +116,8 @@ class AdminServer:
 
     async def stop(self) -> None:
         await self.service.switcher.stop()
+        if self._restart is not None and not self._restart.done():
+            self._restart.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._restart
         await self._stop_listener()
