@@ -61,11 +61,18 @@ def unredact(new: Any, current: Any) -> Any:
         return {k: unredact(v, cur.get(k)) for k, v in new.items()}
     if isinstance(new, list):
         cur_list = current if isinstance(current, list) else []
-        by_id = {_identity(x): x for x in cur_list if _identity(x) is not None}
+        cur_ids = [_identity(x) for x in cur_list]
+        new_ids = [_identity(x) for x in new]
+        # by identity where it names one item on each side, by position where items have none
+        by_id = {ident: x for ident, x in zip(cur_ids, cur_list, strict=True)
+                 if ident is not None and cur_ids.count(ident) == 1}
         out = []
         for i, x in enumerate(new):
-            ident = _identity(x)
-            match = by_id.get(ident) if ident is not None else (cur_list[i] if i < len(cur_list) else None)
+            ident = new_ids[i]
+            if ident is None or new_ids.count(ident) > 1 or cur_ids.count(ident) > 1:
+                match = cur_list[i] if i < len(cur_list) else None  # plain secrets (tokens) by position
+            else:
+                match = by_id.get(ident)  # a new item gets no other item's secret
             out.append(unredact(x, match))
         return out
     return new
