@@ -68,6 +68,17 @@ def assert_no_violations(s: System, since: float, name: str) -> list[str]:
     return m.describe(within)
 
 
+async def all_healthy(s: System, since: float, name: str) -> float:
+    """Every service's latest health is online, within HEALTH_BACK_S of ``since`` (its fault's end)."""
+    try:
+        await s.monitor.until(lambda: all(s.health_state(svc) == "online" for svc in SERVICES),
+                              max(0.0, since + HEALTH_BACK_S - time.monotonic()), "every service online")
+    except TimeoutError:
+        raise AssertionError(f"{name}: not every service healthy within {HEALTH_BACK_S:g} s of the fault's end: "
+                             f"{ {svc: s.health_state(svc) for svc in SERVICES} }") from None
+    return max(0.0, time.monotonic() - since)
+
+
 def limit_figures(r: LimitResult, scenario: str = "") -> str:
     if scenario:
         LIMITS.append((scenario, r))
@@ -242,6 +253,7 @@ async def test_smgw_link_cut_and_restored(system: System) -> None:
     link_back = time.monotonic() - t_up
     m.fault_end(f)
     back = await s.healthy_again(["smgw-link"], t_up, HEALTH_BACK_S)
+    healthy = await all_healthy(s, t_up, "smgw cut")
     r = await retry_limit(s, r)
     await s.until_backend_connected(15)
     upstream_back = time.monotonic() - t_up
@@ -255,6 +267,7 @@ async def test_smgw_link_cut_and_restored(system: System) -> None:
         "link up again after the restore": f"{link_back:.2f} s",
         "smgw-link health online after the restore": f"{back.get('smgw-link', float('nan')):.2f} s",
         "every upstream charge point connected again after": f"{upstream_back:.2f} s",
+        "every service online (health) after the restore": f"{healthy:.2f} s",
         "limit": limit_figures(r, "smgw cut"),
         "breaches within the grace": within,
     })
@@ -279,6 +292,7 @@ async def test_wallbox_off_the_network(system: System) -> None:
     t_up = time.monotonic()
     s.network(wb.id, True)
     m.fault_end(f)
+    healthy = await all_healthy(s, t_up, "wallbox offline")
     await m.until(lambda: m.status[wb.id][0] > t_up and m.status[wb.id][1].get("online"), HEALTH_BACK_S,
                   "the wallbox online again")
     online_again = time.monotonic() - t_up
@@ -289,6 +303,7 @@ async def test_wallbox_off_the_network(system: System) -> None:
             "allocation while it was unreachable": alloc,
             "limit": limit_figures(r, "wallbox offline"),
             "online again after the network came back": f"{online_again:.2f} s",
+            "every service online (health) after the network came back": f"{healthy:.2f} s",
             "breaches within the grace": within})
 
 
@@ -310,6 +325,7 @@ async def test_grid_meter_silent(system: System) -> None:
     t_up = time.monotonic()
     s.network("grid-meter", True)
     m.fault_end(f)
+    healthy = await all_healthy(s, t_up, "meter silent")
     await m.until(lambda: m.readings["grid-meter"][0] > t_up and m.readings["grid-meter"][1].get("online"),
                   HEALTH_BACK_S, "grid meter readings again")
     back = time.monotonic() - t_up
@@ -320,6 +336,7 @@ async def test_grid_meter_silent(system: System) -> None:
         "all cars drew then": f"{ev_w:.0f} W",
         "limit": limit_figures(r, "meter silent"),
         "readings again after": f"{back:.2f} s",
+        "every service online (health) after the meter came back": f"{healthy:.2f} s",
         "breaches within the grace": within,
     })
 
