@@ -32,5 +32,14 @@ mosquitto:
 lint: install
 	$(VENV)/bin/ruff check .
 
+# benchmarks print their figures; each takes a minute or two on a 2-core machine
+bench-all: install mosquitto
+	$(PY) bench/allocate/run.py
+	$(PY) bench/allocate/service_latency.py
+	$(PY) bench/poller/bench_poller.py
+	$(PY) bench/ocpp/bench_ocpp.py
+	$(PY) bench/curtail/run.py
+	$(PY) bench/system/run.py
+
 clean:
 	rm -rf $(VENV) state
