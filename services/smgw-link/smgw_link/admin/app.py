@@ -194,10 +194,7 @@ def make_app(service: AdminService) -> FastAPI:
         return out
 
     def file_version() -> str | None:
-        try:
-            return service.store().current().digest()
-        except (ApiError, OSError, ValueError):
-            return None
+        return service.file_version()
 
     def limits_view() -> m.LimitsView:
         now = datetime.now(UTC)

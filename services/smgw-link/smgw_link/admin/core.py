@@ -72,6 +72,7 @@ class AdminService:
         self.lock = asyncio.Lock()
         self._audits: dict[Path, AuditLog] = {}
         self._unauth: list[float] = []
+        self._version_cache: tuple[tuple[Any, ...], str | None] | None = None
         self.switcher = Switcher(self.cert_store, self._link_control, self._audit_switch,
                                  lambda: self.config.state_dir / "smgw" / "cert-switch.json")
 
@@ -95,6 +96,22 @@ class AdminService:
         if hist is not None and not hist.is_absolute():
             hist = path.parent / hist
         return ConfigStore(path, hist, keep=self.config.admin.keep_versions)
+
+    def file_version(self) -> str | None:
+        """The version of the configuration file (None when it is not valid); cached by its stat."""
+        try:
+            store = self.store()
+            st = store.path.stat()
+            key = (str(store.path), st.st_mtime_ns, st.st_size, st.st_ino)
+            if self._version_cache is not None and self._version_cache[0] == key:
+                return self._version_cache[1]
+            version: str | None = store.current().digest()
+        except ConfigError:
+            version = None
+        except (ApiError, OSError):
+            return None
+        self._version_cache = (key, version)
+        return version
 
     # -- audit -------------------------------------------------------------------------------------------
     def audit_log(self) -> AuditLog:
