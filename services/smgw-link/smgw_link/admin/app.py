@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import structlog
+import yaml
 from fastapi import Body, Depends, FastAPI, HTTPException, Path, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -25,6 +26,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chargegate import payloads as p
+from chargegate.config import ConfigError
 from chargegate.config.store import merge_patch
 from chargegate.topics import format_loc
 from smgw_link.admin import confdoc
@@ -315,8 +317,6 @@ def make_app(service: AdminService) -> FastAPI:
     async def check_config(who: Admin, document: Annotated[dict[str, Any], Body()]) -> m.CheckOut:
         """Validate a whole configuration without writing it."""
         _, cur = service.current_document()
-        from chargegate.config import ConfigError
-
         try:
             cfg = service.store().parse(json.dumps(confdoc.unredact(document, cur)), "check")
         except ConfigError as e:
@@ -334,14 +334,15 @@ def make_app(service: AdminService) -> FastAPI:
         return [m.ConfigVersionOut(version=v.version, saved=v.saved, current=v.version == current)
                 for v in store.versions()]
 
-    @app.get("/v1/config/versions/{version}", responses=responses(404, 503), **role("viewer"))
+    @app.get("/v1/config/versions/{version}", responses=responses(404, 409, 503), **role("viewer"))
     async def get_version(who: Viewer, version: Annotated[m.VersionId, Path()]) -> m.ConfigOut:
         """A kept version (inline secrets redacted)."""
-        import yaml
-
         for v in reversed(service.store().versions()):
             if v.version == version:
-                data = yaml.safe_load(v.path.read_text())
+                try:
+                    data = yaml.safe_load(v.path.read_text())
+                except (OSError, yaml.YAMLError) as e:
+                    raise ApiError(409, f"kept version {version} cannot be read: {e}") from None
                 return m.ConfigOut(version=version, document=confdoc.redact(data if isinstance(data, dict) else {}))
         raise ApiError(404, f"no kept version {version}")
 
@@ -352,7 +353,10 @@ def make_app(service: AdminService) -> FastAPI:
         match = [v for v in store.versions() if v.version == body.version]
         if not match:
             raise ApiError(404, f"no kept version {body.version}")
-        text = match[-1].path.read_text()
+        try:
+            text = match[-1].path.read_text()
+        except OSError as e:
+            raise ApiError(409, f"kept version {body.version} cannot be read: {e.strerror}") from None
         return await change(request, "config.rollback", body.version, lambda cur: text, None, wait_s, repairs=True)
 
     def items(section: str) -> list[dict[str, Any]]:
