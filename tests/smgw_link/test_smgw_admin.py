@@ -12,10 +12,9 @@ from typing import Any
 
 import pytest
 import yaml
-from admin_support import ADMIN_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN, accounts_yaml, admin_yaml, api
+from admin_support import ADMIN_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN, accounts_yaml, admin_yaml, api, listen_port
 
 from chargegate import payloads as p
-from chargegate.broker import free_port
 from chargegate.bus import Bus
 from chargegate.config import load
 from chargegate.runtime import ServiceContext, start_context, stop_context
@@ -72,7 +71,7 @@ async def rig(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory) ->
 
     log.setup("smgw-link", fmt="console")  # structlog with the sink that forwards events to service/<name>/log
     tmp = tmp_path_factory.mktemp("smgw-admin")
-    port = free_port()
+    port = listen_port()
     cfg = make_config(tmp, rig_yaml(broker, port))
     observer = await connected_bus(broker, "observer")
     ctx = await start_context("smgw-link", cfg, tmp / "chargegate.yaml", connect_timeout=5)
@@ -312,7 +311,7 @@ async def test_a_broken_file_is_reported_and_can_be_replaced(rig: AdminRig) -> N
 
 
 async def test_the_admin_listener_moves_after_the_answer(rig: AdminRig) -> None:
-    new_port = free_port()
+    new_port = listen_port()
     status, body = await rig.call("PATCH", "/v1/config", ADMIN_TOKEN, {"admin": {"port": new_port}})
     assert status == 200 and body["changed"]  # answered on the old listener
     old_port, rig.port = rig.port, new_port

@@ -9,7 +9,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from admin_support import ADMIN_TOKEN, OPERATOR_TOKEN, accounts_yaml, admin_yaml, request
+from admin_support import ADMIN_TOKEN, OPERATOR_TOKEN, accounts_yaml, admin_yaml, listen_port, request
 
 from chargegate import payloads as p
 from chargegate.broker import free_port
@@ -37,7 +37,7 @@ evses:
     circuit: grid
     modbus: {{profile: alfen-eve, host: 127.0.0.1, port: {free_port()}}}
 ocpp:
-  local: {{host: 127.0.0.1, port: {free_port()}}}
+  local: {{host: 127.0.0.1, port: {listen_port()}}}
   backend:
     enabled: true
     url: ws://ocpp.operator.test:8080/ocpp
@@ -56,7 +56,7 @@ smgw:
     - {{name: operator-ocpp, host: ocpp.operator.test, port: 8080, listen_port: {fwd_port}, purpose: ocpp}}
   inbound: {{enabled: true, host: 127.0.0.1, port: {inbound_port}, allowed_sha256: ["{pin}"]}}
   http_api: {{enabled: false}}
-{admin_yaml(free_port())}
+{admin_yaml(listen_port())}
 """
 
 
@@ -72,8 +72,8 @@ async def test_admin_adds_an_evse_through_the_smgw_and_it_boots_at_the_backend(
     sim = SmgwSim(cert=pki.gateway_cert, key=pki.gateway_key, client_ca=pki.device_ca,
                   routes={"ocpp.operator.test:8080": ("127.0.0.1", backend.port)})
     await sim.start()
-    inbound_port = free_port()
-    cfg = make_config(tmp, e2e_yaml(broker, pki.gateway_ca, sim.port, free_port(), inbound_port,
+    inbound_port = listen_port()
+    cfg = make_config(tmp, e2e_yaml(broker, pki.gateway_ca, sim.port, listen_port(), inbound_port,
                                     pki.gateway_fingerprint(), tmp / "store"))
     path = tmp / "chargegate.yaml"
     link_ctx = await start_context("smgw-link", cfg, path, connect_timeout=5)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 import schemathesis
-from admin_support import ADMIN_TOKEN, VIEWER_TOKEN, accounts_yaml, admin_yaml
+from admin_support import ADMIN_TOKEN, VIEWER_TOKEN, accounts_yaml, admin_yaml, listen_port
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.config import SchemathesisConfig
@@ -24,7 +24,6 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from chargegate.broker import free_port
 from conftest import BrokerHandle
 from smgw_link.admin.openapi import COMMITTED, render
 
@@ -86,7 +85,7 @@ smgw:
 def service(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """smgw-link as a real process (python -m smgw_link) with the admin API on a free port."""
     tmp = tmp_path_factory.mktemp("admin-fuzz")
-    port = free_port()
+    port = listen_port()
     path = tmp / "chargegate.yaml"
     path.write_text(_yaml(broker, port))
     log = (tmp / "smgw-link.log").open("wb")

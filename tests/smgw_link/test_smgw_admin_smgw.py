@@ -21,13 +21,13 @@ from admin_support import (
     VIEWER_TOKEN,
     accounts_yaml,
     api,
+    listen_port,
     request,
 )
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from chargegate import payloads as p
-from chargegate.broker import free_port
 from chargegate.bus import Bus
 from chargegate.config import load
 from chargegate.runtime import ServiceContext, start_context, stop_context
@@ -127,7 +127,7 @@ smgw:
   reconnect_max_s: 0.3
   functions: {{power_reduction: true}}
   inbound: {{enabled: true, host: 127.0.0.1, port: {inbound_port}, allowed_sha256: ["{pki.gateway_fingerprint()}"]}}
-  http_api: {{host: 127.0.0.1, port: {free_port()}, tokens: ["{VARS_TOKEN}"]}}
+  http_api: {{host: 127.0.0.1, port: {listen_port()}, tokens: ["{VARS_TOKEN}"]}}
   limit_heartbeat_s: 1
   limit_hold_s: 3
 admin:
@@ -156,7 +156,7 @@ async def rig(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory) ->
     store.select("cls")
     sim = SmgwSim(cert=pki.gateway_cert, key=pki.gateway_key, client_ca=pki.device_ca)
     await sim.start()
-    admin_port, inbound_port = free_port(), free_port()
+    admin_port, inbound_port = listen_port(), listen_port()
     cfg = make_config(tmp, rig_yaml(broker, pki, tls, sim.port, admin_port, inbound_port, tmp / "store"))
     observer = await connected_bus(broker, "observer")
     ctx = await start_context("smgw-link", cfg, tmp / "chargegate.yaml", connect_timeout=5)
