@@ -39,6 +39,7 @@ bench-all: install mosquitto
 	$(PY) bench/poller/bench_poller.py
 	$(PY) bench/ocpp/bench_ocpp.py
 	$(PY) bench/curtail/run.py
+	$(PY) bench/admin/run.py
 	$(PY) bench/system/run.py
 
 clean:

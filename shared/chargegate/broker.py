@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import random
 import secrets
 import shutil
 import socket
@@ -180,8 +181,38 @@ def mosquitto_binary() -> str:
     return found
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free TCP port on 127.0.0.1 for a server (simulators, tests, the demo).
+
+    Chosen below the kernel's ephemeral range: a port from that range (what binding port 0
+    gives) may be taken by one of the many outgoing connections before the server binds it.
+    A port is not handed out twice by the same process.
+    """
+    lo, _ = _ephemeral_range()
+    top = max(20001, min(lo, 32768))
+    for _ in range(500):
+        port = random.randrange(20000, top)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as s:  # fall back to the kernel's choice
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

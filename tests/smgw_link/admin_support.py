@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
-import socket
 import ssl
 from typing import Any
 
+from chargegate.broker import free_port
 from conftest import BrokerHandle
 
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
@@ -20,29 +19,9 @@ VARS_TOKEN = "vars-token-0123456789"
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
-def _ephemeral() -> tuple[int, int]:
-    try:
-        lo, hi = (int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
-        return lo, hi
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
 def listen_port() -> int:
-    """A free port for a server of the test, below the ephemeral range: ``free_port()`` hands out a
-    port that an outgoing connection (this process has many: MQTT, HTTP, TLS) may take before the
-    server binds it; ports below the range are never given to outgoing connections."""
-    lo, _ = _ephemeral()
-    for _ in range(200):
-        port = random.randrange(20000, max(20001, min(lo, 32768)))
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port below the ephemeral range")
+    """A free port for a test server (below the ephemeral range: see ``chargegate.broker.free_port``)."""
+    return free_port()
 
 
 async def request(streams: Streams, method: str, path: str, token: str | None = None, body: Any = None,
