@@ -16,14 +16,18 @@ A scenario::
                 "link": {"state": "down"}, "health": {"ocpp-gateway": {"status": "online"}},
                 "plant": {"cars": {"wb1": {"max_a": 8}}, "silent_meters": ["grid-meter"]},  # plant changes
                 "expect": {"wb1": {"current_a": 16, "phases": 3, "bound_by": "evse_max"}},
-                "expect_warning": "raised to the §14a floor"}]}
+                "expect_warning": "raised to the §14a floor"}],
+     "check_plant": true}                                      # optional, see check_plant()
 
 A step without ``at`` comes one cycle after the previous one. Without a ``plant`` every car follows
 its setpoint. With a ``plant``, EVSE currents and meter readings are simulated each cycle from the last decision
 (the car draws min(setpoint, its max) on its phases; meters see the house load plus the EVs below).
 Payload fields ``ts`` default to the step's time; ``age_s`` makes a message older; ``valid_for_s``
 sets ``valid_until`` relative to it. ``null`` removes a message. Every cycle is checked against the
-safety invariants (no constraint exceeded; every grant 0 or at least the EVSE's minimum).
+safety invariants (no constraint exceeded; every grant 0 or at least the EVSE's minimum). With
+``"check_plant": true`` also what the plant would really draw under each new decision (every car
+min(setpoint, its max) on the phases it uses, 1 phase when told 1, plus the house load) must stay
+within every fuse on every phase - so a car using a phase the controller did not budget is caught.
 """
 
 from __future__ import annotations
@@ -175,6 +179,8 @@ class Runner:
         self.simulate_plant()
         decision, self.memory = step(self.topo, self.cfg.controller, self.tz, self.inputs, self.memory, self.now)
         check_invariants(self, decision)
+        if self.sc.get("check_plant"):
+            check_plant(self, decision)
         self.last = decision
         self.history.append(decision)
         return decision
@@ -214,6 +220,36 @@ def check_invariants(runner: Runner, d: Decision) -> None:
     for e, dec in zip(runner.topo.evses, d.evses, strict=True):
         assert dec.current == 0 or dec.current >= e.min_a - 1e-9 or not dec.online, (e.id, dec.current)
         assert dec.current <= e.max_a + 1e-9, (e.id, dec.current)
+
+
+def check_plant(runner: Runner, d: Decision) -> None:
+    """The currents the plant draws under decision ``d`` (cars plugged in now, on the phases they use
+    now, as they would follow its setpoints) plus the house load stay within every fuse."""
+    cars = (runner.plant or {}).get("cars", {})
+    house = (runner.plant or {}).get("house_a", {})
+    grants = {x.evse_id: x for x in d.evses}
+    draws: dict[int, list[float]] = {}
+    for e in runner.topo.evses:
+        g = [0.0, 0.0, 0.0]
+        base = runner.status_base.get(e.id)
+        car = cars.get(e.id)
+        dec = grants[e.id]
+        if car is not None and base is not None and base.get("iec_state", "C") in ("B", "C", "D"):
+            phases = [0] if dec.phases == 1 else car.get("phases", list(range(e.phases)))
+            for k in phases:
+                if k < e.phases:
+                    g[e.rotation[k]] += min(dec.current, car.get("max_a", 32.0))
+        draws[e.index] = g
+    for nd in runner.topo.nodes:
+        load = [0.0, 0.0, 0.0]
+        for other in runner.topo.nodes:
+            if nd.index in other.chain and other.id in house:
+                load = [a + b for a, b in zip(load, house[other.id], strict=True)]
+        for i in runner.topo.below[nd.index]:
+            load = [a + b for a, b in zip(load, draws[i], strict=True)]
+        for k in range(3):
+            assert load[k] <= nd.limits[k] + 1e-6, \
+                f"plant: node {nd.id} L{k + 1} draws {load[k]:.1f} A > {nd.limits[k]:g} A ({d.evses})"
 
 
 def check_expect(decision: Decision, expect: dict[str, Any], where: str) -> None:

@@ -1,8 +1,9 @@
 """Random event sequences through the controller with its memory, against a physical plant.
 
-Cars plug in and out (1-, 2- and 3-phase cars, on rotated EVSEs, some switching 1/3 phases), the
-house load jumps, DSO limits come and go, EVSEs drop off the network (and keep drawing what they
-last heard) and come back, time passes irregularly. After every cycle the currents the plant would
+Cars plug in and out (1-, 2- and 3-phase cars, on rotated EVSEs, some switching 1/3 phases), a
+plugged-in car starts using other phases (no unplug seen), the house load jumps, DSO limits come
+and go, EVSEs drop off the network (and keep drawing what they last heard) and come back, time
+passes irregularly. After every cycle the currents the plant would
 actually draw (each car: min(setpoint it heard, its own maximum) on its phases) plus the house load
 and the reserve must stay within every fuse on every phase, and within the DSO limit (or the §14a
 floor) - hysteresis, ramps, reclaim, phase detection and switching included.
@@ -29,6 +30,8 @@ events = st.one_of(
     st.tuples(st.just("plug"), st.integers(0, 5), st.sampled_from([(0,), (0, 1), (0, 1, 2)]),
               st.sampled_from([10.0, 16.0, 32.0])),
     st.tuples(st.just("unplug"), st.integers(0, 5)),
+    # the car plugged in starts using other phases (no unplug: a car adding phases, or a swap the status missed)
+    st.tuples(st.just("phases"), st.integers(0, 5), st.sampled_from([(0,), (0, 1), (0, 1, 2)])),
     st.tuples(st.just("house"), st.integers(0, 1), st.lists(st.floats(0, 30), min_size=3, max_size=3)),
     st.tuples(st.just("limit"), st.one_of(st.none(), st.floats(0, 25000))),
     st.tuples(st.just("offline"), st.integers(0, 5)),
@@ -180,6 +183,10 @@ def test_random_sequences_never_exceed_a_fuse_or_limit(site: dict[str, Any], seq
             plant.cars[ids[ev[1] % len(ids)]] = (ev[2], ev[3])
         elif kind == "unplug":
             plant.cars[ids[ev[1] % len(ids)]] = None
+        elif kind == "phases":
+            car = plant.cars[ids[ev[1] % len(ids)]]
+            if car is not None:
+                plant.cars[ids[ev[1] % len(ids)]] = (ev[2], car[1])
         elif kind == "house":
             if not plant.silent:  # unknowable while the meters are silent
                 plant.house["grid" if ev[1] == 0 else "sub"] = ev[2]
