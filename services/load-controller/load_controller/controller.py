@@ -52,16 +52,20 @@ class EvseMemory:
     changed_at: datetime | None = None  # grant last changed
     raised_at: datetime | None = None  # grant last increased
     reclaim_cap: float | None = None  # the car draws less: cap handed back when it wants more
-    used_phases: tuple[int, ...] | None = None  # EVSE-frame phases a car draws on (None: all)
+    used_phases: tuple[int, ...] | None = None  # EVSE-frame phases a car draws on (None: all); imbalance only
     three_fit_since: datetime | None = None  # in 1-phase mode: 3 phases at the minimum fit since
     plugged_at: datetime | None = None
     offline_assumed: float | None = None  # while offline: the current it is assumed to draw
     measured: bool = False  # this session it has reported a real draw (its meter can be trusted for reclaim)
+    seen_phases: tuple[int, ...] | None = None  # phase detection: EVSE-frame phases drawn on in every measurement
+    seen_since: datetime | None = None  # ... since (the measurement's time)
+    one_phase_car: bool = False  # a switching EVSE's car draws on L1 only: told 1 phase for the rest of the session
 
     def copy(self) -> EvseMemory:
         return EvseMemory(self.granted, self.nph, self.phases, self.wanted, self.on_since, self.off_since,
                           self.changed_at, self.raised_at, self.reclaim_cap, self.used_phases,
-                          self.three_fit_since, self.plugged_at, self.offline_assumed, self.measured)
+                          self.three_fit_since, self.plugged_at, self.offline_assumed, self.measured,
+                          self.seen_phases, self.seen_since, self.one_phase_car)
 
 
 @dataclass(slots=True)
@@ -438,6 +442,8 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
             nm.off_since = None
             nm.reclaim_cap = None
             nm.used_phases = None
+            nm.seen_phases = nm.seen_since = None
+            nm.one_phase_car = False
         new_mems.append(nm)
         hold = hold_detail = None
         if nm.off_since is not None and m.granted <= 0 and _age(now, nm.off_since) < cfg.min_pause_s:
@@ -464,32 +470,37 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
             cap_a, lab, det = nm.reclaim_cap, "reclaim", f"the car draws less: {nm.reclaim_cap:g} A until it wants more"
         can_raise = m.raised_at is None or _age(now, m.raised_at) >= min_gap
 
-        def mode(nph: int, phases: tuple[int, ...], e: EvseSpec = e, m: EvseMemory = m, cap_a: float = cap_a,
-                 lab: str = lab, det: str | None = det, cap_w: float = cap_w, wlab: str = wlab,
-                 can_raise: bool = can_raise) -> Mode:
+        def mode(nph: int, phases: tuple[int, ...], asym: tuple[int, ...] | None = None, carry: bool = False,
+                 e: EvseSpec = e, m: EvseMemory = m, cap_a: float = cap_a, lab: str = lab, det: str | None = det,
+                 cap_w: float = cap_w, wlab: str = wlab, can_raise: bool = can_raise) -> Mode:
             hi, hl, hd = cap_a, lab, det
             if cap_w < INF:
                 w = cap_w / (v * len(phases))
                 if w < hi:
                     hi, hl, hd = w, wlab, f"limit {cap_w:.0f} W"
-            if m.granted > 0 and m.nph == nph:
+            if m.granted > 0 and (m.nph == nph or carry):
                 r = m.granted + (step_a if can_raise else 0.0)
             else:
                 r = e.min_a
             if r < hi - 1e-9:
                 hi, hl, hd = r, "ramp", f"rising by at most {step_a:g} A per cycle"
-            return Mode(nph, phases, hi, hl, hd)
+            return Mode(nph, phases, hi, hl, hd, asym)
 
         one = (e.rotation[0],)
-        if e.phases == 3:
-            used = nm.used_phases
-            three = tuple(sorted(e.rotation[k] for k in used)) if used else e.grid_phases
-        else:
-            three = one
+        # Phase detection never frees a phase the car could use: a 3-phase EVSE is budgeted on all its
+        # phases unless it is told to use 1 phase (a switching EVSE whose car draws on L1 only). Phases a car
+        # is seen drawing on only count for the phase imbalance (README, "Phase detection").
+        used = nm.used_phases if e.phases == 3 else None
+        asym3 = tuple(sorted(e.rotation[k] for k in used)) if used else None
+        three = e.grid_phases
         three_track = None
         if e.switching:
             if force1:
                 modes = [mode(1, one)]
+            elif nm.one_phase_car:
+                # a 1-phase car: 1 phase for the rest of the session (no flapping back to 3); the switch itself
+                # keeps its current (the car drew it on L1 already)
+                modes = [mode(1, one, carry=m.nph == 3)]
             elif m.granted > 0 and m.nph == 1:
                 waited = m.three_fit_since is not None and _age(now, m.three_fit_since) >= cfg.phase_switch_delay_s
                 if waited:
@@ -498,9 +509,9 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
                     modes = [mode(1, one)]
                     three_track = e.grid_phases
             else:
-                modes = [mode(3, three), mode(1, one)]
+                modes = [mode(3, three, asym3), mode(1, one)]
         elif e.phases == 3:
-            modes = [mode(3, three)]
+            modes = [mode(3, three, asym3)]
         else:
             modes = [mode(1, one)]
         protected = m.granted > 0 and m.on_since is not None and _age(now, m.on_since) < cfg.min_charge_time_s
@@ -562,7 +573,7 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
             nm.three_fit_since = None
         if st is not None and recent[i]:  # only on a recent measurement
             _reclaim(cfg, e, m, nm, st, now)
-            _detect_phases(cfg, e, m, nm, st, now)
+            _detect_phases(cfg, e, m, nm, st)
         out.append(EvseDecision(e.id, cur, g.nph, g.bound_by, g.detail, wanted=True, online=True))
     new.evses = {e.id: new_mems[e.index] for e in evses}
 
@@ -628,19 +639,40 @@ def _reclaim(cfg: Controller, e: EvseSpec, m: EvseMemory, nm: EvseMemory, st: p.
             nm.reclaim_cap = round(cap, 6)
 
 
-def _detect_phases(cfg: Controller, e: EvseSpec, m: EvseMemory, nm: EvseMemory, st: p.EvseStatus,
-                   now: datetime) -> None:
-    """A car on a 3-phase EVSE that draws on fewer phases only counts on those (until it draws more)."""
-    if not cfg.phase_detection or e.phases != 3 or nm.nph != 3 or not st.plausible or nm.granted <= 0:
-        nm.used_phases = None if nm.nph != 3 or nm.granted <= 0 else nm.used_phases
+def _detect_phases(cfg: Controller, e: EvseSpec, m: EvseMemory, nm: EvseMemory, st: p.EvseStatus) -> None:
+    """Which phases a car on a 3-phase EVSE draws on, from its measured per-phase currents.
+
+    Evidence is a measurement taken while the EVSE offered 3 phases (granted before and now, the applied
+    setpoint not 1-phase) with a clear draw; detected when every such measurement for ``reclaim_after_s``
+    showed the same phases (ramping or changing grants do not matter). Then:
+
+    * a switching EVSE whose car draws on L1 only is told to use 1 phase for the rest of the session
+      (``one_phase_car``): the EVSE itself then keeps the car off L2/L3, so they can be given to others;
+    * otherwise the car stays budgeted on all phases (it may use the others at any moment: a car adding
+      phases, a swap the status missed) and only the phase imbalance counts it on the phases it uses, until
+      a measurement shows it drawing on another one.
+    """
+    offered3 = (nm.nph == 3 and m.nph == 3 and m.granted > 0 and nm.granted > 0
+                and (st.applied is None or st.applied.phases == 3))
+    if not cfg.phase_detection or e.phases != 3 or not st.plausible or not offered3:
+        if nm.nph != 3 or nm.granted <= 0:
+            nm.used_phases = None
+        nm.seen_phases = nm.seen_since = None
         return
     cur = st.current_a
     if nm.used_phases is not None:
         if any(cur[k] >= 1.0 for k in range(3) if k not in nm.used_phases):
-            nm.used_phases = None
+            nm.used_phases = None  # draws on another phase: counted on all at once
+            nm.seen_phases = nm.seen_since = None
         return
-    stable = m.changed_at is not None and _age(now, m.changed_at) >= cfg.reclaim_after_s
-    if stable and max(cur) >= min(3.0, e.min_a / 2):
-        used = tuple(k for k in range(3) if cur[k] >= 1.0)
-        if 0 < len(used) < 3:
-            nm.used_phases = used
+    if max(cur) < min(3.0, e.min_a / 2):
+        nm.seen_phases = nm.seen_since = None  # not drawing enough to tell
+        return
+    pattern = tuple(k for k in range(3) if cur[k] >= 1.0)
+    if pattern != nm.seen_phases or nm.seen_since is None:
+        nm.seen_phases, nm.seen_since = pattern, st.ts
+        return
+    if len(pattern) < 3 and _age(st.ts, nm.seen_since) >= cfg.reclaim_after_s:
+        nm.used_phases = pattern
+        if e.switching and pattern == (0,):
+            nm.one_phase_car = True

@@ -45,6 +45,9 @@ class Mode:
     hi: float  # cap in A per phase in this mode
     hi_label: str = "evse_max"
     hi_detail: str | None = None
+    # grid phases the car is seen drawing on, when fewer than ``phases`` (a 1-phase car on a 3-phase EVSE
+    # that cannot be told to use 1 phase): budgeted on all ``phases``, counted on these for the imbalance
+    asym: tuple[int, ...] | None = None
 
 
 @dataclass(slots=True)
@@ -120,6 +123,7 @@ class Grant:
     bound_by: str
     detail: str | None = None
     three_fits: bool | None = None
+    asym: tuple[int, ...] | None = None  # the mode's ``asym``
 
 
 @dataclass(slots=True)
@@ -171,10 +175,14 @@ class _Space:
             chains.append(tuple(chain))
         self.chains = chains
         self.all_groups = tuple(i for i, g in enumerate(groups) if g.all_members)
-        self._cache: dict[tuple[int, tuple[int, ...], tuple[int, ...]], list[tuple[int, float]]] = {}
+        self._cache: dict[tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...] | None],
+                          list[tuple[int, float]]] = {}
 
-    def coefs(self, node: int, phases: tuple[int, ...], groups: tuple[int, ...]) -> list[tuple[int, float]]:
-        key = (node, phases, groups)
+    def coefs(self, node: int, phases: tuple[int, ...], groups: tuple[int, ...],
+              asym: tuple[int, ...] | None = None) -> list[tuple[int, float]]:
+        """(constraint index, coefficient per A per phase) of a load on ``phases`` below ``node``;
+        ``asym``: the phases it counts on in the asymmetric-only groups (default ``phases``)."""
+        key = (node, phases, groups, asym)
         got = self._cache.get(key)
         if got is not None:
             return got
@@ -194,14 +202,17 @@ class _Space:
             if gi in seen or gi >= len(gs):
                 continue
             seen.add(gi)
-            if gs[gi].asym_only and len(phases) >= 3:
-                continue
+            counted = phases
+            if gs[gi].asym_only:
+                counted = asym if asym is not None else phases
+                if len(counted) >= 3:
+                    continue
             b = 4 * (self.n_nodes + gi)
-            for ph in phases:
+            for ph in counted:
                 if cap[b + ph] < INF:
                     out.append((b + ph, 1.0))
             if cap[b + 3] < INF:
-                out.append((b + 3, nph))
+                out.append((b + 3, float(len(counted))))
         self._cache[key] = out
         return out
 
@@ -296,7 +307,7 @@ def _solve_once(problem: Problem, space: _Space) -> tuple[list[Grant], list[floa
                 if blocked_label is None:
                     blocked_label, blocked_detail = m.hi_label, m.hi_detail
                 continue
-            coefs = space.coefs(d.node, m.phases, d.groups)
+            coefs = space.coefs(d.node, m.phases, d.groups, m.asym)
             k = _fits(used, cap, coefs, d.lo)
             if k < 0 and d.hold is not None:
                 g.bound_by, g.detail = d.hold, d.hold_detail
@@ -306,7 +317,7 @@ def _solve_once(problem: Problem, space: _Space) -> tuple[list[Grant], list[floa
                     used[kk] += a * d.lo
                 admitted_mode[i] = m
                 admitted_coefs[i] = coefs
-                g.nph, g.phases, g.current = m.nph, m.phases, d.lo
+                g.nph, g.phases, g.current, g.asym = m.nph, m.phases, d.lo, m.asym
                 if d.three_phases is not None and len(m.phases) < 3:
                     # would 3 phases at the minimum fit instead of this 1-phase admission?
                     mine = dict(coefs)
@@ -440,11 +451,17 @@ def _fill(members: list[int], demands: list[Demand], modes: dict[int, Mode],
             g.detail = modes[i].hi_detail
 
 
+def _asym_phases(g: Grant) -> tuple[int, ...]:
+    """The phases a grant counts on for the imbalance (none when it draws on all three)."""
+    ph = g.asym if g.asym is not None else g.phases
+    return ph if len(ph) < 3 else ()
+
+
 def _imbalance(problem: Problem, grants: list[Grant]) -> tuple[float, int, float]:
     u = [0.0, 0.0, 0.0]
     for g in grants:
-        if g.current > 0 and len(g.phases) < 3:
-            for ph in g.phases:
+        if g.current > 0:
+            for ph in _asym_phases(g):
                 u[ph] += g.current
     for f in problem.fixed:
         if f.current > 0 and len(f.phases) < 3:
@@ -462,7 +479,7 @@ def _force_imbalance(problem: Problem, grants: list[Grant], imbalance: float) ->
         imb, heavy, _light = _imbalance(problem, grants)
         if imb <= problem.imbalance_limit + 1e-6:
             return
-        cands = [i for i, g in enumerate(grants) if g.current > 0 and len(g.phases) < 3 and heavy in g.phases]
+        cands = [i for i, g in enumerate(grants) if g.current > 0 and heavy in _asym_phases(g)]
         if not cands:
             return
         i = min(cands, key=lambda i: (demands[i].priority, -demands[i].order))
@@ -495,7 +512,7 @@ def _usage(problem: Problem, space: _Space, grants: list[Grant]) -> list[float]:
                 used[k] += a * f.current
     for g, d in zip(grants, problem.demands, strict=True):
         if g.current > 0:
-            for k, a in space.coefs(d.node, g.phases, d.groups):
+            for k, a in space.coefs(d.node, g.phases, d.groups, g.asym):
                 used[k] += a * g.current
     return used
 
@@ -515,14 +532,14 @@ def _verify(problem: Problem, space: _Space, grants: list[Grant]) -> list[str]:
         repairs.append(f"{space.labels[k]}: {used[k]:.3f} > {space.cap[k]:.3f}")
         members = []
         for i, (g, d) in enumerate(zip(grants, problem.demands, strict=True)):
-            if g.current > 0 and any(kk == k for kk, _ in space.coefs(d.node, g.phases, d.groups)):
+            if g.current > 0 and any(kk == k for kk, _ in space.coefs(d.node, g.phases, d.groups, g.asym)):
                 members.append(i)
         members.sort(key=lambda i: (problem.demands[i].priority, -problem.demands[i].order))
         for i in members:
             if used[k] <= space.cap[k] + 1e-6:
                 break
             g = grants[i]
-            for kk, a in space.coefs(problem.demands[i].node, g.phases, problem.demands[i].groups):
+            for kk, a in space.coefs(problem.demands[i].node, g.phases, problem.demands[i].groups, g.asym):
                 used[kk] -= a * g.current
             g.current = 0.0
             g.bound_by = space.labels[k]
