@@ -133,8 +133,9 @@ class Controller(Strict):
                                        description="reclaim when the car draws this much less than granted")
     reclaim_margin_a: float = Field(default=1.0, ge=0, le=80, description="left above what the car draws")
     phase_detection: bool = Field(default=True,
-                                  description="count only the phases a car actually draws on (1-phase cars "
-                                              "on 3-phase EVSEs)")
+                                  description="1-phase cars on 3-phase EVSEs: a switching EVSE is told to use 1 "
+                                              "phase (only L1 budgeted); on others the car stays budgeted on "
+                                              "all phases and counts on its own for the phase imbalance")
     current_step_a: float = Field(default=0.1, gt=0, le=1, description="setpoints are rounded down to this")
     allocation_interval_s: float = Field(default=10.0, ge=0.5, le=600,
                                          description="controller/allocation is republished at least this often")
