@@ -177,3 +177,21 @@ def test_read_plan_merges_within_gap_only():
     blocks = plan_reads(charx, ["current_l1", "current_l3", "energy", "state", "max_current"])
     # max_gap 1: spans the documented 1300, never the undocumented 1246..1249
     assert [(b.address, b.count) for b in blocks] == [(1238, 2), (1242, 2), (1250, 4), (1299, 3)]
+
+
+def test_poll_plans():
+    """What one poll reads from each EVSE (every request counts: the poller's CPU goes mostly into requests)."""
+    from evse_poller.device import logic_names
+
+    def poll_plan(name: str) -> list[tuple[str, int, int]]:
+        prof = load_profile(name)
+        names = [n for n in logic_names(prof, "evse") if n in prof.registers]
+        if prof.watchdog is not None and prof.watchdog.remaining_register is not None:
+            names.append(prof.watchdog.remaining_register)
+        return [(b.table, b.address, b.count) for b in plan_reads(prof, names)]
+
+    assert poll_plan("alfen-eve") == [("holding", 320, 58), ("holding", 1201, 9)]
+    assert poll_plan("heidelberg-energy-control") == [("input", 5, 14)]  # all documented, one request
+    assert poll_plan("abl-emh") == [("holding", 0x2E, 5)]  # the documented 5-register status report
+    assert poll_plan("webasto-next") == [("input", 1000, 38)]
+    assert poll_plan("phoenix-charx") == [("holding", 1238, 8), ("holding", 1250, 4), ("holding", 1299, 1)]
