@@ -26,6 +26,7 @@ site: {{name: reload-test}}
 state_dir: {broker.config.state_dir}
 broker: {{port: {broker.port}}}
 poller: {{poll_interval_s: 0.2, reconnect_backoff_max_s: 0.5}}
+controller: {{evse_timeout_s: 4}}  # statuses refreshed every poll (they are counted below)
 circuits:
   - id: grid
     fuse_a: 35

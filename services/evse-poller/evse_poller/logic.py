@@ -7,6 +7,8 @@
 * :func:`current_words` / :func:`needs_write` - what to write and whether to write it now.
 * :func:`evaluate_meter` - decoded values -> a meter reading, with plausibility flags.
 * :func:`grid_currents` - an EVSE's phase currents mapped onto the grid phases.
+* :func:`status_changed` / :func:`status_refresh_s` / :func:`should_publish` - whether a poll's EVSE
+  status goes on the bus.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from datetime import datetime
 from typing import Literal
 
 from chargegate.config import Evse
-from chargegate.payloads import EvseState, IecState, Setpoint
+from chargegate.payloads import EvseState, EvseStatus, IecState, Setpoint
 from evse_poller.profile import CurrentControl, Profile
 from evse_poller.registers import Value, encode_raw, encode_value, to_raw
 
@@ -379,3 +381,67 @@ def grid_currents(evse_currents: list[float], phase_rotation: list[int]) -> list
         if i < len(evse_currents):
             out[grid_phase - 1] += evse_currents[i]
     return out
+
+
+# -- publishing EVSE statuses ------------------------------------------------------------------
+
+CURRENT_DEADBAND_A = 0.05  # below the 0.1 A resolution of most wallbox meters and of the controller's setpoints
+POWER_DEADBAND_W = 50.0
+MAX_REFRESH_S = 10.0
+
+
+def status_changed(old: EvseStatus, new: EvseStatus) -> bool:
+    """Whether ``new`` tells a consumer something ``old`` did not.
+
+    Everything but the measurements is compared exactly: online, the states and the raw state code, the
+    phases in use, the applied setpoint, plausibility and flags, the reason, the session (its id, start
+    and start register). A phase current counts when it moved more than ``CURRENT_DEADBAND_A``, the
+    power more than ``POWER_DEADBAND_W``, both against the last published value (so a slow drift goes
+    out too). The energy register (and the session energy counted from it) alone is no change: it goes
+    out with every other publish and with the periodic refresh.
+    """
+    if (old.online != new.online or old.state != new.state or old.iec_state != new.iec_state
+            or old.raw_state != new.raw_state or old.phases_in_use != new.phases_in_use
+            or old.plausible != new.plausible or old.flags != new.flags or old.reason != new.reason
+            or old.applied != new.applied or old.source != new.source or old.evse_id != new.evse_id):
+        return True
+    if (old.energy_wh is None) != (new.energy_wh is None):
+        return True
+    if old.power_w is None or new.power_w is None:
+        if (old.power_w is None) != (new.power_w is None):
+            return True
+    elif abs(new.power_w - old.power_w) > POWER_DEADBAND_W:
+        return True
+    if len(old.current_a) != len(new.current_a) or any(
+            abs(a - b) > CURRENT_DEADBAND_A for a, b in zip(old.current_a, new.current_a, strict=True)):
+        return True
+    a, b = old.session, new.session
+    if a is None or b is None:
+        return (a is None) != (b is None)
+    return (a.id, a.started, a.energy_start_wh, a.id_tag) != (b.id, b.started, b.energy_start_wh, b.id_tag)
+
+
+def status_refresh_s(*, interval_s: float, timeout_s: float, retries: int, offline_after_failures: int,
+                     evse_timeout_s: float) -> float:
+    """How long an unchanged status may go unpublished.
+
+    The load controller takes a status for stale ``evse_timeout_s`` after its timestamp. The refresh
+    leaves room for the device to fail right after it for ``offline_after_failures`` polls of up to
+    ``timeout_s * (retries + 1)`` each (then it is published offline) plus a second for the bus, so the
+    controller sees the device reported offline, not its status going stale. Never more than
+    ``MAX_REFRESH_S``; no less than the poll interval (then every poll is published).
+    """
+    worst_poll_s = max(interval_s, timeout_s * (retries + 1))
+    budget = evse_timeout_s - offline_after_failures * worst_poll_s - 1.0
+    return max(interval_s, min(MAX_REFRESH_S, budget))
+
+
+def should_publish(last: EvseStatus | None, new: EvseStatus, *, last_at: float | None, now: float,
+                   refresh_s: float, interval_s: float) -> bool:
+    """Publish a poll's status when it changed (:func:`status_changed`), when nothing was published yet,
+    or when waiting for the next poll (``interval_s`` later) would leave the last publish more than
+    ``refresh_s`` behind: published statuses are never further apart than ``refresh_s`` while the device
+    answers (with ``refresh_s`` equal to the interval, every poll is published)."""
+    if last is None or last_at is None or now - last_at + interval_s > refresh_s + 1e-3:
+        return True
+    return status_changed(last, new)

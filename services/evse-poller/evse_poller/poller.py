@@ -83,6 +83,7 @@ class Poller:
         self.broken: dict[str, str] = {}  # device id -> why it cannot be polled
         self._apply_tasks: set[asyncio.Task[None]] = set()
         self._published: dict[str, object] = {}
+        self._published_at: dict[str, float] = {}  # EVSE id -> monotonic time of its last published status
         self._control_file = (state_dir or config.state_dir) / "evse-poller" / "control.json"
         self._running = False
         self.polls = 0  # device polls so far (benchmark)
@@ -183,6 +184,7 @@ class Poller:
         (self.evses if kind == "evse" else self.meters).pop(ident, None)  # type: ignore[attr-defined]
         self.broken.pop(ident, None)
         self._published.pop(ident if kind == "evse" else f"meter:{ident}", None)
+        self._published_at.pop(ident if kind == "evse" else f"meter:{ident}", None)
         if clear:
             clearer = getattr(self.publisher, f"clear_{kind}", None)
             if clearer is not None:
@@ -222,10 +224,28 @@ class Poller:
             self.log.error("cannot store control state", file=str(self._control_file), error=str(e))
 
     # -- polling -----------------------------------------------------------------------------
-    def _publish_evse(self, status: p.EvseStatus) -> None:
-        if self._published.get(status.evse_id) is status:
+    def status_refresh_s(self, dev: EvseDevice) -> float:
+        """How long ``dev``'s unchanged status may go unpublished (:func:`logic.status_refresh_s`)."""
+        return logic.status_refresh_s(interval_s=dev.interval_s, timeout_s=dev.target.timeout_s,
+                                      retries=dev.target.retries,
+                                      offline_after_failures=self.settings.offline_after_failures,
+                                      evse_timeout_s=self.config.controller.evse_timeout_s)
+
+    def _publish_evse(self, status: p.EvseStatus, dev: EvseDevice | None = None, force: bool = False) -> None:
+        """Publish a poll's status when it says something new or the last one is due for a refresh
+        (:func:`logic.should_publish`); ``force``: in any case."""
+        ident = status.evse_id
+        last = self._published.get(ident)
+        if last is status:
             return  # a transient failure: the last status stays as it was
-        self._published[status.evse_id] = status
+        now = time.monotonic()
+        if not force and dev is not None and isinstance(last, p.EvseStatus) and not logic.should_publish(
+                last, status, last_at=self._published_at.get(ident), now=now, refresh_s=self.status_refresh_s(dev),
+                interval_s=dev.interval_s):
+            self.counters["statuses_unchanged"] += 1
+            return
+        self._published[ident] = status
+        self._published_at[ident] = now
         self.publisher.evse_status(status)
 
     def _publish_meter(self, reading: p.MeterReading) -> None:
@@ -234,18 +254,19 @@ class Poller:
         self._published["meter:" + reading.meter_id] = reading
         self.publisher.meter_reading(reading)
 
-    async def poll_evse(self, dev: EvseDevice) -> None:
+    async def poll_evse(self, dev: EvseDevice, force: bool = False) -> None:
         self.polls += 1
-        self._publish_evse(await dev.poll())
+        self._publish_evse(await dev.poll(), dev, force)
 
     async def poll_meter(self, dev: MeterDevice) -> None:
         self.polls += 1
         self._publish_meter(await dev.poll())
 
     async def poll_once(self) -> float:
-        """Poll every device once, concurrently. Returns the wall time in seconds."""
+        """Poll every device once, concurrently, and publish every status (the devices' own loops publish
+        only what changed, and refreshes). Returns the wall time in seconds."""
         t0 = time.perf_counter()
-        await asyncio.gather(*(self.poll_evse(d) for d in self.evses.values()),
+        await asyncio.gather(*(self.poll_evse(d, force=True) for d in self.evses.values()),
                              *(self.poll_meter(d) for d in self.meters.values()))
         return time.perf_counter() - t0
 
@@ -343,8 +364,10 @@ class Poller:
             self._save_controls()
         result = p.EvseCommandResult(evse_id=cmd.evse_id, request_id=cmd.request_id, accepted=accepted,
                                      detail=detail)
-        self.publisher.command_result(result)
         if accepted and dev.online:
+            # the new state at once, and before the result: ocpp-gateway bills a remote stop with the energy
+            # register of the last status it has when the result comes
             with contextlib.suppress(Exception):
-                await self.poll_evse(dev)  # publish the new state at once
+                await self.poll_evse(dev, force=True)
+        self.publisher.command_result(result)
         return result

@@ -47,7 +47,8 @@ async def serve(ctx: ServiceContext) -> None:
         holder["poller"] = poller
         runner["task"] = asyncio.create_task(poller.run(), name="evse-poller.run")
         ctx.log.info("polling", evses=len(poller.evses), meters=len(poller.meters), broken=len(poller.broken),
-                     links=len(poller.pool.links), interval_s=config.poller.poll_interval_s)
+                     links=len(poller.pool.links), interval_s=config.poller.poll_interval_s,
+                     event_loop=type(asyncio.get_running_loop()).__module__)
 
     async def on_setpoint(msg: Message) -> None:
         sp = msg.payload
