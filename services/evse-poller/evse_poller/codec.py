@@ -56,16 +56,17 @@ def width(dtype: DType, count: int | None = None) -> int:
     return _STRUCT[dtype][1]
 
 
+_UNPACK = {dtype: struct.Struct(">" + fmt) for dtype, (fmt, _n) in _STRUCT.items()}
+
+
 def _ordered_bytes(words: list[int], byte_order: str, word_order: str) -> bytes:
     if word_order == "little":
-        words = list(reversed(words))
-    out = bytearray()
+        words = words[::-1]
     for w in words:
         if not 0 <= w <= 0xFFFF:
             raise CodecError(f"register value {w} is not 16 bit")
-        hi, lo = w >> 8, w & 0xFF
-        out += bytes((lo, hi)) if byte_order == "little" else bytes((hi, lo))
-    return bytes(out)
+    # each register high byte first ("big") or low byte first ("little")
+    return struct.pack(f"{'<' if byte_order == 'little' else '>'}{len(words)}H", *words)
 
 
 def _words_from_bytes(data: bytes, byte_order: str, word_order: str) -> list[int]:
@@ -89,11 +90,10 @@ def decode(words: list[int], dtype: DType, *, byte_order: str = "big", word_orde
             return text.decode("ascii").strip()
         except UnicodeDecodeError as e:
             raise CodecError(f"string register holds non-ASCII bytes: {data!r}") from e
-    fmt, size = _STRUCT[dtype]
+    size = _STRUCT[dtype][1]
     if n != size:
         raise CodecError(f"{dtype} needs {size} registers, got {n}")
-    data = _ordered_bytes(words, byte_order, word_order)
-    value: int | float = struct.unpack(">" + fmt, data)[0]
+    value: int | float = _UNPACK[dtype].unpack(_ordered_bytes(words, byte_order, word_order))[0]
     return value
 
 

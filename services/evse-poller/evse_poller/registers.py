@@ -74,22 +74,18 @@ def extract(profile: Profile, blocks: dict[tuple[Table, int], list[int]], read_b
     Numbers are scaled to engineering units (``scale`` and SunSpec scale factors); strings and
     state codes are returned raw. A value that cannot be decoded is ``None`` with an error.
     """
-    words_at: dict[tuple[str, int], int] = {}
-    for b in read_blocks:
-        data = blocks.get((b.table, b.address))
-        if data is None:
-            continue
-        for i, w in enumerate(data):
-            words_at[(b.table, b.address + i)] = w
     raw: dict[str, int | float | str | None] = {}
     errors: list[str] = []
+    registers = profile.registers
     for b in read_blocks:
+        data = blocks.get((b.table, b.address))
         for n in b.names:
-            reg = profile.registers[n]
-            start = reg.address + offset
-            try:
-                words = [words_at[(reg.table, start + i)] for i in range(reg.width)]
-            except KeyError:
+            reg = registers[n]
+            # every register of a block lies within it (plan_reads); a block not read leaves its values None
+            i = reg.address + offset - b.address
+            w = reg.width
+            words = data[i:i + w] if data is not None and i >= 0 else None
+            if words is None or len(words) != w:
                 raw[n] = None
                 continue
             try:
