@@ -3,6 +3,7 @@
 Solver level (random trees, groups, demands, fixed loads):
 * no constraint is exceeded on any phase (checked independently of the solver's own bookkeeping);
 * every grant is 0 or at least the EVSE's minimum, and at most its cap;
+* as many as fit are admitted: nobody is at 0 whose minimum would fit next to the admitted minimums;
 * a higher priority never gets less than a lower one that wants the same;
 * the same input gives the same output;
 * a lower power limit never raises anyone's allocation (exactly: with minimums 0, or whenever the
@@ -154,6 +155,35 @@ def test_no_constraint_exceeded_and_zero_or_min(prob: Problem) -> None:
 class _Zero:
     current = 0.0
     phases: tuple[int, ...] = ()
+
+
+class _Load:
+    def __init__(self, current: float, phases: tuple[int, ...]) -> None:
+        self.current = current
+        self.phases = phases
+
+
+@SETTINGS
+@given(problems(imbalance=False))
+def test_as_many_as_fit_are_admitted(prob: Problem) -> None:
+    """Nobody is left at 0 whose minimum would fit (in any of its modes) next to the minimums of those
+    admitted and the fixed loads: one EVSE that does not fit never pauses others that would."""
+    sol = solve(copy.deepcopy(prob))
+    assert not sol.repairs, sol.repairs
+    admitted = [_Load(d.lo if g.current > 0 else 0.0, g.phases) for d, g in zip(prob.demands, sol.grants, strict=True)]
+    base = {name: used for name, used, _ in independent_usage(prob, [_Zero() for _ in prob.demands])}
+    for i, (d, g) in enumerate(zip(prob.demands, sol.grants, strict=True)):
+        if g.current > 0 or not d.modes or d.lo <= 0:
+            continue
+        for m in d.modes:
+            if m.hi < d.lo - 1e-9:
+                continue  # its own cap (an EVSE limit below its minimum) keeps it off
+            trial = list(admitted)
+            trial[i] = _Load(d.lo, m.phases)
+            over = [(name, used, cap) for name, used, cap in independent_usage(prob, trial)
+                    if used > max(cap, base[name]) + 1e-7]
+            assert over, (f"{d.key} at {d.lo} A on {m.phases} would fit but got 0 ({g.bound_by})",
+                          [(x.key, x.current, x.phases) for x in sol.grants])
 
 
 @SETTINGS
