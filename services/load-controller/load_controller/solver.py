@@ -254,6 +254,15 @@ def solve(problem: Problem) -> Solution:
         imbalance, _, _ = _imbalance(problem, grants)
     if problem.step > 0:
         _round(grants, problem)
+        if imb_index >= 0:
+            # rounding a grant on the lightest phase down widens the difference (by up to a step each)
+            for _ in range(3):
+                imbalance, _, _ = _imbalance(problem, grants)
+                if imbalance <= problem.imbalance_limit + 1e-6:
+                    break
+                _force_imbalance(problem, grants, imbalance)
+                _round(grants, problem)
+            imbalance, _, _ = _imbalance(problem, grants)
     repairs = _verify(problem, space, grants)
     usage: dict[str, float] = {}
     capacity: dict[str, float] = {}
@@ -457,7 +466,8 @@ def _asym_phases(g: Grant) -> tuple[int, ...]:
     return ph if len(ph) < 3 else ()
 
 
-def _imbalance(problem: Problem, grants: list[Grant]) -> tuple[float, int, float]:
+def _asym_load(problem: Problem, grants: list[Grant]) -> list[float]:
+    """The asymmetric load per grid phase (grants and fixed loads on fewer than 3 phases)."""
     u = [0.0, 0.0, 0.0]
     for g in grants:
         if g.current > 0:
@@ -467,6 +477,11 @@ def _imbalance(problem: Problem, grants: list[Grant]) -> tuple[float, int, float
         if f.current > 0 and len(f.phases) < 3:
             for ph in f.phases:
                 u[ph] += f.current
+    return u
+
+
+def _imbalance(problem: Problem, grants: list[Grant]) -> tuple[float, int, float]:
+    u = _asym_load(problem, grants)
     heavy = max(range(3), key=lambda p: (u[p], -p))
     light = min(u)
     return u[heavy] - light, heavy, light
@@ -476,10 +491,14 @@ def _force_imbalance(problem: Problem, grants: list[Grant], imbalance: float) ->
     """Last resort when re-solving did not converge: cut asymmetric grants on the heaviest phase."""
     demands = problem.demands
     for _ in range(3 * len(grants) + 3):
-        imb, heavy, _light = _imbalance(problem, grants)
+        imb, heavy, light = _imbalance(problem, grants)
         if imb <= problem.imbalance_limit + 1e-6:
             return
-        cands = [i for i, g in enumerate(grants) if g.current > 0 and heavy in _asym_phases(g)]
+        u = _asym_load(problem, grants)
+        lightest = {ph for ph in range(3) if u[ph] <= light + 1e-9}
+        # only a grant on the heaviest phase and not on a lightest one narrows the difference when cut
+        cands = [i for i, g in enumerate(grants) if g.current > 0 and heavy in _asym_phases(g)
+                 and not lightest.intersection(_asym_phases(g))]
         if not cands:
             return
         i = min(cands, key=lambda i: (demands[i].priority, -demands[i].order))
