@@ -187,6 +187,40 @@ async def test_late_answer_after_a_timeout_is_not_taken_for_the_next() -> None:
         srv.close()
 
 
+async def test_own_timeout_and_answers_split_or_joined() -> None:
+    """The client's own timer (what the Link uses), and answers that come in pieces or two at a time."""
+    held: list[bytes] = []
+
+    def respond(tid: int, unit: int, pdu: bytes, w: asyncio.StreamWriter) -> None:
+        _fc, address, _count = struct.unpack(">BHH", pdu[:5])
+        data = frame(tid, unit, registers(pdu))
+        if address == 1:  # never answered
+            held.append(data)
+        elif address == 2:  # in three pieces
+            w.write(data[:3])
+            asyncio.get_running_loop().call_later(0.02, w.write, data[3:9])
+            asyncio.get_running_loop().call_later(0.04, w.write, data[9:])
+        else:  # the held answer first, then this one, in one segment
+            w.write(b"".join(held) + data)
+            held.clear()
+
+    srv, port = await raw_device(respond)
+    c = ModbusTcpClient("127.0.0.1", port)
+    await c.connect()
+    try:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(TimeoutError):
+            await c.read("holding", 1, 2, 1, timeout_s=0.15)
+        assert 0.14 <= loop.time() - t0 < 1.0
+        assert await c.read("holding", 2, 4, 1, timeout_s=1.0) == [2, 3, 4, 5]
+        assert await c.read("holding", 9, 1, 1, timeout_s=1.0) == [9]
+        assert c.stale_answers == 1  # the answer to the timed-out request
+    finally:
+        c.close()
+        srv.close()
+
+
 @pytest.mark.parametrize(("answer", "error"), [
     (lambda tid, unit, pdu: frame(tid, unit + 1, registers(pdu)), "unit"),
     (lambda tid, unit, pdu: frame(tid, unit, b"\x04" + registers(pdu)[1:]), "function code 4"),

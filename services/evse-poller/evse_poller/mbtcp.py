@@ -63,6 +63,15 @@ class _Protocol(asyncio.Protocol):
             w.set_exception(exc)
 
     def data_received(self, data: bytes) -> None:
+        if not self.buf and len(data) >= 7:  # the usual case: exactly one whole answer
+            tid, proto, length, unit = _MBAP.unpack_from(data)
+            if proto == 0 and 2 <= length <= MAX_PDU + 1 and len(data) == 6 + length:
+                w = self.waiter
+                if w is not None and not w.done() and tid == self.tid:
+                    w.set_result((unit, data[7:]))
+                else:
+                    self.stale += 1
+                return
         buf = self.buf
         buf += data
         while len(buf) >= 7:
@@ -83,6 +92,11 @@ class _Protocol(asyncio.Protocol):
                 w.set_result((unit, pdu))
             else:
                 self.stale += 1
+
+
+def _expire(waiter: asyncio.Future[tuple[int, bytes]]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 class ModbusTcpClient:
@@ -118,20 +132,25 @@ class ModbusTcpClient:
                 p.transport.abort()
             p._fail(ModbusProtocolError("connection closed"))
 
-    async def request(self, unit: int, pdu: bytes) -> bytes:
-        """Send one request PDU; returns the answer's PDU (function code first). The caller's timeout
-        cancels the wait; the connection should then be dropped (a late answer is discarded anyway)."""
+    async def request(self, unit: int, pdu: bytes, timeout_s: float | None = None) -> bytes:
+        """Send one request PDU; returns the answer's PDU (function code first). Without an answer within
+        ``timeout_s``: TimeoutError (the connection should then be dropped; a late answer is discarded
+        anyway). The timer is a plain loop timer, not ``asyncio.timeout`` (a third of the CPU of a request)."""
         p = self._proto
         if p is None or p.transport is None or p.transport.is_closing():
             raise ModbusProtocolError("not connected")
         p.tid = p.tid + 1 if p.tid < 0xFFFF else 1
-        waiter: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[tuple[int, bytes]] = loop.create_future()
         p.waiter = waiter
         p.transport.write(_MBAP.pack(p.tid, 0, len(pdu) + 1, unit) + pdu)
+        timer = loop.call_later(timeout_s, _expire, waiter) if timeout_s is not None else None
         try:
             r_unit, answer = await waiter
         finally:
             p.waiter = None
+            if timer is not None:
+                timer.cancel()
         if unit and r_unit != unit:
             raise ModbusProtocolError(f"answer from unit {r_unit} to a request to unit {unit}")
         fc = pdu[0]
@@ -141,10 +160,11 @@ class ModbusTcpClient:
             raise ModbusProtocolError(f"answer has function code {answer[0]}, request {fc}")
         return answer
 
-    async def read(self, table: Table, address: int, count: int, unit: int) -> list[int]:
+    async def read(self, table: Table, address: int, count: int, unit: int, timeout_s: float | None = None
+                   ) -> list[int]:
         """Registers (0..65535) or bits (0/1) from ``address`` on."""
         fc = READ_FC[table]
-        answer = await self.request(unit, _REQ_READ.pack(fc, address, count))
+        answer = await self.request(unit, _REQ_READ.pack(fc, address, count), timeout_s)
         n = answer[1] if len(answer) > 1 else -1
         if fc >= 3:
             if n != 2 * count or len(answer) != 2 + n:
@@ -155,18 +175,19 @@ class ModbusTcpClient:
         data = answer[2:]
         return [(data[i >> 3] >> (i & 7)) & 1 for i in range(count)]
 
-    async def write_register(self, address: int, value: int, unit: int) -> None:
-        answer = await self.request(unit, _REQ_READ.pack(6, address, value))
+    async def write_register(self, address: int, value: int, unit: int, timeout_s: float | None = None) -> None:
+        answer = await self.request(unit, _REQ_READ.pack(6, address, value), timeout_s)
         if len(answer) != 5:
             raise ModbusProtocolError(f"write answer of {len(answer)} bytes")
 
-    async def write_registers(self, address: int, values: list[int], unit: int) -> None:
+    async def write_registers(self, address: int, values: list[int], unit: int, timeout_s: float | None = None
+                              ) -> None:
         n = len(values)
-        answer = await self.request(unit, struct.pack(f">BHHB{n}H", 16, address, n, 2 * n, *values))
+        answer = await self.request(unit, struct.pack(f">BHHB{n}H", 16, address, n, 2 * n, *values), timeout_s)
         if len(answer) != 5:
             raise ModbusProtocolError(f"write answer of {len(answer)} bytes")
 
-    async def write_coil(self, address: int, value: bool, unit: int) -> None:
-        answer = await self.request(unit, _REQ_READ.pack(5, address, 0xFF00 if value else 0))
+    async def write_coil(self, address: int, value: bool, unit: int, timeout_s: float | None = None) -> None:
+        answer = await self.request(unit, _REQ_READ.pack(5, address, 0xFF00 if value else 0), timeout_s)
         if len(answer) != 5:
             raise ModbusProtocolError(f"write answer of {len(answer)} bytes")

@@ -27,7 +27,7 @@ from evse_poller.device import DeviceError, EvseDevice, MeterDevice
 from evse_poller.profile import ProfileError, load_profile
 from evse_poller.transport import LinkPool, resolve
 
-SLOTS = 10  # poll time slots per interval
+SLOTS = 4  # poll time slots per interval
 
 
 def _grid_ceil(t: float, interval: float, offset: float) -> float:

@@ -193,8 +193,11 @@ class Link:
             client = await self._ensure()
             self.requests += 1
             try:
-                async with asyncio.timeout(timeout_s):  # no extra task, unlike wait_for on 3.11
-                    rsp = await coro_factory(client)
+                if type(client) is ModbusTcpClient:
+                    rsp = await coro_factory(client)  # the fast client keeps the timeout itself, on a plain timer
+                else:
+                    async with asyncio.timeout(timeout_s):  # no extra task, unlike wait_for on 3.11
+                        rsp = await coro_factory(client)
             except TimeoutError:
                 self.failures += 1
                 if self.endpoint.kind == "tcp" and self.endpoint.framer == "socket":
@@ -225,7 +228,7 @@ class Link:
 
         def call(c: Any) -> Any:
             if type(c) is ModbusTcpClient:
-                return c.read(table, address, count, device_id)
+                return c.read(table, address, count, device_id, timeout_s)
             if table == "holding":
                 return c.read_holding_registers(address, count=count, device_id=device_id)
             if table == "input":
@@ -254,10 +257,10 @@ class Link:
         def call(c: Any) -> Any:
             if type(c) is ModbusTcpClient:
                 if table == "coil":
-                    return c.write_coil(address, bool(values[0]), device_id)
+                    return c.write_coil(address, bool(values[0]), device_id, timeout_s)
                 if len(values) == 1:
-                    return c.write_register(address, values[0], device_id)
-                return c.write_registers(address, values, device_id)
+                    return c.write_register(address, values[0], device_id, timeout_s)
+                return c.write_registers(address, values, device_id, timeout_s)
             if table == "coil":
                 return c.write_coil(address, bool(values[0]), device_id=device_id)
             if len(values) == 1:
