@@ -7,6 +7,7 @@ A scenario::
      "start": "2026-01-05T12:00:00+00:00",
      "plant": {"house_a": {"grid": [5, 3, 2]},                 # optional: non-EV load per node
                "cars": {"wb1": {"max_a": 16, "phases": [0, 1, 2]}}},   # EVSE-frame phases the car uses
+                                                               # "switches": false: the device ignores 1 phase
      "steps": [{"at": 0,                                       # seconds after start
                 "cycles": 1,                                   # control cycles to run (cycle_s apart)
                 "evse_status": {"wb1": {"state": "charging", "iec_state": "C"}},
@@ -21,7 +22,9 @@ A scenario::
 
 A step without ``at`` comes one cycle after the previous one. Without a ``plant`` every car follows
 its setpoint. With a ``plant``, EVSE currents and meter readings are simulated each cycle from the last decision
-(the car draws min(setpoint, its max) on its phases; meters see the house load plus the EVs below).
+(the car draws min(setpoint, its max) on its phases - on L1 only when told 1 phase, unless its entry says
+``"switches": false``; meters see the house load plus the EVs below). Statuses report the setpoint as
+applied (``applied``: current and the phase count the device really uses), as the poller does.
 Payload fields ``ts`` default to the step's time; ``age_s`` makes a message older; ``valid_for_s``
 sets ``valid_until`` relative to it. ``null`` removes a message. Every cycle is checked against the
 safety invariants (no constraint exceeded; every grant 0 or at least the EVSE's minimum). With
@@ -139,6 +142,8 @@ class Runner:
             setpoint = g.current if g is not None else 0.0
             nph = g.phases if g is not None else e.phases
             car = cars.get(e.id)
+            switches = car.get("switches", True) if car is not None else True
+            applied_nph = nph if switches else e.phases
             evse_frame = [0.0, 0.0, 0.0]
             if e.id in offline_draw:
                 for k in range(e.phases):
@@ -146,7 +151,7 @@ class Runner:
             elif (car is not None and st is not None and base is not None
                   and base.get("iec_state", "C") in ("B", "C", "D")):
                 phases = car.get("phases", list(range(e.phases)))
-                if nph == 1:
+                if applied_nph == 1:
                     phases = [0]
                 draw = min(setpoint, car.get("max_a", 32.0))
                 for k in phases:
@@ -158,6 +163,8 @@ class Runner:
             draws[e.index] = grid
             if base is not None and base.get("online", True) and not base.get("frozen"):
                 upd = {**base, "current_a": evse_frame}
+                if g is not None and "applied" not in base:
+                    upd["applied"] = {"current_a": g.current, "phases": applied_nph}
                 if base.get("iec_state") in ("B", "C", "D") and car is not None:
                     upd["iec_state"] = "C" if max(evse_frame) > 0 else "B"
                 self.inputs.statuses[e.id] = p.EvseStatus.model_validate(_when(self.now, upd))
@@ -235,7 +242,8 @@ def check_plant(runner: Runner, d: Decision) -> None:
         car = cars.get(e.id)
         dec = grants[e.id]
         if car is not None and base is not None and base.get("iec_state", "C") in ("B", "C", "D"):
-            phases = [0] if dec.phases == 1 else car.get("phases", list(range(e.phases)))
+            one = dec.phases == 1 and car.get("switches", True)
+            phases = [0] if one else car.get("phases", list(range(e.phases)))
             for k in phases:
                 if k < e.phases:
                     g[e.rotation[k]] += min(dec.current, car.get("max_a", 32.0))

@@ -1,7 +1,8 @@
 """Random event sequences through the controller with its memory, against a physical plant.
 
 Cars plug in and out (1-, 2- and 3-phase cars, on rotated EVSEs, some switching 1/3 phases), a
-plugged-in car starts using other phases (no unplug seen), the house load jumps, DSO limits come
+plugged-in car starts using other phases (no unplug seen), some switching EVSEs' devices ignore the
+phase count (they report 3 phases applied), the house load jumps, DSO limits come
 and go, EVSEs drop off the network (and keep drawing what they last heard) and come back, time
 passes irregularly. After every cycle the currents the plant would
 actually draw (each car: min(setpoint it heard, its own maximum) on its phases) plus the house load
@@ -49,6 +50,7 @@ def sites(draw: st.DrawFn) -> dict[str, Any]:
         phases = draw(st.sampled_from([1, 3, 3]))
         rot = list(draw(st.permutations([1, 2, 3])))[:phases]
         evses.append({"id": f"e{j}", "circuit": draw(st.sampled_from(["grid", "sub"])), "phases": phases,
+                      "name": "ignores-phases" if phases == 3 and draw(st.integers(0, 3)) == 0 else None,
                       "phase_rotation": rot, "min_current_a": draw(st.sampled_from([6, 6, 8])),
                       "max_current_a": draw(st.sampled_from([16, 32])), "priority": draw(st.sampled_from([0, 0, 1])),
                       "phase_switching": phases == 3 and draw(st.booleans()),
@@ -75,6 +77,8 @@ class Plant:
         self.cars: dict[str, tuple[tuple[int, ...], float] | None] = {e.id: None for e in self.topo.evses}
         self.online = {e.id: True for e in self.topo.evses}
         self.heard: dict[str, tuple[float, int]] = {e.id: (e.safe_a, e.phases) for e in self.topo.evses}
+        # devices that ignore the phase count of a setpoint (no phase register): they report 3 phases applied
+        self.ignores = {e.id for e in self.cfg.evses if e.name == "ignores-phases"}
         self.house = {"grid": [0.0, 0.0, 0.0], "sub": [0.0, 0.0, 0.0]}
         self.limit: float | None = None
         self.silent = False  # the meters keep their last reading (not refreshed)
@@ -114,8 +118,10 @@ class Plant:
             d = self.draw(e.id)
             car = self.cars[e.id] is not None
             iec = ("C" if max(d) > 0 else "B") if car else "A"
+            current, nph = self.heard[e.id]
             self.inputs.statuses[e.id] = p.EvseStatus(evse_id=e.id, online=True, iec_state=iec,
                                                       state="charging" if car else "available", current_a=d,
+                                                      applied=p.AppliedSetpoint(current_a=current, phases=nph),
                                                       ts=self.now)
         for node, mid in (("grid", "gm"), ("sub", "sm")):
             if self.silent and mid in self.inputs.readings:
@@ -141,7 +147,7 @@ class Plant:
             assert d.current == 0 or d.current >= e.min_a - 1e-9 or not d.online, d
             assert d.current <= e.max_a + 1e-9, d
             if self.online[d.evse_id]:
-                self.heard[d.evse_id] = (d.current, d.phases)
+                self.heard[d.evse_id] = (d.current, e.phases if d.evse_id in self.ignores else d.phases)
         self.check(decision)
 
     def check(self, decision: Any) -> None:

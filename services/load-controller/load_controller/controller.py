@@ -60,12 +60,13 @@ class EvseMemory:
     seen_phases: tuple[int, ...] | None = None  # phase detection: EVSE-frame phases drawn on in every measurement
     seen_since: datetime | None = None  # ... since (the measurement's time)
     one_phase_car: bool = False  # a switching EVSE's car draws on L1 only: told 1 phase for the rest of the session
+    switch_pause: bool = False  # paused to switch to 1 phase: resumes at once when the EVSE confirms 1 phase
 
     def copy(self) -> EvseMemory:
         return EvseMemory(self.granted, self.nph, self.phases, self.wanted, self.on_since, self.off_since,
                           self.changed_at, self.raised_at, self.reclaim_cap, self.used_phases,
                           self.three_fit_since, self.plugged_at, self.offline_assumed, self.measured,
-                          self.seen_phases, self.seen_since, self.one_phase_car)
+                          self.seen_phases, self.seen_since, self.one_phase_car, self.switch_pause)
 
 
 @dataclass(slots=True)
@@ -444,9 +445,15 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
             nm.used_phases = None
             nm.seen_phases = nm.seen_since = None
             nm.one_phase_car = False
+            nm.switch_pause = False
         new_mems.append(nm)
+        # a 1-phase setpoint keeps the car off L2/L3 only once the EVSE has applied it: until its status says
+        # so (a device that cannot switch never does), the EVSE stays budgeted on all its phases
+        confirmed1 = st.applied is not None and st.applied.phases == 1
+        resume1 = e.switching and nm.switch_pause and confirmed1 and m.granted <= 0
         hold = hold_detail = None
-        if nm.off_since is not None and m.granted <= 0 and _age(now, nm.off_since) < cfg.min_pause_s:
+        if (nm.off_since is not None and m.granted <= 0 and _age(now, nm.off_since) < cfg.min_pause_s
+                and not resume1):
             hold = "min_pause"
             hold_detail = f"paused at {_fmt(nm.off_since)}, minimum pause {cfg.min_pause_s:g} s"
         cap_a, lab, det = e.max_a, "evse_max", None
@@ -494,22 +501,29 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
         asym3 = tuple(sorted(e.rotation[k] for k in used)) if used else None
         three = e.grid_phases
         three_track = None
+        one_probe = None
         if e.switching:
+            # 1 phase: on L1 once confirmed, else on all phases (counted on L1 for the imbalance, as commanded)
+            one_b, one_asym = (one, None) if confirmed1 else (e.grid_phases, one)
             if force1:
-                modes = [mode(1, one)]
+                modes = [mode(1, one_b, one_asym)]
             elif nm.one_phase_car:
                 # a 1-phase car: 1 phase for the rest of the session (no flapping back to 3); the switch itself
                 # keeps its current (the car drew it on L1 already)
-                modes = [mode(1, one, carry=m.nph == 3)]
+                modes = [mode(1, one_b, one_asym, carry=m.nph == 3)]
+            elif resume1:
+                modes = [mode(1, one)]  # paused to switch, the EVSE has switched: go on on L1
             elif m.granted > 0 and m.nph == 1:
                 waited = m.three_fit_since is not None and _age(now, m.three_fit_since) >= cfg.phase_switch_delay_s
                 if waited:
-                    modes = [mode(3, three), mode(1, one)]
+                    modes = [mode(3, three), mode(1, one_b, one_asym)]
                 else:
-                    modes = [mode(1, one)]
+                    modes = [mode(1, one_b, one_asym)]
                     three_track = e.grid_phases
             else:
-                modes = [mode(3, three, asym3), mode(1, one)]
+                modes = [mode(3, three, asym3), mode(1, one_b, one_asym)]
+                if not confirmed1:
+                    one_probe = one  # paused: would its minimum fit on L1 once switched?
         elif e.phases == 3:
             modes = [mode(3, three, asym3)]
         else:
@@ -517,7 +531,7 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
         protected = m.granted > 0 and m.on_since is not None and _age(now, m.on_since) < cfg.min_charge_time_s
         demands.append(Demand(e.id, e.node, e.min_a, modes, priority=e.priority, protected=protected,
                               charging=m.granted > 0, order=i, groups=gtuple, three_phases=three_track,
-                              hold=hold, hold_detail=hold_detail))
+                              hold=hold, hold_detail=hold_detail, one_phases=one_probe))
 
     # -- solve ------------------------------------------------------------------------------------------------
     problem = Problem(nodes=nodes, demands=demands, groups=groups, fixed=fixed,
@@ -551,30 +565,40 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
             out.append(EvseDecision(e.id, 0.0, e.phases, g.bound_by, g.detail, wanted=False, online=True))
             continue
         cur = g.current
+        nph = g.nph
+        detail = g.detail
+        if cur <= 0 and g.one_fits:
+            # 3 phases do not fit but 1 would: paused and told 1 phase, resumes on L1 once the EVSE confirms it
+            nph = 1
+            detail = f"{detail}; told 1 phase, resumes on L1 once the EVSE has switched"
+        nm.switch_pause = cur <= 0 and nph == 1 and e.switching and (bool(g.one_fits) or nm.switch_pause)
         nm.granted = cur
-        nm.nph = g.nph
+        nm.nph = nph
         nm.phases = g.phases
+        # a pause to switch to 1 phase does not end the charging session (minimum charging time, rules)
         if cur > 0 and m.granted <= 0:
-            nm.on_since = now
+            if not (m.switch_pause and nph == 1 and m.on_since is not None):
+                nm.on_since = now
             nm.off_since = None
         elif cur <= 0 and m.granted > 0:
-            nm.on_since = None
+            if not nm.switch_pause:
+                nm.on_since = None
             nm.off_since = now
-        if abs(cur - m.granted) > 1e-9 or g.nph != m.nph:
+        if abs(cur - m.granted) > 1e-9 or nph != m.nph:
             nm.changed_at = now
         if cur > m.granted + 1e-9:
             nm.raised_at = now
-        if g.nph != m.nph:
+        if nph != m.nph:
             nm.used_phases = None
             nm.reclaim_cap = None
-        if e.switching and g.nph == 1 and cur > 0:
+        if e.switching and nph == 1 and cur > 0:
             nm.three_fit_since = (m.three_fit_since or now) if g.three_fits else None
         else:
             nm.three_fit_since = None
         if st is not None and recent[i]:  # only on a recent measurement
             _reclaim(cfg, e, m, nm, st, now)
             _detect_phases(cfg, e, m, nm, st)
-        out.append(EvseDecision(e.id, cur, g.nph, g.bound_by, g.detail, wanted=True, online=True))
+        out.append(EvseDecision(e.id, cur, nph, g.bound_by, detail, wanted=True, online=True))
     new.evses = {e.id: new_mems[e.index] for e in evses}
 
     limits: dict[str, Any] = {

@@ -64,6 +64,7 @@ class Demand:
     off_label: str = "not_connected"  # bound_by when it does not want power
     off_detail: str | None = None
     three_phases: tuple[int, ...] | None = None  # when set: report whether 3-phase at lo would fit
+    one_phases: tuple[int, ...] | None = None  # when set and not admitted: report whether lo on these would fit
     hold: str | None = None  # e.g. "min_pause": not started even if it fits (reported only if it would)
     hold_detail: str | None = None
 
@@ -124,6 +125,7 @@ class Grant:
     detail: str | None = None
     three_fits: bool | None = None
     asym: tuple[int, ...] | None = None  # the mode's ``asym``
+    one_fits: bool | None = None  # not admitted: its minimum would fit on ``Demand.one_phases``
 
 
 @dataclass(slots=True)
@@ -344,6 +346,8 @@ def _solve_once(problem: Problem, space: _Space) -> tuple[list[Grant], list[floa
         g.detail = blocked_detail
         if d.three_phases is not None:
             g.three_fits = False
+        if d.one_phases is not None:
+            g.one_fits = _fits(used, cap, space.coefs(d.node, d.one_phases, d.groups), d.lo) < 0
 
     order = sorted((i for i, d in enumerate(demands) if d.modes),
                    key=lambda i: (-demands[i].priority, not demands[i].charging, demands[i].order))
