@@ -4,8 +4,8 @@ Several devices on one RS485 line, or behind one Modbus TCP gateway, share a lin
 serialises their requests (a bus carries one request at a time). A link reconnects on demand with
 exponential backoff. Every request has its own timeout; retries are the caller's choice.
 
-Modbus TCP (MBAP framing) goes through the small client in :mod:`evse_poller.mbtcp` (a third of
-pymodbus' CPU per request); RTU and ASCII, on a serial line or through a TCP gateway, through pymodbus.
+Modbus TCP (MBAP framing) goes through the small client in :mod:`evse_poller.mbtcp` (about 55 % of
+pymodbus' user CPU per request); RTU and ASCII, on a serial line or through a TCP gateway, through pymodbus.
 ``FAST_TCP = False`` puts Modbus TCP back on pymodbus (benchmark comparison).
 """
 
