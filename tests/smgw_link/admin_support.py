@@ -10,6 +10,7 @@ from typing import Any
 
 from chargegate.broker import free_port
 from conftest import BrokerHandle
+from smgw_link.sim.smgw import http_request
 
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
 OPERATOR_TOKEN = "operator-token-0123456789abcdef"
@@ -27,42 +28,12 @@ def listen_port() -> int:
 async def request(streams: Streams, method: str, path: str, token: str | None = None, body: Any = None,
                   raw: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
     """One request on ``streams`` (closed afterwards); the answer's JSON (or text)."""
-    reader, writer = streams
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    head = [f"{method} {path} HTTP/1.1", "Host: chargegate", "Connection: close"]
-    if token:
-        head.append(f"Authorization: Bearer {token}")
-    for k, v in (headers or {}).items():
-        head.append(f"{k}: {v}")
-    if data is not None:
-        head += ["Content-Type: application/json", f"Content-Length: {len(data)}"]
-    writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + (data or b""))
-    await writer.drain()
-    answer = await asyncio.wait_for(reader.read(-1), 30)
-    writer.close()
-    status_line, _, rest = answer.partition(b"\r\n")
-    parts = status_line.split()
-    if len(parts) < 2:
-        raise ConnectionError(f"no HTTP answer (got {answer[:80]!r})")
-    head_block, _, payload = rest.partition(b"\r\n\r\n")
-    if b"transfer-encoding: chunked" in head_block.lower():
-        payload = _unchunk(payload)
+    status, payload = await http_request(streams, method, path, token, data, headers=headers, read_timeout_s=30)
     try:
-        return int(parts[1]), json.loads(payload) if payload else None
+        return status, json.loads(payload) if payload else None
     except ValueError:
-        return int(parts[1]), payload.decode(errors="replace")
-
-
-def _unchunk(data: bytes) -> bytes:
-    out = b""
-    while data:
-        size_line, _, data = data.partition(b"\r\n")
-        size = int(size_line.split(b";")[0] or b"0", 16)
-        if size == 0:
-            break
-        out += data[:size]
-        data = data[size + 2:]
-    return out
+        return status, payload.decode(errors="replace")
 
 
 async def api(port: int, method: str, path: str, token: str | None = ADMIN_TOKEN, body: Any = None,

@@ -237,24 +237,41 @@ def _is_ip(host: str) -> bool:
 
 
 async def http_request(streams: Streams, method: str, path: str, token: str | None = None,
-                       body: bytes | None = None, host: str = "chargegate") -> tuple[int, bytes]:
-    """A minimal HTTP/1.1 request over an open channel (the inbound direction)."""
+                       body: bytes | None = None, host: str = "chargegate",
+                       headers: dict[str, str] | None = None, read_timeout_s: float = 10) -> tuple[int, bytes]:
+    """A minimal HTTP/1.1 request over an open channel (the inbound direction); the channel is
+    closed afterwards. A chunked answer is decoded."""
     reader, writer = streams
     head = [f"{method} {path} HTTP/1.1", f"Host: {host}", "Connection: close"]
     if token:
         head.append(f"Authorization: Bearer {token}")
+    head += [f"{k}: {v}" for k, v in (headers or {}).items()]
     if body is not None:
         head += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
     writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + (body or b""))
     await writer.drain()
-    raw = await asyncio.wait_for(reader.read(-1), 10)
+    raw = await asyncio.wait_for(reader.read(-1), read_timeout_s)
     writer.close()
     status_line, _, rest = raw.partition(b"\r\n")
     parts = status_line.split()
     if len(parts) < 2:
         raise ConnectionError(f"no HTTP answer (got {raw[:80]!r})")
-    _, _, payload = rest.partition(b"\r\n\r\n")
+    head_block, _, payload = rest.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in head_block.lower():
+        payload = _unchunk(payload)
     return int(parts[1]), payload
+
+
+def _unchunk(data: bytes) -> bytes:
+    out = b""
+    while data:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0] or b"0", 16)
+        if size == 0:
+            break
+        out += data[:size]
+        data = data[size + 2:]
+    return out
 
 
 def _parse_route(text: str) -> tuple[str, tuple[str, int]]:
