@@ -90,6 +90,9 @@ class EvseStatus(Payload):
     raw_state: int | str | None = None
     phases_in_use: int = Field(default=0, ge=0, le=3)
     current_a: NonNegPhaseCurrents = Field(default_factory=lambda: [0.0, 0.0, 0.0])
+    # when current_a was measured, if it is not measured continuously: an OCPP wallbox's currents come
+    # with its MeterValues (up to a sample interval old). None: as of ``ts`` (a polled device's status)
+    measured_at: AwareDatetime | None = None
     power_w: float | None = Field(default=None, ge=-1_000_000, le=1_000_000)
     energy_wh: float | None = Field(default=None, ge=0)
     session: Session | None = None

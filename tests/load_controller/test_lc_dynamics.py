@@ -67,7 +67,7 @@ def sites(draw: st.DrawFn) -> dict[str, Any]:
 
 
 class Plant:
-    def __init__(self, cfg_data: dict[str, Any]) -> None:
+    def __init__(self, cfg_data: dict[str, Any], sampled: dict[str, float] | None = None) -> None:
         self.cfg = build_config(cfg_data)
         self.topo = Topology(self.cfg)
         self.ctl = self.cfg.controller
@@ -82,6 +82,10 @@ class Plant:
         self.house = {"grid": [0.0, 0.0, 0.0], "sub": [0.0, 0.0, 0.0]}
         self.limit: float | None = None
         self.silent = False  # the meters keep their last reading (not refreshed)
+        # OCPP-like EVSEs: their currents are sampled every so many seconds (MeterValues) and carry the
+        # sample's time; a car may change its draw in between
+        self.sampled = sampled or {}
+        self.samples: dict[str, tuple[datetime, list[float]]] = {}
 
     def draw(self, eid: str) -> list[float]:
         """EVSE-frame currents the car takes now."""
@@ -119,10 +123,19 @@ class Plant:
             car = self.cars[e.id] is not None
             iec = ("C" if max(d) > 0 else "B") if car else "A"
             current, nph = self.heard[e.id]
+            measured_at = None
+            if e.id in self.sampled:
+                last = self.samples.get(e.id)
+                # a new sample when due, and at once when the car stops drawing (a status change: the gateway
+                # then reports 0 A itself)
+                if (last is None or (self.now - last[0]).total_seconds() >= self.sampled[e.id]
+                        or (max(d) == 0 and max(last[1]) > 0)):
+                    last = self.samples[e.id] = (self.now, d)
+                measured_at, d = last
             self.inputs.statuses[e.id] = p.EvseStatus(evse_id=e.id, online=True, iec_state=iec,
                                                       state="charging" if car else "available", current_a=d,
                                                       applied=p.AppliedSetpoint(current_a=current, phases=nph),
-                                                      ts=self.now)
+                                                      measured_at=measured_at, ts=self.now)
         for node, mid in (("grid", "gm"), ("sub", "sm")):
             if self.silent and mid in self.inputs.readings:
                 continue
@@ -204,5 +217,52 @@ def test_random_sequences_never_exceed_a_fuse_or_limit(site: dict[str, Any], seq
             plant.online[ids[ev[1] % len(ids)]] = False
         elif kind == "online":
             plant.online[ids[ev[1] % len(ids)]] = True
+        plant.now += timedelta(seconds=ev[1] if kind == "wait" else 1.0)
+        plant.cycle()
+
+
+ocpp_events = st.one_of(
+    st.tuples(st.just("plug"), st.integers(0, 5), st.sampled_from([(0,), (0, 1), (0, 1, 2)]),
+              st.sampled_from([10.0, 16.0, 32.0])),
+    st.tuples(st.just("unplug"), st.integers(0, 5)),
+    # the car changes its own draw (battery nearly full, its own pause, back up): nothing reports it until
+    # the wallbox's next MeterValues
+    st.tuples(st.just("car_max"), st.sampled_from([0.0, 3.0, 6.0, 10.0, 16.0, 32.0])),
+    st.tuples(st.just("car_max"), st.sampled_from([0.0, 3.0, 6.0, 10.0, 16.0, 32.0])),
+    st.tuples(st.just("limit"), st.one_of(st.none(), st.floats(0, 25000))),
+    st.tuples(st.just("wait"), st.sampled_from([0.3, 1.0, 1.0, 2.0, 5.0, 12.0, 30.0])),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(sites(), st.integers(0, 5), st.sampled_from([1.0, 5.0, 10.0, 20.0, 60.0]),
+       st.lists(st.floats(0, 20), min_size=3, max_size=3), st.lists(ocpp_events, min_size=5, max_size=40))
+def test_a_car_changing_its_draw_between_ocpp_samples_never_overdraws_a_fuse(
+        site: dict[str, Any], which: int, interval: float, house: list[float], seq: list[tuple[Any, ...]]) -> None:
+    """One EVSE reports its currents only every ``interval`` seconds (an OCPP wallbox's MeterValues, some
+    beyond ev_current_max_age_s); its car lowers and raises its own draw in between. The house load is
+    constant: the meters show every change of the car, but they cannot tell it from a lighter house.
+    The fuses hold all the same (the non-EV load is held at what it was at the EVSE's last sample)."""
+    ids = [e["id"] for e in site["evses"]]
+    ocpp = ids[which % len(ids)]
+    plant = Plant(site, sampled={ocpp: interval})
+    plant.house["grid"] = house
+    for eid in ids:  # every car plugged in and hungry: what the OCPP car frees is wanted at once
+        plant.cars[eid] = ((0, 1, 2), 32.0)
+    for _ in range(30):  # ramped up, sampled, reclaimed
+        plant.cycle()
+        plant.now += timedelta(seconds=1)
+    for ev in seq:
+        kind = ev[0]
+        if kind == "plug":
+            plant.cars[ids[ev[1] % len(ids)]] = (ev[2], ev[3])
+        elif kind == "unplug":
+            plant.cars[ids[ev[1] % len(ids)]] = None
+        elif kind == "car_max":
+            car = plant.cars[ocpp]
+            if car is not None:
+                plant.cars[ocpp] = (car[0], ev[1])
+        elif kind == "limit":
+            plant.limit = ev[1]
         plant.now += timedelta(seconds=ev[1] if kind == "wait" else 1.0)
         plant.cycle()

@@ -11,6 +11,7 @@ The real load (house plus what the cars actually draw) must stay within the fuse
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from lc_harness import Runner
@@ -64,3 +65,51 @@ def test_an_ev_reporting_more_than_it_is_allowed_does_not_shrink_the_house_load(
                                           "frozen": True, "applied": {"current_a": 6, "phases": 3}}}})
         loads.append(real_load(r, house, {"a": 40, "b": 40}))
     assert max(loads) <= 40 + 1e-6, f"real load per phase {loads} with a 40 A fuse"
+
+
+def _sampled_plant(house: float, interval: float) -> tuple[Any, dict[str, Any]]:
+    """a: an OCPP wallbox (currents every ``interval`` s with its MeterValues); b: polled; both cars 3-phase."""
+    from test_lc_dynamics import Plant  # the physical plant of the random-sequence tests
+
+    site = {"circuits": [{"id": "grid", "fuse_a": 40, "meter": "gm",
+                          "children": [{"id": "sub", "fuse_a": 63, "meter": "sm"}]}],
+            "meters": [{"id": "gm"}, {"id": "sm"}],
+            "evses": [{"id": "a", "circuit": "grid", "max_current_a": 32},
+                      {"id": "b", "circuit": "grid", "max_current_a": 32}],
+            "controller": {"min_charge_time_s": 0, "min_pause_s": 0}}
+    plant = Plant(site, sampled={"a": interval})
+    plant.house["grid"] = [house] * 3
+    return plant, site
+
+
+def test_a_car_lowering_its_draw_between_meter_values_does_not_lend_its_current_out() -> None:
+    # a's car draws 10 A (its own maximum), b takes the rest of the 40 A fuse. Right after a's MeterValues
+    # a's car drops to 3 A on its own: the grid meter falls by 7 A, a's reported current stays 10 A. The
+    # house must not look 7 A lighter: b would get it, and when a's car draws 10 A again the fuse is
+    # overdrawn until a's next MeterValues
+    plant, _ = _sampled_plant(house=10.0, interval=10.0)
+    plant.cars["a"] = ((0, 1, 2), 10.0)
+    plant.cars["b"] = ((0, 1, 2), 32.0)
+    for _ in range(60):
+        plant.now += timedelta(seconds=1)
+        plant.cycle()
+    b_before = plant.heard["b"][0]
+    assert b_before >= 40 - 10 - 12, plant.heard  # a's unused current went to b (reclaim)
+    last_sample = plant.samples["a"][0]
+    while plant.now - last_sample < timedelta(seconds=10):  # to just after a's next sample
+        plant.now += timedelta(seconds=1)
+        plant.cycle()
+    plant.cars["a"] = ((0, 1, 2), 3.0)
+    for _ in range(8):
+        plant.now += timedelta(seconds=1)
+        plant.cycle()  # Plant.check: the real load within the fuse, every cycle
+    assert plant.heard["b"][0] <= b_before + 1e-6, plant.heard
+    plant.cars["a"] = ((0, 1, 2), 10.0)  # back up, before its next MeterValues
+    plant.now += timedelta(seconds=1)
+    plant.cycle()
+    # and once a's MeterValues show 3 A, b gets the difference (a's current is reclaimed as usual)
+    for _ in range(40):
+        plant.cars["a"] = ((0, 1, 2), 3.0)
+        plant.now += timedelta(seconds=1)
+        plant.cycle()
+    assert plant.heard["b"][0] > b_before + 3, plant.heard

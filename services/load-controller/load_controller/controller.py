@@ -82,6 +82,9 @@ class Memory:
     penalties: dict[tuple[int, int], Penalty] = field(default_factory=dict)  # (node, phase 0..2 | 3 power)
     meter_seen: dict[str, datetime] = field(default_factory=dict)  # newest reading checked for overdraw
     non_ev: dict[int, list[float]] = field(default_factory=dict)  # last known non-EV load per node
+    # (node, EVSE id) -> (when the EVSE's current was measured, the non-EV load per phase fixed then): the
+    # floor of the node's non-EV load until that EVSE's next measurement (see _ev_floor)
+    ev_refs: dict[tuple[int, str], tuple[datetime, list[float]]] = field(default_factory=dict)
     failsafe: FailsafeState | None = None
     failsafe_cleared_at: datetime | None = None  # ended early by a new limit at (its triggers are spent)
     imbalance_caps: list[float] | None = None  # warm start for the phase-imbalance bound
@@ -196,6 +199,24 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
                 g[e.rotation[0]] += cur[0]
             meas[e.index] = g
 
+    # -- how old each EV measurement is: an OCPP wallbox's currents come with its MeterValues -------------
+    # (``measured_at``), a polled EVSE's are as of its status (age 0 while it is fresh). Beyond
+    # ev_current_max_age_s a measurement is not subtracted from a meter: the car may draw less by now
+    mage = [0.0] * n_e
+    sub: list[list[float] | None] = list(meas)  # what is subtracted from the meters above each EVSE
+    for e in evses:
+        st = statuses[e.index]
+        if meas[e.index] is None or st is None or st.measured_at is None:
+            continue
+        mage[e.index] = _age(now, st.measured_at)
+        if mage[e.index] > cfg.ev_current_max_age_s:
+            sub[e.index] = None
+            if max(meas[e.index] or (0.0,)) > 0.0:
+                warnings.append(f"evse {e.id}: its current was measured {mage[e.index]:.0f} s ago (more than "
+                                f"ev_current_max_age_s): the meters count it as other load")
+
+    mems_in = [memory.evses.get(e.id) for e in evses]
+
     # -- metered nodes: non-EV load, stale meters, overdraw ------------------------------------------
     non_ev: dict[int, list[float] | None] = {}
     meter_cur: dict[str, list[float]] = {}
@@ -212,12 +233,15 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
         meter_cur[mid] = cur
         evs = [0.0, 0.0, 0.0]
         for i in topo.below[n]:
-            mi = meas[i]
+            mi = sub[i]
             if mi is not None:
                 evs[0] += mi[0]
                 evs[1] += mi[1]
                 evs[2] += mi[2]
         ne = [max(0.0, cur[k] - evs[k]) for k in range(3)]
+        floor = _ev_floor(cfg, topo, n, cur, _age(now, r.ts), sub, mage, statuses, mems_in, memory, new)
+        if floor is not None:
+            ne = [max(ne[k], floor[k]) for k in range(3)]
         seen = memory.meter_seen.get(mid)
         last_ne = memory.non_ev.get(n)
         if seen is not None and r.ts <= seen and last_ne is not None:
@@ -595,7 +619,7 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
             nm.three_fit_since = (m.three_fit_since or now) if g.three_fits else None
         else:
             nm.three_fit_since = None
-        if st is not None and recent[i]:  # only on a recent measurement
+        if st is not None and recent[i] and mage[i] <= cfg.ev_current_max_age_s:  # only on a recent measurement
             _reclaim(cfg, e, m, nm, st, now)
             _detect_phases(cfg, e, m, nm, st)
         out.append(EvseDecision(e.id, cur, nph, g.bound_by, detail, wanted=True, online=True))
@@ -617,6 +641,69 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
         "warnings": warnings,
     }
     return Decision(cycle=new.cycle, evses=out, limits=limits, warnings=warnings, solution=sol), new
+
+
+def _ev_floor(cfg: Controller, topo: Topology, n: int, cur: list[float], meter_age: float,
+              sub: list[list[float] | None], mage: list[float], statuses: list[p.EvseStatus | None],
+              mems: list[EvseMemory | None], memory: Memory, new: Memory) -> list[float] | None:
+    """The floor of node ``n``'s non-EV load that EVSEs with non-continuous measurements (OCPP) fix.
+
+    The non-EV load is the meter minus the EVs' currents. An OCPP wallbox reports its current only with
+    its MeterValues: when its car lowers its draw on its own between two of them, the meter falls but the
+    subtracted current does not, and the house looks lighter than it is. What the freed current is given
+    to, the car takes back when it draws again: the fuse is overdrawn. So when such an EVSE's measurement
+    is new (younger than ``ev_current_fresh_s``, and the meter's reading too), the non-EV load at that
+    moment is fixed as a floor until its next measurement: the meter minus its current minus what every
+    other EVSE below may draw at most (its fresh measurement, else the more of its measurement and what
+    it is allowed). That floor never exceeds the true non-EV load (each EVSE draws at most what it is
+    allowed), so it holds the estimate up while the car is below its measurement and costs nothing
+    otherwise; a lower house load shows within one sample interval.
+    """
+    fresh_s = cfg.ev_current_fresh_s
+    floor: list[float] | None = None
+    upper_sum: list[float] | None = None
+    upper: dict[int, list[float]] = {}
+    for i in topo.below[n]:
+        mi = sub[i]
+        st = statuses[i]
+        if mi is None or st is None or st.measured_at is None or max(mi) < 0.5:
+            continue  # measured continuously, not counted, or not drawing: no floor from it
+        e = topo.evses[i]
+        key = (n, e.id)
+        old = memory.ev_refs.get(key)
+        if old is not None and old[0] == st.measured_at:
+            ref = old[1]
+        elif mage[i] <= fresh_s and meter_age <= fresh_s:
+            if upper_sum is None:
+                upper_sum = [0.0, 0.0, 0.0]
+                for j in topo.below[n]:
+                    u = _upper(cfg, topo.evses[j], sub[j], mage[j], statuses[j], mems[j])
+                    if u is not None:
+                        upper[j] = u
+                        for k in range(3):
+                            upper_sum[k] += u[k]
+            ui = upper.get(i, mi)
+            ref = [max(0.0, cur[k] - mi[k] - (upper_sum[k] - ui[k])) for k in range(3)]
+        else:
+            continue  # its new measurement came late: no floor until the next one
+        new.ev_refs[key] = (st.measured_at, ref)
+        floor = ref if floor is None else [max(floor[k], ref[k]) for k in range(3)]
+    return floor
+
+
+def _upper(cfg: Controller, e: EvseSpec, mi: list[float] | None, age: float, st: p.EvseStatus | None,
+           m: EvseMemory | None) -> list[float] | None:
+    """What an EVSE (subtracted from its meters) may draw now at most, per grid phase."""
+    if mi is None:
+        return None
+    if age <= cfg.ev_current_fresh_s:
+        return mi
+    allowed = max(st.applied.current_a if st is not None and st.applied is not None else 0.0,
+                  m.granted if m is not None else 0.0)
+    out = list(mi)
+    for k in e.grid_phases:
+        out[k] = max(out[k], allowed)
+    return out
 
 
 def _penalise(mem: Memory, key: tuple[int, int], excess: float, limit: float, now: datetime,

@@ -99,6 +99,16 @@ class Controller(Strict):
     setpoint_validity_s: float = Field(default=10.0, ge=1, le=600)
     meter_timeout_s: float = Field(default=10.0, ge=1, le=600)
     evse_timeout_s: float = Field(default=10.0, ge=1, le=600)
+    ev_current_max_age_s: float = Field(
+        default=25.0, ge=1, le=600,
+        description="an EVSE's current measured longer ago than this (OCPP: its last MeterValues) is not "
+                    "subtracted from the meter: the car may draw less by now, and the non-EV load would be "
+                    "underestimated")
+    ev_current_fresh_s: float = Field(
+        default=3.0, ge=0.1, le=60,
+        description="a non-continuous EV measurement (OCPP) this young, with a meter reading as young, fixes a "
+                    "floor for the non-EV load until the EVSE's next measurement (a car that lowers its draw "
+                    "on its own must not make the house look lighter)")
     event_driven_sources: list[Ident] = Field(
         default_factory=lambda: ["ocpp-gateway"],
         description="services that publish EVSE status only on events (OCPP): their statuses stay fresh while "
