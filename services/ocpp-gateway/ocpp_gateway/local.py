@@ -86,6 +86,10 @@ class Connector:
         self.energy_wh: Decimal | None = None
         self.power_w: Decimal | None = None
         self.current_a: list[float] = [0.0, 0.0, 0.0]
+        self.measured_at = datetime.now(UTC)  # when current_a was measured (MeterValues) or known 0 (status)
+        self.meter_values_at = time.monotonic()  # the last MeterValues with currents (or the status change)
+        self._triggered_at: float | None = None
+        self._watch: asyncio.Task[None] | None = None
         self.tx: str | None = None
         self.local_tx: dict[str, Any] | None = None  # session without upstream (backend disabled)
         self.setpoint: p.Setpoint | None = None
@@ -110,11 +114,14 @@ class Connector:
             row = self.up.queue.open_tx(self.evse.id)
             self.tx = row.tx if row else None
         self._task = asyncio.create_task(self._apply_loop(), name=f"apply-{self.evse.id}")
+        if self.csms.config.ocpp.local.meter_values_interval_s > 0:
+            self._watch = asyncio.create_task(self._meter_watch(), name=f"meter-watch-{self.evse.id}")
         self.publish()
 
     def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for t in (self._task, self._watch):
+            if t is not None:
+                t.cancel()
 
     # -- bus status -------------------------------------------------------------------------------
     def publish(self) -> None:
@@ -145,7 +152,7 @@ class Connector:
         st = p.EvseStatus(
             evse_id=self.evse.id, online=online, state=state, iec_state=iec,
             raw_state=self.status16 if online else None,
-            phases_in_use=phases_in_use, current_a=current,
+            phases_in_use=phases_in_use, current_a=current, measured_at=self.measured_at if charging else None,
             power_w=power,
             energy_wh=float(self.energy_wh) if self.energy_wh is not None else None,
             session=session, applied=self.applied if online else None,
@@ -157,6 +164,8 @@ class Connector:
     def set_status16(self, status16: str, error16: str = "NoError", info: str | None = None) -> None:
         if status16 != "Charging":
             self.current_a = [0.0, 0.0, 0.0]  # no energy flows; the next MeterValues tells when it does again
+            self.measured_at = datetime.now(UTC)
+            self.meter_values_at = time.monotonic()
         self.status16, self.error16, self.info = status16, error16, info
         self.publish()
         if self.up is not None:
@@ -164,12 +173,41 @@ class Connector:
 
     def update_readings(self, samples: list[conv.Sample]) -> None:
         r = conv.readings(samples)
+        self.meter_values_at = time.monotonic()  # not late (with or without currents: a trigger gives no more)
         if r.energy_wh is not None:
             self.energy_wh = r.energy_wh
         if r.power_w is not None:
             self.power_w = r.power_w
         if any(a is not None for a in r.current_a):
             self.current_a = [float(a) if a is not None else 0.0 for a in r.current_a]
+            self.measured_at = datetime.now(UTC)  # on arrival: the wallbox's clock may be off
+        elif self.status16 == "Charging" and r.energy_wh is not None:
+            self.csms.counters["meter_values_without_currents"] += 1
+            self.csms.log_once(f"no-currents:{self.cbid}", "wallbox sends MeterValues without phase currents "
+                               "(Current.Import): the load controller counts its draw as other load",
+                               charge_box_id=self.cbid)
+
+    async def _meter_watch(self) -> None:
+        """While charging, the load controller needs the car's current every ``meter_values_interval_s``:
+        when a wallbox's MeterValues are late (it ignored the interval asked for, or has none), ask for
+        them with TriggerMessage, at most once per interval."""
+        iv = self.csms.config.ocpp.local.meter_values_interval_s
+        late_s = 1.5 * iv + 1.0
+        while True:
+            await asyncio.sleep(max(0.5, iv / 2))
+            sess = self.box.session
+            now = time.monotonic()
+            if (sess is None or not sess.ready or self.status16 != "Charging" or now - self.meter_values_at < late_s
+                    or (self._triggered_at is not None and now - self._triggered_at < iv)):
+                continue
+            self._triggered_at = now
+            self.csms.counters["meter_values_triggered"] += 1
+            res = await self.trigger("MeterValues")
+            if res != "Accepted":
+                self.csms.counters["meter_values_trigger_refused"] += 1
+                self.csms.log_once(f"trigger-refused:{self.cbid}", "wallbox sends its MeterValues late and does "
+                                   "not send them on request: the load controller counts its draw as other load "
+                                   "while they are old", charge_box_id=self.cbid, answer=res)
 
     # -- setpoints -> charging profiles -----------------------------------------------------------
     def on_setpoint(self, sp: p.Setpoint) -> None:
@@ -382,6 +420,22 @@ class Connector:
         await self.trigger("MeterValues")
 
 
+def _sampling_changes(interval: Any, measurands: Any, want: str) -> tuple[str | None, str | None]:
+    """What to write so a wallbox samples at least every ``want`` seconds with the phase currents:
+    (interval or None, measurand list or None). A wallbox that samples more often is left so (0 means
+    never); a measurand list the wallbox did not report is left alone."""
+    try:
+        fast_enough = interval is not None and 0 < float(str(interval)) <= float(want)
+    except ValueError:
+        fast_enough = False
+    new_measurands = None
+    if isinstance(measurands, str):
+        have = [m.strip() for m in measurands.split(",") if m.strip()]
+        if conv.CURRENT not in have:
+            new_measurands = ",".join([*have, conv.CURRENT])
+    return (None if fast_enough else want), new_measurands
+
+
 def _map_evse(item: dict[str, Any], to: int, only: int | None = None) -> dict[str, Any]:
     comp = item.get("component")
     if isinstance(comp, dict) and isinstance(comp.get("evse"), dict):
@@ -445,6 +499,64 @@ class WallboxSession:
         self.ready = True
         for c in self.box.connectors.values():
             c.reapply()
+        with contextlib.suppress(ConnectionClosed):
+            await self.configure_sampling()
+
+    async def configure_sampling(self) -> dict[str, str]:
+        """Ask the wallbox for MeterValues with the phase currents every ``meter_values_interval_s``.
+
+        Reads the settings first and changes only what differs (1.6: MeterValueSampleInterval and
+        MeterValuesSampledData; 2.0.1: SampledDataCtrlr TxUpdatedInterval and TxUpdatedMeasurands), so a
+        wallbox that stores its configuration in flash is not written on every connect. Returns what was
+        changed and the wallbox's answer; a refusal is logged once (the gateway then triggers MeterValues
+        when they are late, see :meth:`Connector._meter_watch`)."""
+        iv = self.csms.config.ocpp.local.meter_values_interval_s
+        if iv <= 0:
+            return {}
+        want = str(max(1, round(iv)))
+        timeout = min(20.0, self.csms.config.ocpp.local.call_timeout_s)
+        done: dict[str, str] = {}
+        try:
+            if self.version == "1.6":
+                res = await self.rpc.call("GetConfiguration",
+                                          {"key": ["MeterValueSampleInterval", "MeterValuesSampledData"]},
+                                          timeout_s=timeout)
+                have = {str(k.get("key")): k.get("value") for k in res.get("configurationKey") or []
+                        if isinstance(k, dict)}
+                changes = _sampling_changes(have.get("MeterValueSampleInterval"), have.get("MeterValuesSampledData"),
+                                            want)
+                for key, value in (("MeterValueSampleInterval", changes[0]), ("MeterValuesSampledData", changes[1])):
+                    if value is not None:
+                        r = await self.rpc.call("ChangeConfiguration", {"key": key, "value": value}, timeout_s=timeout)
+                        done[key] = str(r.get("status"))
+            else:
+                comp = {"name": "SampledDataCtrlr"}
+                res = await self.rpc.call("GetVariables", {"getVariableData": [
+                    {"component": comp, "variable": {"name": "TxUpdatedInterval"}},
+                    {"component": comp, "variable": {"name": "TxUpdatedMeasurands"}}]}, timeout_s=timeout)
+                have = {str(x["variable"]["name"]): x.get("attributeValue") for x in res.get("getVariableResult") or []
+                        if isinstance(x, dict) and x.get("attributeStatus") == "Accepted"}
+                changes = _sampling_changes(have.get("TxUpdatedInterval"), have.get("TxUpdatedMeasurands"), want)
+                data = [{"component": comp, "variable": {"name": name}, "attributeValue": value}
+                        for name, value in (("TxUpdatedInterval", changes[0]), ("TxUpdatedMeasurands", changes[1]))
+                        if value is not None]
+                if data:
+                    r = await self.rpc.call("SetVariables", {"setVariableData": data}, timeout_s=timeout)
+                    for x in r.get("setVariableResult") or []:
+                        done[str(x["variable"]["name"])] = str(x.get("attributeStatus"))
+        except (RpcError, TimeoutError, KeyError, TypeError) as e:
+            self.csms.counters["meter_sampling_not_configured"] += 1
+            self.log.warning("could not set the wallbox's meter sampling; late MeterValues will be triggered",
+                             error=repr(e), interval_s=want)
+            return done
+        refused = {k: v for k, v in done.items() if v not in ("Accepted", "RebootRequired")}
+        if refused:
+            self.csms.counters["meter_sampling_refused"] += 1
+            self.log.warning("wallbox refused the meter sampling asked for; late MeterValues will be triggered",
+                             answers=done, interval_s=want)
+        elif done:
+            self.log.info("wallbox meter sampling set", answers=done, interval_s=want)
+        return done
 
     async def set_profile(self, n: int, pid: int, stack: int, amps: float, phases: int, until: datetime | None) -> bool:
         limit = _amps(amps)

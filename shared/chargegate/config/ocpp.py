@@ -26,6 +26,12 @@ class OcppLocalServer(Strict):
     check_client_cn: bool = Field(default=True,
                                   description="profile 3: the client certificate's CN must be the charge box id")
     call_timeout_s: float = Field(default=30.0, gt=0, le=300, description="wait for a wallbox's answer")
+    meter_values_interval_s: float = Field(
+        default=10.0, ge=0, le=3600,
+        description="ask every wallbox for MeterValues with its phase currents this often (whole seconds; "
+                    "1.6 MeterValueSampleInterval, 2.0.1 SampledDataCtrlr.TxUpdatedInterval) and trigger them "
+                    "when they are late: the load controller subtracts these currents from the grid meter. "
+                    "0 leaves the wallboxes' own settings and triggers nothing")
 
 
 class OcppBackend(Strict):

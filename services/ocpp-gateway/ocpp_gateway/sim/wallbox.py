@@ -53,6 +53,15 @@ def _parse(s: str | None) -> datetime | None:
     return datetime.fromisoformat(s.replace("Z", "+00:00"))
 
 
+INTERVAL_16, MEASURANDS_16 = "MeterValueSampleInterval", "MeterValuesSampledData"
+INTERVAL_201, MEASURANDS_201 = "TxUpdatedInterval", "TxUpdatedMeasurands"
+
+
+def conv_num(x: float) -> str:
+    """A configuration value as a wallbox writes it: whole seconds without a fraction."""
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
 @dataclass
 class Car:
     plugged: bool = False
@@ -194,6 +203,8 @@ class _Handlers16(CP16):
         self.sim.received.append(("ChangeConfiguration", {"key": key, "value": value}))
         if key not in self.sim.configuration:
             return result16.ChangeConfiguration(status="NotSupported")
+        if key in self.sim.readonly:
+            return result16.ChangeConfiguration(status="Rejected")
         self.sim.configuration[key] = value
         return result16.ChangeConfiguration(status="Accepted")
 
@@ -269,9 +280,10 @@ class _Handlers201(CP201):
         for item in set_variable_data:
             name = item["variable"]["name"]
             ok = name in self.sim.configuration
-            if ok:
+            if ok and name not in self.sim.readonly:
                 self.sim.configuration[name] = item["attribute_value"]
-            out.append({"attribute_status": "Accepted" if ok else "UnknownVariable",
+            out.append({"attribute_status": ("Rejected" if name in self.sim.readonly else "Accepted") if ok
+                        else "UnknownVariable",
                         "component": item["component"], "variable": item["variable"]})
         return result201.SetVariables(set_variable_result=out)
 
@@ -291,7 +303,9 @@ class WallboxSim:
     def __init__(self, cbid: str, url: str, connectors: list[SimConnector], *, version: str = "1.6",
                  password: str | None = None, ssl_context: ssl.SSLContext | None = None,
                  meter_interval_s: float = 10.0, tick_s: float = 0.2, heartbeat_s: float = 300.0,
-                 on_change: Callable[[SimConnector], None] | None = None, vendor: str = "chargegate-sim") -> None:
+                 on_change: Callable[[SimConnector], None] | None = None, vendor: str = "chargegate-sim",
+                 measurands: str = "Energy.Active.Import.Register,Power.Active.Import,Current.Import",
+                 readonly: frozenset[str] = frozenset(), triggers: bool = True) -> None:
         self.cbid = cbid
         self.url = url.rstrip("/") + "/" + cbid
         self.version = version
@@ -300,9 +314,15 @@ class WallboxSim:
         self.connectors = {c.n: c for c in connectors}
         self.tick_s = tick_s
         self.vendor = vendor
-        self.configuration: dict[str, str] = {"MeterValueSampleInterval": str(meter_interval_s),
+        # 1.6 keys; a 2.0.1 wallbox has the sampling in SampledDataCtrlr's TxUpdatedInterval/TxUpdatedMeasurands
+        interval_key, measurands_key = ((INTERVAL_16, MEASURANDS_16) if version == "1.6"
+                                        else (INTERVAL_201, MEASURANDS_201))
+        self.configuration: dict[str, str] = {interval_key: conv_num(meter_interval_s),
+                                              measurands_key: measurands,
                                               "HeartbeatInterval": str(int(heartbeat_s)),
                                               "NumberOfConnectors": str(len(connectors))}
+        self.readonly = readonly  # configuration keys it refuses to change (Rejected)
+        self.triggers = triggers  # whether it sends MeterValues on TriggerMessage
         self.on_change = on_change
         self.cp: _Handlers16 | _Handlers201 | None = None
         self.ws: ClientConnection | None = None
@@ -323,9 +343,14 @@ class WallboxSim:
     @property
     def meter_interval_s(self) -> float:
         try:
-            return max(0.1, float(self.configuration["MeterValueSampleInterval"]))
+            x = float(self.configuration.get(INTERVAL_16) or self.configuration.get(INTERVAL_201) or "10")
         except ValueError:
             return 10.0
+        return max(0.1, x) if x > 0 else 0.0  # 0: no periodic MeterValues
+
+    def sends_currents(self) -> bool:
+        have = self.configuration.get(MEASURANDS_16) or self.configuration.get(MEASURANDS_201) or ""
+        return "Current.Import" in [m.strip() for m in have.split(",")]
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -457,6 +482,8 @@ class WallboxSim:
         if new != c.status:
             c.status = new
             self._spawn(self.send_status(c))
+            if self.version != "1.6" and c.tx_key is not None and new in ("Charging", "SuspendedEV", "SuspendedEVSE"):
+                self._charging_state_changed(c, new)
         if self.on_change is not None:
             self.on_change(c)
 
@@ -537,7 +564,7 @@ class WallboxSim:
                       {"value": str(power), "measurand": "Power.Active.Import", "unit": "W",
                        "context": "Sample.Periodic"}]
             values += [{"value": str(a), "measurand": "Current.Import", "unit": "A", "phase": f"L{i + 1}",
-                        "context": "Sample.Periodic"} for i, a in enumerate(draw[: c.phases])]
+                        "context": "Sample.Periodic"} for i, a in enumerate(draw[: c.phases]) if self.sends_currents()]
             self._queue(_TxMsg("MeterValues", lambda: {"connectorId": c.n, "transactionId": self._tx_id(key),
                                                        "meterValue": [{"timestamp": ts, "sampledValue": values}]},
                                tx_key=key))
@@ -549,13 +576,23 @@ class WallboxSim:
                      {"value": power, "measurand": "Power.Active.Import", "context": "Sample.Periodic",
                       "unitOfMeasure": {"unit": "W"}}]
             vals2 += [{"value": a, "measurand": "Current.Import", "phase": f"L{i + 1}", "context": "Sample.Periodic",
-                       "unitOfMeasure": {"unit": "A"}} for i, a in enumerate(draw[: c.phases])]
+                       "unitOfMeasure": {"unit": "A"}} for i, a in enumerate(draw[: c.phases]) if self.sends_currents()]
             state = "Charging" if any(draw) else "SuspendedEVSE"
             payload = {"eventType": "Updated", "timestamp": ts, "triggerReason": "MeterValuePeriodic", "seqNo": seq,
                        "transactionInfo": {"transactionId": key, "chargingState": state},
                        "evse": {"id": c.n, "connectorId": 1},
                        "meterValue": [{"timestamp": ts, "sampledValue": vals2}]}
             self._queue(_TxMsg("TransactionEvent", lambda: payload, tx_key=key))
+
+    def _charging_state_changed(self, c: SimConnector, status16: str) -> None:
+        """2.0.1: a TransactionEvent Updated (ChargingStateChanged) without meter values, as stations send."""
+        key = c.tx_key
+        assert key is not None
+        self._seq[key] += 1
+        payload = {"eventType": "Updated", "timestamp": now_iso(), "triggerReason": "ChargingStateChanged",
+                   "seqNo": self._seq[key], "transactionInfo": {"transactionId": key, "chargingState": status16},
+                   "evse": {"id": c.n, "connectorId": 1}}
+        self._queue(_TxMsg("TransactionEvent", lambda: payload, tx_key=key))
 
     def _stop_tx(self, c: SimConnector, reason: str) -> None:
         key = c.tx_key
@@ -617,8 +654,15 @@ class WallboxSim:
             await asyncio.sleep(self.tick_s)
 
     async def _meter_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        last = loop.time()
         while True:
-            await asyncio.sleep(self.meter_interval_s)
+            # short naps: a new interval (ChangeConfiguration/SetVariables) applies at once
+            iv = self.meter_interval_s
+            await asyncio.sleep(min(0.5, iv) if iv > 0 else 0.5)
+            if iv <= 0 or loop.time() - last < iv - 1e-3:
+                continue
+            last = loop.time()
             for c in self.connectors.values():
                 if c.tx_key is not None:
                     self._meter_tx(c)
@@ -699,6 +743,8 @@ class WallboxSim:
                 loop.call_soon(lambda c=c: self._spawn(self.send_status(c)))
             return "Accepted"
         if what == "MeterValues":
+            if not self.triggers:
+                return "Rejected"
             for c in targets:
                 loop.call_soon(self._meter_tx, c)
             return "Accepted"
