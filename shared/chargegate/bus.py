@@ -28,6 +28,8 @@ log = structlog.get_logger("chargegate.bus")
 
 Handler = Callable[["Message"], Awaitable[None] | None]
 
+MATCH_CACHE_SIZE = 20_000  # topics whose matching subscriptions are remembered (see Bus._matching)
+
 
 @dataclass(frozen=True)
 class Message:
@@ -77,6 +79,9 @@ class Bus:
         self.connections = 0  # successful connects so far
         self.dropped_publishes = 0
         self._subs: list[_Sub] = []
+        # topic -> the subscriptions it matches, filled on first sight with paho's own matcher (exact MQTT
+        # semantics: +, #, $-topics) and dropped whenever the subscriptions change
+        self._matches: dict[str, tuple[_Sub, ...]] = {}
         # last retained payload per topic published by this bus: republished after a reconnect, so
         # state survives a broker that lost it (SIGKILL before its autosave)
         self._retained: dict[str, tuple[bytes, int]] = {}
@@ -163,6 +168,7 @@ class Bus:
 
     def _add(self, sub: _Sub) -> None:
         self._subs.append(sub)
+        self._matches = {}
         if self.connected.is_set():
             self._client.subscribe(sub.filter, qos=1)
 
@@ -211,12 +217,22 @@ class Bus:
         if was and not self._closing:
             log.warning("bus disconnected, reconnecting", reason=reason)
 
+    def _matching(self, topic: str) -> tuple[_Sub, ...]:
+        """The subscriptions ``topic`` matches, in subscription order. paho's ``topic_matches_sub``
+        builds a matcher on every call; with many subscriptions and a burst of messages that showed in
+        the profile, so the answer is kept per topic (bounded: cleared when full)."""
+        subs = self._matches.get(topic)
+        if subs is None:
+            subs = tuple(s for s in self._subs if mqtt.topic_matches_sub(s.filter, topic))
+            if len(self._matches) >= MATCH_CACHE_SIZE:
+                self._matches.clear()
+            self._matches[topic] = subs
+        return subs
+
     def _dispatch(self, topic: str, payload: bytes, retained: bool) -> None:
         parsed: tuple[TopicSpec, dict[str, str], p.Payload] | None = None
         tried = False
-        for sub in self._subs:
-            if not mqtt.topic_matches_sub(sub.filter, topic):
-                continue
+        for sub in self._matching(topic):
             if sub.name is None:
                 self._run(sub.handler, topic, payload, retained)  # type: ignore[arg-type]
                 continue
