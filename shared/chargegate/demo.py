@@ -111,13 +111,13 @@ def plan(dirpath: Path) -> DemoPlan:
         p1, p2, p3, pm = free_port(), free_port(), free_port(), free_port()
         cfg["evses"] += [
             {"id": "alfen", "name": "Alfen Eve (garage)", "circuit": "garage", "phases": 3,
-             "max_current_a": 16, "priority": 1,
+             "max_current_a": 16, "priority": 1, "phase_switching": True,  # register 1215: 1 or 3 phases
              "modbus": {"profile": "alfen-eve", "host": "127.0.0.1", "port": p1, "device_id": 1}},
             {"id": "webasto", "name": "Webasto Next (garage)", "circuit": "garage", "phases": 3,
              "phase_rotation": [2, 3, 1], "max_current_a": 16,
              "modbus": {"profile": "webasto-next", "host": "127.0.0.1", "port": p2, "device_id": 255}},
             {"id": "charx", "name": "Phoenix CHARX (carport)", "circuit": "carport", "phases": 3,
-             "max_current_a": 32, "phase_switching": True,
+             "max_current_a": 32,
              "modbus": {"profile": "phoenix-charx", "host": "127.0.0.1", "port": p3, "device_id": 1}},
         ]
         cfg["meters"].append({"id": "grid-meter", "name": "Eastron SDM630 at the house connection", "role": "grid",
