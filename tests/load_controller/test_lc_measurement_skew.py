@@ -13,8 +13,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from lc_harness import Runner
+
+from load_controller.controller import step
 
 
 def _config(**controller: Any) -> dict[str, Any]:
@@ -113,3 +116,35 @@ def test_a_car_lowering_its_draw_between_meter_values_does_not_lend_its_current_
         plant.now += timedelta(seconds=1)
         plant.cycle()
     assert plant.heard["b"][0] > b_before + 3, plant.heard
+
+
+def test_a_measurement_older_than_ev_current_max_age_counts_as_other_load() -> None:
+    # a's wallbox stops sending MeterValues (neither its interval nor triggers): once its last current is
+    # older than ev_current_max_age_s (25 s), the meter's reading of it is other load - b gets only what
+    # is left after a's draw AND a's grant - and the allocation says why
+    plant, _ = _sampled_plant(house=10.0, interval=10.0)
+    plant.cars["a"] = ((0, 1, 2), 10.0)
+    plant.cars["b"] = ((0, 1, 2), 32.0)
+    for _ in range(40):
+        plant.now += timedelta(seconds=1)
+        plant.cycle()
+    plant.sampled["a"] = 3600.0  # no more MeterValues
+    last = plant.samples["a"][0]
+    warned = []
+    for _ in range(40):
+        plant.now += timedelta(seconds=1)
+        plant.cycle()
+        d, _mem = step(plant.topo, plant.ctl, ZoneInfo("Europe/Berlin"), plant.inputs, plant.memory, plant.now)
+        warned.append(any("evse a:" in w and "ev_current_max_age_s" in w for w in d.warnings))
+        age = (plant.now - last).total_seconds()
+        assert warned[-1] == (age > 25), (age, d.warnings)
+    grant_a, grant_b = plant.heard["a"][0], plant.heard["b"][0]
+    # a's 10 A counted in the house load and granted: b's share shrank by a's draw
+    assert grant_b <= 40 - 10 - 10 - grant_a + 0.2, plant.heard
+    # a new MeterValues: trusted again at once
+    plant.sampled["a"] = 10.0
+    plant.samples.pop("a")
+    for _ in range(30):
+        plant.now += timedelta(seconds=1)
+        plant.cycle()
+    assert plant.heard["b"][0] > grant_b + 5, plant.heard
