@@ -9,12 +9,15 @@ controller counts its draw as other load."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from ocppgw_helpers import InProcessGateway, gateway_config, share_broker_secrets, until
+from websockets.asyncio.client import connect
 
 from chargegate import payloads as p
 from chargegate.bus import Bus
@@ -37,8 +40,8 @@ BOXES = {  # evse id: (charge box id, version, WallboxSim keyword arguments)
 
 
 class Rig:
-    def __init__(self, gw: Gateway, status: dict[str, p.EvseStatus], boxes: dict[str, WallboxSim]) -> None:
-        self.gw, self.status, self.boxes = gw, status, boxes
+    def __init__(self, gw: Gateway, status: dict[str, p.EvseStatus], boxes: dict[str, WallboxSim], port: int) -> None:
+        self.gw, self.status, self.boxes, self.port = gw, status, boxes, port
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +49,7 @@ async def rig(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory) ->
     tmp: Path = tmp_path_factory.mktemp("ocppgw-meter-sampling")
     evses = "".join(f"  - id: {e}\n    circuit: grid\n    ocpp: {{charge_box_id: {cb}, connector_id: 1, "
                     f"version: \"{v}\"}}\n" for e, (cb, v, _) in BOXES.items())
+    evses += "  - id: raw16\n    circuit: grid\n    ocpp: {charge_box_id: RAW16, connector_id: 1}\n"
     cfg, path = gateway_config(tmp / "gw", broker.port, backend_url=None, evses=evses,
                                ocpp_extra=f"    meter_values_interval_s: {INTERVAL}\n")
     share_broker_secrets(cfg, broker.config)
@@ -62,7 +66,7 @@ async def rig(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory) ->
     for w in boxes.values():
         await until(w.booted.is_set, what="wallbox boot")
     try:
-        yield Rig(gw, status, boxes)
+        yield Rig(gw, status, boxes, cfg.ocpp.local.port)
     finally:
         for w in boxes.values():
             await w.stop()
@@ -137,6 +141,36 @@ async def test_a_wallbox_that_neither_samples_nor_answers_triggers_ages(rig: Rig
     assert rig.status["deaf"].measured_at == st.measured_at
     assert _age(rig.status["deaf"]) > 1.5 * INTERVAL
     rig.boxes["deaf"].unplug(1)
+
+
+async def test_a_broken_answer_to_the_sampling_questions_is_counted_and_dropped(rig: Rig) -> None:
+    counters = rig.gw.local.counters  # type: ignore[union-attr]
+    before = counters["meter_sampling_not_configured"]
+    async with connect(f"ws://127.0.0.1:{rig.port}/ocpp/RAW16", subprotocols=["ocpp1.6"],  # type: ignore[list-item]
+                       proxy=None, open_timeout=5) as ws:
+        await ws.send(json.dumps([2, "boot", "BootNotification", {"chargePointVendor": "v", "chargePointModel": "m"}]))
+        seen: list[str] = []
+        deadline = asyncio.get_running_loop().time() + 10
+        while "GetConfiguration" not in seen and asyncio.get_running_loop().time() < deadline:
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            if msg[0] != 2:
+                continue
+            seen.append(msg[2])
+            if msg[2] == "GetConfiguration":  # a configurationKey that is not a list: schema violation
+                await ws.send(json.dumps([3, msg[1], {"configurationKey": "MeterValueSampleInterval=60"}]))
+            else:
+                await ws.send(json.dumps([3, msg[1], {"status": "Accepted"}]))
+        await until(lambda: counters["meter_sampling_not_configured"] > before, 5, what="counted")
+        # nothing was changed on it, and the connection still works
+        await ws.send(json.dumps([2, "hb", "Heartbeat", {}]))
+        while True:
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            assert msg[2] != "ChangeConfiguration" if msg[0] == 2 else True
+            if msg[0] == 2:
+                await ws.send(json.dumps([3, msg[1], {"status": "Accepted"}]))
+            elif msg[1] == "hb":
+                assert msg[0] == 3 and "currentTime" in msg[2]
+                break
 
 
 def test_sampling_changes() -> None:

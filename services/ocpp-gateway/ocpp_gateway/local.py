@@ -202,7 +202,15 @@ class Connector:
                 continue
             self._triggered_at = now
             self.csms.counters["meter_values_triggered"] += 1
-            res = await self.trigger("MeterValues")
+            payload: dict[str, Any] = {"requestedMessage": "MeterValues"}
+            payload.update({"connectorId": self.n} if sess.version == "1.6" else {"evse": {"id": self.n}})
+            try:
+                res = str((await sess.rpc.call("TriggerMessage", payload, timeout_s=max(1.0, min(10.0, iv))))
+                          .get("status"))
+            except (RpcError, TimeoutError) as e:
+                res = repr(e)
+            except ConnectionClosed:
+                continue
             if res != "Accepted":
                 self.csms.counters["meter_values_trigger_refused"] += 1
                 self.csms.log_once(f"trigger-refused:{self.cbid}", "wallbox sends its MeterValues late and does "
@@ -544,7 +552,7 @@ class WallboxSession:
                     r = await self.rpc.call("SetVariables", {"setVariableData": data}, timeout_s=timeout)
                     for x in r.get("setVariableResult") or []:
                         done[str(x["variable"]["name"])] = str(x.get("attributeStatus"))
-        except (RpcError, TimeoutError, KeyError, TypeError) as e:
+        except (RpcError, TimeoutError, KeyError, TypeError, AttributeError, ValueError) as e:
             self.csms.counters["meter_sampling_not_configured"] += 1
             self.log.warning("could not set the wallbox's meter sampling; late MeterValues will be triggered",
                              error=repr(e), interval_s=want)
