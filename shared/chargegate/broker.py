@@ -97,6 +97,7 @@ def render_conf(*, port: int, listen: str, password_file: Path | str, acl_file: 
         f"acl_file {acl_file}",
         f"listener {port} {listen}",
         "max_queued_messages 10000",
+        "set_tcp_nodelay true",
         f"log_dest {log_dest}",
         "log_type error",
         "log_type warning",
