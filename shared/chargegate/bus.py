@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import ssl
+import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +30,110 @@ log = structlog.get_logger("chargegate.bus")
 
 Handler = Callable[["Message"], Awaitable[None] | None]
 
+JOIN_MAX_BYTES = 256 * 1024  # queued packets joined into one write (see _Client._packet_write)
 MATCH_CACHE_SIZE = 20_000  # topics whose matching subscriptions are remembered (see Bus._matching)
+
+
+class _Client(mqtt.Client):
+    """paho's client with cheaper I/O for bursts (a cycle's 200 setpoints, a poller's 200 statuses).
+
+    paho 2.x, run by ``loop_start`` (its own network thread), spends most of a burst on per-packet
+    overhead rather than on the messages: a syscall to wake its thread for every packet queued, one
+    ``send()`` per packet, and a scan of all unacknowledged messages for every PUBACK. Each syscall
+    also hands the GIL to the other thread and waits to get it back. These overrides keep paho's
+    protocol handling and only cut that overhead; they rely on paho's internals (pinned in
+    requirements.lock) and are covered by tests/foundation/test_bus_io.py."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._holding: int | None = None  # thread id inside one_wakeup()
+        self._wake_owed = False
+
+    def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
+                      info: mqtt.MQTTMessageInfo | None = None) -> mqtt.MQTTErrorCode:
+        """Queue a packet; wake the network thread only when needed. The network thread itself needs
+        no wake-up (it writes whatever is queued before it waits again: ``want_write``), and inside
+        ``one_wakeup()`` the wake-up is owed until the block ends."""
+        thread = self._thread
+        if thread is None:  # not running a network thread: paho's own way
+            return super()._packet_queue(command, packet, mid, qos, info)
+        self._out_packet.append({"command": command, "mid": mid, "qos": qos, "pos": 0, "to_process": len(packet),
+                                 "packet": packet, "info": info})
+        ident = threading.get_ident()
+        if ident == thread.ident:
+            return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+        if ident == self._holding:
+            self._wake_owed = True
+            return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+        self._wake()
+        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _wake(self) -> None:
+        wake = self._sockpairW
+        if wake is not None:
+            try:
+                wake.send(b"0")
+            except OSError:  # full (the thread is awake anyway) or closed (stopping)
+                pass
+
+    @contextmanager
+    def one_wakeup(self) -> Iterator[None]:
+        """Packets queued by this thread within the block wake the network thread once, at the end."""
+        if self._holding is not None:  # nested
+            yield
+            return
+        self._holding = threading.get_ident()
+        try:
+            yield
+        finally:
+            self._holding = None
+            if self._wake_owed:
+                self._wake_owed = False
+                self._wake()
+
+    def _update_inflight(self) -> mqtt.MQTTErrorCode:
+        """After every PUBACK paho looks through *all* unacknowledged messages for one waiting for a
+        free in-flight slot: O(n^2) for a burst of n. When every unacknowledged message is in flight,
+        none is waiting."""
+        if self._inflight_messages >= len(self._out_messages):
+            return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+        return super()._update_inflight()
+
+    def _packet_write(self) -> mqtt.MQTTErrorCode:
+        """paho sends every queued packet with its own ``send()``. Runs of packets that need nothing
+        done once written (everything but QoS 0 PUBLISH, whose message info is marked published, and
+        DISCONNECT) are joined into one buffer first; paho then writes it as one packet, partial writes
+        included."""
+        out = self._out_packet
+        if len(out) > 1:
+            # only this thread takes from the left (and puts back there); others append on the right
+            queued = [out.popleft() for _ in range(len(out))]
+            groups: list[Any] = []
+            run: list[Any] = []
+            size = 0
+            for pk in queued:
+                cmd = pk["command"] & 0xF0
+                if cmd == mqtt.DISCONNECT or (cmd == mqtt.PUBLISH and pk["qos"] == 0) or size >= JOIN_MAX_BYTES:
+                    groups.append(_joined(run))
+                    run, size = [], 0
+                    if cmd == mqtt.DISCONNECT or (cmd == mqtt.PUBLISH and pk["qos"] == 0):
+                        groups.append(pk)
+                        continue
+                run.append(pk)
+                size += pk["to_process"]
+            groups.append(_joined(run))
+            out.extendleft(reversed([g for g in groups if g is not None]))
+        return super()._packet_write()
+
+
+def _joined(run: list[Any]) -> Any:
+    """One queued packet for a run of packets that need nothing done once written."""
+    if len(run) <= 1:
+        return run[0] if run else None
+    data = b"".join(memoryview(pk["packet"])[pk["pos"]:] for pk in run)
+    first = run[0]
+    return {"command": first["command"], "mid": first["mid"], "qos": first["qos"], "pos": 0, "to_process": len(data),
+            "packet": data, "info": None}
 
 
 @dataclass(frozen=True)
@@ -90,7 +195,7 @@ class Bus:
         self._closing = False
         self._logged_down = False
         client_id = f"{service}-{uuid.uuid4().hex[:8]}"
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+        self._client = _Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
         self._client.max_queued_messages_set(10_000)
         self._client.max_inflight_messages_set(max(1, settings.max_inflight))
         self._client.reconnect_delay_set(min_delay=1, max_delay=max(1, int(settings.reconnect_max_s)))
@@ -145,6 +250,14 @@ class Bus:
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             self.dropped_publishes += 1
             log.warning("publish failed", topic=topic, rc=mqtt.error_string(info.rc))
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Publish a burst (e.g. a cycle's setpoints) with one wake-up of the MQTT client's network
+        thread instead of one per message. The burst may wait until the block ends; keep it short and
+        free of awaits."""
+        with self._client.one_wakeup():
+            yield
 
     def clear(self, name: str, **params: str) -> None:
         """Remove a retained state topic (empty retained message)."""

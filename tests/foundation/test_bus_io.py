@@ -1,0 +1,106 @@
+"""The bus's cheaper paho I/O (``chargegate.bus._Client``): bursts of QoS 1 messages arrive complete and
+in order and are all acknowledged, with and without ``Bus.batch()``, with an in-flight window smaller
+than the burst (messages wait for a slot), and packets joined into one write keep their bytes, their
+order and paho's bookkeeping (QoS 0 message info marked published)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from chargegate.broker import bus_settings
+from chargegate.bus import Bus, _Client
+from chargegate.topics import Registry
+from conftest import BrokerHandle, wait_for
+
+
+async def _pair(broker: BrokerHandle, max_inflight: int | None = None) -> tuple[Bus, Bus]:
+    reg = Registry(broker.config.site.topic_root)
+    settings = bus_settings(broker.config, "load-controller")
+    if max_inflight is not None:
+        settings = dataclasses.replace(settings, max_inflight=max_inflight)
+    pub = Bus("load-controller", reg, settings)
+    sub = Bus("evse-poller", reg, bus_settings(broker.config, "evse-poller"))
+    await pub.start(wait=5)
+    await sub.start(wait=5)
+    return pub, sub
+
+
+@pytest.mark.parametrize(("batched", "max_inflight"), [(True, None), (False, None), (True, 7), (False, 7)])
+async def test_burst_arrives_complete_in_order_and_acknowledged(broker: BrokerHandle, batched: bool,
+                                                                max_inflight: int | None) -> None:
+    pub, sub = await _pair(broker, max_inflight)
+    root = broker.config.site.topic_root
+    got: list[bytes] = []
+    sub.subscribe_raw(f"{root}/evse/+/setpoint",
+                      lambda t, payload, r: got.append(payload) if "/iotest" in t and not r else None)
+    await wait_for(lambda: sub._client._sock is not None)
+    await __import__("asyncio").sleep(0.2)  # the subscription is in place
+    try:
+        sent = [f'{{"n":{i}}}'.encode() for i in range(500)]
+        if batched:
+            with pub.batch():
+                for i, data in enumerate(sent):
+                    pub.publish_raw(f"{root}/evse/iotest{i % 3}/setpoint", data, qos=1)
+        else:
+            for i, data in enumerate(sent):
+                pub.publish_raw(f"{root}/evse/iotest{i % 3}/setpoint", data, qos=1)
+        await wait_for(lambda: len(got) >= len(sent), timeout=10)
+        assert got == sent
+        await wait_for(lambda: not pub._client._out_messages and pub._client._inflight_messages == 0)
+        assert pub.dropped_publishes == 0
+    finally:
+        await pub.stop()
+        await sub.stop()
+
+
+class _Sock:
+    """A socket that takes at most ``chunk`` bytes per send()."""
+
+    def __init__(self, chunk: int) -> None:
+        self.chunk = chunk
+        self.data = bytearray()
+        self.sends = 0
+
+    def close(self) -> None:
+        pass
+
+    def send(self, buf: bytes | bytearray | memoryview) -> int:
+        self.sends += 1
+        n = min(self.chunk, len(buf))
+        self.data += bytes(buf[:n])
+        return n
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 100, 1_000_000])
+def test_joined_writes_keep_bytes_order_and_bookkeeping(chunk: int) -> None:
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    c = _Client(CallbackAPIVersion.VERSION2, client_id="t")
+    sock = _Sock(chunk)
+    c._sock = sock  # type: ignore[assignment]
+    expected = bytearray()
+    infos = []
+    # QoS 1 publishes and PUBACKs (joined), a QoS 0 publish (on its own: its info is marked published),
+    # then more QoS 1
+    for i in range(30):
+        qos = 0 if i in (10, 11, 25) else 1
+        cmd = mqtt.PUBACK if i % 4 == 3 else (mqtt.PUBLISH | (qos << 1))
+        pkt = bytearray([cmd]) + f"packet-{i}-".encode() * 3
+        info = mqtt.MQTTMessageInfo(i)
+        infos.append((qos, cmd, info))
+        c._out_packet.append({"command": cmd, "mid": i, "qos": qos, "pos": 0, "to_process": len(pkt),
+                              "packet": pkt, "info": info})
+        expected += pkt
+    for _ in range(100_000):
+        if not c._out_packet:
+            break
+        assert c._packet_write() == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+    assert not c._out_packet
+    assert sock.data == expected
+    for qos, cmd, info in infos:
+        assert info.is_published() == ((cmd & 0xF0) == mqtt.PUBLISH and qos == 0)
+    if chunk >= len(expected):
+        assert sock.sends == 5  # [0-9] 10 [11-24] 25 [26-29]: QoS 0 publishes on their own
