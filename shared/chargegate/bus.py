@@ -1,7 +1,8 @@
 """The MQTT bus for asyncio services, on paho-mqtt 2.x.
 
 paho's network thread does the I/O and reconnects with backoff; every callback is handed to the
-asyncio loop with ``call_soon_threadsafe``, so service code never runs in paho's thread.
+asyncio loop (in order, through an inbox drained by ``call_soon_threadsafe``), so service code never
+runs in paho's thread.
 Subscriptions are remembered and restored on every (re)connect, which also brings retained
 state back. Incoming payloads are validated by the topic registry; a bad one is logged, counted
 and dropped before any service code sees it.
@@ -14,6 +15,7 @@ import inspect
 import ssl
 import threading
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +33,8 @@ log = structlog.get_logger("chargegate.bus")
 Handler = Callable[["Message"], Awaitable[None] | None]
 
 JOIN_MAX_BYTES = 256 * 1024  # queued packets joined into one write (see _Client._packet_write)
+RECV_CHUNK = 64 * 1024  # bytes read at once (see _BufferedSocket)
+READ_MAX_TURNS = 1000  # extra reads of buffered packets per turn of paho's loop (see _Client.loop_read)
 MATCH_CACHE_SIZE = 20_000  # topics whose matching subscriptions are remembered (see Bus._matching)
 
 
@@ -91,6 +95,22 @@ class _Client(mqtt.Client):
                 self._wake_owed = False
                 self._wake()
 
+    def _create_socket(self) -> Any:
+        return _BufferedSocket(super()._create_socket())
+
+    def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
+        """paho reads at most one packet per turn of its loop while it has nothing unacknowledged (a
+        turn is a select(), the read and a send() of the PUBACK): go on with what is already read, so
+        a burst of incoming messages is handled, and acknowledged, in a few turns."""
+        rc = super().loop_read(max_packets)
+        sock = self._sock
+        turns = 0
+        while (rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS and isinstance(sock, _BufferedSocket) and sock.buffered()
+               and self._sock is sock and turns < READ_MAX_TURNS):
+            rc = super().loop_read(max_packets)
+            turns += 1
+        return rc
+
     def _update_inflight(self) -> mqtt.MQTTErrorCode:
         """After every PUBACK paho looks through *all* unacknowledged messages for one waiting for a
         free in-flight slot: O(n^2) for a burst of n. When every unacknowledged message is in flight,
@@ -124,6 +144,57 @@ class _Client(mqtt.Client):
             groups.append(_joined(run))
             out.extendleft(reversed([g for g in groups if g is not None]))
         return super()._packet_write()
+
+
+class _BufferedSocket:
+    """A socket that reads what is there at once. paho reads a packet as 1 byte (type), 1-4 bytes
+    (length) and the rest: three ``recv()`` syscalls for a 4-byte PUBACK, each giving up the GIL.
+    ``pending()`` tells paho's loop that bytes are waiting here, so it reads them without waiting in
+    select() (as for paho's own TLS and websocket sockets)."""
+
+    __slots__ = ("_buf", "_pos", "_sock")
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._buf = b""
+        self._pos = 0
+
+    def recv(self, n: int) -> bytes:
+        buf, pos = self._buf, self._pos
+        if pos >= len(buf):
+            data: bytes = self._sock.recv(max(n, RECV_CHUNK))
+            if len(data) <= n:
+                return data
+            self._buf, self._pos = data, n
+            return data[:n]
+        end = pos + n
+        if end >= len(buf):
+            self._buf, self._pos = b"", 0
+            return buf[pos:]
+        self._pos = end
+        return buf[pos:end]
+
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos
+
+    def pending(self) -> int:
+        inner = getattr(self._sock, "pending", None)
+        return self.buffered() + (inner() if inner is not None else 0)
+
+    def send(self, data: bytes | bytearray | memoryview) -> int:
+        return self._sock.send(data)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def fileno(self) -> int:
+        return self._sock.fileno()  # type: ignore[no-any-return]
+
+    def setblocking(self, flag: bool) -> None:
+        self._sock.setblocking(flag)
+
+    def __getattr__(self, name: str) -> Any:  # anything else of the socket (getpeercert, ...)
+        return getattr(self._sock, name)
 
 
 def _joined(run: list[Any]) -> Any:
@@ -187,6 +258,9 @@ class Bus:
         # topic -> the subscriptions it matches, filled on first sight with paho's own matcher (exact MQTT
         # semantics: +, #, $-topics) and dropped whenever the subscriptions change
         self._matches: dict[str, tuple[_Sub, ...]] = {}
+        # paho's thread -> asyncio loop: events in order, one wake-up of the loop per batch (see _post)
+        self._inbox: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
+        self._drain_scheduled = False
         # last retained payload per topic published by this bus: republished after a reconnect, so
         # state survives a broker that lost it (SIGKILL before its autosave)
         self._retained: dict[str, tuple[bytes, int]] = {}
@@ -297,17 +371,41 @@ class Bus:
         for f in done:
             client.subscribe(f, qos=1)
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._connected, done)
+        self._post(self._connected, done)
 
     def _paho_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._disconnected, str(reason))
+        self._post(self._disconnected, str(reason))
 
     def _paho_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._dispatch, msg.topic, msg.payload, bool(msg.retain))
+        self._post(self._dispatch, msg.topic, msg.payload, bool(msg.retain))
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        """Hand ``fn(*args)`` to the asyncio loop, in order. One ``call_soon_threadsafe`` (a syscall to
+        wake the loop, a GIL hand-over) per batch instead of per message: events queue up in the
+        inbox and one drain runs all that are there."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        self._inbox.append((fn, args))
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            try:
+                loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # closed meanwhile
+                self._drain_scheduled = False
 
     # -- asyncio side ------------------------------------------------------------------------
+    def _drain(self) -> None:
+        # reset first: an event posted from now on schedules another drain, so none is left behind
+        self._drain_scheduled = False
+        inbox = self._inbox
+        for _ in range(len(inbox)):  # what is there now; later ones have their own drain
+            fn, args = inbox.popleft()
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("bus event failed", handler=getattr(fn, "__qualname__", str(fn)))
+
     def _connected(self, subscribed: set[str] | None = None) -> None:
         self.connections += 1
         self._logged_down = False

@@ -1,7 +1,9 @@
-"""The bus's cheaper paho I/O (``chargegate.bus._Client``): bursts of QoS 1 messages arrive complete and
-in order and are all acknowledged, with and without ``Bus.batch()``, with an in-flight window smaller
-than the burst (messages wait for a slot), and packets joined into one write keep their bytes, their
-order and paho's bookkeeping (QoS 0 message info marked published)."""
+"""The bus's cheaper paho I/O (``chargegate.bus._Client``, ``_BufferedSocket``, ``Bus._post``): bursts of
+QoS 1 messages arrive complete and in order and are all acknowledged, with and without ``Bus.batch()``,
+with an in-flight window smaller than the burst (messages wait for a slot); packets joined into one
+write keep their bytes, their order and paho's bookkeeping (QoS 0 message info marked published); the
+buffered socket hands out the byte stream unchanged; events from paho's thread reach the loop in order
+and none is lost."""
 
 from __future__ import annotations
 
@@ -9,9 +11,11 @@ import dataclasses
 
 import paho.mqtt.client as mqtt
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from chargegate.broker import bus_settings
-from chargegate.bus import Bus, _Client
+from chargegate.bus import Bus, BusSettings, _BufferedSocket, _Client
 from chargegate.topics import Registry
 from conftest import BrokerHandle, wait_for
 
@@ -104,3 +108,75 @@ def test_joined_writes_keep_bytes_order_and_bookkeeping(chunk: int) -> None:
         assert info.is_published() == ((cmd & 0xF0) == mqtt.PUBLISH and qos == 0)
     if chunk >= len(expected):
         assert sock.sends == 5  # [0-9] 10 [11-24] 25 [26-29]: QoS 0 publishes on their own
+
+
+class _RecvSock:
+    """Hands out ``chunks`` one per recv() (at most the size asked for), then raises BlockingIOError."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = list(chunks)
+        self.calls = 0
+
+    def recv(self, n: int) -> bytes:
+        self.calls += 1
+        if not self.chunks:
+            raise BlockingIOError
+        data = self.chunks.pop(0)
+        if len(data) > n:
+            data, rest = data[:n], data[n:]
+            self.chunks.insert(0, rest)
+        return data
+
+
+@given(st.lists(st.binary(min_size=1, max_size=300), min_size=1, max_size=8),
+       st.lists(st.integers(min_value=1, max_value=400), min_size=1, max_size=60))
+def test_buffered_socket_hands_out_the_stream_unchanged(chunks: list[bytes], sizes: list[int]) -> None:
+    sock = _BufferedSocket(_RecvSock(chunks))
+    stream = b"".join(chunks)
+    got = b""
+    for n in sizes:
+        try:
+            data = sock.recv(n)
+        except BlockingIOError:
+            assert got == stream and sock.pending() == 0
+            break
+        assert 0 < len(data) <= n
+        got += data
+        assert sock.pending() == sock.buffered()
+        assert stream.startswith(got)
+    if len(got) == len(stream):
+        assert sock.pending() == 0
+
+
+def test_buffered_socket_reads_a_burst_with_one_recv() -> None:
+    pubacks = b"".join(bytes([0x40, 2, 0, i]) for i in range(200))
+    raw = _RecvSock([pubacks])
+    sock = _BufferedSocket(raw)
+    got = b""
+    for _ in range(200):  # paho: type byte, length byte, then the rest
+        got += sock.recv(1) + sock.recv(1) + sock.recv(2)
+    assert got == pubacks and raw.calls == 1 and sock.pending() == 0
+
+
+async def test_events_from_paho_thread_run_in_order_and_none_is_lost() -> None:
+    import asyncio
+    import threading
+
+    bus = Bus("load-controller", Registry(), BusSettings())
+    bus._loop = asyncio.get_running_loop()
+    got: list[tuple[int, int]] = []
+
+    def post(t: int) -> None:
+        for i in range(2000):
+            bus._post(lambda t=t, i=i: got.append((t, i)))
+
+    threads = [threading.Thread(target=post, args=(t,)) for t in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    await wait_for(lambda: len(got) == 6000)
+    for t in range(3):
+        assert [i for tt, i in got if tt == t] == list(range(2000))
+    assert not bus._inbox
+
