@@ -98,6 +98,7 @@ def render_conf(*, port: int, listen: str, password_file: Path | str, acl_file: 
         f"listener {port} {listen}",
         "max_queued_messages 10000",
         "set_tcp_nodelay true",
+        "max_inflight_messages 1000",
         f"log_dest {log_dest}",
         "log_type error",
         "log_type warning",
