@@ -111,6 +111,26 @@ class _Client(mqtt.Client):
             turns += 1
         return rc
 
+    def _handle_pubackcomp(self, cmd: Any) -> mqtt.MQTTErrorCode:
+        """A 3.1.1 PUBACK with no ``on_publish`` callback (the bus sets none): paho decodes it into a
+        ReasonCode and a Properties object (neither is in a 3.1.1 PUBACK) before it looks the message
+        up. Same bookkeeping as paho's ``_do_on_publish``, without them; anything else goes to paho."""
+        packet = self._in_packet["packet"]
+        if cmd != "PUBACK" or self._protocol == mqtt.MQTTv5 or self._on_publish is not None or len(packet) != 2:
+            return super()._handle_pubackcomp(cmd)
+        mid = (packet[0] << 8) | packet[1]
+        self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received PUBACK (Mid: %d)", mid)
+        with self._out_message_mutex:
+            msg = self._out_messages.pop(mid, None)
+            if msg is None:
+                return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+            msg.info._set_as_published()
+            if msg.qos > 0:
+                self._inflight_messages -= 1
+                if self._max_inflight_messages > 0:
+                    return self._update_inflight()
+        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+
     def _update_inflight(self) -> mqtt.MQTTErrorCode:
         """After every PUBACK paho looks through *all* unacknowledged messages for one waiting for a
         free in-flight slot: O(n^2) for a burst of n. When every unacknowledged message is in flight,
