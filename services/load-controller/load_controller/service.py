@@ -322,6 +322,9 @@ class LoadController:
         changed = 0
         ts = now.isoformat()
         until = valid_until.isoformat()
+        # the logger is a lazy proxy that binds anew on every call, even for a filtered-out debug line:
+        # resolve it once per cycle, not once per setpoint
+        debug = self.log.debug
         for d in decision.evses:
             last = self.published.get(d.evse_id)
             if last is not None and abs(last.current - d.current) < 1e-9 and last.phases == d.phases \
@@ -333,8 +336,7 @@ class LoadController:
                                                                       d.bound_by, ts), qos=1, retain=True)
             if last is None or abs(last.current - d.current) >= 1e-9 or last.phases != d.phases:
                 changed += 1
-                self.log.debug("setpoint", evse_id=d.evse_id, current_a=d.current, phases=d.phases,
-                               bound_by=d.bound_by)
+                debug("setpoint", evse_id=d.evse_id, current_a=d.current, phases=d.phases, bound_by=d.bound_by)
             self.published[d.evse_id] = Published(d.current, d.phases, valid_until, seq)
             self.counters["setpoints_published"] += 1
         return changed
