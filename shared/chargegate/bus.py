@@ -309,6 +309,9 @@ class Bus:
     async def start(self, wait: float | None = None) -> None:
         """Connect in the background (retrying until the broker is there)."""
         self._loop = asyncio.get_running_loop()
+        # events posted for a previous loop went with it (as its call_soon_threadsafe callbacks would)
+        self._inbox.clear()
+        self._drain_scheduled = False
         self._client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive)
         self._client.loop_start()
         if wait is not None:
