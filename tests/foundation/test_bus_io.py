@@ -7,6 +7,7 @@ and none is lost."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 import paho.mqtt.client as mqtt
@@ -41,7 +42,7 @@ async def test_burst_arrives_complete_in_order_and_acknowledged(broker: BrokerHa
     sub.subscribe_raw(f"{root}/evse/+/setpoint",
                       lambda t, payload, r: got.append(payload) if "/iotest" in t and not r else None)
     await wait_for(lambda: sub._client._sock is not None)
-    await __import__("asyncio").sleep(0.2)  # the subscription is in place
+    await asyncio.sleep(0.2)  # the subscription is in place
     try:
         sent = [f'{{"n":{i}}}'.encode() for i in range(500)]
         if batched:

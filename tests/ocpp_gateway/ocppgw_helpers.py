@@ -139,50 +139,24 @@ async def until(pred: Any, wait_s: float = 10.0, interval: float = 0.02, what: s
 
 def make_pki(dirpath: Path, server_names: tuple[str, ...] = ("localhost",),
              clients: tuple[str, ...] = ()) -> dict[str, Path]:
-    """A test CA, a server certificate (SAN: names and 127.0.0.1) and client certificates (CN = name)."""
-    import datetime as dt
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    """A test CA, a server certificate (SAN: names and 127.0.0.1) and client certificates (CN = name),
+    P-256, issued with smgw-link's test PKI helpers."""
+    from smgw_link.pki import cert_pem, issue, key_pem, new_key
 
     dirpath.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "chargegate test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-          .not_valid_after(now + dt.timedelta(days=2))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = issue("chargegate test CA", new_key("P-256"), ca=True)
     out = {"ca": dirpath / "ca.pem"}
-    out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    out["ca"].write_bytes(cert_pem(ca.cert))
 
-    def issue(name: str, server: bool) -> tuple[Path, Path]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-             .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
-                                                   else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
-        if server:
-            sans: list[x509.GeneralName] = [x509.DNSName(n) for n in server_names]
-            sans.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
-            b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        cert = b.sign(ca_key, hashes.SHA256())
+    def save(name: str, server: bool) -> tuple[Path, Path]:
+        item = issue(name, new_key("P-256"), ca, server=server, client=not server,
+                     dns=server_names if server else (), ips=("127.0.0.1",) if server else ())
         c, k = dirpath / f"{name}.pem", dirpath / f"{name}.key"
-        c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        k.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                        serialization.NoEncryption()))
+        c.write_bytes(cert_pem(item.cert))
+        k.write_bytes(key_pem(item.key))
         return c, k
 
-    out["server_cert"], out["server_key"] = issue(server_names[0], True)
+    out["server_cert"], out["server_key"] = save(server_names[0], True)
     for cl in clients:
-        out[f"{cl}_cert"], out[f"{cl}_key"] = issue(cl, False)
+        out[f"{cl}_cert"], out[f"{cl}_key"] = save(cl, False)
     return out

@@ -215,8 +215,6 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
                 warnings.append(f"evse {e.id}: its current was measured {mage[e.index]:.0f} s ago (more than "
                                 f"ev_current_max_age_s): the meters count it as other load")
 
-    mems_in = [memory.evses.get(e.id) for e in evses]
-
     # -- metered nodes: non-EV load, stale meters, overdraw ------------------------------------------
     non_ev: dict[int, list[float] | None] = {}
     meter_cur: dict[str, list[float]] = {}
@@ -239,7 +237,7 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
                 evs[1] += mi[1]
                 evs[2] += mi[2]
         ne = [max(0.0, cur[k] - evs[k]) for k in range(3)]
-        floor = _ev_floor(cfg, topo, n, cur, _age(now, r.ts), sub, mage, statuses, mems_in, memory, new)
+        floor = _ev_floor(cfg, topo, n, cur, _age(now, r.ts), sub, mage, statuses, memory, new)
         if floor is not None:
             ne = [max(ne[k], floor[k]) for k in range(3)]
         seen = memory.meter_seen.get(mid)
@@ -645,7 +643,7 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
 
 def _ev_floor(cfg: Controller, topo: Topology, n: int, cur: list[float], meter_age: float,
               sub: list[list[float] | None], mage: list[float], statuses: list[p.EvseStatus | None],
-              mems: list[EvseMemory | None], memory: Memory, new: Memory) -> list[float] | None:
+              memory: Memory, new: Memory) -> list[float] | None:
     """The floor of node ``n``'s non-EV load that EVSEs with non-continuous measurements (OCPP) fix.
 
     The non-EV load is the meter minus the EVs' currents. An OCPP wallbox reports its current only with
@@ -677,7 +675,8 @@ def _ev_floor(cfg: Controller, topo: Topology, n: int, cur: list[float], meter_a
             if upper_sum is None:
                 upper_sum = [0.0, 0.0, 0.0]
                 for j in topo.below[n]:
-                    u = _upper(cfg, topo.evses[j], sub[j], mage[j], statuses[j], mems[j])
+                    ej = topo.evses[j]
+                    u = _upper(cfg, ej, sub[j], mage[j], statuses[j], memory.evses.get(ej.id))
                     if u is not None:
                         upper[j] = u
                         for k in range(3):

@@ -202,11 +202,9 @@ class Connector:
                 continue
             self._triggered_at = now
             self.csms.counters["meter_values_triggered"] += 1
-            payload: dict[str, Any] = {"requestedMessage": "MeterValues"}
-            payload.update({"connectorId": self.n} if sess.version == "1.6" else {"evse": {"id": self.n}})
             try:
-                res = str((await sess.rpc.call("TriggerMessage", payload, timeout_s=max(1.0, min(10.0, iv))))
-                          .get("status"))
+                res = str((await sess.rpc.call("TriggerMessage", _trigger_payload(sess.version, "MeterValues", self.n),
+                                               timeout_s=max(1.0, min(10.0, iv)))).get("status"))
             except (RpcError, TimeoutError) as e:
                 res = repr(e)
             except ConnectionClosed:
@@ -382,16 +380,7 @@ class Connector:
             return "Rejected"
         if what not in known_trigger(s.version):
             return "NotImplemented"
-        if s.version == "1.6":
-            payload: dict[str, Any] = {"requestedMessage": what}
-            if what in ("StatusNotification", "MeterValues"):
-                payload["connectorId"] = self.n
-            res = await self._call("TriggerMessage", payload)
-        else:
-            payload = {"requestedMessage": what}
-            if what in ("StatusNotification", "MeterValues", "TransactionEvent"):
-                payload["evse"] = {"id": self.n, "connectorId": 1} if what == "StatusNotification" else {"id": self.n}
-            res = await self._call("TriggerMessage", payload)
+        res = await self._call("TriggerMessage", _trigger_payload(s.version, what, self.n))
         return str(res["status"]) if res else "Rejected"
 
     async def passthrough(self, version: Version, action: str, payload: dict[str, Any]) -> dict[str, Any] | None:
@@ -426,6 +415,17 @@ class Connector:
 
     async def trigger_meter_values(self) -> None:
         await self.trigger("MeterValues")
+
+
+def _trigger_payload(version: Version, what: str, n: int) -> dict[str, Any]:
+    """TriggerMessage for connector (1.6) / EVSE (2.0.1) ``n``."""
+    payload: dict[str, Any] = {"requestedMessage": what}
+    if version == "1.6":
+        if what in ("StatusNotification", "MeterValues"):
+            payload["connectorId"] = n
+    elif what in ("StatusNotification", "MeterValues", "TransactionEvent"):
+        payload["evse"] = {"id": n, "connectorId": 1} if what == "StatusNotification" else {"id": n}
+    return payload
 
 
 def _sampling_changes(interval: Any, measurands: Any, want: str) -> tuple[str | None, str | None]:

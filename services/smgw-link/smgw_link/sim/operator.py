@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import ssl
-import subprocess
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from chargegate.broker import free_port, mosquitto_binary, wait_port
+from chargegate.broker import LocalBroker, free_port
 from smgw_link.clseedi import messages as m
 
 
@@ -37,7 +36,7 @@ class OperatorBroker:
     cert: Path
     key: Path
     port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
+    broker: LocalBroker | None = None  # the process, run like the project's own broker
 
     def start(self) -> None:
         self.port = self.port or free_port()
@@ -51,25 +50,16 @@ class OperatorBroker:
         if os.geteuid() == 0:
             lines.append("user root")  # our 0600 key stays readable
         conf.write_text("\n".join(lines) + "\n")
-        log = open(self.dir / "operator-mosquitto.log", "ab")
-        self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=log, stderr=log,
-                                     start_new_session=True)
-        log.close()
-        wait_port("127.0.0.1", self.port, 10)
+        self.broker = LocalBroker(conf=conf, port=self.port, log_file=self.dir / "operator-mosquitto.log")
+        self.broker.start()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.broker is not None:
+            self.broker.stop()
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
+        if self.broker is not None:
+            self.broker.kill()
 
 
 @dataclass
