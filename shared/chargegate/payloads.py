@@ -7,7 +7,7 @@ publisher does not break an older consumer; known keys are validated strictly.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -20,6 +20,9 @@ SignedAmps = Annotated[float, Field(ge=-1000, le=1000)]
 PhaseCurrents = Annotated[list[SignedAmps], Field(min_length=3, max_length=3)]
 NonNegPhaseCurrents = Annotated[list[Amps], Field(min_length=3, max_length=3)]
 Ident = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
+
+
+MEASURED_AT_TOLERANCE = timedelta(seconds=1)  # EvseStatus.measured_at may be this much after its ts
 
 
 def utcnow() -> datetime:
@@ -101,6 +104,14 @@ class EvseStatus(Payload):
     flags: list[str] = Field(default_factory=list)
     reason: str | None = None  # why offline / faulted
     source: str | None = None  # the service that reads this EVSE
+
+    @model_validator(mode="after")
+    def _measured_before_published(self) -> EvseStatus:
+        # a measurement newer than its status would stay "fresh" for as long as that clock is ahead
+        if self.measured_at is not None and self.measured_at > self.ts + MEASURED_AT_TOLERANCE:
+            raise ValueError(f"measured_at {self.measured_at.isoformat()} is after the status's ts "
+                             f"{self.ts.isoformat()}")
+        return self
 
 
 class Setpoint(Payload):

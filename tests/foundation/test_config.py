@@ -120,3 +120,18 @@ def test_cli_config_check(tmp_path: Path) -> None:
     r = subprocess.run([*cli, str(bad)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert f"{bad}: evses[2].max_current_a: Input should be less than or equal to 80 (got 100)" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "path", "words"),
+    [
+        ("ocpp:\n  local: {meter_values_interval_s: -1}\n", "ocpp.local.meter_values_interval_s",
+         "greater than or equal to 0"),
+        ("ocpp:\n  local: {meter_values_interval_s: often}\n", "ocpp.local.meter_values_interval_s", "valid number"),
+        ("controller: {ev_current_max_age_s: 0}\n", "controller.ev_current_max_age_s", "greater than or equal to 1"),
+        ("controller: {ev_current_fresh_s: 120}\n", "controller.ev_current_fresh_s", "less than or equal to 60"),
+    ],
+)
+def test_measurement_age_settings_are_checked(extra: str, path: str, words: str) -> None:
+    errs = errors_of(BASE + extra)
+    assert any(p == path and words in m for p, m in errs), errs

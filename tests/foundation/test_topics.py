@@ -91,6 +91,11 @@ def test_topic_builder_rejects_bad_segments() -> None:
         ("chargegate/meter/m1/reading", b'{"meter_id": "m1", "current_a": [1, 2]}', "current_a"),
         ("chargegate/evse/wb1/status", b'{"evse_id": "wb1", "online": true, "state": "flying"}', "state"),
         ("chargegate/evse/wb1/status", b"\xff\xfe", "not JSON"),
+        ("chargegate/evse/wb1/status", b'{"evse_id": "wb1", "online": true, "state": "charging", "ts": '
+                                       b'"2030-01-01T00:00:00Z", "measured_at": "2030-01-01T00:05:00Z"}',
+         "measured_at 2030-01-01T00:05:00+00:00 is after the status's ts"),
+        ("chargegate/evse/wb1/status", b'{"evse_id": "wb1", "online": true, "state": "charging", '
+                                       b'"measured_at": "2030-01-01T00:05:00"}', "timezone"),
     ],
 )
 def test_invalid_payload_dropped_logged_and_counted(topic: str, payload: bytes, error: str,

@@ -219,6 +219,13 @@ async def test_odd_inputs_are_counted_and_survived(env: Env) -> None:
     assert env.last("wb1").current_a == 16  # type: ignore[union-attr]
     assert counters["cycle_errors"] == 0
     assert env.ctl.inputs.readings["grid-meter"].ts < p.utcnow() + timedelta(seconds=5)
+    # a status stamped in the future (its clock ahead), its measurement too: both taken as of arrival, so the
+    # measurement ages from now on
+    ahead = p.utcnow() + timedelta(days=365)
+    st = env.ctl._stamp(p.EvseStatus(evse_id="wb2", online=True, state="charging", current_a=[6, 6, 6],
+                                     measured_at=ahead, ts=ahead), "chargegate/evse/wb2/status")
+    assert isinstance(st, p.EvseStatus) and st.measured_at is not None
+    assert st.measured_at <= st.ts < p.utcnow() + timedelta(seconds=5)
     await gw.stop()
     env.smgw.clear("grid.limit", source="local")
     env.smgw.clear("grid.limit", source="supplier")

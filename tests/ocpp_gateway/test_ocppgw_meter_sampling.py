@@ -34,6 +34,8 @@ BOXES = {  # evse id: (charge box id, version, WallboxSim keyword arguments)
     "slow201": ("SLOW201", "2.0.1", {"meter_interval_s": 60, "measurands": ENERGY_POWER}),
     "fast16": ("FAST16", "1.6", {"meter_interval_s": 1}),
     "stubborn": ("STUBBORN", "1.6", {"meter_interval_s": 60, "readonly": frozenset({"MeterValueSampleInterval"})}),
+    "nocurrent": ("NOCURRENT", "1.6", {"meter_interval_s": 1, "measurands": ENERGY_POWER,
+                                       "readonly": frozenset({"MeterValuesSampledData"})}),
     "deaf": ("DEAF", "2.0.1", {"meter_interval_s": 60, "readonly": frozenset({"TxUpdatedInterval"}),
                                "triggers": False}),
 }
@@ -141,6 +143,18 @@ async def test_a_wallbox_that_neither_samples_nor_answers_triggers_ages(rig: Rig
     assert rig.status["deaf"].measured_at == st.measured_at
     assert _age(rig.status["deaf"]) > 1.5 * INTERVAL
     rig.boxes["deaf"].unplug(1)
+
+
+async def test_meter_values_without_currents_are_counted_and_the_measurement_ages(rig: Rig) -> None:
+    counters = rig.gw.local.counters  # type: ignore[union-attr]
+    before = counters["meter_values_without_currents"]
+    st = await _charging(rig, "nocurrent")
+    # MeterValues every second, with energy and power only (the wallbox refused Current.Import)
+    await until(lambda: counters["meter_values_without_currents"] >= before + 2, 5, what="counted")
+    assert not rig.boxes["nocurrent"].sends_currents()
+    assert rig.status["nocurrent"].measured_at == st.measured_at  # no current measured since the status change
+    assert rig.status["nocurrent"].current_a == [0.0, 0.0, 0.0]
+    rig.boxes["nocurrent"].unplug(1)
 
 
 async def test_a_broken_answer_to_the_sampling_questions_is_counted_and_dropped(rig: Rig) -> None:

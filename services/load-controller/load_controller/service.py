@@ -139,7 +139,10 @@ class LoadController:
         if (payload.ts - now).total_seconds() > FUTURE_TOLERANCE_S:
             self._once(f"future:{topic}", "future_timestamps", "message stamped in the future, using arrival time",
                        topic=topic, ts=payload.ts.isoformat())
-            return payload.model_copy(update={"ts": now})
+            update: dict[str, object] = {"ts": now}
+            if isinstance(payload, p.EvseStatus) and payload.measured_at is not None:
+                update["measured_at"] = min(payload.measured_at, now)  # its measurement is no newer than that
+            return payload.model_copy(update=update)
         return payload
 
     def on_status(self, msg: Message) -> None:
