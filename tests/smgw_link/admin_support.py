@@ -1,15 +1,22 @@
-"""Helpers for the admin API tests: a minimal HTTP/1.1 client over real TCP (optionally TLS, or an
-already open channel such as the SMGW simulator's inbound connection) and configuration text."""
+"""Helpers for the smgw-link tests: the service run in this process, a minimal HTTP/1.1 client over real
+TCP (optionally TLS, or an already open channel such as the SMGW simulator's inbound connection) and
+configuration text."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+from chargegate import config as cfgmod
 from chargegate.broker import free_port
+from chargegate.runtime import ServiceContext, start_context, stop_context
 from conftest import BrokerHandle
+from smgw_link.service import serve
 from smgw_link.sim.smgw import http_request
 
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
@@ -18,6 +25,20 @@ VIEWER_TOKEN = "viewer-token-0123456789abcdef"
 VARS_TOKEN = "vars-token-0123456789"
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+@contextlib.asynccontextmanager
+async def running_link(cfg: cfgmod.Config, path: Path) -> AsyncIterator[ServiceContext]:
+    """smgw-link in this process (its ``serve`` as a task) on ``cfg``; cancelled and stopped on exit."""
+    ctx = await start_context("smgw-link", cfg, path, connect_timeout=5)
+    task = asyncio.create_task(serve(ctx))
+    try:
+        yield ctx
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        await stop_context(ctx)
 
 
 def listen_port() -> int:

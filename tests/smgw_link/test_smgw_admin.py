@@ -12,20 +12,27 @@ from typing import Any
 
 import pytest
 import yaml
-from admin_support import ADMIN_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN, accounts_yaml, admin_yaml, api, listen_port
+from admin_support import (
+    ADMIN_TOKEN,
+    OPERATOR_TOKEN,
+    VIEWER_TOKEN,
+    accounts_yaml,
+    admin_yaml,
+    api,
+    listen_port,
+    running_link,
+)
 
 from chargegate import payloads as p
 from chargegate.bus import Bus
 from chargegate.config import load
-from chargegate.runtime import ServiceContext, start_context, stop_context
+from chargegate.runtime import ServiceContext
 from conftest import BrokerHandle, connected_bus, make_config, wait_for
-from smgw_link.service import serve
 
 
 @dataclass
 class AdminRig:
     ctx: ServiceContext
-    task: asyncio.Task[None]
     port: int
     path: Path
     observer: Bus
@@ -74,31 +81,26 @@ async def rig(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory) ->
     port = listen_port()
     cfg = make_config(tmp, rig_yaml(broker, port))
     observer = await connected_bus(broker, "observer")
-    ctx = await start_context("smgw-link", cfg, tmp / "chargegate.yaml", connect_timeout=5)
-    r = AdminRig(ctx, asyncio.create_task(serve(ctx)), port, tmp / "chargegate.yaml", observer)
-    observer.subscribe("service.command", lambda msg: r.commands.append((msg.params["service"], msg.payload)))
-    observer.subscribe("grid.limit", lambda msg: r.limits.setdefault(msg.params["source"], []).append(msg.payload))
-    observer.subscribe("service.health", lambda msg: r.health.append(msg.payload), service="smgw-link")
-
-    async def up() -> bool:
-        try:
-            return (await r.call("GET", "/v1/whoami"))[0] == 200
-        except OSError:
-            return False
-
-    for _ in range(200):
-        if await up():
-            break
-        await asyncio.sleep(0.05)
     try:
-        yield r
+        async with running_link(cfg, tmp / "chargegate.yaml") as ctx:
+            r = AdminRig(ctx, port, tmp / "chargegate.yaml", observer)
+            observer.subscribe("service.command", lambda msg: r.commands.append((msg.params["service"], msg.payload)))
+            observer.subscribe("grid.limit",
+                               lambda msg: r.limits.setdefault(msg.params["source"], []).append(msg.payload))
+            observer.subscribe("service.health", lambda msg: r.health.append(msg.payload), service="smgw-link")
+
+            async def up() -> bool:
+                try:
+                    return (await r.call("GET", "/v1/whoami"))[0] == 200
+                except OSError:
+                    return False
+
+            for _ in range(200):
+                if await up():
+                    break
+                await asyncio.sleep(0.05)
+            yield r
     finally:
-        r.task.cancel()
-        try:
-            await r.task
-        except (asyncio.CancelledError, Exception):
-            pass
-        await stop_context(ctx)
         await observer.stop()
 
 

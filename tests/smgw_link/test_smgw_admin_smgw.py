@@ -23,6 +23,7 @@ from admin_support import (
     api,
     listen_port,
     request,
+    running_link,
 )
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
@@ -30,11 +31,10 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from chargegate import payloads as p
 from chargegate.bus import Bus
 from chargegate.config import load
-from chargegate.runtime import ServiceContext, start_context, stop_context
+from chargegate.runtime import ServiceContext
 from conftest import BrokerHandle, connected_bus, make_config, wait_for
 from smgw_link.certstore import CertStore
 from smgw_link.pki import Issued, Pki, cert_pem, issue, key_pem, make_pki, new_key
-from smgw_link.service import serve
 from smgw_link.sim.smgw import SmgwSim
 
 
@@ -56,7 +56,6 @@ class Rig:
     tls: Tls
     sim: SmgwSim
     ctx: ServiceContext
-    task: asyncio.Task[None]
     observer: Bus
     admin_port: int
     inbound_port: int
@@ -159,21 +158,15 @@ async def rig(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory) ->
     admin_port, inbound_port = listen_port(), listen_port()
     cfg = make_config(tmp, rig_yaml(broker, pki, tls, sim.port, admin_port, inbound_port, tmp / "store"))
     observer = await connected_bus(broker, "observer")
-    ctx = await start_context("smgw-link", cfg, tmp / "chargegate.yaml", connect_timeout=5)
-    r = Rig(pki, tls, sim, ctx, asyncio.create_task(serve(ctx)), observer, admin_port, inbound_port,
-            tmp / "chargegate.yaml")
-    observer.subscribe("grid.limit", lambda msg: r.limits.setdefault(msg.params["source"], []).append(msg.payload))
-    observer.subscribe("link.smgw", lambda msg: r.links.append(msg.payload))
     try:
-        await wait_for(lambda: bool(r.links) and r.links[-1].state == p.LinkState.UP, 15)
-        yield r
+        async with running_link(cfg, tmp / "chargegate.yaml") as ctx:
+            r = Rig(pki, tls, sim, ctx, observer, admin_port, inbound_port, tmp / "chargegate.yaml")
+            observer.subscribe("grid.limit",
+                               lambda msg: r.limits.setdefault(msg.params["source"], []).append(msg.payload))
+            observer.subscribe("link.smgw", lambda msg: r.links.append(msg.payload))
+            await wait_for(lambda: bool(r.links) and r.links[-1].state == p.LinkState.UP, 15)
+            yield r
     finally:
-        r.task.cancel()
-        try:
-            await r.task
-        except (asyncio.CancelledError, Exception):
-            pass
-        await stop_context(ctx)
         await observer.stop()
         await sim.stop()
 

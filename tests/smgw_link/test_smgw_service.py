@@ -11,16 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from admin_support import running_link
 
 from chargegate import payloads as p
 from chargegate.broker import free_port
 from chargegate.bus import Bus
-from chargegate.runtime import ServiceContext, start_context, stop_context
+from chargegate.runtime import ServiceContext
 from conftest import BrokerHandle, connected_bus, make_config, wait_for
 from smgw_link.certstore import CertStore
 from smgw_link.clseedi import messages as m
 from smgw_link.pki import Pki, make_pki
-from smgw_link.service import serve
 from smgw_link.sim.operator import OperatorBackend, OperatorBroker
 from smgw_link.sim.smgw import SmgwSim, http_request
 
@@ -34,7 +34,6 @@ class Rig:
     op_broker: OperatorBroker
     backend: OperatorBackend
     ctx: ServiceContext
-    task: asyncio.Task[None]
     observer: Bus
     controller: Bus
     http_port: int
@@ -114,22 +113,16 @@ async def rig(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory) ->
     controller = await connected_bus(broker, "load-controller")
     controller.publish("service.health", p.Health(service="load-controller", status=p.HealthStatus.ONLINE),
                        service="load-controller")
-    ctx = await start_context("smgw-link", cfg, tmp / "chargegate.yaml", connect_timeout=5)
-    r = Rig(pki, sim, op_broker, backend, ctx, asyncio.create_task(serve(ctx)), observer, controller, http_port,
-            inbound_port)
-    observer.subscribe("grid.limit", lambda msg: r.limits.setdefault(msg.params["source"], []).append(msg.payload))
-    observer.subscribe("link.smgw", lambda msg: r.links.append(msg.payload))
-    observer.subscribe("tariff.current", lambda msg: r.tariffs.append(msg.payload))
     try:
-        await wait_for(lambda: bool(r.links) and r.links[-1].state == p.LinkState.UP, 15)
-        yield r
+        async with running_link(cfg, tmp / "chargegate.yaml") as ctx:
+            r = Rig(pki, sim, op_broker, backend, ctx, observer, controller, http_port, inbound_port)
+            observer.subscribe("grid.limit",
+                               lambda msg: r.limits.setdefault(msg.params["source"], []).append(msg.payload))
+            observer.subscribe("link.smgw", lambda msg: r.links.append(msg.payload))
+            observer.subscribe("tariff.current", lambda msg: r.tariffs.append(msg.payload))
+            await wait_for(lambda: bool(r.links) and r.links[-1].state == p.LinkState.UP, 15)
+            yield r
     finally:
-        r.task.cancel()
-        try:
-            await r.task
-        except (asyncio.CancelledError, Exception):
-            pass
-        await stop_context(ctx)
         await backend.stop()
         await observer.stop()
         await controller.stop()
