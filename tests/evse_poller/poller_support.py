@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -11,10 +13,25 @@ from pymodbus.client import AsyncModbusTcpClient
 from chargegate import config as cfgmod
 from chargegate import payloads as p
 from chargegate.broker import free_port
+from evse_poller.poller import MemoryPublisher, Poller
+from evse_poller.sim import Simulators
 
 EVSE_PROFILES = ["alfen-eve", "heidelberg-energy-control", "phoenix-charx", "webasto-next", "abl-emh"]
 SHORT = {"alfen-eve": "alfen", "heidelberg-energy-control": "heidelberg", "phoenix-charx": "charx",
          "webasto-next": "webasto", "abl-emh": "abl"}
+
+
+@contextlib.asynccontextmanager
+async def polling(cfg: cfgmod.Config, sims: Simulators) -> AsyncIterator[tuple[Simulators, Poller, MemoryPublisher]]:
+    """``sims`` started and a poller on ``cfg`` publishing into memory; both stopped on exit."""
+    await sims.start()
+    pub = MemoryPublisher()
+    poller = Poller(cfg, pub)
+    try:
+        yield sims, poller, pub
+    finally:
+        await poller.stop()
+        await sims.stop()
 
 
 def tcp_config(tmp: Path, *, watchdog_s: float = 15.0, extra: str = "", broker_port: int | None = None

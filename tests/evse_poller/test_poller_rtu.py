@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from poller_support import setpoint
+from poller_support import polling, setpoint
 
 from chargegate import config as cfgmod
 from chargegate import payloads as p
@@ -55,14 +55,8 @@ async def serial_rig(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
     tmp = tmp_path_factory.mktemp("rtu")
     cfg = _config(tmp, free_port())
     sims = Simulators(cfg)
-    await sims.start()
-    pub = MemoryPublisher()
-    poller = Poller(cfg, pub)
-    try:
-        yield sims, poller, pub
-    finally:
-        await poller.stop()
-        await sims.stop()
+    async with polling(cfg, sims) as rig:
+        yield rig
 
 
 async def test_two_devices_share_one_rs485_line(serial_rig) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from poller_support import setpoint, tcp_config
+from poller_support import polling, setpoint, tcp_config
 
 from chargegate import payloads as p
 from evse_poller.poller import MemoryPublisher, Poller
@@ -22,14 +22,8 @@ async def rig(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[S
     sims = Simulators(cfg)
     for evse in ("alfen", "webasto", "charx"):
         sims.point(evse).energy_wh = 1234.4  # wallboxes that have charged before
-    await sims.start()
-    pub = MemoryPublisher()
-    poller = Poller(cfg, pub)
-    try:
-        yield sims, poller, pub
-    finally:
-        await poller.stop()
-        await sims.stop()
+    async with polling(cfg, sims) as rig:
+        yield rig
 
 
 @pytest.mark.parametrize("evse", ["alfen", "webasto", "charx"])

@@ -8,7 +8,7 @@ import struct
 from collections.abc import AsyncIterator
 
 import pytest
-from poller_support import EVSE_PROFILES, SHORT, eventually, read_raw, setpoint, tcp_config
+from poller_support import EVSE_PROFILES, SHORT, eventually, polling, read_raw, setpoint, tcp_config
 
 from chargegate import payloads as p
 from evse_poller.poller import MemoryPublisher, Poller
@@ -30,15 +30,9 @@ async def rig(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Rig]:
     cfg, ports = tcp_config(tmp, watchdog_s=2.0)
     settings = {"alfen": SimSettings(safe_current_a=6.0, validity_s=2.0)}
     sims = Simulators(cfg, base_load_a=(2.0, 1.0, 0.5), settings=settings)
-    await sims.start()
-    pub = MemoryPublisher()
-    poller = Poller(cfg, pub)
-    assert poller.broken == {} and sims.skipped == {}
-    try:
+    async with polling(cfg, sims) as (_, poller, pub):
+        assert poller.broken == {} and sims.skipped == {}
         yield Rig(sims, poller, pub, ports)
-    finally:
-        await poller.stop()
-        await sims.stop()
 
 
 async def test_every_profile_reads_its_simulator(rig: Rig) -> None:

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from poller_support import setpoint, tcp_config
+from poller_support import polling, setpoint, tcp_config
 
 from chargegate import payloads as p
 from evse_poller.poller import MemoryPublisher, Poller
@@ -22,14 +22,8 @@ from evse_poller.sim import Simulators
 async def rig(tmp_path) -> AsyncIterator[tuple[Simulators, Poller, MemoryPublisher]]:  # type: ignore[no-untyped-def]
     cfg, _ports = tcp_config(tmp_path)
     sims = Simulators(cfg)
-    await sims.start()
-    pub = MemoryPublisher()
-    poller = Poller(cfg, pub)
-    try:
-        yield sims, poller, pub
-    finally:
-        await poller.stop()
-        await sims.stop()
+    async with polling(cfg, sims) as rig:
+        yield rig
 
 
 async def _applied(poller: Poller) -> None:
