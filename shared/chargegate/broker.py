@@ -22,9 +22,9 @@ from pathlib import Path
 
 from chargegate.bus import BusSettings
 from chargegate.config import Config
-from chargegate.topics import SERVICES, SPECS, Registry
+from chargegate.topics import SERVICES, SPECS, USERS, Registry
 
-ACCOUNTS: tuple[str, ...] = (*SERVICES, "observer", "admin", "sim")
+ACCOUNTS: tuple[str, ...] = (*SERVICES, "observer", "admin", "sim", *USERS)
 PBKDF2_ITERATIONS = 101
 
 
@@ -80,6 +80,10 @@ def render_acl(root: str) -> str:
     lines += ["user observer", f"topic read {root}/#", "topic read $SYS/#", ""]
     lines += ["user admin", f"topic read {root}/#", f"topic write {root}/service/+/command", ""]
     lines += ["user sim", f"topic readwrite {root}/sim/#", ""]
+    for account in USERS:  # the household: reads the installation, writes only its commands (charging mode)
+        lines += [f"user {account}", f"topic read {root}/#"]
+        lines += [f"topic write {root}/{spec.wildcard}" for spec in SPECS if account in spec.writers]
+        lines.append("")
     return "\n".join(lines)
 
 

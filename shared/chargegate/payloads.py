@@ -294,6 +294,7 @@ class EvseAllocation(BaseModel):
     wanted: bool = True
     bound_by: str  # the limit or rule that bound it, e.g. "node:garage:L2", "grid_limit:dso", "evse_max"
     detail: str | None = None
+    mode: str | None = None  # the charging mode in force (evse/<id>/mode), None: rules (the default)
 
 
 class Allocation(Payload):
@@ -303,6 +304,115 @@ class Allocation(Payload):
     evses: list[EvseAllocation] = Field(default_factory=list)
     limits: dict[str, Any] = Field(default_factory=dict)  # limits in force with their sources
     solve_ms: float | None = None
+
+
+class ChargingModeName(StrEnum):
+    """What the household wants for one EVSE (``evse/<evse_id>/mode``). A mode never overrides safety or
+    grid-operator limits: it only chooses among what the fuses, limits and §14a leave."""
+
+    OFF = "off"  # do not charge
+    NOW = "now"  # as fast as the installation allows (the configured rules are lifted)
+    RULES = "rules"  # the configured charging rules (the default)
+    SOLAR = "solar"  # from measured export (surplus) only
+    SOLAR_MIN = "solar+min"  # the minimum current from the grid, the rest from surplus
+
+
+HHMM = Annotated[str, Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")]
+
+
+class SessionTarget(BaseModel):
+    """A per-session target: ``energy_wh`` charged in the session by local time ``by`` (HH:MM). It ends
+    with the session it was set in."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    energy_wh: float = Field(gt=0, le=500_000)
+    by: HHMM
+    session_id: str | None = Field(default=None, max_length=64, description="the session it belongs to")
+
+
+class ModeCommand(Payload):
+    """``evse/<evse_id>/mode/set`` (not retained): set the charging mode and/or the session target.
+    Written by the ``user`` account (household, web page, Home Assistant) and smgw-link's admin API."""
+
+    evse_id: Ident
+    mode: ChargingModeName | None = None  # None: keep the mode (e.g. only a target)
+    target: SessionTarget | None = None
+    clear_target: bool = False
+    request_id: str | None = Field(default=None, max_length=64)
+    source: str = Field(default="user", max_length=64)
+
+
+class ChargingMode(Payload):
+    """``evse/<evse_id>/mode`` (retained): the mode in force, written by the history service, which keeps
+    it across restarts; the load controller honours it."""
+
+    evse_id: Ident
+    mode: ChargingModeName = ChargingModeName.RULES
+    target: SessionTarget | None = None
+    set_by: str | None = Field(default=None, max_length=64)
+    set_at: AwareDatetime | None = None
+
+
+class TariffShare(BaseModel):
+    """The part of a session charged in one tariff period, at the price configured for its level."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    period_id: str | None = Field(default=None, max_length=128)  # None: no tariff known at the time
+    level: str = Field(max_length=16)  # low / normal / high / unknown
+    start: AwareDatetime
+    end: AwareDatetime | None = None
+    energy_wh: float = Field(ge=0)
+    price_ct_per_kwh: float | None = None
+    cost: float | None = None  # in the configured currency
+
+
+class SessionRecord(Payload):
+    """``history/session/<evse_id>`` (retained): the EVSE's last recorded session, as the history
+    service keeps it (open while ``stopped`` is None)."""
+
+    evse_id: Ident
+    record_id: int = Field(ge=0)
+    session_id: str = Field(max_length=64)
+    started: AwareDatetime
+    stopped: AwareDatetime | None = None
+    id_tag: str | None = Field(default=None, max_length=64)
+    energy_start_wh: float | None = None
+    energy_stop_wh: float | None = None
+    energy_wh: float = Field(default=0, ge=0)
+    peak_power_w: float | None = None
+    phases: int = Field(default=0, ge=0, le=3)
+    cost: float | None = None
+    currency: str = "EUR"
+    tariffs: list[TariffShare] = Field(default_factory=list, max_length=500)
+    signed_values: int = Field(default=0, ge=0)  # signed meter data kept with it (OCMF etc.)
+
+
+class ControlKind(StrEnum):
+    LIMIT = "limit"  # a grid-operator or supplier limit (grid/limit/<source>)
+    EVSE_LIMIT = "evse_limit"  # a per-EVSE limit from the OCPP backend (evse/<id>/limit)
+    FAILSAFE = "failsafe"  # a failsafe period
+    LINK_OUTAGE = "link_outage"  # the SMGW link was down
+
+
+class ControlRecord(Payload):
+    """``history/control/<kind>`` (retained): the latest recorded control action of that kind."""
+
+    record_id: int = Field(ge=0)
+    kind: ControlKind
+    source: str | None = Field(default=None, max_length=64)
+    scope: str | None = Field(default=None, max_length=64)
+    started: AwareDatetime
+    ended: AwareDatetime | None = None
+    valid_until: AwareDatetime | None = None
+    power_w: float | None = None
+    current_a: list[float] | None = None
+    raised_to_floor: bool | None = None
+    effective_w: float | None = None
+    limit_id: str | None = Field(default=None, max_length=128)
+    answer: str | None = Field(default=None, max_length=256)
+    detail: str | None = Field(default=None, max_length=512)
 
 
 class HealthStatus(StrEnum):

@@ -27,7 +27,9 @@ DEFAULT_ROOT = "chargegate"
 _PARAM = re.compile(r"\{([a-z_]+)\}")
 _SEGMENT_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
-SERVICES = ("evse-poller", "ocpp-gateway", "load-controller", "smgw-link")
+SERVICES = ("evse-poller", "ocpp-gateway", "load-controller", "smgw-link", "history")
+# broker accounts that write topics but are no service: the household (web page, Home Assistant, scripts)
+USERS = ("user",)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,14 @@ SPECS: tuple[TopicSpec, ...] = (
               "remote start/stop and availability from the backend, carried out by the EVSE's driver"),
     TopicSpec("evse.command_result", "evse/{evse_id}/command/result", p.EvseCommandResult, False, 1,
               ("evse-poller", "ocpp-gateway"), "the answer to an EVSE command"),
+    TopicSpec("evse.mode", "evse/{evse_id}/mode", p.ChargingMode, True, 1, ("history",),
+              "the charging mode in force (off, now, rules, solar, solar+min) and the session target"),
+    TopicSpec("evse.mode_set", "evse/{evse_id}/mode/set", p.ModeCommand, False, 1, ("user", "smgw-link"),
+              "set the charging mode or the session target (the user account, the admin API)"),
+    TopicSpec("history.session", "history/session/{evse_id}", p.SessionRecord, True, 1, ("history",),
+              "the EVSE's last recorded session (open or finished): energy, cost, tariff periods"),
+    TopicSpec("history.control", "history/control/{kind}", p.ControlRecord, True, 1, ("history",),
+              "the latest recorded control action of a kind (limit, failsafe, link_outage)"),
     TopicSpec("meter.reading", "meter/{meter_id}/reading", p.MeterReading, True, 1, ("evse-poller",),
               "per-phase currents, voltages, power and energy of a meter"),
     TopicSpec("grid.limit", "grid/limit/{source}", p.GridLimit, True, 1, ("smgw-link",),

@@ -17,15 +17,16 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from chargegate.config.base import Ident, Port, Secret, Strict
 from chargegate.config.controller import Controller
+from chargegate.config.history import History
 from chargegate.config.installation import Circuit, Evse, Meter, ModbusConnection
 from chargegate.config.ocpp import Ocpp
 from chargegate.config.poller import Poller
 from chargegate.config.smgw import Smgw
-from chargegate.topics import SERVICES, format_loc
+from chargegate.topics import SERVICES, USERS, format_loc
 
 __all__ = [
     "Admin", "AdminClient", "AdminTls", "Broker", "Circuit", "Config", "ConfigError", "Controller", "Evse",
-    "Logging", "Meter", "ModbusConnection", "Ocpp", "Poller", "Secret", "Site", "Smgw", "load", "loads",
+    "History", "Logging", "Meter", "ModbusConnection", "Ocpp", "Poller", "Secret", "Site", "Smgw", "load", "loads",
     "resolve_paths", "validate_data",
 ]
 
@@ -65,7 +66,7 @@ class Broker(Strict):
 
     @model_validator(mode="after")
     def _known_accounts(self) -> Broker:
-        allowed = {*SERVICES, "observer", "admin", "sim"}
+        allowed = {*SERVICES, "observer", "admin", "sim", *USERS}
         unknown = set(self.accounts) - allowed
         if unknown:
             raise ValueError(f"unknown broker account(s) {sorted(unknown)}; known: {sorted(allowed)}")
@@ -154,6 +155,7 @@ class Config(Strict):
     smgw: Smgw = Field(default_factory=Smgw)
     poller: Poller = Field(default_factory=Poller)
     admin: Admin = Field(default_factory=Admin)
+    history: History = Field(default_factory=History)
     services: list[Ident] = Field(default_factory=lambda: list(SERVICES),
                                   description="services `chargegate run` starts")
 
