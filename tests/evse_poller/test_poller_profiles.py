@@ -52,11 +52,12 @@ GOLDEN = {
                       ("state", "holding", 1299, DType.STRING, 1.0),
                       ("charging_release", "holding", 1300, DType.UINT16, 1.0),
                       ("max_current", "holding", 1301, DType.UINT16, 1.0)],
-    # Webasto Next: 1000 state, 1008 current mA, 1036 energy Wh, 2000/2002 failsafe, 5004 current, 6000 life bit
-    "webasto-next": [("state", "input", 1000, DType.UINT16, 1.0),
-                     ("current_l1", "input", 1008, DType.UINT16, 0.001),
-                     ("current_l2", "input", 1010, DType.UINT16, 0.001),
-                     ("energy", "input", 1036, DType.UINT32, 1.0),
+    # Webasto Next (OpenEMS, evcc, HA integration): every register a holding register (FC03)
+    "webasto-next": [("state", "holding", 1000, DType.UINT16, 1.0),
+                     ("current_l1", "holding", 1008, DType.UINT16, 0.001),
+                     ("current_l2", "holding", 1010, DType.UINT16, 0.001),
+                     ("power", "holding", 1020, DType.UINT32, 1.0),
+                     ("energy", "holding", 1036, DType.UINT32, 1.0),
                      ("failsafe_current", "holding", 2000, DType.UINT16, 1.0),
                      ("failsafe_timeout", "holding", 2002, DType.UINT16, 1.0),
                      ("max_current", "holding", 5004, DType.UINT16, 1.0),
@@ -117,6 +118,7 @@ GOOD = {
                   "max_current": {"table": "holding", "address": 2, "access": "rw"}},
     "state": {"register": "state", "codes": {1: "A"}},
     "current": {"register": "max_current"},
+    "safe_current": {"min_a": 6, "max_a": 16, "zero_is_off": True, "outside": "the device refuses it"},
 }
 
 
@@ -146,6 +148,7 @@ def test_errors_name_file_path_and_problem():
     msg = _bad(state={"register": "state", "codes": {1: "Z"}})
     assert "state.codes" in msg
     assert "unknown key" in _bad(colour="red")
+    assert "safe_current: an EVSE profile declares" in _bad(safe_current=None)
     msg = _bad(registers={"state": {"table": "input", "address": 1, "type": "string"},
                           "max_current": {"table": "holding", "address": 2, "access": "rw"}})
     assert "count" in msg
@@ -193,5 +196,7 @@ def test_poll_plans():
     assert poll_plan("alfen-eve") == [("holding", 320, 58), ("holding", 1201, 9)]
     assert poll_plan("heidelberg-energy-control") == [("input", 5, 14)]  # all documented, one request
     assert poll_plan("abl-emh") == [("holding", 0x2E, 5)]  # the documented 5-register status report
-    assert poll_plan("webasto-next") == [("input", 1000, 38)]
+    # the Webasto refuses reads across undocumented registers (OpenEMS: "cannot read the gaps")
+    assert poll_plan("webasto-next") == [("holding", 1000, 1), ("holding", 1008, 1), ("holding", 1010, 1),
+                                         ("holding", 1012, 1), ("holding", 1020, 2), ("holding", 1036, 2)]
     assert poll_plan("phoenix-charx") == [("holding", 1238, 8), ("holding", 1250, 4), ("holding", 1299, 1)]

@@ -189,6 +189,9 @@ class EvseDevice(_Base):
         super().__init__(evse.id, profile, link, target, settings, counters, log, evse.modbus.poll_interval_s)
         if profile.kind != "evse":
             raise DeviceError(f"profile {profile.name} is a {profile.kind} profile, not an EVSE profile")
+        problem = profile.safe_current_problem(evse.safe_current_a)
+        if problem is not None:
+            raise DeviceError(f"safe_current_a: {problem}")
         self.evse = evse
         self.control = control or logic.Control()
         self.setpoint: p.Setpoint | None = None
@@ -236,11 +239,8 @@ class EvseDevice(_Base):
             await self._init_write(wd.timeout_register, encode_value(prof, reg, self.watchdog_s))
         if wd is not None and wd.failsafe_register is not None:
             reg = prof.registers[wd.failsafe_register]
-            cc = prof.current
-            assert cc is not None
-            safe = self.evse.safe_current_a
-            safe = 0.0 if safe < max(cc.min_a, self.evse.min_current_a) else min(safe, cc.max_a)
-            await self._init_write(wd.failsafe_register, encode_value(prof, reg, safe))
+            # the range was checked when the device was set up (profile.safe_current)
+            await self._init_write(wd.failsafe_register, encode_value(prof, reg, self.evse.safe_current_a))
         for w in prof.init:
             await self._init_write(w.reg, encode_raw(prof, prof.registers[w.reg], w.value))
         if prof.enable is not None and not self.control.enabled:

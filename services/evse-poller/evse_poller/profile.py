@@ -182,6 +182,31 @@ class Watchdog(_Strict):
     note: str | None = None
 
 
+class SafeCurrent(_Strict):
+    """What the device accepts as the EVSE's ``safe_current_a``.
+
+    Where the profile programs a failsafe register (``watchdog.failsafe_register``) this is the
+    range of that register: the current the device falls back to by itself when chargegate is
+    gone. Elsewhere it is the range of the current register, where the poller writes the safe
+    current while it runs and has no valid setpoint. ``chargegate config check`` refuses a value
+    outside it and says, from ``outside``, what the device would do instead.
+    """
+
+    min_a: float = Field(ge=0, le=80, description="lowest current besides off")
+    max_a: float = Field(gt=0, le=80)
+    zero_is_off: bool = Field(description="0 A is accepted and means: no charging")
+    outside: str = Field(min_length=10, description="what the device does with a value outside the range")
+
+    def allowed(self) -> str:
+        rng = f"{self.min_a:g}..{self.max_a:g} A"
+        return f"0 (off) or {rng}" if self.zero_is_off else rng
+
+    def accepts(self, value_a: float) -> bool:
+        if value_a == 0:
+            return self.zero_is_off
+        return self.min_a - 1e-9 <= value_a <= self.max_a + 1e-9
+
+
 class InitWrite(_Strict):
     reg: Name = Field(alias="register")
     value: int
@@ -211,6 +236,7 @@ class Profile(_Strict):
     phases: PhaseControl | None = None
     enable: EnableControl | None = None
     watchdog: Watchdog | None = None
+    safe_current: SafeCurrent | None = None
     init: list[InitWrite] = Field(default_factory=list)
     notes: str | None = None
 
@@ -246,6 +272,10 @@ class Profile(_Strict):
                 need(self.current.reg, "current.register", writable=True)
                 if self.current.min_a > self.current.max_a:
                     errs.append("current: min_a is above max_a")
+            if self.safe_current is None:
+                errs.append("safe_current: an EVSE profile declares the safe/failsafe current range it accepts")
+            elif self.safe_current.min_a > self.safe_current.max_a:
+                errs.append("safe_current: min_a is above max_a")
             if self.phases is not None:
                 need(self.phases.reg, "phases.register", writable=True)
             if self.enable is not None:
@@ -257,7 +287,7 @@ class Profile(_Strict):
                 if self.watchdog.keepalive is not None:
                     need(self.watchdog.keepalive.reg, "watchdog.keepalive.register", writable=True)
         else:
-            for section in ("state", "current", "phases", "enable", "watchdog"):
+            for section in ("state", "current", "phases", "enable", "watchdog", "safe_current"):
                 if getattr(self, section) is not None:
                     errs.append(f"{section}: a meter profile has no {section} section")
             if not any(k in regs for k in ("current_l1", "power")):
@@ -274,6 +304,20 @@ class Profile(_Strict):
         return self
 
     # -- helpers -------------------------------------------------------------------------------
+    @property
+    def programs_failsafe(self) -> bool:
+        """The device is told the safe current and applies it by itself when chargegate is silent."""
+        return self.watchdog is not None and self.watchdog.failsafe_register is not None
+
+    def safe_current_problem(self, value_a: float) -> str | None:
+        """Why ``value_a`` cannot be this device's ``safe_current_a`` (None: it can)."""
+        sc = self.safe_current
+        if sc is None or sc.accepts(value_a):
+            return None
+        what = ("failsafe current (programmed into the device, applied by it when chargegate is silent)"
+                if self.programs_failsafe else "safe current (written by the poller when no valid setpoint arrives)")
+        return f"{value_a:g} A is outside the {what} that {self.name} accepts: {sc.allowed()}; {sc.outside}"
+
     def order(self, reg: Register) -> tuple[str, str]:
         return (reg.byte_order or self.byte_order, reg.word_order or self.word_order)
 

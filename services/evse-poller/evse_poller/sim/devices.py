@@ -234,17 +234,22 @@ def charx(cp: ChargePoint, s: SimSettings) -> RegisterMap:
 
 
 # -- Webasto Next / Ampure Unite ------------------------------------------------------------------
-# Webasto Next Modbus TCP (TQ-DM100 set), unit 255: input 1000 charge point state, 1001 charging
-# state, 1002 equipment state, 1004 cable state, 1006 fault code, 1008/1010/1012 currents mA,
-# 1014/1016/1018 voltages V, 1020 power W uint32, 1024.. phase powers, 1036 energy Wh uint32,
-# 1100-1106 current limits; holding 2000 failsafe current A, 2002 failsafe timeout s,
-# 5004 charge current A, 6000 life bit (write 1, the wallbox answers by setting 0).
+# From "Webasto NEXT Modbus Register 1-00 external V3" as the implementations that follow it read it
+# (OpenEMS EvcsWebastoNextImpl: FC03 for every register, "cannot read the gaps"; evcc webasto-next.go:
+# "all holding type registers"; tomwellnitz/Webasto-Next-Modbus const.py): unit 255, holding 1000
+# charge point state (0 no vehicle, 1 vehicle attached / no permission, 3 charging, 4 charging paused,
+# 7 error, 8 reserved), 1001 charging state, 1002 EVSE state, 1004 cable state, 1006 error code,
+# 1008/1010/1012 currents mA, 1014/1016/1018 voltages V, 1020 power W (u32), 1024/1028/1032 phase
+# powers (u32), 1036 meter reading Wh (u32), 1100-1108 current limits, 1502 session energy,
+# 2000 failsafe current 6..32 A, 2002 failsafe timeout 6..120 s, 5004 charge current 0..32 A,
+# 6000 life bit. Only documented registers are defined: a read across a gap is refused.
+# evcc reads the currents with FC04, so the box answers those as input registers too.
 
 def webasto(cp: ChargePoint, s: SimSettings) -> RegisterMap:
     m = RegisterMap()
     cp.watchdog_mode = "keepalive"
     cp.watchdog_s = 20.0
-    cp.failsafe_a = 6.0
+    cp.failsafe_a = 16.0  # some earlier value: a refused write must leave it in place
     cp.fallback_until_first_write = True
     if cp.commanded_a is None:
         cp.commanded_a = 0.0
@@ -258,14 +263,14 @@ def webasto(cp: ChargePoint, s: SimSettings) -> RegisterMap:
         if not cp.car.plugged:
             return 0
         if any(cp.draw()):
-            return 2
-        if cp.limit_a() < 6.0:
-            return 3  # suspended EVSE
-        return 4 if not cp.car.wants_charge else 1
+            return 3  # charging
+        if cp.limit_a() < 6.0 or not cp.car.wants_charge:
+            return 4  # charging paused (by the box or by the car)
+        return 1
 
     def set_failsafe(v: int | float | str) -> bool:
         a = int(v)
-        return _accept(a == 0 or 6 <= a <= 32, lambda: setattr(cp, "failsafe_a", float(a)))
+        return _accept(6 <= a <= 32, lambda: setattr(cp, "failsafe_a", float(a)))
 
     def set_timeout(v: int | float | str) -> bool:
         t = int(v)
@@ -281,24 +286,24 @@ def webasto(cp: ChargePoint, s: SimSettings) -> RegisterMap:
             regs["life"] = 0  # the wallbox acknowledges by resetting the bit
         return True
 
-    m.field("input", 1000, U16, cp_state, name="charge point state")
-    m.field("input", 1001, U16, lambda: 1 if any(cp.draw()) else 0, name="charging state")
-    m.constant("input", 1002, U16, 1, name="equipment state")
-    m.field("input", 1004, U16, lambda: 2 if cp.car.plugged else 0, name="cable state")
-    m.constant("input", 1006, U16, 0, name="fault code")
+    h = "holding"
+    m.field(h, 1000, U16, cp_state, name="charge point state")
+    m.field(h, 1001, U16, lambda: 1 if any(cp.draw()) else 0, name="charging state")
+    m.field(h, 1002, U16, lambda: 1 if cp.enabled else 3, name="EVSE state")
+    m.field(h, 1004, U16, lambda: 3 if cp.car.plugged else 0, name="cable state")
+    m.constant(h, 1006, U16, 0, name="error code")
     for i in range(3):
-        m.field("input", 1008 + 2 * i, U16, lambda i=i: round(cp.draw()[i] * 1000), name=f"current L{i + 1} mA")
-        m.constant("input", 1014 + 2 * i, U16, 230, name=f"voltage L{i + 1}")
-    m.field("input", 1020, U32, lambda: round(cp.power_w()), name="active power")
-    for i in range(3):
-        m.field("input", 1024 + 4 * i, U32, lambda i=i: round(cp.draw()[i] * NOMINAL_V), name=f"power L{i + 1}")
-    m.field("input", 1036, U32, lambda: round(cp.energy_wh), name="energy Wh")
-    m.field("input", 1100, U16, lambda: round(cp.limit_a()), name="session max current")
-    m.constant("input", 1102, U16, 6, name="evse min current")
-    m.field("input", 1104, U16, lambda: round(cp.max_current_a), name="evse max current")
-    m.constant("input", 1106, U16, 32, name="cable max current")
-    m.filler("input", 1000, 1037)
-    m.filler("input", 1100, 1107)
+        for table in (h, "input"):  # evcc reads the currents with FC04: the box answers both
+            m.field(table, 1008 + 2 * i, U16, lambda i=i: round(cp.draw()[i] * 1000), name=f"current L{i + 1} mA")
+        m.constant(h, 1014 + 2 * i, U16, 230, name=f"voltage L{i + 1}")
+        m.field(h, 1024 + 4 * i, U32, lambda i=i: round(cp.draw()[i] * NOMINAL_V), name=f"power L{i + 1}")
+    m.field(h, 1020, U32, lambda: round(cp.power_w()), name="active power")
+    m.field(h, 1036, U32, lambda: round(cp.energy_wh), name="meter reading Wh")
+    m.field(h, 1100, U16, lambda: round(cp.limit_a()), name="max current")
+    m.constant(h, 1102, U16, 6, name="min current")
+    m.field(h, 1104, U16, lambda: round(cp.max_current_a), name="max EVSE current")
+    m.constant(h, 1106, U16, 32, name="max cable current")
+    m.constant(h, 1108, U16, 32, name="max EV current")
     m.field("holding", 2000, U16, lambda: round(cp.failsafe_a), set_failsafe, name="failsafe current")
     m.field("holding", 2002, U16, lambda: regs["timeout"], set_timeout, name="failsafe timeout")
     m.field("holding", 5004, U16, lambda: round(cp.commanded_a or 0), set_current, name="charge current")
