@@ -366,6 +366,11 @@ def installations(draw: st.DrawFn) -> tuple[dict, Inputs]:  # type: ignore[type-
             evse_id=e["id"], online=kind != "offline", state="charging" if kind in "BC" else "available",
             iec_state="C" if kind in ("C", "stale", "offline") else kind, current_a=cur,
             ts=NOW - timedelta(seconds=60 if kind == "stale" else 0))
+    for e in evses:  # charging modes never lift a fuse (they only choose rules)
+        if draw(st.integers(0, 2)) == 0:
+            target = p.SessionTarget(energy_wh=40000, by="13:30") if draw(st.booleans()) else None
+            m = draw(st.sampled_from(list(p.ChargingModeName)))
+            inputs.modes[e["id"]] = p.ChargingMode(evse_id=e["id"], mode=m, target=target)
     for i in metered:
         if draw(st.integers(0, 4)) == 0:
             continue  # a silent meter

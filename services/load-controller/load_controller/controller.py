@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo
 
 from chargegate import payloads as p
 from chargegate.config import Controller
+from load_controller import modes as modes_mod
 from load_controller import rules as rules_mod
 from load_controller.limits import FailsafeState, failsafe_state, limit_group
 from load_controller.solver import INF, PHASE_NAMES, Demand, Fixed, Group, Mode, Node, Problem, Solution, solve
@@ -39,6 +40,7 @@ class Inputs:
     link: p.SmgwLinkStatus | None = None
     setpoints: dict[str, p.Setpoint] = field(default_factory=dict)  # in force (retained, e.g. before a restart)
     services: dict[str, p.Health] = field(default_factory=dict)  # service health (event-driven publishers)
+    modes: dict[str, p.ChargingMode] = field(default_factory=dict)  # charging mode per EVSE (evse/<id>/mode)
 
 
 @dataclass(slots=True)
@@ -100,6 +102,7 @@ class EvseDecision:
     detail: str | None
     wanted: bool
     online: bool
+    mode: str | None = None  # the charging mode in force (None: no mode message, the rules)
 
 
 @dataclass(slots=True)
@@ -365,13 +368,15 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
             m = initial_memory(e, inputs.setpoints.get(e.id))
         mems.append(m)
     outcome = rules_mod.RuleOutcome()
+    by_mode = modes_mod.apply(cfg.rules, inputs.modes, [e.id for e in evses])
+    active_rules = by_mode.rules
     rule_groups_of: dict[int, list[int]] = {}
-    if cfg.rules:
+    if active_rules:
         views = []
-        if any(not r.evses for r in cfg.rules if r.enabled):
+        if any(not r.evses for r in active_rules if r.enabled):
             ruled = evses
         else:
-            wanted_ids = {i for r in cfg.rules if r.enabled for i in r.evses}
+            wanted_ids = {i for r in active_rules if r.enabled for i in r.evses}
             ruled = [e for e in evses if e.id in wanted_ids]
         for e in ruled:
             m = mems[e.index]
@@ -397,7 +402,7 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
                 min_a=e.min_a, max_a=e.max_a, phases=e.phases, switching=e.switching, power_w=pw,
                 session_energy_wh=sess_wh, session_start=sess_start))
         surplus: dict[str | None, float | None] = {}
-        for rule in cfg.rules:
+        for rule in active_rules:
             if rule.type == "solar":
                 mid = rule.meter or root.meter
                 cur = meter_cur.get(mid) if mid else None
@@ -407,7 +412,7 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
                 else:
                     pw = r.power_w if r.power_w is not None else sum(cur) * v
                     surplus[rule.meter] = -pw
-        outcome = rules_mod.evaluate(cfg.rules, views, now=now, tz=tz, voltage=v,
+        outcome = rules_mod.evaluate(active_rules, views, now=now, tz=tz, voltage=v,
                                      tariff=rules_mod.tariff_level(inputs.tariff_current, inputs.tariff_schedule, now),
                                      surplus_w=surplus, all_ids=[e.id for e in evses])
         for rg in outcome.groups:
@@ -415,6 +420,10 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
             gi = len(groups) - 1
             for i in rg.members:
                 rule_groups_of.setdefault(i, []).append(gi)
+    for e in evses:  # charging mode off: paused whatever the rules say (a session target included)
+        why = by_mode.off.get(e.id)
+        if why is not None:
+            outcome.caps[e.index] = ("mode:off", why)
 
     # -- demands ---------------------------------------------------------------------------------------------
     ctrl_t = tuple(ctrl_groups)
@@ -622,6 +631,9 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
             _detect_phases(cfg, e, m, nm, st)
         out.append(EvseDecision(e.id, cur, nph, g.bound_by, detail, wanted=True, online=True))
     new.evses = {e.id: new_mems[e.index] for e in evses}
+    if by_mode.names:
+        for d in out:
+            d.mode = by_mode.names.get(d.evse_id)
 
     limits: dict[str, Any] = {
         "grid_limits": limit_infos,

@@ -242,6 +242,17 @@ class LoadController:
             self.log.info("SMGW link state", state=link.state.value)
             self.trigger("link")
 
+    def on_mode(self, msg: Message) -> None:
+        """The charging mode of an EVSE (kept by the history service): chooses the rules that apply to it."""
+        m = msg.payload
+        assert isinstance(m, p.ChargingMode)
+        prev = self.inputs.modes.get(m.evse_id)
+        self.inputs.modes[m.evse_id] = m
+        if prev is None or prev.mode != m.mode or prev.target != m.target:
+            self.log.info("charging mode", evse_id=m.evse_id, mode=m.mode.value,
+                          target=m.target.model_dump() if m.target else None)
+            self.trigger("mode")
+
     def on_health(self, msg: Message) -> None:
         """Health of the services that publish EVSE status only on events (OCPP): while one is alive, its
         statuses stay fresh; when it goes (last will), its EVSEs are unreachable at once."""
@@ -345,7 +356,7 @@ class LoadController:
         return changed
 
     def publish_allocation(self, decision: Decision, solve_ms: float) -> None:
-        key = tuple((d.evse_id, d.current, d.phases, d.bound_by) for d in decision.evses)
+        key = tuple((d.evse_id, d.current, d.phases, d.bound_by, d.mode) for d in decision.evses)
         mono = time.monotonic()
         if key == self.last_alloc_key and mono - self.last_alloc_at < self.config.controller.allocation_interval_s:
             return
@@ -387,6 +398,7 @@ class LoadController:
         b.subscribe("tariff.schedule", self.on_tariff_schedule)
         b.subscribe("link.smgw", self.on_link)
         b.subscribe("service.health", self.on_health)
+        b.subscribe("evse.mode", self.on_mode)
         b.on_connect(self.on_connect)
 
     async def recover_setpoints(self, settle_s: float) -> None:
@@ -451,7 +463,7 @@ def allocation_json(decision: Decision, solve_ms: float, ts: str) -> bytes:
         "v": p.SCHEMA_VERSION, "ts": ts, "cycle": decision.cycle, "solve_ms": round(solve_ms, 3),
         "limits": decision.limits,
         "evses": [{"evse_id": d.evse_id, "current_a": d.current, "phases": d.phases, "wanted": d.wanted,
-                   "bound_by": d.bound_by, "detail": d.detail} for d in decision.evses],
+                   "bound_by": d.bound_by, "detail": d.detail, "mode": d.mode} for d in decision.evses],
     }, separators=(",", ":"), ensure_ascii=False, default=str).encode()
 
 
