@@ -72,8 +72,8 @@ class Rig:
 @pytest.fixture(scope="module")
 async def rig(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Rig]:
     tmp: Path = tmp_path_factory.mktemp("history")
-    (tmp / "chargegate.yaml").write_text(CONFIG + f"broker: {{port: {broker.port}}}\nstate_dir: {broker.config.state_dir}\n")
-    cfg = make_config(tmp, CONFIG + f"broker: {{port: {broker.port}}}\nstate_dir: {broker.config.state_dir}\n")
+    text = CONFIG + f"broker: {{port: {broker.port}}}\nstate_dir: {broker.config.state_dir}\n"
+    cfg = make_config(tmp, text)  # writes chargegate.yaml too
     poller = await connected_bus(broker, "evse-poller")
     smgw = await connected_bus(broker, "smgw-link")
     user = await connected_bus(broker, "user")
@@ -165,7 +165,7 @@ def test_the_user_account_writes_only_mode_commands(rig: Rig) -> None:
 
 async def test_kill_9_during_a_session_loses_nothing(rig: Rig) -> None:
     env = {**os.environ, "CHARGEGATE_LOG_FORMAT": "json"}
-    log = open(rig.path.parent.parent / "history-proc.log", "ab")  # noqa: SIM115
+    log = open(rig.path.parent.parent / "history-proc.log", "ab")
     argv = [sys.executable, "-m", "history", "--config", str(rig.config_path)]  # type: ignore[attr-defined]
 
     def start() -> subprocess.Popen[bytes]:
