@@ -205,9 +205,10 @@ def grid_rows(snap: Snapshot) -> list[tuple[str, str, str]]:
 def render(snap: Snapshot) -> Group:
     evses = Table(title="EVSEs", expand=True)
     for col in ("id", "state", "IEC", "online", "phases", "current A (L1/L2/L3)", "power W", "energy Wh",
-                "setpoint", "allocated / bound by", "flags", "age"):
+                "setpoint", "allocated / bound by", "mode", "flags", "age"):
         evses.add_column(col)
     setpoints = snap.select("evse", "setpoint")
+    modes = snap.select("evse", "mode")
     alloc = snap.get("controller/allocation") or {}
     allocated = {e.get("evse_id"): e for e in alloc.get("evses") or [] if isinstance(e, dict)}
     for ident, s in snap.select("evse", "status").items():
@@ -219,9 +220,16 @@ def render(snap: Snapshot) -> Group:
             spt += f" (applied {_fmt(applied.get('current_a'))}{' fallback' if applied.get('fallback') else ''})"
         a = allocated.get(ident)
         alloc_txt = f"{_fmt(a.get('current_a'))} A x{a.get('phases')} {a.get('bound_by')}" if a else "-"
+        md = modes.get(ident) or {}
+        mode_txt = str(md.get("mode") or (a or {}).get("mode") or "rules")
+        target = md.get("target")
+        if isinstance(target, dict):
+            mode_txt += f", {_fmt((target.get('energy_wh') or 0) / 1000)} kWh by {target.get('by')}"
+        if a and str(a.get("bound_by", "")).startswith(("mode:", "rule:mode.")) and a.get("detail"):
+            mode_txt += f" ({a.get('detail')})"  # the reason in words
         evses.add_row(ident, str(s.get("state")), str(s.get("iec_state") or "-"), "yes" if s.get("online") else "NO",
                       str(s.get("phases_in_use")), cur, _fmt(s.get("power_w"), 0), _fmt(s.get("energy_wh"), 0),
-                      spt, alloc_txt, ",".join(s.get("flags") or []), _age(s.get("ts")))
+                      spt, alloc_txt, mode_txt, ",".join(s.get("flags") or []), _age(s.get("ts")))
     meters = Table(title="Meters", expand=True)
     for col in ("id", "online", "current A", "power W", "import Wh", "age"):
         meters.add_column(col)

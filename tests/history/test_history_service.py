@@ -16,12 +16,16 @@ from pathlib import Path
 
 import pytest
 
+from chargegate import config as cfgmod
 from chargegate import payloads as p
 from chargegate import record as rec
 from chargegate.bus import Bus, Message
 from chargegate.runtime import start_context, stop_context
 from conftest import BrokerHandle, connected_bus, make_config, wait_for
 from history.service import History
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "smgw_link"))  # the admin API's test helpers
+from admin_support import ADMIN_TOKEN, VIEWER_TOKEN, admin_yaml, api, listen_port, running_link
 
 CONFIG = """
 site: {name: history-test}
@@ -234,3 +238,41 @@ def test_cli_exports(rig: Rig) -> None:
     ctl = subprocess.run([*run, "controls", "--config", str(cp), "--kind", "limit"], capture_output=True, text=True,
                          check=True).stdout
     assert ";k9;" in ctl
+
+
+def admin_config(cp: Path, port: int) -> tuple[cfgmod.Config, Path]:
+    (cp.parent / "admin").mkdir(exist_ok=True)
+    return make_config(cp.parent / "admin", cp.read_text() + admin_yaml(port)), cp.parent / "admin" / "chargegate.yaml"
+
+
+async def test_admin_api_history_and_mode(rig: Rig) -> None:
+    port = listen_port()
+    cp: Path = rig.config_path  # type: ignore[attr-defined]
+    cfg, path = admin_config(cp, port)
+    ctx, _, task = await running(rig)
+    try:
+        async with running_link(cfg, path):
+            from chargegate.broker import wait_port
+
+            await asyncio.to_thread(wait_port, "127.0.0.1", port, 10)
+            status, body = await api(port, "GET", "/v1/history/sessions?evse=hwb2", VIEWER_TOKEN)
+            assert status == 200 and body[0]["energy_wh"] == 5000.0 and body[0]["tariffs"]
+            status, text = await api(port, "GET", "/v1/history/controls?format=csv&style=intl&kind=limit", VIEWER_TOKEN)
+            assert status == 200 and text.lstrip("\ufeff").startswith("record_id,kind,source") and ",k9," in text
+            status, body = await api(port, "GET", "/v1/history/summary?from=2000-01&to=2100-12", VIEWER_TOKEN)
+            assert status == 200 and body and body[0]["id_tag"] == "CARD"
+            status, _ = await api(port, "GET", "/v1/history/nonsense", VIEWER_TOKEN)
+            assert status == 422
+            status, _ = await api(port, "PUT", "/v1/evses/hwb1/mode", VIEWER_TOKEN, {"mode": "now"})
+            assert status == 403
+            status, _ = await api(port, "PUT", "/v1/evses/ghost/mode", ADMIN_TOKEN, {"mode": "now"})
+            assert status == 404
+            status, body = await api(port, "PUT", "/v1/evses/hwb1/mode", ADMIN_TOKEN,
+                                     {"mode": "off", "target_kwh": 10, "by": "06:30"})
+            assert status == 202, body
+            await wait_for(lambda: rig.modes.get("hwb1") is not None and rig.modes["hwb1"].mode.value == "off", 5)
+            assert rig.modes["hwb1"].set_by == "admin:alice" and rig.modes["hwb1"].target.energy_wh == 10000
+            status, body = await api(port, "GET", "/v1/modes", VIEWER_TOKEN)
+            assert status == 200 and {x["evse_id"]: x["mode"] for x in body} == {"hwb1": "off", "hwb2": "rules"}
+    finally:
+        await stopped(ctx, task)

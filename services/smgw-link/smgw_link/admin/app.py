@@ -30,6 +30,7 @@ from chargegate.config import ConfigError
 from chargegate.config.store import merge_patch
 from chargegate.topics import format_loc
 from smgw_link.admin import confdoc
+from smgw_link.admin import history as history_routes
 from smgw_link.admin import models as m
 from smgw_link.admin.auth import Principal, Role, by_certificate, by_token
 from smgw_link.admin.certs import check
@@ -505,6 +506,7 @@ def make_app(service: AdminService) -> FastAPI:
         """The last certificate switch-over: switching, done, fell_back (the previous one is back) or failed."""
         return m.SwitchOut(**service.switcher.status.as_dict())
 
+    history_routes.add_routes(app, service, Viewer, Admin, role, COMMON, responses)
     return app
 
 

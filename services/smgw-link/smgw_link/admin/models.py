@@ -11,7 +11,7 @@ from chargegate import payloads as p
 
 Ident = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
 VersionId = Annotated[str, Field(pattern=r"^[0-9a-f]{12}$", description="a configuration version (digest)")]
-ServiceName = Literal["evse-poller", "ocpp-gateway", "load-controller", "smgw-link"]
+ServiceName = Literal["evse-poller", "ocpp-gateway", "load-controller", "smgw-link", "history"]
 LimitSourceName = Literal["dso", "supplier", "local"]
 
 
