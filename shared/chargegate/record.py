@@ -164,6 +164,14 @@ def open_db(path: Path, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+def open_empty() -> sqlite3.Connection:
+    """An empty record in memory with the current schema: what a reader sees before anything was recorded."""
+    conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    migrate(conn)
+    return conn
+
+
 def migrate(conn: sqlite3.Connection) -> int:
     """Apply the migrations the database has not seen; returns the schema version."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]

@@ -22,13 +22,14 @@ pytestmark = pytest.mark.system
 
 
 async def _read_input(port: int, address: int, count: int, device_id: int = 1,
-                      framer: FramerType = FramerType.RTU) -> list[int] | None:
-    """Registers, or None when the device does not answer (port closed)."""
+                      framer: FramerType = FramerType.RTU, holding: bool = False) -> list[int] | None:
+    """Input (or holding) registers, or None when the device does not answer (port closed)."""
     client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=1, retries=0, framer=framer)
     try:
         if not await client.connect():
             return None
-        rsp = await client.read_input_registers(address, count=count, device_id=device_id)
+        read = client.read_holding_registers if holding else client.read_input_registers
+        rsp = await read(address, count=count, device_id=device_id)
         return None if rsp.isError() else list(rsp.registers)
     except Exception:
         return None
@@ -82,12 +83,12 @@ meters:
         # the same for a wallbox (by its EVSE id); the meter stays reachable meanwhile
         driver.publish_raw("chargegate/sim/wb/command", json.dumps({"action": "network", "up": False}).encode(), 1)
         await wait_for(lambda: "wb" in sims.offline, 5)
-        assert await _read_input(wb_port, 1000, 2, 255, FramerType.SOCKET) is None
+        assert await _read_input(wb_port, 1000, 2, 255, FramerType.SOCKET, holding=True) is None
         assert await _read_input(meter_port, 0x06, 6) is not None
         driver.publish_raw("chargegate/sim/wb/command", json.dumps({"action": "network", "up": True}).encode(), 1)
         await wait_for(lambda: "wb" not in sims.offline, 5)
         await asyncio.sleep(0.1)
-        assert await _read_input(wb_port, 1000, 2, 255, FramerType.SOCKET) is not None
+        assert await _read_input(wb_port, 1000, 2, 255, FramerType.SOCKET, holding=True) is not None
         # plug/unplug on a meter is refused without harm
         before = sims.counters["sim_commands_invalid"]
         driver.publish_raw("chargegate/sim/gm/command", json.dumps({"action": "plug"}).encode(), 1)

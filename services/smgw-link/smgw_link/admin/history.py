@@ -45,8 +45,11 @@ def add_routes(app: FastAPI, service: AdminService, viewer: Any, admin: Any, rol
                responses: Any) -> None:
     def open_record() -> Any:
         cfg = service.config
+        path = cfg.history.db_path(cfg.state_dir)
+        if not path.exists():  # nothing recorded yet: an empty record, not an error
+            return rec.open_empty()
         try:
-            return rec.open_db(cfg.history.db_path(cfg.state_dir), readonly=True)
+            return rec.open_db(path, readonly=True)
         except rec.RecordError as e:
             raise ApiError(503, str(e)) from None
 
