@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
+from chargegate import record as rec
+from chargegate import record_export as rx
 from chargegate.runner import available_services
 
 pytestmark = pytest.mark.system
@@ -293,6 +296,29 @@ def test_demo_whole_product(demo: Demo) -> None:
         _wait("grid meter = base load + every car's draw", meter_matches, 20, lambda: (
             watch.latest("chargegate/meter/grid-meter/reading"),
             {e: (watch.latest(f"chargegate/sim/{e}/draw") or {}).get("grid_current_a") for e in evses}))
+
+        # the record: the operator's limit and the sessions of Modbus and OCPP wallboxes, as exported
+        db = demo.dir / "state" / "history" / "history.db"
+
+        def exported(what: str) -> list[dict[str, Any]]:
+            if not db.exists():
+                return []
+            conn = rec.open_db(db, readonly=True)
+            try:
+                return json.loads(rx.export(conn, what, fmt="json", style="intl", tz=UTC, currency="EUR"))
+            finally:
+                conn.close()
+
+        controls = _wait("the DSO limit in the exported control record", lambda: [
+            c for c in exported("controls") if c.get("source") == "dso" and c.get("power_w") == 6000], 30,
+            lambda: exported("controls")[-5:])
+        assert controls[-1]["raised_to_floor"] is True, controls[-1]
+        charging = {e for e in evses if (watch.latest(f"chargegate/evse/{e}/status") or {}).get("session")}
+        sessions = _wait("a recorded session of every charging EVSE", lambda: (
+            (rows := exported("sessions")) and charging <= {r["evse_id"] for r in rows} and rows), 30,
+            lambda: (charging, exported("sessions")))
+        assert charging & {"alfen", "webasto", "charx"} and "ocpp-1" in charging, charging  # Modbus and OCPP
+        assert all(r["energy_wh"] >= 0 for r in sessions), sessions
     finally:
         watch.close()
 
