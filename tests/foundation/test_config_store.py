@@ -93,3 +93,25 @@ def test_audit_log(tmp_path: Path) -> None:
     assert [e["action"] for e in entries] == ["set_limit", "replace_config"]
     assert entries[0]["who"] == "dso" and entries[1]["result"] == "rejected"
     assert (log.path.stat().st_mode & 0o777) == 0o600
+
+
+def test_written_configuration_and_copies_are_0600(tmp_path: Path) -> None:
+    """The configuration holds tokens and passwords: after a change the file, every copy in the history
+    folder and the folder itself are readable by the owner only, whatever the umask."""
+    import os
+    import stat
+
+    path = tmp_path / "chargegate.yaml"
+    path.write_text(MINIMAL_CONFIG)
+    os.chmod(path, 0o600)
+    old = os.umask(0o022)
+    try:
+        store = ConfigStore(path, keep=3)
+        store.patch({"controller": {"reserve_a": 2}})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    copies = list(store.history_dir.iterdir())
+    assert copies and all(stat.S_IMODE(c.stat().st_mode) == 0o600 for c in copies), copies
+    assert stat.S_IMODE(store.history_dir.stat().st_mode) == 0o700
+    assert not [c for c in tmp_path.iterdir() if ".tmp-" in c.name]

@@ -270,3 +270,20 @@ def test_profile_sent_never_exceeds_setpoint_or_evse_maximum(current: float, pha
         assert fallback and until is None and amps == safe
     assert sent <= amps + 1e-9 and round(sent * 10, 6) == int(round(sent * 10, 6))  # a multiple of 0.1 A
     assert ph <= evse_phases
+
+
+def test_queue_database_is_0600(tmp_path: Path) -> None:
+    """idTags and meter values are personal data: the queue file and its WAL are 0600 whatever the umask."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        q = TxQueue(tmp_path / "q.sqlite")
+        q.begin_tx(cp="cp1", evse_id="e1", version="1.6", action="StartTransaction", payload=start_payload(5),
+                   id_tag="T", meter_start=5, started="2024-01-01T00:00:00Z", local_id="1")
+    finally:
+        os.umask(old)
+    files = [f for f in tmp_path.iterdir() if f.name.startswith("q.sqlite")]
+    assert files and all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files), \
+        {f.name: oct(f.stat().st_mode) for f in files}

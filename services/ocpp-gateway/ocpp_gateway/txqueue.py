@@ -24,6 +24,7 @@ delivery continues.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 import uuid
@@ -120,6 +121,10 @@ class TxQueue:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_messages = max_messages
         self.max_attempts = max_attempts
+        # idTags and meter values are personal data: the file (and SQLite's -wal/-shm, which take its mode)
+        # is 0600 whatever the umask
+        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+        os.chmod(self.path, 0o600)
         self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")

@@ -59,10 +59,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
+def atomic_write(path: Path, text: str, mode: int = 0o600) -> None:
+    """Write ``text`` to ``path`` atomically. The configuration holds tokens and passwords: the file, its
+    temporary file and its copies are 0600 whatever the umask."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -166,7 +169,8 @@ class ConfigStore:
         raise KeyError(version)
 
     def _remember(self, text: str, digest: str) -> None:
-        self.history_dir.mkdir(parents=True, exist_ok=True)
+        self.history_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.history_dir, 0o700)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         atomic_write(self.history_dir / f"{stamp}-{digest}.yaml", text)
         versions = self.versions()
