@@ -4,13 +4,15 @@ gateway -> backend simulator (1.6J and 2.0.1), setpoints, backend commands, back
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from ocppgw_helpers import InProcessGateway, gateway_config, share_broker_secrets, until
+from websockets.asyncio.client import connect
 
 from chargegate import payloads as p
 from chargegate.bus import Bus
@@ -35,6 +37,9 @@ EVSES = """
     circuit: grid
     ocpp: {charge_box_id: CBUP, connector_id: 1}
     upstream: {version: "2.0.1", charge_box_id: UP-201}
+  - id: wbraw
+    circuit: grid
+    ocpp: {charge_box_id: CBRAW, connector_id: 1}
 """
 
 
@@ -376,3 +381,55 @@ async def test_201_backend_commands_to_16_wallbox(env: Env) -> None:
     res = await b.call("UP-201", "RequestStopTransaction", {"transactionId": "nope"})
     assert res["status"] == "Rejected"
     assert b.errors_sent() == []
+
+
+async def test_equal_timestamps_are_forwarded_and_a_repeated_message_id_is_answered_once(env: Env) -> None:
+    """A wallbox's Transaction.Begin at the start time and a Sample.Clock next to a Sample.Periodic carry
+    the same timestamp: both are meter values the backend must get. A repeat of one message id (the
+    wallbox did not see the answer) is answered again with the same answer and forwarded once."""
+    t0 = (datetime.now(UTC) - timedelta(seconds=30)).replace(microsecond=0)
+    ts = t0.strftime("%Y-%m-%dT%H:%M:%SZ")
+    t1 = (t0 + timedelta(seconds=10)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    t2 = (t0 + timedelta(seconds=20)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    await env.backend.wait_connected("wbraw")
+    async with connect(f"ws://127.0.0.1:{env.g.cfg.ocpp.local.port}/ocpp/CBRAW", subprotocols=["ocpp1.6"],  # type: ignore[list-item]
+                       proxy=None, open_timeout=5) as ws:
+        async def call(uid: str, action: str, payload: dict[str, Any]) -> list[Any]:
+            await ws.send(json.dumps([2, uid, action, payload]))
+            while True:
+                m = json.loads(await asyncio.wait_for(ws.recv(), 5))
+                if m[0] == 2:  # the gateway's own calls (configuration, triggers): accept them
+                    await ws.send(json.dumps([3, m[1], {"status": "Accepted"}]))
+                    continue
+                if m[1] == uid:
+                    return list(m)
+
+        assert (await call("b1", "BootNotification", {"chargePointVendor": "raw", "chargePointModel": "raw"}))[0] == 3
+        await call("s1", "StatusNotification", {"connectorId": 1, "status": "Preparing", "errorCode": "NoError"})
+        ans = await call("t1", "StartTransaction", {"connectorId": 1, "idTag": "RAWTAG", "meterStart": 1000,
+                                                    "timestamp": ts})
+        assert ans[0] == 3
+        tid = ans[2]["transactionId"]
+
+        def mv(value: int, at: str, context: str) -> dict[str, Any]:
+            return {"connectorId": 1, "transactionId": tid, "meterValue": [{"timestamp": at, "sampledValue": [
+                {"value": str(value), "context": context, "measurand": "Energy.Active.Import.Register",
+                 "unit": "Wh"}]}]}
+
+        assert (await call("m1", "MeterValues", mv(1000, ts, "Transaction.Begin")))[0] == 3
+        assert (await call("m2", "MeterValues", mv(1500, t1, "Sample.Periodic")))[0] == 3
+        assert (await call("m3", "MeterValues", mv(1500, t1, "Sample.Clock")))[0] == 3
+        first = await call("m4", "MeterValues", mv(2000, t2, "Sample.Periodic"))
+        again = await call("m4", "MeterValues", mv(2000, t2, "Sample.Periodic"))
+        assert again == first
+        stop = await call("t2", "StopTransaction", {"transactionId": tid, "meterStop": 2100, "timestamp": t2,
+                                                    "reason": "EVDisconnected"})
+        assert stop[0] == 3
+    await until(lambda: env.gw.queue.count("wbraw") == 0 and any(
+        s.meter_stop is not None for s in env.backend.transactions("wbraw")), what="delivery")
+    s = next(s for s in env.backend.transactions("wbraw") if s.id_tag == "RAWTAG")
+    assert s.problems == []
+    assert s.meter_start == 1000 and s.meter_stop == 2100
+    assert s.meter_values == [1000, 1500, 1500, 2000]  # equal timestamps forwarded, the repeat once
+    assert env.g.ctx.counters["ocpp_duplicate_message_ids"] >= 1
+    assert env.backend.errors_sent() == []

@@ -677,10 +677,12 @@ class WallboxSession:
             tid = d.get("transactionId")
             row = self.csms.queue.tx_by_local(c.evse.id, str(tid)) if tid is not None else None
             if row is not None and row.stopped is None and c.up is not None:
-                if row.last_ts is None or samples[-1].timestamp > row.last_ts:
-                    c.up.meter_tx(row.tx, samples)
-                else:
-                    self.csms.counters["duplicate_meter_values"] += 1
+                # forwarded whatever its timestamp: equal timestamps are normal (Transaction.Begin at the
+                # start time, Sample.Clock next to Sample.Periodic); repeats of a message id are answered
+                # once by the RPC layer and never reach this point
+                if row.last_ts is not None and samples[-1].timestamp < row.last_ts:
+                    self.csms.counters["meter_values_out_of_order"] += 1
+                c.up.meter_tx(row.tx, samples)
             elif c.up is not None and tid is None:
                 c.up.send_live("MeterValues", _live_meter(c.up.version, samples))
             elif tid is not None and (row is None or row.stopped is not None) and c.up is not None:

@@ -23,7 +23,7 @@ import decimal
 import json
 import time
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from functools import lru_cache
@@ -191,6 +191,9 @@ class OcppRpc:
         self._calls: asyncio.Queue[tuple[str, str, Any]] = asyncio.Queue(maxsize=64)
         self._limited = False  # rate limit episode logged
         self._bad_logged: set[str] = set()
+        # answers to the peer's latest transaction messages by message id: a repeat of the same message id
+        # (the peer did not see our answer) gets the same answer and is not handled twice
+        self._answered: OrderedDict[str, tuple[str, dict[str, Any]]] = OrderedDict()
         self.closed = asyncio.Event()
 
     # -- sending -----------------------------------------------------------------------------
@@ -363,6 +366,11 @@ class OcppRpc:
         if self.handler is None:
             await self._reply_error(uid, "NotSupported", f"{action} is not supported here")
             return
+        tx_message = is_transaction_message(action, payload)
+        if tx_message and (seen := self._answered.get(uid)) is not None and seen[0] == action:
+            self.counters["ocpp_duplicate_message_ids"] += 1
+            await self._send([CALLRESULT, uid, seen[1]])
+            return
         try:
             result = await self.handler(action, payload)
         except RpcError as e:
@@ -378,7 +386,14 @@ class OcppRpc:
                            error=e.description)
             await self._reply_error(uid, "InternalError", "the gateway built an invalid answer")
             return
+        if tx_message:
+            self._answered[uid] = (action, result)
+            while len(self._answered) > ANSWERED_KEEP:
+                self._answered.popitem(last=False)
         await self._send([CALLRESULT, uid, result])
+
+
+ANSWERED_KEEP = 256  # transaction-message answers remembered per connection for message-id repeats
 
 
 def _json_default(o: Any) -> Any:
