@@ -307,7 +307,7 @@ async def test_a_silent_grid_meter_degrades_health_and_falls_back(env: Env) -> N
     try:
         await wait_for(lambda: env.ctl.ctx.status == p.HealthStatus.DEGRADED, timeout=15)
         assert "grid-meter" in (env.ctl.ctx.detail or "")
-        await wait_for(lambda: (s := env.last("wb1")) is not None and s.current_a == 6 and s.reason == "stale_meter")
+        await wait_for(lambda: (s := env.last("wb1")) is not None and s.current_a == 0 and s.reason == "stale_meter")
     finally:
         env.meter = meter
     env.reading(meter or [2.0, 2.0, 2.0])

@@ -267,30 +267,37 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
                     warnings.append(f"overdraw at node {node.id}: {pw:.0f} W > {node.max_power_w:.0f} W")
     for n in stale_nodes:
         nd = topo.nodes[n]
-        warnings.append(f"meter {nd.meter} of node {nd.id} is silent or invalid: assuming the worst")
+        warnings.append(f"meter {nd.meter} of node {nd.id} is unknown (silent, offline, invalid or never heard): "
+                        f"its capacity is taken as used, beyond an unmetered allowance of "
+                        f"{cfg.unmetered_allowance_a:g} A per phase")
 
     # -- node capacities ------------------------------------------------------------------------------
+    # A node whose meter is unknown (never heard since start, silent past meter_timeout_s, offline or
+    # implausible) is taken as fully used: only what the installer declares safe to draw without a meter
+    # (unmetered_allowance_a per phase, default 0) is left for the EVSEs below it. The same before and after
+    # a restart: nothing remembered from before the silence counts.
     reserve = cfg.reserve_a
-    fb = cfg.fallback_current_a
+    allow = cfg.unmetered_allowance_a
     nodes: list[Node] = []
-    min_only_nodes: set[int] = set()
     for nd in topo.nodes:
         n = nd.index
         stale = n in non_ev and non_ev[n] is None
         ne = non_ev.get(n) or [0.0, 0.0, 0.0]
-        last = memory.non_ev.get(n) or [0.0, 0.0, 0.0]
         labels = [f"node:{nd.id}:{ph}" for ph in PHASE_NAMES] + [f"node:{nd.id}:power"]
         details: list[str | None] = [None, None, None, None]
         caps: list[float] = []
+        unknown = (f"meter {nd.meter} unknown (silent, offline or never heard): node:{nd.id} is taken as fully "
+                   f"used; " + (f"the EVSEs below share the unmetered allowance of {allow:g} A per phase"
+                                if allow > 0 else "charging below it is paused (unmetered_allowance_a is 0)"))
         for k in range(3):
             lim = nd.limits[k]
-            if lim == INF:
+            if lim == INF and not stale:
                 caps.append(INF)
                 continue
             if stale:
-                c = min(lim - reserve, fb) if fb > 0 else lim - reserve - last[k]
+                c = min(lim - reserve, allow)
                 labels[k] = "stale_meter"
-                details[k] = f"meter {nd.meter} silent: node:{nd.id}:{PHASE_NAMES[k]} assumed at its worst"
+                details[k] = unknown
             else:
                 c = lim - reserve - ne[k]
             pen = new.penalties.get((n, k))
@@ -301,12 +308,12 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
                               f"{_fmt(pen.until)}")
             caps.append(max(0.0, c))
         total = INF
-        if nd.max_power_w < INF:
+        if nd.max_power_w < INF or stale:
             t = nd.max_power_w / v - 3 * reserve
             if stale:
-                t = min(t, 3 * fb) if fb > 0 else t - sum(last)
+                t = min(t, 3 * allow)
                 labels[3] = "stale_meter"
-                details[3] = f"meter {nd.meter} silent: node:{nd.id}:power assumed at its worst"
+                details[3] = unknown
             else:
                 t -= sum(ne)
             pen = new.penalties.get((n, 3))
@@ -315,8 +322,6 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
                 labels[3] = "overdraw_penalty"
                 details[3] = f"node:{nd.id}:power was overdrawn: {pen.amount * v:.0f} W cut until {_fmt(pen.until)}"
             total = max(0.0, t)
-        if stale and fb <= 0:
-            min_only_nodes.add(n)
         nodes.append(Node(id=nd.id, parent=nd.parent, cap=caps, total=total, labels=labels, details=details))
 
     # -- grid limits and the failsafe -------------------------------------------------------------------
@@ -502,8 +507,6 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
         rc = outcome.caps.get(i)
         if rc is not None:
             cap_a, lab, det = 0.0, rc[0], rc[1]
-        if min_only_nodes and e.min_a < cap_a and any(n in min_only_nodes for n in topo.nodes[e.node].chain):
-            cap_a, lab, det = e.min_a, "stale_meter", "a meter above it is silent: minimum current only"
         if nm.reclaim_cap is not None and nm.reclaim_cap < cap_a:
             cap_a, lab, det = nm.reclaim_cap, "reclaim", f"the car draws less: {nm.reclaim_cap:g} A until it wants more"
         can_raise = m.raised_at is None or _age(now, m.raised_at) >= min_gap

@@ -338,10 +338,13 @@ def _solve_once(problem: Problem, space: _Space) -> tuple[list[Grant], list[floa
                 elif d.three_phases is not None:
                     g.three_fits = True
                 return
-            if blocked_label is None or not blocked_label.startswith(("min_current", "rule:")):
-                # a rule's budget names the rule; any other constraint (fuses, limits) is min_current
-                blocked_label = space.labels[k] if space.labels[k].startswith("rule:") else "min_current"
-                blocked_detail = f"the minimum {d.lo:g} A does not fit under {space.labels[k]}"
+            if blocked_label is None or not blocked_label.startswith(("min_current", "rule:", "stale_meter")):
+                # a rule's budget names the rule, an unknown meter names itself; any other constraint (fuses,
+                # limits) is min_current
+                named = space.labels[k].startswith(("rule:", "stale_meter"))
+                blocked_label = space.labels[k] if named else "min_current"
+                blocked_detail = (space.details[k] if named and space.details[k] else
+                                  f"the minimum {d.lo:g} A does not fit under {space.labels[k]}")
         g.bound_by = blocked_label or "min_current"
         g.detail = blocked_detail
         if d.three_phases is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from chargegate.config.base import Ident, Strict
 
@@ -115,9 +115,12 @@ class Controller(Strict):
                     "the service's health is online and recent, whatever their age")
     publisher_timeout_s: float = Field(default=35.0, ge=1, le=3600,
                                        description="a service health message older than this: the service is gone")
-    fallback_current_a: float = Field(default=0.0, ge=0, le=4000,
-                                      description="per phase for the whole site when the grid meter is stale; "
-                                                  "0 = the EVSEs' minimum only")
+    unmetered_allowance_a: float = Field(
+        default=0.0, ge=0, le=4000, validation_alias=AliasChoices("unmetered_allowance_a", "fallback_current_a"),
+        description="per phase: what the installer declares safe for the EVSEs below a node to draw together "
+                    "while the node's meter is unknown (never heard, silent, offline or implausible); the "
+                    "node's capacity is otherwise taken as used. 0 (default): nothing, they are paused. "
+                    "(Formerly fallback_current_a.)")
     failsafe_power_w: float = Field(default=4200.0, ge=0)
     failsafe_duration_s: float = Field(default=7200.0, ge=0)
     failsafe_on_link_loss: bool = True
