@@ -7,6 +7,7 @@ A scenario::
      "start": "2026-01-05T12:00:00+00:00",
      "plant": {"house_a": {"grid": [5, 3, 2]},                 # optional: non-EV load per node
                "cars": {"wb1": {"max_a": 16, "phases": [0, 1, 2]}}},   # EVSE-frame phases the car uses
+                                                               # "min_draw_a": 16: it ignores cuts below 16 A
                                                                # "switches": false: the device ignores 1 phase
      "steps": [{"at": 0,                                       # seconds after start
                 "cycles": 1,                                   # control cycles to run (cycle_s apart)
@@ -153,7 +154,8 @@ class Runner:
                 phases = car.get("phases", list(range(e.phases)))
                 if applied_nph == 1:
                     phases = [0]
-                draw = min(setpoint, car.get("max_a", 32.0))
+                # "min_draw_a": a car (or device) that does not follow a cut below this
+                draw = max(min(setpoint, car.get("max_a", 32.0)), car.get("min_draw_a", 0.0))
                 for k in phases:
                     if k < e.phases:
                         evse_frame[k] = draw

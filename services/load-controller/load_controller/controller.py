@@ -255,15 +255,27 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
         if seen is None or r.ts > seen:
             new.meter_seen[mid] = r.ts
             node = topo.nodes[n]
+            # An overdraw is answered at once by the capacities below (they follow the measured non-EV load).
+            # The penalty is only for draw the controller did not grant: EVSEs drawing more than they were
+            # allowed (cars or devices not following); load the meter already shows is not counted twice.
+            over: list[float] | None = None
             for k in range(3):
                 lim = node.limits[k]
                 if lim < INF and cur[k] > lim + cfg.overdraw_tolerance_a:
-                    _penalise(new, (n, k), cur[k] - lim, lim, now, cfg)
-                    warnings.append(f"overdraw at node {node.id} {PHASE_NAMES[k]}: {cur[k]:.1f} A > {lim:g} A")
+                    over = over if over is not None else _not_following(topo, n, sub, memory)
+                    amount = min(cur[k] - lim, over[k])
+                    if amount > cfg.overdraw_tolerance_a:
+                        _penalise(new, (n, k), amount, lim, now, cfg)
+                    warnings.append(f"overdraw at node {node.id} {PHASE_NAMES[k]}: {cur[k]:.1f} A > {lim:g} A"
+                                    + (f" ({amount:.1f} A drawn beyond the grants: cut)"
+                                       if amount > cfg.overdraw_tolerance_a else " (the load behind the meter rose)"))
             if node.max_power_w < INF:
                 pw = r.power_w if r.power_w is not None else sum(cur) * v
                 if pw > node.max_power_w + cfg.overdraw_tolerance_a * v:
-                    _penalise(new, (n, 3), (pw - node.max_power_w) / v, node.max_power_w / v, now, cfg)
+                    over = over if over is not None else _not_following(topo, n, sub, memory)
+                    amount = min((pw - node.max_power_w) / v, sum(over))
+                    if amount > cfg.overdraw_tolerance_a:
+                        _penalise(new, (n, 3), amount, node.max_power_w / v, now, cfg)
                     warnings.append(f"overdraw at node {node.id}: {pw:.0f} W > {node.max_power_w:.0f} W")
     for n in stale_nodes:
         nd = topo.nodes[n]
@@ -720,19 +732,38 @@ def _upper(cfg: Controller, e: EvseSpec, mi: list[float] | None, age: float, st:
     return out
 
 
+def _not_following(topo: Topology, n: int, sub: list[list[float] | None], memory: Memory) -> list[float]:
+    """Per grid phase: how much the EVSEs below node ``n`` are measured drawing beyond what they were last
+    granted (a car or device not following its setpoint)."""
+    out = [0.0, 0.0, 0.0]
+    for i in topo.below[n]:
+        mi = sub[i]
+        e = topo.evses[i]
+        m = memory.evses.get(e.id)
+        if mi is None or m is None:
+            continue
+        granted_on = (e.rotation[0],) if (e.phases == 1 or m.nph == 1) else e.grid_phases
+        for k in range(3):
+            allowed = m.granted if k in granted_on else 0.0
+            out[k] += max(0.0, mi[k] - allowed)
+    return out
+
+
 def _penalise(mem: Memory, key: tuple[int, int], excess: float, limit: float, now: datetime,
               cfg: Controller) -> None:
     """Cut a node's capacity by the excess at once and keep the cut for ``overdraw_penalty_s``. A further
     overdraw within ``overdraw_settle_s`` (the EVSEs still reacting) does not add up."""
     old = mem.penalties.get(key)
+    set_at = now
     if old is not None and _age(now, old.set_at) < cfg.overdraw_settle_s:
         amount = max(old.amount, excess)
+        set_at = old.set_at  # the EVSEs are still settling from that cut: it does not restart the settle time
     elif old is not None:
         amount = old.amount + excess
     else:
         amount = excess
     amount = min(amount, limit)
-    mem.penalties[key] = Penalty(amount=amount, until=now + timedelta(seconds=cfg.overdraw_penalty_s), set_at=now)
+    mem.penalties[key] = Penalty(amount=amount, until=now + timedelta(seconds=cfg.overdraw_penalty_s), set_at=set_at)
 
 
 def _drawn(e: EvseSpec, nm: EvseMemory, st: p.EvseStatus) -> float:
