@@ -45,3 +45,24 @@ def test_allocation_json_is_a_valid_allocation() -> None:
     assert alloc.limits["grid_limits"][0]["raised_to_floor"] is True
     assert any("§14a floor" in w for w in alloc.limits["warnings"])
     assert alloc.solve_ms == 1.234 and alloc.cycle == decision.cycle
+
+
+def test_allocation_is_new_when_only_a_reason_or_the_limits_in_force_change() -> None:
+    """A failsafe (or another operator) replacing a limit with the same grants and the same label (both
+    raised to the §14a floor) must be republished at once, not at the next periodic republish."""
+    import copy
+
+    from lc_harness import SCENARIOS, run_scenario
+
+    from load_controller.service import allocation_key
+
+    decision = run_scenario(SCENARIOS / "08_dso_limit_two_evses.json").history[-1]
+    same = copy.deepcopy(decision)
+    assert allocation_key(same) == allocation_key(decision)
+    other_reason = copy.deepcopy(decision)
+    other_reason.evses[0].detail = "failsafe 4200 W raised to the §14a floor"
+    assert other_reason.evses[0].bound_by == decision.evses[0].bound_by
+    assert allocation_key(other_reason) != allocation_key(decision)
+    failsafe = copy.deepcopy(decision)
+    failsafe.limits["failsafe"] = {"cause": "link down", "power_w": 4200}
+    assert allocation_key(failsafe) != allocation_key(decision)

@@ -174,6 +174,25 @@ async def test_dso_limit_is_applied_at_once_with_the_14a_floor(env: Env) -> None
         and al.limits["grid_limits"][0]["raised_to_floor"] for al in env.allocations))
 
 
+async def test_allocation_is_republished_when_only_the_reason_changes(env: Env) -> None:
+    """The supplier's limit replaces the operator's, both raised to the same §14a floor: the grants and
+    the binding label stay equal, the reason and the limits in force change. The allocation says so at
+    once, not at its next periodic republish (allocation_interval_s, 10 s)."""
+    await wait_for(lambda: any(a.bound_by == "§14a_floor" for al in env.allocations[-1:] for a in al.evses))
+    n = len(env.allocations)
+    t0 = asyncio.get_running_loop().time()
+    env.limit("supplier", active=True, power_w=1500)
+    env.limit("dso", active=False)
+    await wait_for(lambda: any("supplier" in (a.detail or "") for al in env.allocations[n:] for a in al.evses)
+                   and not any(g.get("active") is True and g.get("source") == "dso" and not g.get("expired")
+                               for g in env.allocations[-1].limits["grid_limits"]
+                               if g.get("raised_to_floor") is not None), timeout=3)
+    assert asyncio.get_running_loop().time() - t0 < 3
+    assert {a.evse_id: a.current_a for a in env.allocations[-1].evses} == {"wb1": 8.2, "wb2": 8.2}
+    env.limit("supplier", active=False)
+    env.limit("dso", active=True, power_w=2000)
+
+
 async def test_a_higher_limit_and_its_end(env: Env) -> None:
     env.limit("dso", active=True, power_w=9200)  # 40 A over 4 conductors = 10 A each
     await wait_for(lambda: (s := env.last("wb1")) is not None and s.current_a == 10.0

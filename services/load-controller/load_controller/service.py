@@ -60,7 +60,7 @@ class LoadController:
         self.logged_once: set[str] = set()
         self.warnings: set[str] = set()
         self.started = False
-        self.last_alloc_key: tuple[tuple[str, float, int, str], ...] | None = None
+        self.last_alloc_key: tuple[object, ...] | None = None
         self.last_alloc_at = 0.0
         self.last_decision: Decision | None = None
         self.limit_arrived: dict[str, float] = {}  # source -> perf_counter() when it arrived
@@ -356,7 +356,7 @@ class LoadController:
         return changed
 
     def publish_allocation(self, decision: Decision, solve_ms: float) -> None:
-        key = tuple((d.evse_id, d.current, d.phases, d.bound_by, d.mode) for d in decision.evses)
+        key = allocation_key(decision)
         mono = time.monotonic()
         if key == self.last_alloc_key and mono - self.last_alloc_at < self.config.controller.allocation_interval_s:
             return
@@ -455,6 +455,16 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
+
+
+def allocation_key(decision: Decision) -> tuple[object, ...]:
+    """What makes an allocation new: it is republished whenever a grant, a binding constraint or its
+    reason changes, or the limits in force do (a failsafe replacing an operator limit with the same
+    grants and label), else every ``allocation_interval_s``."""
+    lim = decision.limits
+    return (tuple((d.evse_id, d.current, d.phases, d.bound_by, d.detail, d.mode) for d in decision.evses),
+            json.dumps([lim.get("grid_limits"), lim.get("failsafe"), lim.get("stale_meters"), lim.get("penalties")],
+                       sort_keys=True, default=str))
 
 
 def allocation_json(decision: Decision, solve_ms: float, ts: str) -> bytes:
