@@ -66,3 +66,18 @@ def test_allocation_is_new_when_only_a_reason_or_the_limits_in_force_change() ->
     failsafe = copy.deepcopy(decision)
     failsafe.limits["failsafe"] = {"cause": "link down", "power_w": 4200}
     assert allocation_key(failsafe) != allocation_key(decision)
+
+
+def test_decreases_are_published_before_increases() -> None:
+    from lc_harness import SCENARIOS, run_scenario
+
+    from load_controller.service import Published, publish_order
+
+    decision = run_scenario(SCENARIOS / "08_dso_limit_two_evses.json").history[-1]
+    until = p.utcnow() + timedelta(seconds=10)
+    first, second = decision.evses[0], decision.evses[1]
+    # the second is cut (it had more), the first raised (it had less): the cut goes out first
+    published = {first.evse_id: Published(first.current - 1, 3, until, 1),
+                 second.evse_id: Published(second.current + 5, 3, until, 1)}
+    assert [d.evse_id for d in publish_order(decision, published)] == [second.evse_id, first.evse_id]
+    assert [d.evse_id for d in publish_order(decision, {})] == [first.evse_id, second.evse_id]

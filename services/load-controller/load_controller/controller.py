@@ -63,12 +63,15 @@ class EvseMemory:
     seen_since: datetime | None = None  # ... since (the measurement's time)
     one_phase_car: bool = False  # a switching EVSE's car draws on L1 only: told 1 phase for the rest of the session
     switch_pause: bool = False  # paused to switch to 1 phase: resumes at once when the EVSE confirms 1 phase
+    settle_from: float | None = None  # cut from this grant: it may draw that much until seen following the cut
+    settle_since: datetime | None = None  # ... since (the latest cut)
 
     def copy(self) -> EvseMemory:
         return EvseMemory(self.granted, self.nph, self.phases, self.wanted, self.on_since, self.off_since,
                           self.changed_at, self.raised_at, self.reclaim_cap, self.used_phases,
                           self.three_fit_since, self.plugged_at, self.offline_assumed, self.measured,
-                          self.seen_phases, self.seen_since, self.one_phase_car, self.switch_pause)
+                          self.seen_phases, self.seen_since, self.one_phase_car, self.switch_pause,
+                          self.settle_from, self.settle_since)
 
 
 @dataclass(slots=True)
@@ -144,12 +147,33 @@ def _fmt(ts: datetime) -> str:
     return ts.isoformat(timespec="seconds")
 
 
-def initial_memory(e: EvseSpec, sp: p.Setpoint | None) -> EvseMemory:
-    """Memory for an EVSE the controller has not decided on yet (start-up): the setpoint in force."""
+def initial_memory(e: EvseSpec, sp: p.Setpoint | None, st: p.EvseStatus | None = None,
+                   now: datetime | None = None) -> EvseMemory:
+    """Memory for an EVSE the controller has not decided on yet (start-up): the setpoint in force. An EVSE
+    that reports more applied than that setpoint has not followed it yet: it settles from there."""
     if sp is not None and sp.source == "load-controller":
-        return EvseMemory(granted=sp.current_a, nph=sp.phases, wanted=sp.current_a > 0, changed_at=sp.ts,
-                          raised_at=sp.ts)
+        m = EvseMemory(granted=sp.current_a, nph=sp.phases, wanted=sp.current_a > 0, changed_at=sp.ts,
+                       raised_at=sp.ts)
+        applied = st.applied.current_a if st is not None and st.applied is not None else None
+        if applied is not None and applied > sp.current_a + 1e-9:
+            m.settle_from, m.settle_since = min(applied, e.max_a), now or sp.ts
+        return m
     return EvseMemory(nph=e.phases)
+
+
+def _followed(cfg: Controller, e: EvseSpec, m: EvseMemory, st: p.EvseStatus, recent: bool) -> bool:
+    """Whether an EVSE that was cut is seen following it: a status measured after the cut, with the setpoint
+    applied (when it reports one) and a draw at most the new grant (within the overdraw tolerance)."""
+    if not recent or m.settle_since is None:
+        return False
+    at = st.measured_at or st.ts
+    if at <= m.settle_since:
+        return False
+    if st.applied is not None and st.applied.current_a > m.granted + 1e-6:
+        return False
+    if not st.plausible:
+        return False
+    return max(st.current_a) <= m.granted + cfg.overdraw_tolerance_a
 
 
 def assumed_draw(e: EvseSpec, m: EvseMemory, st: p.EvseStatus | None) -> float:
@@ -382,7 +406,7 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
     for e in evses:
         m = memory.evses.get(e.id)
         if m is None:
-            m = initial_memory(e, inputs.setpoints.get(e.id))
+            m = initial_memory(e, inputs.setpoints.get(e.id), statuses[e.index], now)
         mems.append(m)
     outcome = rules_mod.RuleOutcome()
     by_mode = modes_mod.apply(cfg.rules, inputs.modes, [e.id for e in evses])
@@ -448,6 +472,7 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
     fixed: list[Fixed] = []
     new_mems: list[EvseMemory] = []
     offline_assumed: dict[int, float] = {}
+    settling: dict[int, float] = {}  # EVSE index -> what it may still draw (a cut it has not followed yet)
     step_a = cfg.ramp_step_a
     min_gap = 0.9 * cfg.cycle_s
     for e in evses:
@@ -494,6 +519,7 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
             nm.seen_phases = nm.seen_since = None
             nm.one_phase_car = False
             nm.switch_pause = False
+            nm.settle_from = nm.settle_since = None
         new_mems.append(nm)
         # a 1-phase setpoint keeps the car off L2/L3 only once the EVSE has applied it: until its status says
         # so (a device that cannot switch never does), the EVSE stays budgeted on all its phases
@@ -521,6 +547,13 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
             cap_a, lab, det = 0.0, rc[0], rc[1]
         if nm.reclaim_cap is not None and nm.reclaim_cap < cap_a:
             cap_a, lab, det = nm.reclaim_cap, "reclaim", f"the car draws less: {nm.reclaim_cap:g} A until it wants more"
+        # a cut this EVSE has not been seen following yet: it may still draw what it had (see _hold_raises)
+        if nm.settle_from is not None:
+            if (_followed(cfg, e, m, st, recent[i]) or nm.settle_since is None
+                    or _age(now, nm.settle_since) >= cfg.decrease_settle_s or nm.settle_from <= m.granted + 1e-9):
+                nm.settle_from = nm.settle_since = None
+            else:
+                settling[i] = nm.settle_from
         can_raise = m.raised_at is None or _age(now, m.raised_at) >= min_gap
 
         def mode(nph: int, phases: tuple[int, ...], asym: tuple[int, ...] | None = None, carry: bool = False,
@@ -584,6 +617,7 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
                       imbalance_limit=cfg.imbalance_limit_a, step=cfg.current_step_a,
                       imbalance_caps=memory.imbalance_caps)
     sol = solve(problem)
+    _hold_raises(topo, sol, nodes, fixed, mems, settling, fresh, wants, offline_assumed)
     if sol.imbalance_bound and sol.imbalance_caps is not None:
         # start from here next cycle, one ramp step looser (a tighter bound is only ever safer)
         new.imbalance_caps = [c + cfg.ramp_step_a for c in sol.imbalance_caps]
@@ -630,6 +664,9 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
             if not nm.switch_pause:
                 nm.on_since = None
             nm.off_since = now
+        if cur < m.granted - 1e-9:  # a cut: it may draw the old grant until it is seen following
+            nm.settle_from = max(nm.settle_from or 0.0, m.granted)
+            nm.settle_since = now
         if abs(cur - m.granted) > 1e-9 or nph != m.nph:
             nm.changed_at = now
         if cur > m.granted + 1e-9:
@@ -666,6 +703,68 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
         "warnings": warnings,
     }
     return Decision(cycle=new.cycle, evses=out, limits=limits, warnings=warnings, solution=sol), new
+
+
+def _hold_raises(topo: Topology, sol: Solution, nodes: list[Node], fixed: list[Fixed], mems: list[EvseMemory],
+                 settling: dict[int, float], fresh: list[bool], wants: list[bool],
+                 offline_assumed: dict[int, float]) -> None:
+    """Current freed by a cut goes to others only once the cut EVSE follows (safety rule 4: reductions act
+    at once, increases wait). A car takes up to several seconds to follow a lower setpoint, while a raise
+    is taken up at once: until then the cut EVSE may still draw its old grant (``settling``, and the cuts
+    of this cycle). Where the node's capacity does not hold that next to the new grants, the EVSEs below it
+    that this cycle would raise or start keep their previous grant instead (in place, on ``sol``). A node
+    that cannot hold it even so has lost capacity (the house load rose): nothing is raised there, and the
+    cuts stand."""
+    may_draw: dict[int, float] = dict(settling)
+    for e in topo.evses:
+        i = e.index
+        if i in offline_assumed or not fresh[i] or not wants[i]:
+            continue
+        if sol.grants[i].current < mems[i].granted - 1e-9:
+            may_draw[i] = max(may_draw.get(i, 0.0), mems[i].granted)
+    if not may_draw:
+        return
+    held: set[int] = set()
+    for nd in topo.nodes:  # root first
+        n = nd.index
+        below = topo.below[n]
+        extra = [0.0, 0.0, 0.0]
+        for i in below:
+            d = may_draw.get(i)
+            g = sol.grants[i]
+            if d is not None and d > g.current:
+                for k in topo.evses[i].grid_phases:
+                    extra[k] += d - g.current
+        if max(extra) <= 1e-9:
+            continue
+        used = [0.0, 0.0, 0.0]
+        below_set = set(below)
+        for i in below:
+            g = sol.grants[i]
+            for k in g.phases:
+                used[k] += g.current
+        for f in fixed:
+            if topo.evse_index.get(f.key) in below_set:
+                for k in f.phases:
+                    used[k] += f.current
+        cap = nodes[n].cap
+        over = any(used[k] + extra[k] > cap[k] + 1e-6 for k in range(3)) or (
+            nodes[n].total < INF and sum(used) + sum(extra) > nodes[n].total + 1e-6)
+        if not over:
+            continue
+        for i in below:
+            g = sol.grants[i]
+            m = mems[i]
+            if i in held or g.current <= m.granted + 1e-9 or i in may_draw:
+                continue
+            held.add(i)
+            cut_ids = ", ".join(topo.evses[j].id for j in below if j in may_draw)
+            g.current = m.granted
+            if m.granted > 0:
+                g.nph, g.phases = m.nph, m.phases or g.phases
+            g.bound_by = "settling"
+            g.detail = (f"waits until {cut_ids} follow{'s' if ',' not in cut_ids else ''} a cut "
+                        f"(node:{nd.id}; at most decrease_settle_s)")
 
 
 def _ev_floor(cfg: Controller, topo: Topology, n: int, cur: list[float], meter_age: float,

@@ -27,7 +27,7 @@ from chargegate import payloads as p
 from chargegate.bus import Bus, Message
 from chargegate.config import Config
 from chargegate.runtime import ServiceContext, run_service
-from load_controller.controller import Decision, Inputs, Memory, step, wants_power
+from load_controller.controller import Decision, EvseDecision, Inputs, Memory, step, wants_power
 from load_controller.solver import INF
 from load_controller.topology import Topology
 
@@ -339,8 +339,9 @@ class LoadController:
         # the logger is a lazy proxy that binds anew on every call, even for a filtered-out debug line:
         # resolve it once per cycle, not once per setpoint
         debug = self.log.debug
-        for d in decision.evses:
-            last = self.published.get(d.evse_id)
+        published = self.published
+        for d in publish_order(decision, published):
+            last = published.get(d.evse_id)
             if last is not None and abs(last.current - d.current) < 1e-9 and last.phases == d.phases \
                     and last.valid_until > refresh_before:
                 continue
@@ -455,6 +456,16 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
+
+
+def publish_order(decision: Decision, published: dict[str, Published]) -> list[EvseDecision]:
+    """Decreases before increases: a wallbox told to give current back hears it first (safety rule 4)."""
+    cuts = [d for d in decision.evses
+            if (lp := published.get(d.evse_id)) is not None and d.current < lp.current - 1e-9]
+    if not cuts:
+        return decision.evses
+    cut_ids = {d.evse_id for d in cuts}
+    return cuts + [d for d in decision.evses if d.evse_id not in cut_ids]
 
 
 def allocation_key(decision: Decision) -> tuple[object, ...]:

@@ -130,6 +130,11 @@ class Controller(Strict):
     floor_sources: list[LimitSourceName] = Field(
         default_factory=lambda: ["dso", "supplier", "failsafe"],
         description="grid limits from these sources are raised to the §14a floor")
+    decrease_settle_s: float = Field(
+        default=10.0, ge=0, le=120,
+        description="current freed by cutting an EVSE is handed to others only once that EVSE is seen "
+                    "following the cut (its status: applied and drawn at most the new setpoint) or after this "
+                    "long (IEC 61851-1 gives a car 5 s to follow a lower PWM duty cycle)")
     overdraw_penalty_s: float = Field(default=300.0, ge=0)
     overdraw_tolerance_a: float = Field(default=0.5, ge=0, le=50,
                                         description="a meter this far above a limit counts as an overdraw")
