@@ -81,6 +81,10 @@ class Connector:
         self.up: UpstreamCP | None = None
         self.status16 = "Unavailable"
         self.error16 = "NoError"
+        # the wallbox has told its status since the gateway started or it (re)connected: until then the status
+        # on the bus says not reachable, so the load controller assumes it draws what it was last allowed
+        self.confirmed = False
+        self.drawing = False  # MeterValues since the last StatusNotification show a car drawing current
         self.info: str | None = None
         self.charging_state: str | None = None  # 2.0.1
         self.energy_wh: Decimal | None = None
@@ -125,9 +129,13 @@ class Connector:
 
     # -- bus status -------------------------------------------------------------------------------
     def publish(self) -> None:
-        online = self.online
+        connected = self.online
+        online = connected and self.confirmed
         if not online:
             state, iec = p.EvseState.OFFLINE, None
+        elif self.drawing and self.status16 != "Charging":
+            # MeterValues show a car drawing current, whatever the last StatusNotification said
+            state, iec = p.EvseState.CHARGING, p.IecState.C
         else:
             state, iec = conv.STATUS_16.get(self.status16, (p.EvseState.UNAVAILABLE, None))
         session = None
@@ -156,12 +164,15 @@ class Connector:
             power_w=power,
             energy_wh=float(self.energy_wh) if self.energy_wh is not None else None,
             session=session, applied=self.applied if online else None,
-            reason=None if online else "wallbox not connected",
+            reason=None if online else ("wallbox not connected" if not connected else
+                                        "status not yet confirmed since the wallbox connected: asked it"),
             flags=[f"error:{self.error16}"] if self.error16 not in ("NoError", "") else [],
             source="ocpp-gateway")
         self.csms.bus.publish("evse.status", st, evse_id=self.evse.id)
 
     def set_status16(self, status16: str, error16: str = "NoError", info: str | None = None) -> None:
+        self.confirmed = True
+        self.drawing = False
         if status16 != "Charging":
             self.current_a = [0.0, 0.0, 0.0]  # no energy flows; the next MeterValues tells when it does again
             self.measured_at = datetime.now(UTC)
@@ -181,6 +192,9 @@ class Connector:
         if any(a is not None for a in r.current_a):
             self.current_a = [float(a) if a is not None else 0.0 for a in r.current_a]
             self.measured_at = datetime.now(UTC)  # on arrival: the wallbox's clock may be off
+            if max(self.current_a) >= DRAWING_A:
+                self.drawing = True
+                self.confirmed = True
         elif self.status16 == "Charging" and r.energy_wh is not None:
             self.csms.counters["meter_values_without_currents"] += 1
             self.csms.log_once(f"no-currents:{self.cbid}", "wallbox sends MeterValues without phase currents "
@@ -417,6 +431,9 @@ class Connector:
         await self.trigger("MeterValues")
 
 
+DRAWING_A = 1.0  # a phase current from this on: a car is drawing
+
+
 def _trigger_payload(version: Version, what: str, n: int) -> dict[str, Any]:
     """TriggerMessage for connector (1.6) / EVSE (2.0.1) ``n``."""
     payload: dict[str, Any] = {"requestedMessage": what}
@@ -507,6 +524,17 @@ class WallboxSession:
         self.ready = True
         for c in self.box.connectors.values():
             c.reapply()
+        # what the gateway knew before (a restart, a reconnect) is not confirmed: ask at once
+        for c in self.box.connectors.values():
+            if not c.confirmed:
+                self.csms.counters["status_triggered_on_connect"] += 1
+                answer = await c.trigger("StatusNotification")
+                if answer != "Accepted" and not c.confirmed:
+                    self.csms.log_once(f"status-trigger:{self.cbid}", "wallbox does not send its status on request: "
+                                       "until it reports one, the load controller counts it at what it was last "
+                                       "allowed", charge_box_id=self.cbid, answer=answer)
+            if c.tx is not None or c.status16 == "Charging":
+                await c.trigger("MeterValues")
         with contextlib.suppress(ConnectionClosed):
             await self.configure_sampling()
 
@@ -1013,6 +1041,9 @@ class LocalCsms:
                 await old.ws.close(1001, "replaced by a new connection")
         sess = WallboxSession(self, box, ws, version)
         box.session = sess
+        for c in box.connectors.values():
+            c.confirmed = False  # its status is asked for once it has booted (or after 2 s without a boot)
+            c.drawing = False
         self.counters["local_connects"] += 1
         log.info("wallbox connected", charge_box_id=cbid, version=version,
                  peer=ws.remote_address[0] if ws.remote_address else None)

@@ -305,7 +305,8 @@ class WallboxSim:
                  meter_interval_s: float = 10.0, tick_s: float = 0.2, heartbeat_s: float = 300.0,
                  on_change: Callable[[SimConnector], None] | None = None, vendor: str = "chargegate-sim",
                  measurands: str = "Energy.Active.Import.Register,Power.Active.Import,Current.Import",
-                 readonly: frozenset[str] = frozenset(), triggers: bool = True) -> None:
+                 readonly: frozenset[str] = frozenset(), triggers: bool = True,
+                 status_on_reconnect: bool = True) -> None:
         self.cbid = cbid
         self.url = url.rstrip("/") + "/" + cbid
         self.version = version
@@ -323,6 +324,8 @@ class WallboxSim:
                                               "NumberOfConnectors": str(len(connectors))}
         self.readonly = readonly  # configuration keys it refuses to change (Rejected)
         self.triggers = triggers  # whether it sends MeterValues on TriggerMessage
+        # whether it sends every connector's status after a reconnect (some send it only on a change)
+        self.status_on_reconnect = status_on_reconnect
         self.on_change = on_change
         self.cp: _Handlers16 | _Handlers201 | None = None
         self.ws: ClientConnection | None = None
@@ -422,8 +425,9 @@ class WallboxSim:
                 await self.call("BootNotification", {"reason": "PowerUp", "chargingStation": {
                     "vendorName": self.vendor, "model": "sim", "serialNumber": self.cbid[:25]}})
         self.booted.set()
-        for c in self.connectors.values():
-            await self.send_status(c)
+        if self.connects == 1 or self.status_on_reconnect:
+            for c in self.connectors.values():
+                await self.send_status(c)
         hb = asyncio.create_task(self._heartbeat())
         try:
             await self._deliver()
