@@ -73,7 +73,7 @@ async def test_a_charging_wallbox_is_not_reported_idle_after_a_crash(broker: Bro
             calls = [pl for _, _, pl in backend.calls("wbR", "StatusNotification") if pl.get("connectorId") == 1]
             return bool(calls) and calls[-1]["status"] == "Charging"
 
-        await until(backend_sees_charging, 5, what="the backend sees the wallbox charging")
+        await until(backend_sees_charging, 20, what="the backend sees the wallbox charging")
         assert backend.errors_sent() == []
     finally:
         await wb.stop()
