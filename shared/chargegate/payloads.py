@@ -3,6 +3,11 @@
 Each model is bound to its topic pattern in :mod:`chargegate.topics`. Every payload carries
 ``v`` (schema version) and ``ts`` (UTC, ISO 8601). Unknown keys are ignored so that a newer
 publisher does not break an older consumer; known keys are validated strictly.
+
+Numbers are strict and plausible: every number is a JSON number (``true`` or ``"5"`` is not one),
+finite (no NaN or Infinity, which the bus's JSON parser refuses too) and within the range its
+quantity can have (an energy register is not 1e308 Wh, a sequence number is not a 5000-digit
+integer). The ranges are the types below; every numeric field uses one of them.
 """
 
 from __future__ import annotations
@@ -11,12 +16,61 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    field_validator,
+    model_validator,
+)
 
 SCHEMA_VERSION = 1
 
-Amps = Annotated[float, Field(ge=0, le=1000)]
-SignedAmps = Annotated[float, Field(ge=-1000, le=1000)]
+MAX_INT = 2**53 - 1  # the largest integer every JSON reader keeps exactly
+
+
+def _no_negative_zero(x: float) -> float:
+    return x + 0.0  # -0.0 + 0.0 is 0.0: a model never holds a negative zero
+
+
+def num(ge: float, le: float) -> Any:
+    """A strict, finite float within ``[ge, le]`` (the unit is in the name of the type using it)."""
+    return Annotated[float, Strict(), Field(ge=ge, le=le, allow_inf_nan=False), AfterValidator(_no_negative_zero)]
+
+
+def count(le: int = MAX_INT) -> Any:
+    """A strict, non-negative integer (not a bool, not a float)."""
+    return Annotated[int, Strict(), Field(ge=0, le=le)]
+
+
+Amps = num(0, 1000)
+SignedAmps = num(-1000, 1000)
+Watts = num(-10_000_000, 10_000_000)  # a site connection of up to 10 MW, import positive
+PositiveWatts = num(0, 10_000_000)
+MAX_ENERGY_WH = 1e12
+WattHours = num(0, MAX_ENERGY_WH)  # an energy register (1 TWh: more than any meter behind an SMGW counts)
+Volts = num(0, 1000)
+Seconds = num(0, 10 * 365 * 86400)
+Price = num(-1000, 1000)  # ct/kWh
+Money = num(-1e9, 1e9)
+Milliseconds = num(0, 3_600_000)
+Days = num(-100_000, 100_000)
+Count = count()
+
+
+def _not_a_bool(v: Any) -> Any:
+    if isinstance(v, bool):
+        raise ValueError("a number is needed, not a boolean")
+    return v
+
+
+Phases = Annotated[Literal[1, 3], BeforeValidator(_not_a_bool)]
+RawState = Annotated[int, Strict(), Field(ge=-MAX_INT, le=MAX_INT)] | Annotated[str, Field(max_length=64)]
+Flag = Annotated[bool, Strict()]  # true or false, not 1 or "yes"
 PhaseCurrents = Annotated[list[SignedAmps], Field(min_length=3, max_length=3)]
 NonNegPhaseCurrents = Annotated[list[Amps], Field(min_length=3, max_length=3)]
 Ident = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
@@ -29,13 +83,51 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class Payload(BaseModel):
+def _clean_json(value: Any, path: str, depth: int = 0) -> Any:
+    """Free-form parts of a payload (``limits``, ``channels``, ``fields``) hold the same numbers: finite,
+    not huge, and no negative zero."""
+    if depth > 32:
+        raise ValueError(f"{path}: nested too deeply")
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"{path}: {value!r} is not a finite number")
+        if abs(value) > 1e15:
+            raise ValueError(f"{path}: {value!r} is out of range")
+        return value + 0.0
+    if isinstance(value, int):
+        if abs(value) > MAX_INT:
+            raise ValueError(f"{path}: integer out of range")
+        return value
+    if isinstance(value, dict):
+        return {k: _clean_json(v, f"{path}.{k}", depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean_json(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+    return value
+
+
+def _json_values(v: Any) -> Any:
+    return _clean_json(v, "value")
+
+
+JsonDict = Annotated[dict[str, Any], AfterValidator(_json_values)]
+
+
+class Model(BaseModel):
+    """Base of every model on the bus: unknown keys ignored, no NaN or Infinity in any float."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class Payload(Model):
     """Base of every bus payload."""
 
-    model_config = ConfigDict(extra="ignore", frozen=False)
+    model_config = ConfigDict(extra="ignore", frozen=False, allow_inf_nan=False)
 
-    v: Literal[1] = SCHEMA_VERSION
+    v: Annotated[Literal[1], BeforeValidator(_not_a_bool)] = SCHEMA_VERSION
     ts: AwareDatetime = Field(default_factory=utcnow)
+
 
     def to_json(self) -> bytes:
         return self.model_dump_json(exclude_none=False).encode()
@@ -63,44 +155,42 @@ class EvseState(StrEnum):
     OFFLINE = "offline"
 
 
-class Session(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class Session(Model):
 
     id: str = Field(min_length=1, max_length=64)
     started: AwareDatetime
-    energy_start_wh: float | None = Field(default=None, ge=0)
-    energy_wh: float = Field(default=0, ge=0)
+    energy_start_wh: WattHours | None = None
+    energy_wh: WattHours = 0.0
     id_tag: str | None = Field(default=None, max_length=64)
 
 
-class AppliedSetpoint(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class AppliedSetpoint(Model):
 
     current_a: Amps
-    phases: Literal[1, 3]
-    seq: int | None = Field(default=None, ge=0)
+    phases: Phases
+    seq: Count | None = None
     source: str | None = None
-    fallback: bool = False  # True when the safe current is applied (no valid setpoint)
+    fallback: Flag = False  # True when the safe current is applied (no valid setpoint)
 
 
 class EvseStatus(Payload):
     """``evse/<evse_id>/status`` (retained)."""
 
     evse_id: Ident
-    online: bool
+    online: Flag
     state: EvseState
     iec_state: IecState | None = None
-    raw_state: int | str | None = None
-    phases_in_use: int = Field(default=0, ge=0, le=3)
+    raw_state: RawState | None = None
+    phases_in_use: count(3) = 0
     current_a: NonNegPhaseCurrents = Field(default_factory=lambda: [0.0, 0.0, 0.0])
     # when current_a was measured, if it is not measured continuously: an OCPP wallbox's currents come
     # with its MeterValues (up to a sample interval old). None: as of ``ts`` (a polled device's status)
     measured_at: AwareDatetime | None = None
-    power_w: float | None = Field(default=None, ge=-1_000_000, le=1_000_000)
-    energy_wh: float | None = Field(default=None, ge=0)
+    power_w: Watts | None = None
+    energy_wh: WattHours | None = None
     session: Session | None = None
     applied: AppliedSetpoint | None = None
-    plausible: bool = True
+    plausible: Flag = True
     flags: list[str] = Field(default_factory=list)
     reason: str | None = None  # why offline / faulted
     source: str | None = None  # the service that reads this EVSE
@@ -119,10 +209,10 @@ class Setpoint(Payload):
 
     evse_id: Ident
     current_a: Amps  # per phase; 0 pauses charging
-    phases: Literal[1, 3] = 3
+    phases: Phases = 3
     valid_until: AwareDatetime
     source: str = "load-controller"
-    seq: int = Field(ge=0)
+    seq: Count
     reason: str | None = None
 
     def expired(self, now: datetime | None = None) -> bool:
@@ -151,7 +241,7 @@ class EvseCommandResult(Payload):
 
     evse_id: Ident
     request_id: str
-    accepted: bool
+    accepted: Flag
     detail: str | None = None
 
 
@@ -159,14 +249,14 @@ class MeterReading(Payload):
     """``meter/<meter_id>/reading`` (retained). Positive power is import (consumption)."""
 
     meter_id: Ident
-    online: bool = True
+    online: Flag = True
     current_a: PhaseCurrents | None = None
-    voltage_v: Annotated[list[Annotated[float, Field(ge=0, le=1000)]], Field(min_length=3, max_length=3)] | None = None
-    power_w: float | None = Field(default=None, ge=-10_000_000, le=10_000_000)
-    power_phase_w: Annotated[list[float], Field(min_length=3, max_length=3)] | None = None
-    energy_import_wh: float | None = Field(default=None, ge=0)
-    energy_export_wh: float | None = Field(default=None, ge=0)
-    plausible: bool = True
+    voltage_v: Annotated[list[Volts], Field(min_length=3, max_length=3)] | None = None
+    power_w: Watts | None = None
+    power_phase_w: Annotated[list[Watts], Field(min_length=3, max_length=3)] | None = None
+    energy_import_wh: WattHours | None = None
+    energy_export_wh: WattHours | None = None
+    plausible: Flag = True
     flags: list[str] = Field(default_factory=list)
     reason: str | None = None
 
@@ -192,15 +282,15 @@ class GridLimit(Payload):
     """
 
     source: LimitSource
-    active: bool
-    power_w: float | None = Field(default=None, ge=0, le=10_000_000)
+    active: Flag
+    power_w: PositiveWatts | None = None
     current_a: NonNegPhaseCurrents | None = None
     scope: LimitScope | None = None  # None: the controller's configured default
     valid_until: AwareDatetime
     id: str | None = Field(default=None, max_length=128)
     reason: str | None = Field(default=None, max_length=256)
-    failsafe_power_w: float | None = Field(default=None, ge=0)
-    failsafe_duration_s: float | None = Field(default=None, ge=0)
+    failsafe_power_w: PositiveWatts | None = None
+    failsafe_duration_s: Seconds | None = None
 
     @model_validator(mode="after")
     def _needs_a_bound(self) -> GridLimit:
@@ -218,10 +308,10 @@ class EvseLimit(Payload):
 
     evse_id: Ident
     source: LimitSource = LimitSource.OCPP_BACKEND
-    active: bool = True
+    active: Flag = True
     current_a: Amps | None = None
-    power_w: float | None = Field(default=None, ge=0)
-    phases: Literal[1, 3] | None = None
+    power_w: PositiveWatts | None = None
+    phases: Phases | None = None
     valid_until: AwareDatetime
     id: str | None = None
 
@@ -232,14 +322,13 @@ class TariffLevel(StrEnum):
     HIGH = "high"
 
 
-class TariffPeriod(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class TariffPeriod(Model):
 
     id: str = Field(min_length=1, max_length=128)
     level: TariffLevel
     start: AwareDatetime
     end: AwareDatetime | None = None
-    price_ct_per_kwh: float | None = Field(default=None, ge=-1000, le=1000)
+    price_ct_per_kwh: Price | None = None
 
     @model_validator(mode="after")
     def _end_after_start(self) -> TariffPeriod:
@@ -279,19 +368,18 @@ class SmgwLinkStatus(Payload):
     error: str | None = None
     certificate: str | None = None
     cert_not_after: AwareDatetime | None = None
-    cert_days_left: float | None = None
-    bytes_tx: int = Field(default=0, ge=0)
-    bytes_rx: int = Field(default=0, ge=0)
-    channels: dict[str, Any] = Field(default_factory=dict)
+    cert_days_left: Days | None = None
+    bytes_tx: Count = 0
+    bytes_rx: Count = 0
+    channels: JsonDict = Field(default_factory=dict)
 
 
-class EvseAllocation(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class EvseAllocation(Model):
 
     evse_id: Ident
     current_a: Amps
-    phases: Literal[1, 3]
-    wanted: bool = True
+    phases: Phases
+    wanted: Flag = True
     bound_by: str  # the limit or rule that bound it, e.g. "node:garage:L2", "grid_limit:dso", "evse_max"
     detail: str | None = None
     mode: str | None = None  # the charging mode in force (evse/<id>/mode), None: rules (the default)
@@ -300,10 +388,10 @@ class EvseAllocation(BaseModel):
 class Allocation(Payload):
     """``controller/allocation`` (retained): the last decision and why."""
 
-    cycle: int = Field(ge=0)
+    cycle: Count
     evses: list[EvseAllocation] = Field(default_factory=list)
-    limits: dict[str, Any] = Field(default_factory=dict)  # limits in force with their sources
-    solve_ms: float | None = None
+    limits: JsonDict = Field(default_factory=dict)  # limits in force with their sources
+    solve_ms: Milliseconds | None = None
 
 
 class ChargingModeName(StrEnum):
@@ -320,13 +408,12 @@ class ChargingModeName(StrEnum):
 HHMM = Annotated[str, Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")]
 
 
-class SessionTarget(BaseModel):
+class SessionTarget(Model):
     """A per-session target: ``energy_wh`` charged in the session by local time ``by`` (HH:MM). It ends
     with the session it was set in."""
 
-    model_config = ConfigDict(extra="ignore")
 
-    energy_wh: float = Field(gt=0, le=500_000)
+    energy_wh: Annotated[float, Strict(), Field(gt=0, le=500_000, allow_inf_nan=False)]
     by: HHMM
     session_id: str | None = Field(default=None, max_length=64, description="the session it belongs to")
 
@@ -338,7 +425,7 @@ class ModeCommand(Payload):
     evse_id: Ident
     mode: ChargingModeName | None = None  # None: keep the mode (e.g. only a target)
     target: SessionTarget | None = None
-    clear_target: bool = False
+    clear_target: Flag = False
     request_id: str | None = Field(default=None, max_length=64)
     source: str = Field(default="user", max_length=64)
 
@@ -354,18 +441,17 @@ class ChargingMode(Payload):
     set_at: AwareDatetime | None = None
 
 
-class TariffShare(BaseModel):
+class TariffShare(Model):
     """The part of a session charged in one tariff period, at the price configured for its level."""
 
-    model_config = ConfigDict(extra="ignore")
 
     period_id: str | None = Field(default=None, max_length=128)  # None: no tariff known at the time
     level: str = Field(max_length=16)  # low / normal / high / unknown
     start: AwareDatetime
     end: AwareDatetime | None = None
-    energy_wh: float = Field(ge=0)
-    price_ct_per_kwh: float | None = None
-    cost: float | None = None  # in the configured currency
+    energy_wh: WattHours
+    price_ct_per_kwh: Price | None = None
+    cost: Money | None = None  # in the configured currency
 
 
 class SessionRecord(Payload):
@@ -373,20 +459,20 @@ class SessionRecord(Payload):
     service keeps it (open while ``stopped`` is None)."""
 
     evse_id: Ident
-    record_id: int = Field(ge=0)
+    record_id: Count
     session_id: str = Field(max_length=64)
     started: AwareDatetime
     stopped: AwareDatetime | None = None
     id_tag: str | None = Field(default=None, max_length=64)
-    energy_start_wh: float | None = None
-    energy_stop_wh: float | None = None
-    energy_wh: float = Field(default=0, ge=0)
-    peak_power_w: float | None = None
-    phases: int = Field(default=0, ge=0, le=3)
-    cost: float | None = None
+    energy_start_wh: WattHours | None = None
+    energy_stop_wh: WattHours | None = None
+    energy_wh: WattHours = 0.0
+    peak_power_w: Watts | None = None
+    phases: count(3) = 0
+    cost: Money | None = None
     currency: str = "EUR"
     tariffs: list[TariffShare] = Field(default_factory=list, max_length=500)
-    signed_values: int = Field(default=0, ge=0)  # signed meter data kept with it (OCMF etc.)
+    signed_values: Count = 0  # signed meter data kept with it (OCMF etc.)
 
 
 class ControlKind(StrEnum):
@@ -399,17 +485,17 @@ class ControlKind(StrEnum):
 class ControlRecord(Payload):
     """``history/control/<kind>`` (retained): the latest recorded control action of that kind."""
 
-    record_id: int = Field(ge=0)
+    record_id: Count
     kind: ControlKind
     source: str | None = Field(default=None, max_length=64)
     scope: str | None = Field(default=None, max_length=64)
     started: AwareDatetime
     ended: AwareDatetime | None = None
     valid_until: AwareDatetime | None = None
-    power_w: float | None = None
-    current_a: list[float] | None = None
-    raised_to_floor: bool | None = None
-    effective_w: float | None = None
+    power_w: Watts | None = None
+    current_a: Annotated[list[SignedAmps], Field(max_length=3)] | None = None
+    raised_to_floor: Flag | None = None
+    effective_w: Watts | None = None
     limit_id: str | None = Field(default=None, max_length=128)
     answer: str | None = Field(default=None, max_length=256)
     detail: str | None = Field(default=None, max_length=512)
@@ -427,10 +513,10 @@ class Health(Payload):
     service: Ident
     status: HealthStatus
     version: str | None = None
-    uptime_s: float | None = Field(default=None, ge=0)
-    pid: int | None = None
+    uptime_s: Seconds | None = None
+    pid: count(2**32) | None = None
     config_version: str | None = None
-    counters: dict[str, int] = Field(default_factory=dict)
+    counters: dict[str, Count] = Field(default_factory=dict)
     detail: str | None = None
 
     @field_validator("counters")
@@ -456,4 +542,4 @@ class LogRecord(Payload):
     service: Ident
     level: Literal["debug", "info", "warning", "error", "critical"]
     event: str = Field(max_length=2000)
-    fields: dict[str, Any] = Field(default_factory=dict)
+    fields: JsonDict = Field(default_factory=dict)

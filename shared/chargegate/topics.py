@@ -10,7 +10,6 @@ the error, counted, and ``None`` is returned.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import structlog
 from pydantic import BaseModel, ValidationError
 
 from chargegate import payloads as p
+from chargegate import strict_json
 
 log = structlog.get_logger("chargegate.topics")
 
@@ -168,9 +168,9 @@ class Registry:
             # an empty retained message clears the topic: not an error, nothing to deliver
             return None
         try:
-            data = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            self._reject(topic, f"payload is not JSON: {e}", spec.name)
+            data = strict_json.loads(payload)
+        except ValueError as e:
+            self._reject(topic, str(e), spec.name)
             return None
         if not isinstance(data, dict):
             self._reject(topic, f"payload must be a JSON object, got {type(data).__name__}", spec.name)
@@ -179,6 +179,9 @@ class Registry:
             model = spec.model.model_validate(data)
         except ValidationError as e:
             self._reject(topic, format_validation_error(e), spec.name)
+            return None
+        except (ValueError, TypeError, RecursionError) as e:  # never out of the parser, whatever the input
+            self._reject(topic, f"payload could not be validated: {type(e).__name__}: {str(e)[:200]}", spec.name)
             return None
         # the id inside the payload must agree with the topic
         for key, value in params.items():

@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import Literal
 
 from chargegate.config import Evse
-from chargegate.payloads import EvseState, EvseStatus, IecState, Setpoint
+from chargegate.payloads import MAX_ENERGY_WH, MAX_INT, EvseState, EvseStatus, IecState, Setpoint
 from evse_poller.profile import CurrentControl, Profile
 from evse_poller.registers import Value, encode_raw, encode_value, to_raw
 
@@ -126,6 +126,10 @@ def evaluate_evse(profile: Profile, values: dict[str, Value], memory: EvseMemory
     raw_out: int | str | None = raw_state if isinstance(raw_state, int | str) else None
     if isinstance(raw_state, float):
         raw_out = int(raw_state) if raw_state.is_integer() else str(raw_state)
+    if isinstance(raw_out, int) and abs(raw_out) > MAX_INT:
+        raw_out = str(raw_out)  # shown as it came; a number beyond 2**53 would not survive JSON readers
+    if isinstance(raw_out, str):
+        raw_out = raw_out[:64]
     info = map_state(profile, raw_state)
     if not info.known:
         flags.append("unknown_state")
@@ -182,6 +186,9 @@ def evaluate_evse(profile: Profile, values: dict[str, Value], memory: EvseMemory
     if energy is not None:
         if energy < 0:
             flags.append("energy_negative")
+            energy, energy_trusted = None, False
+        elif energy > MAX_ENERGY_WH:
+            flags.append("energy_out_of_range")
             energy, energy_trusted = None, False
         elif memory.energy_wh is not None and energy < memory.energy_wh - 0.5:
             seen = (*memory.backwards, energy)
@@ -348,6 +355,9 @@ def evaluate_meter(values: dict[str, Value], memory: MeterMemory, *, invert: boo
     if power is not None and abs(power) > 3 * limits.meter_max_current_a * MAX_V:
         flags.append("power_out_of_range")
         power = None
+    if power_phase is not None and any(abs(x) > limits.meter_max_current_a * MAX_V for x in power_phase):
+        flags.append("power_phase_out_of_range")
+        power_phase = None
     e_imp = _num(values.get("energy_import"))
     e_exp = _num(values.get("energy_export"))
     if invert:
@@ -366,6 +376,8 @@ def _monotonic(value: float | None, last: float | None, name: str, mem: MeterMem
         return None, mem, []
     if value < 0:
         return None, mem, [f"{name}_negative"]
+    if value > MAX_ENERGY_WH:
+        return None, mem, [f"{name}_out_of_range"]
     if last is not None and value < last - 0.5:
         return None, mem, [f"{name}_backwards"]
     return value, replace(mem, **{f"{name}_wh": value}), []

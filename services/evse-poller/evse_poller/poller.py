@@ -15,12 +15,14 @@ import os
 import time
 import zlib
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
 
 from chargegate import payloads as p
+from chargegate import setpoints
 from chargegate.config import Config, Evse, Meter
 from evse_poller import logic
 from evse_poller.device import DeviceError, EvseDevice, MeterDevice
@@ -338,10 +340,15 @@ class Poller:
         if dev is None:
             return False
         old = dev.setpoint
+        now = datetime.now(UTC)
+        if setpoints.clamped(sp, now):
+            self.counters["setpoints_from_the_future"] += 1
+            self.log.warning("setpoint dated in the future: taken as of now", evse=sp.evse_id, ts=sp.ts.isoformat(),
+                             valid_until=sp.valid_until.isoformat())
+        sp = setpoints.on_arrival(sp, now, self.config.controller.setpoint_validity_s)
         # a late duplicate from the same source (older timestamp and sequence) must not undo a newer one;
         # a restarted controller counts from 0 again but with a newer timestamp, so it is accepted
-        if (old is not None and sp.source == old.source and sp.seq < old.seq and sp.ts < old.ts
-                and not old.expired()):
+        if setpoints.out_of_order(sp, old, now):
             self.counters["setpoints_out_of_order"] += 1
             self.log.warning("older setpoint ignored", evse=sp.evse_id, seq=sp.seq, current_seq=old.seq)
             return True

@@ -18,7 +18,7 @@ import gc
 import json
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from json.encoder import encode_basestring as _json_str
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -33,6 +33,7 @@ from load_controller.topology import Topology
 
 SERVICE = "load-controller"
 FUTURE_TOLERANCE_S = 60.0  # a message stamped further ahead than this gets its arrival time
+MAX_SEQ_AHEAD = 10**12  # a sequence number this far beyond our base (epoch ms at start) is not ours
 UNCONFIGURED_KEPT = 1000  # devices not (yet) configured whose latest message is kept for a reload
 
 
@@ -278,6 +279,13 @@ class LoadController:
             if msg.retained:
                 self.log.info("clearing the retained setpoint of an EVSE no longer configured", evse_id=sp.evse_id)
                 self.bus.clear("evse.setpoint", evse_id=sp.evse_id)
+            return
+        if sp.ts > datetime.now(UTC) + timedelta(seconds=2) or sp.seq > self.seq_base + MAX_SEQ_AHEAD:
+            # not ours (someone with our account, or a clock far ahead): go on from our own numbers; the
+            # EVSEs' drivers take our newer setpoints whatever its seq (chargegate.setpoints)
+            self._once(f"implausible-setpoint:{sp.evse_id}", "odd_inputs", "setpoint with our source dated in the "
+                       "future or with an implausible sequence number: not continued from", evse_id=sp.evse_id,
+                       seq=sp.seq, ts=sp.ts.isoformat())
             return
         self.seq[sp.evse_id] = max(self.seq.get(sp.evse_id, 0), sp.seq)
         if not self.started:

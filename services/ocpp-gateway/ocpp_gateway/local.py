@@ -36,6 +36,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from chargegate import payloads as p
+from chargegate import setpoints
 from chargegate.bus import Bus
 from chargegate.config import Config, Evse
 from ocpp_gateway import conv
@@ -231,7 +232,14 @@ class Connector:
 
     # -- setpoints -> charging profiles -----------------------------------------------------------
     def on_setpoint(self, sp: p.Setpoint) -> None:
-        if self.setpoint is not None and sp.seq < self.setpoint.seq and sp.ts <= self.setpoint.ts:
+        now = datetime.now(UTC)
+        if setpoints.clamped(sp, now):
+            self.csms.counters["setpoints_from_the_future"] += 1
+            self.log.warning("setpoint dated in the future: taken as of now", ts=sp.ts.isoformat(),
+                             valid_until=sp.valid_until.isoformat())
+        sp = setpoints.on_arrival(sp, now, self.csms.config.controller.setpoint_validity_s)
+        if setpoints.out_of_order(sp, self.setpoint, now):
+            self.csms.counters["setpoints_out_of_order"] += 1
             return  # older than what we have
         self.setpoint = sp
         self._dirty.set()
