@@ -277,23 +277,35 @@ async def test_reload_applies_the_new_configuration(env: Env) -> None:
     await wait_for(lambda: (s := env.last("wb1")) is not None and s.current_a == 16)
 
 
-async def test_link_loss_starts_the_failsafe_and_a_new_limit_ends_it(env: Env) -> None:
+async def test_smgw_link_owns_the_link_loss_failsafe_and_the_controller_follows_it(env: Env) -> None:
+    """One owner: smgw-link decides the link-loss failsafe (its grace, its duration) and publishes it as
+    the operator's limit (id failsafe); the controller applies it and ends it when smgw-link does. A
+    `down` link status, republished every few seconds during a long outage, never starts or restarts a
+    failsafe of the controller's own (it used to, with its own grace, so the failsafe never ended)."""
+    env.limit("dso", active=False)
     env.smgw.publish("link.smgw", p.SmgwLinkStatus(state=p.LinkState.UP))
     await wait_for(lambda: (s := env.last("wb1")) is not None and s.current_a == 16)
-    env.smgw.publish("link.smgw", p.SmgwLinkStatus(state=p.LinkState.DOWN, since=p.utcnow()))
-    # failsafe 4.2 kW, raised to the floor for two controllable EVSEs (7.56 kW): 8.2 A each
+    lost = p.utcnow() - timedelta(seconds=300)  # lost long ago: past any grace
+    env.smgw.publish("link.smgw", p.SmgwLinkStatus(state=p.LinkState.DOWN, since=lost))
+    await asyncio.sleep(0.3)
+    assert env.last("wb1").current_a == 16  # type: ignore[union-attr]  # link/smgw alone: no failsafe
+    # smgw-link enters its failsafe: 4.2 kW, raised to the floor for two controllable EVSEs (7.56 kW): 8.2 A each
+    env.limit("dso", active=True, power_w=4200, id="failsafe", scope=p.LimitScope.CONTROLLABLE,
+              reason="failsafe: operator link lost")
     await wait_for(lambda: (s := env.last("wb1")) is not None and s.current_a == 8.2, timeout=3)
-    assert env.ctl.last_decision is not None
-    fs = env.ctl.last_decision.limits["failsafe"]
-    assert fs is not None and fs["cause"] == "SMGW link lost" and fs["raised_to_floor"]
+    assert env.ctl.last_decision is not None and env.ctl.last_decision.limits["failsafe"] is None
+    applied = env.ctl.last_decision.limits["grid_limits"]
+    assert any(g.get("source") == "dso" and g.get("raised_to_floor") for g in applied), applied
+    for _ in range(3):  # the outage goes on: smgw-link republishes `down`
+        env.smgw.publish("link.smgw", p.SmgwLinkStatus(state=p.LinkState.DOWN, since=lost))
+    # smgw-link ends its failsafe (its duration is over): the controller follows at once
+    env.limit("dso", active=False, reason="no operator limit")
+    await wait_for(lambda: (s := env.last("wb1")) is not None and s.current_a == 16, timeout=3)
+    env.smgw.publish("link.smgw", p.SmgwLinkStatus(state=p.LinkState.DOWN, since=lost))
+    await asyncio.sleep(0.3)
+    assert env.last("wb1").current_a == 16  # type: ignore[union-attr]
+    assert env.ctl.last_decision is not None and env.ctl.last_decision.limits["failsafe"] is None
     env.smgw.publish("link.smgw", p.SmgwLinkStatus(state=p.LinkState.UP))
-    await asyncio.sleep(0.3)
-    assert env.last("wb1").current_a == 8.2  # type: ignore[union-attr]  # holds after the link is back
-    env.limit("dso", active=False)  # the same message again (a heartbeat): not a new limit
-    await asyncio.sleep(0.3)
-    assert env.last("wb1").current_a == 8.2  # type: ignore[union-attr]
-    env.limit("dso", active=False, id="clseedi:4711")  # a new operator message ends it
-    await wait_for(lambda: (s := env.last("wb1")) is not None and s.current_a == 16, timeout=5)
 
 
 async def test_restart_goes_on_from_the_retained_state(env: Env, broker: BrokerHandle) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,6 +200,14 @@ async def test_http_api_auth_validation_and_variables(rig: Rig) -> None:
     assert (await rig.http("GET", "/api/variables", token="wrong"))[0] == 401
     assert (await rig.http("PUT", "/api/variables/AVAIL", {"value": 150}))[0] == 422
     assert (await rig.http("PUT", "/api/variables/AVAIL", {"value": "x"}))[0] == 422
+    # numbers are strict: a boolean is not 1 %, a numeric string is not a number, NaN/Infinity are refused
+    for bad in (True, False, "50", float("nan"), float("inf")):
+        status, body = await rig.http("PUT", "/api/variables/AVAIL", {"value": bad})
+        assert status == 422, (bad, status, body)
+    assert (await rig.http("PUT", "/api/variables/AVAIL", {"value": 50, "duration_s": True}))[0] == 422
+    for val in ("nan", "inf", "1e999", "true"):
+        assert (await rig.http("GET", f"/cnf?cmd=set_cm_vars&name=AVAIL&val={val}"))[0] == 422, val
+    assert rig.last("local") is None or not rig.last("local").active  # type: ignore[union-attr]  # nothing set
     assert (await rig.http("PUT", "/api/variables/AVAIL", {"value": 50, "extra": 1}))[0] == 422
     assert (await rig.http("PUT", "/api/variables/TARIF", {"value": 2}))[0] == 422
     assert (await rig.http("PUT", "/api/variables/NOPE", {"value": 2}))[0] == 404
@@ -236,6 +245,11 @@ async def test_link_loss_leads_to_the_failsafe_limit(rig: Rig) -> None:
     mid = rig.backend.failsafe(4800)
     assert (await rig.backend.wait_reply(mid)).msg["data"]["errorNumber"] == 0
     await wait_for(lambda: rig.last("dso").failsafe_power_w == 4800, 5)  # type: ignore[union-attr]
+    seen: dict[str, float] = {}  # when the failsafe limit and the `down` status first arrived
+    rig.observer.subscribe("grid.limit", lambda m: m.payload.id == "failsafe" and seen.setdefault(
+        "failsafe", time.monotonic()))
+    rig.observer.subscribe("link.smgw", lambda m: m.payload.state == p.LinkState.DOWN and seen.setdefault(
+        "down", time.monotonic()))
     # the gateway goes away (port closed, every channel cut)
     await rig.sim.pause()
     rig.sim.drop_all()
@@ -244,6 +258,8 @@ async def test_link_loss_leads_to_the_failsafe_limit(rig: Rig) -> None:
     gl = rig.last("dso")
     assert gl is not None and gl.active and gl.power_w == 4800 and "failsafe" in (gl.reason or "")
     await wait_for(lambda: rig.links[-1].state == p.LinkState.DOWN, 5)
+    # `down` is published with the failsafe (it used to follow up to 1 s later)
+    assert abs(seen["down"] - seen["failsafe"]) < 0.25, seen
     assert rig.links[-1].error and "refused" in rig.links[-1].error
     assert rig.links[-1].channels["failsafe"] is True
     # back: the device asks for the backend's control state; the reply's limit ends the failsafe

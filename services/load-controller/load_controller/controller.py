@@ -383,7 +383,7 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
         limit_infos.append(lg.info)
         if lg.warning:
             warnings.append(lg.warning)
-    fs, new.failsafe_cleared_at = failsafe_state(cfg, inputs.grid_limits, inputs.link, memory.failsafe, now,
+    fs, new.failsafe_cleared_at = failsafe_state(cfg, inputs.grid_limits, memory.failsafe, now,
                                                  memory.failsafe_cleared_at)
     new.failsafe = fs
     fs_info: dict[str, Any] | None = None

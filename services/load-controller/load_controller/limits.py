@@ -68,31 +68,16 @@ def failsafe_params(cfg: Controller, limits: dict[str, p.GridLimit]) -> tuple[fl
     return power, duration
 
 
-def link_lost_at(cfg: Controller, link: p.SmgwLinkStatus | None, now: datetime) -> datetime | None:
-    """When the SMGW link counts as lost (None: it does not). smgw-link says ``connecting`` while the
-    link has been lost for less than its grace and ``down`` after it, with ``since`` = when it was
-    lost: ``down`` counts from since + grace but no later than the message itself (a ``down`` from
-    elsewhere counts at once); ``connecting`` counts once it has lasted ``link_loss_grace_s``."""
-    if link is None or not cfg.failsafe_on_link_loss:
-        return None
-    since = link.since or link.ts
-    grace = timedelta(seconds=cfg.link_loss_grace_s)
-    if link.state == p.LinkState.DOWN:
-        at = min(since + grace, link.ts)
-    elif link.state == p.LinkState.CONNECTING:
-        at = since + grace
-    else:
-        return None
-    return at if at <= now else None
+def failsafe_state(cfg: Controller, limits: dict[str, p.GridLimit], previous: FailsafeState | None,
+                   now: datetime, cleared_at: datetime | None = None) -> tuple[FailsafeState | None, datetime | None]:
+    """The controller's own failsafe in force at ``now``, and the moment it was last ended by a new limit.
 
-
-def failsafe_state(cfg: Controller, limits: dict[str, p.GridLimit], link: p.SmgwLinkStatus | None,
-                   previous: FailsafeState | None, now: datetime,
-                   cleared_at: datetime | None = None) -> tuple[FailsafeState | None, datetime | None]:
-    """The failsafe in force at ``now``, and the moment it was last ended by a new limit.
-
-    Entered when an operator limit (dso, supplier) expires while active, or when the SMGW link is
-    lost (if configured); held for the failsafe duration from that moment, unless a new operator
+    Entered when an operator limit (dso, supplier) expires while active: its publisher (smgw-link)
+    stopped repeating it, so nobody can tell what the operator wants now. The SMGW link's loss is not
+    a trigger here: smgw-link alone decides that failsafe (``smgw.on_link_loss``,
+    ``smgw.link_loss_grace_s``) and publishes it as the operator's limit (``id: failsafe``), which
+    the controller applies like any limit and drops when smgw-link ends it - one owner, so the two
+    can never disagree about when it ends. Held for the failsafe duration from that moment, unless a new operator
     limit arrives - one whose content differs from what the operators said when it began (a
     heartbeat repeating the same limit, or smgw-link publishing its own failsafe, is not new).
     Derived from the retained inputs, so a restarted controller reconstructs it; ``previous`` keeps
@@ -110,9 +95,6 @@ def failsafe_state(cfg: Controller, limits: dict[str, p.GridLimit], link: p.Smgw
     for lim in _operator_limits(limits):
         if lim.active and now >= lim.valid_until:
             triggers.append((lim.valid_until, f"limit from {lim.source.value} expired"))
-    lost = link_lost_at(cfg, link, now)
-    if lost is not None:
-        triggers.append((lost, "SMGW link lost"))
     for at, cause in triggers:
         if cleared_at is not None and at <= cleared_at:
             continue

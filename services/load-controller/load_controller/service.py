@@ -432,6 +432,10 @@ class LoadController:
         await asyncio.gather(self.recover_setpoints(settle_s), asyncio.sleep(settle_s))
         self.log.info("load controller running", evses=len(self.topo.evses), nodes=len(self.topo.nodes),
                       cycle_s=self.config.controller.cycle_s, floor_14a_w=round(self.topo.floor_w))
+        for key in self.config.controller.ignored_settings:
+            self.log.warning("setting ignored: smgw-link decides the link-loss failsafe (smgw.on_link_loss, "
+                             "smgw.link_loss_grace_s) and the controller follows what it publishes",
+                             setting=f"controller.{key}")
         if self.tune:
             tune_gc()
         loop = asyncio.get_running_loop()

@@ -247,8 +247,23 @@ class SmgwLink:
         if force or ssig != self.schedule_sig:
             bus.publish("tariff.schedule", out.schedule)
             self.schedule_sig = ssig
-        if force or self._status_dirty or mono - self._status_at >= STATUS_REFRESH_S:
+        # link/smgw turns `down` in the same publish as the failsafe limit (both at link loss + grace)
+        if (force or self._status_dirty or mono - self._status_at >= STATUS_REFRESH_S
+                or any(ev.startswith("failsafe") for ev in events) or self.link_state(now) != self._last_state):
             self.publish_status(now)
+
+    def link_state(self, now: datetime) -> p.LinkState:
+        """What ``link/smgw`` says: ``connecting`` while lost for less than ``link_loss_grace_s``, then ``down``."""
+        cfg = self.cfg
+        if not cfg.enabled:
+            return p.LinkState.DISABLED
+        if self.link is None:
+            return p.LinkState.CONNECTING
+        if self.link.state == "up" and (not cfg.clseedi.enabled or self.operator_link_up()):
+            return p.LinkState.UP
+        lost = self.control.link_down_since
+        late = lost is not None and now - lost >= timedelta(seconds=cfg.link_loss_grace_s)
+        return p.LinkState.DOWN if late else p.LinkState.CONNECTING
 
     def link_status(self, now: datetime | None = None) -> p.SmgwLinkStatus:
         cfg = self.cfg
@@ -261,17 +276,13 @@ class SmgwLink:
             # up: HAN link (and, with CLS.EEDI, the operator broker) up; connecting: lost for less
             # than link_loss_grace_s, reconnecting; down: lost for longer (the failsafe moment)
             error, since = self.link.error, datetime.fromtimestamp(self.link.since, UTC)
-            up = self.link.state == "up" and (not cfg.clseedi.enabled or self.operator_link_up())
-            if up:
-                state = p.LinkState.UP
-            else:
+            state = self.link_state(now)
+            if state != p.LinkState.UP:
                 lost = self.control.link_down_since
                 if self.link.state == "up":  # HAN up, operator broker not (yet) connected
                     error = error or "operator CLS.EEDI broker not connected"
                 if lost is not None:
                     since = lost
-                late = lost is not None and now - lost >= timedelta(seconds=cfg.link_loss_grace_s)
-                state = p.LinkState.DOWN if late else p.LinkState.CONNECTING
         if error is None and self.cert_error and cfg.enabled:
             error = f"setup: {self.cert_error}"
         channels: dict[str, Any] = {}
@@ -430,8 +441,6 @@ class SmgwLink:
                     at = (lost - now).total_seconds() + self.cfg.link_loss_grace_s
                     if at > 0:
                         waits.append(at + 0.001)
-                    elif self.link_status().state != self._last_state:
-                        self._status_dirty = True
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(0.005, min(waits)))

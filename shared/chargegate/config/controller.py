@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
-from chargegate.config.base import Ident, Strict
+from chargegate.config.base import Ident, Strict, StrictMember
 
 _HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
@@ -34,7 +34,7 @@ class TimeWindow(Strict):
         return v
 
 
-class RuleBase(Strict):
+class RuleBase(StrictMember):
     id: Ident
     evses: list[Ident] = Field(default_factory=list, description="EVSEs this rule applies to; empty = all")
     enabled: bool = True
@@ -123,10 +123,19 @@ class Controller(Strict):
                     "(Formerly fallback_current_a.)")
     failsafe_power_w: float = Field(default=4200.0, ge=0)
     failsafe_duration_s: float = Field(default=7200.0, ge=0)
-    failsafe_on_link_loss: bool = True
+    # Ignored, kept so that older configurations still load: smgw-link alone decides the link-loss
+    # failsafe (smgw.on_link_loss, smgw.link_loss_grace_s); the controller follows what it publishes.
+    failsafe_on_link_loss: bool = Field(
+        default=True, description="ignored (older configurations): the link-loss failsafe is smgw-link's, "
+                                  "see smgw.on_link_loss")
     link_loss_grace_s: float = Field(
         default=120.0, ge=0, le=86_400,
-        description="an SMGW link `connecting` this long counts as lost (`down` counts at once)")
+        description="ignored (older configurations): the link-loss grace is smgw.link_loss_grace_s")
+
+    @property
+    def ignored_settings(self) -> list[str]:
+        """Settings given in the configuration that no longer do anything (logged at start)."""
+        return sorted(k for k in ("failsafe_on_link_loss", "link_loss_grace_s") if k in self.model_fields_set)
     floor_sources: list[LimitSourceName] = Field(
         default_factory=lambda: ["dso", "supplier", "failsafe"],
         description="grid limits from these sources are raised to the §14a floor")
