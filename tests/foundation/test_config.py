@@ -40,6 +40,11 @@ def test_example_configurations_are_valid(monkeypatch: pytest.MonkeyPatch) -> No
     [
         (("max_current_a: 16", "max_current_a: 100"), "evses[2].max_current_a", "less than or equal to 80"),
         (("max_current_a: 16", "max_current_a: lots"), "evses[2].max_current_a", "valid number"),
+        # numbers are strict: YAML true is not 1 A, a quoted "16" is not a number, .nan/.inf are refused
+        (("max_current_a: 16", "max_current_a: true"), "evses[2].max_current_a", "not a boolean"),
+        (("max_current_a: 16", "max_current_a: '16'"), "evses[2].max_current_a", "not a string"),
+        (("fuse_a: 32", "fuse_a: .nan"), "circuits[0].children[0].fuse_a", "finite number"),
+        (("fuse_a: 32", "fuse_a: .inf"), "circuits[0].children[0].fuse_a", "finite number"),
         (("max_current_a: 16", "max_amps: 16"), "evses[2].max_amps", "unknown key"),
         (("circuit: garage, max", "circuit: attic, max"), "", "unknown circuit 'attic'"),
         (("fuse_a: 32", "fuse_a: -1"), "circuits[0].children[0].fuse_a", "greater than 0"),
@@ -51,6 +56,14 @@ def test_example_configurations_are_valid(monkeypatch: pytest.MonkeyPatch) -> No
 def test_error_names_path_and_problem(change: tuple[str, str], path: str, words: str) -> None:
     errs = errors_of(BASE.replace(*change, 1))
     assert any(p == path and words in m for p, m in errs), errs
+
+
+def test_strict_numbers_in_a_charging_rule_name_the_field() -> None:
+    """Charging rules are a discriminated union (by ``type``): checked at model level, the message names
+    the field."""
+    doc = BASE + "\ncontroller:\n  rules:\n    - {id: r1, type: solar, start_threshold_w: true}\n"
+    errs = errors_of(doc)
+    assert any("start_threshold_w" in p + m and "not a boolean" in m for p, m in errs), errs
 
 
 def test_error_message_names_the_file(tmp_path: Path) -> None:

@@ -297,7 +297,7 @@ class LaggingPlant(Plant):
         before = dict(self.heard)
         super().cycle()
         for eid, (current, _nph) in before.items():
-            if self.heard[eid][0] < current:
+            if self.heard[eid][0] < current and self.cars[eid] is not None:
                 self.history[eid].append((self.now, current))  # a cut: the old current goes on for lag_s
             self.history[eid] = [(t, c) for t, c in self.history[eid]
                                  if (self.now - t).total_seconds() < self.lag_s]
@@ -331,6 +331,8 @@ def test_current_freed_by_a_cut_is_not_handed_out_before_the_car_follows(
     plant.cycle()
     for ev in seq:
         kind = ev[0]
+        if kind == "unplug" or (kind == "plug" and plant.cars[ids[ev[1] % len(ids)]] is None):
+            plant.history[ids[ev[1] % len(ids)]] = []  # a car arriving was not drawing under an earlier cut
         if kind == "plug":
             plant.cars[ids[ev[1] % len(ids)]] = (ev[2], ev[3])
         elif kind == "unplug":

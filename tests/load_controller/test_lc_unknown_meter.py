@@ -17,11 +17,13 @@ from hypothesis import strategies as st
 from lc_harness import build_config
 
 from chargegate import payloads as p
+from chargegate.topics import Registry
 from load_controller.controller import Inputs, Memory, step
 from load_controller.topology import Topology
 
 NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
 TZ = ZoneInfo("Europe/Berlin")
+REGISTRY = Registry("chargegate")
 
 
 def _site(n_evses: int, allowance: float = 0.0, fuse: int = 25) -> dict[str, Any]:
@@ -93,7 +95,7 @@ def histories(draw: st.DrawFn) -> tuple[dict[str, Any], list[list[float]], str, 
     fuse = draw(st.sampled_from([16, 25, 35, 63]))
     site = _site(n, allowance, fuse)
     house = [[draw(st.floats(0, 40)) for _ in range(3)] for _ in range(draw(st.integers(0, 6)))]
-    how = draw(st.sampled_from(["never", "silent", "offline", "implausible"]))
+    how = draw(st.sampled_from(["never", "silent", "offline", "implausible", "nonfinite"]))
     restart = draw(st.booleans())
     extra = draw(st.integers(1, 4))
     return site, house, how, restart, extra
@@ -119,6 +121,11 @@ def test_unknown_meter_grants_at_most_the_allowance_with_or_without_a_restart(
         inputs.readings.pop("gm", None)
     elif how == "silent":
         now += timedelta(seconds=ctl.meter_timeout_s + 1)
+    elif how == "nonfinite":  # the meter's next readings carry NaN/Infinity/1e999: the bus drops every one
+        for bad in ("NaN", "Infinity", "-Infinity", "1e999"):
+            text = '{"v": 1, "ts": "' + now.isoformat() + '", "meter_id": "gm", "current_a": [' + bad + ', 1.0, 1.0]}'
+            assert REGISTRY.parse("chargegate/meter/gm/reading", text.encode()) is None, bad
+        now += timedelta(seconds=ctl.meter_timeout_s + 1)  # so the meter is silent from the controller's view
     elif how == "offline":
         inputs.readings["gm"] = p.MeterReading(meter_id="gm", online=False, ts=now)
     else:

@@ -125,6 +125,12 @@ async def test_operator_sets_a_limit_but_cannot_change_the_configuration(rig: Ad
     status, _ = await rig.call("PUT", "/v1/config/evses/wb7", OPERATOR_TOKEN, {"circuit": "garage"})
     assert status == 403
     assert rig.path.read_bytes() == before
+    # numbers and booleans are strict: `true` is not 1 W, "6000" is not a number, "yes" is not true
+    for bad in ({"power_w": True}, {"power_w": "6000"}, {"power_w": 6000, "active": "yes"},
+                {"power_w": 6000, "duration_s": True}, {"power_w": 6000, "active": 1}):
+        status, body = await rig.call("PUT", "/v1/limits/local", OPERATOR_TOKEN, bad)
+        assert status == 422, (bad, status, body)
+        assert body["errors"] and body["errors"][0]["path"].split(".")[-1] in bad, body
     # the viewer may not set limits
     assert (await rig.call("PUT", "/v1/limits/local", VIEWER_TOKEN, {"power_w": 5000}))[0] == 403
     # the operator may: grid/limit/local is published at once, with its duration

@@ -270,12 +270,21 @@ def test_demo_whole_product(demo: Demo) -> None:
         assert total_w <= floor + 1, (total_w, floor)
 
         # the operator's record: the limit acknowledged with errorNumber 0, every message schema-valid
-        record = [json.loads(line) for line in (demo.dir / "operator-record.jsonl").read_text().splitlines()]
+        # (the operator's simulator writes what it received every 0.2 s: the limit may be applied before)
+        def acked() -> list[dict[str, Any]] | None:
+            record = [json.loads(line) for line in (demo.dir / "operator-record.jsonl").read_text().splitlines()]
+            sent = [r for r in record if r["dir"] == "out" and r["channel"] == "clseedi"
+                    and "limits" in (r.get("msg", {}).get("data") or {})]
+            acks = {r["msg"]["relation"]: r["msg"]["data"]["errorNumber"] for r in record
+                    if r["dir"] == "in" and r.get("msg", {}).get("type", "").endswith(".ack")}
+            return record if sent and sent[-1]["msg"]["id"] in acks else None
+        record = _wait("the operator's record of the limit and its ack", acked, 10,
+                       lambda: (demo.dir / "operator-record.jsonl").read_text()[-3000:])
         sent = [r for r in record if r["dir"] == "out" and r["channel"] == "clseedi"
                 and "limits" in (r.get("msg", {}).get("data") or {})]
         acks = {r["msg"]["relation"]: r["msg"]["data"]["errorNumber"] for r in record
                 if r["dir"] == "in" and r.get("msg", {}).get("type", "").endswith(".ack")}
-        assert sent and acks.get(sent[-1]["msg"]["id"]) == 0, (sent, acks)
+        assert acks[sent[-1]["msg"]["id"]] == 0, (sent, acks)
         assert all(not r["schema_errors"] for r in record if r["dir"] == "in" and r["channel"] == "clseedi")
 
         # the tariff period announced through the inbound channel

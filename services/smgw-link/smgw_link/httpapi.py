@@ -31,11 +31,15 @@ from typing import Annotated, Any, Literal
 
 import structlog
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from chargegate import payloads as p
 from chargegate.config.smgw import Smgw
+from chargegate.strict_numbers import StrictNumbers
+from chargegate.topics import format_loc
 from smgw_link.control import OperatorControl
 
 log = structlog.get_logger("smgw_link.http")
@@ -45,8 +49,8 @@ VARIABLES = ("AVAIL", "TARIF")
 _bearer = HTTPBearer(auto_error=False)  # module level: annotations are resolved in module globals
 
 
-class VariableIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class VariableIn(StrictNumbers):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     value: float = Field(description="AVAIL: 0..100 (%); TARIF: 0 normal, 1 reduced")
     duration_s: float | None = Field(default=None, gt=0, le=31 * 86400,
@@ -63,8 +67,8 @@ class VariableOut(BaseModel):
     description: str
 
 
-class ScheduleIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ScheduleIn(StrictNumbers):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     periods: list[p.TariffPeriod] = Field(max_length=1000)
 
@@ -84,6 +88,16 @@ def make_app(state: ApiState, origin: Origin) -> FastAPI:
 
     def count(key: str) -> None:
         state.counters[key] = state.counters.get(key, 0) + 1
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, e: RequestValidationError) -> JSONResponse:
+        """FastAPI's 422 without the input echoed back (a NaN in it cannot even be written as JSON)."""
+        count("http_invalid")
+        errors = [{"loc": list(x.get("loc", ())), "msg": str(x.get("msg", "invalid")), "type": str(x.get("type", ""))}
+                  for x in e.errors()]
+        log.warning("variables API request refused", path=request.url.path,
+                    errors="; ".join(f"{format_loc(tuple(x['loc']))}: {x['msg']}" for x in errors)[:500])
+        return JSONResponse({"detail": errors}, status_code=422)
 
     def auth(request: Request,
              cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:

@@ -6,16 +6,25 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import ConfigDict, Field, SecretStr, model_validator
+
+from chargegate.strict_numbers import StrictNumbers, StrictNumbersInUnion
 
 Ident = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
-class Strict(BaseModel):
-    """Base for configuration sections: unknown keys are errors (typos must not pass)."""
+class Strict(StrictNumbers):
+    """Base for configuration sections: unknown keys are errors (typos must not pass); numbers are
+    numbers (no ``true`` or ``"35"`` for a current) and finite."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class StrictMember(StrictNumbersInUnion):
+    """:class:`Strict` for a member of a discriminated union (e.g. a charging rule with ``type``)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class Secret(Strict):

@@ -14,12 +14,13 @@ from pydantic import BaseModel, Field
 from chargegate import payloads as p
 from chargegate import record as rec
 from chargegate import record_export as rx
+from chargegate.strict_numbers import StrictNumbers
 from smgw_link.admin.core import AdminService, ApiError
 
 HistoryKind = Literal["sessions", "controls", "summary", "house-load"]
 
 
-class ModeIn(BaseModel):
+class ModeIn(StrictNumbers):
     mode: p.ChargingModeName | None = Field(default=None, description="off, now, rules, solar, solar+min; "
                                                                       "omitted: keep the mode")
     target_kwh: float | None = Field(default=None, gt=0, le=500, description="session target: this much energy ...")

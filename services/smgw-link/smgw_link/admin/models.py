@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from chargegate import payloads as p
+from chargegate.strict_numbers import StrictNumbers
 
 Ident = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
 VersionId = Annotated[str, Field(pattern=r"^[0-9a-f]{12}$", description="a configuration version (digest)")]
@@ -15,8 +16,10 @@ ServiceName = Literal["evse-poller", "ocpp-gateway", "load-controller", "smgw-li
 LimitSourceName = Literal["dso", "supplier", "local"]
 
 
-class In(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class In(StrictNumbers):
+    """A request body: unknown keys are errors, numbers are numbers (not ``true``), booleans booleans."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ErrorItem(BaseModel):
