@@ -434,6 +434,12 @@ class LoadController:
                       cycle_s=self.config.controller.cycle_s, floor_14a_w=round(self.topo.floor_w))
         if self.tune:
             tune_gc()
+        await self.ctx.tasks.supervised("control-loop", self._loop)
+
+    async def _loop(self) -> None:
+        """A cycle every ``cycle_s`` and whenever something woke it (supervised: a failing cycle is logged,
+        counted in the health's ``task_restarts`` and the loop goes on after a short backoff; setpoints
+        expire meanwhile, so the wallboxes fall back to their safe current if it keeps failing)."""
         loop = asyncio.get_running_loop()
         next_tick = loop.time()
         while True:

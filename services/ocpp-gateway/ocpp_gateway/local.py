@@ -39,6 +39,7 @@ from chargegate import payloads as p
 from chargegate import setpoints
 from chargegate.bus import Bus
 from chargegate.config import Config, Evse
+from chargegate.supervise import Tasks
 from ocpp_gateway import conv
 from ocpp_gateway.rpc import SUBPROTOCOL, SUBPROTOCOL_OF, OcppRpc, RpcError, Version
 from ocpp_gateway.txqueue import TxQueue, TxRow
@@ -118,9 +119,10 @@ class Connector:
         if self.up is not None:
             row = self.up.queue.open_tx(self.evse.id)
             self.tx = row.tx if row else None
-        self._task = asyncio.create_task(self._apply_loop(), name=f"apply-{self.evse.id}")
+        tasks, ids = self.csms.tasks, {"evse_id": self.evse.id, "charge_box_id": self.cbid}
+        self._task = tasks.spawn(f"apply:{self.evse.id}", self._apply_loop, **ids)
         if self.csms.config.ocpp.local.meter_values_interval_s > 0:
-            self._watch = asyncio.create_task(self._meter_watch(), name=f"meter-watch-{self.evse.id}")
+            self._watch = tasks.spawn(f"meter-watch:{self.evse.id}", self._meter_watch, **ids)
         self.publish()
 
     def close(self) -> None:
@@ -519,7 +521,9 @@ class WallboxSession:
 
     async def run(self) -> None:
         reader = asyncio.create_task(self.rpc.run())
-        starter = asyncio.create_task(self._start_profiles())
+        # per connection, but a failure must not leave the wallbox without its profiles (never "ready")
+        starter = self.csms.tasks.spawn(f"start-profiles:{self.cbid}", self._start_profiles,
+                                        expected=(ConnectionClosed,), charge_box_id=self.cbid)
         try:
             await reader
         finally:
@@ -920,8 +924,10 @@ def _live_meter(version: Version, samples: list[conv.Sample]) -> dict[str, Any]:
 class LocalCsms:
     """The websocket server and the configured wallboxes."""
 
-    def __init__(self, config: Config, bus: Bus, queue: TxQueue, counters: Counter[str]) -> None:
+    def __init__(self, config: Config, bus: Bus, queue: TxQueue, counters: Counter[str],
+                 tasks: Tasks | None = None) -> None:
         self.config = config
+        self.tasks = tasks or Tasks()
         self.bus = bus
         self.queue = queue
         self.counters = counters

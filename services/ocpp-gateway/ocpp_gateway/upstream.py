@@ -27,6 +27,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from chargegate import payloads as p
 from chargegate.config import Config, Evse
+from chargegate.supervise import Tasks
 from ocpp_gateway import conv
 from ocpp_gateway.profiles import Profile, effective
 from ocpp_gateway.rpc import SUBPROTOCOL_OF, OcppRpc, RpcError, Version
@@ -118,8 +119,9 @@ class UpstreamCP:
     """The charge point ``target.cbid`` at the backend, for EVSE ``evse``."""
 
     def __init__(self, *, evse: Evse, target: Target, queue: TxQueue, driver: Driver, config: Config,
-                 counters: Counter[str], publish_limit: Any) -> None:
+                 counters: Counter[str], publish_limit: Any, tasks: Tasks | None = None) -> None:
         self.evse = evse
+        self.tasks = tasks or Tasks()
         self.t = target
         self.cbid = target.cbid
         self.version: Version = target.version
@@ -330,8 +332,9 @@ class UpstreamCP:
         worker = asyncio.create_task(self._online(rpc))
         try:
             done, _ = await asyncio.wait({reader, worker}, return_when=asyncio.FIRST_COMPLETED)
-            if worker in done and worker.exception() is not None:
-                raise worker.exception()  # type: ignore[misc]
+            for t in (worker, reader):  # a failure of either is logged by run(), not swallowed
+                if t in done and not t.cancelled() and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
         finally:
             for t in (reader, worker):
                 t.cancel()
@@ -345,7 +348,8 @@ class UpstreamCP:
         self.log.info("registered at the backend", version=self.version, queued=self.queue.count(self.cbid))
         self.booted.set()
         await self._send_status()
-        hb = asyncio.create_task(self._heartbeat(rpc))
+        hb = self.tasks.spawn(f"backend-heartbeat:{self.evse.id}", lambda: self._heartbeat(rpc),
+                              expected=(ConnectionClosed,), evse_id=self.evse.id, charge_box_id=self.cbid)
         try:
             await self._deliver(rpc)
         finally:
@@ -479,7 +483,7 @@ class UpstreamCP:
             self.counters["tx_messages_delivered"] += 1
 
     def _spawn(self, coro: Any) -> None:
-        t = asyncio.ensure_future(coro)
+        t = self.tasks.oneshot(f"backend-send:{self.evse.id}", coro, evse_id=self.evse.id, charge_box_id=self.cbid)
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
 
