@@ -24,6 +24,7 @@ import structlog
 from chargegate import payloads as p
 from chargegate import setpoints
 from chargegate.config import Config, Evse, Meter
+from chargegate.ratelog import LogLimiter
 from chargegate.supervise import Tasks
 from evse_poller import logic
 from evse_poller.device import DeviceError, EvseDevice, MeterDevice
@@ -81,6 +82,7 @@ class Poller:
         self.settings = config.poller
         self.publisher = publisher
         self.log = log or structlog.get_logger("evse-poller")
+        self.error_log = LogLimiter(self.log)  # a crashing poll: once per device, error type and minute
         self.counters: Counter[str] = counters if counters is not None else Counter()
         self.pool = LinkPool(self.settings.reconnect_backoff_max_s)
         self.evses: dict[str, EvseDevice] = {}
@@ -306,7 +308,8 @@ class Poller:
                     await self.poll_meter(dev)
             except Exception as e:  # a bug must not stop the other devices
                 self.counters["poll_errors"] += 1
-                self.log.exception("poll crashed", device=dev.id, error=repr(e))
+                self.error_log.error(f"{dev.id}:{type(e).__name__}", "poll crashed", subject="devices", device=dev.id,
+                                     error=repr(e), exc_info=e)
             # the device's next slot at least one interval after this poll was due; at once when the poll took
             # longer than that (a device that does not answer fails as often as before, and a slow bus polls back
             # to back); never more often than once per interval

@@ -39,6 +39,7 @@ from chargegate import payloads as p
 from chargegate import setpoints
 from chargegate.bus import Bus
 from chargegate.config import Config, Evse
+from chargegate.ratelog import LogLimiter
 from chargegate.supervise import Tasks
 from ocpp_gateway import conv
 from ocpp_gateway.rpc import SUBPROTOCOL, SUBPROTOCOL_OF, OcppRpc, RpcError, Version
@@ -934,7 +935,9 @@ class LocalCsms:
         self.boxes: dict[str, Box] = {}
         self.connectors: dict[str, Connector] = {}
         self.server: Server | None = None
-        self._logged: dict[str, float] = {}
+        # every rate-limited line of the central system (keys carry charge box ids, also unknown ones): at most
+        # one per key and minute, three per event and minute, the rest summarised; 1024 keys remembered
+        self.limiter = LogLimiter(log)
         for evse in config.evses:
             if evse.ocpp is None:
                 continue
@@ -950,11 +953,9 @@ class LocalCsms:
             box.connectors[evse.ocpp.connector_id] = conn
             self.connectors[evse.id] = conn
 
-    def log_once(self, key: str, event: str, **kw: Any) -> None:
-        now = time.monotonic()
-        if now - self._logged.get(key, -1e9) >= 60:
-            self._logged[key] = now
-            log.warning(event, **kw)
+    def log_once(self, key: str, event: str, *, subject: str = "wallboxes", **kw: Any) -> None:
+        """A warning at most once per ``key`` and minute, and few per event (see chargegate.ratelog)."""
+        self.limiter.warning(key, event, subject=subject, **kw)
 
     def ssl_context(self) -> ssl.SSLContext | None:
         lc = self.config.ocpp.local
@@ -999,12 +1000,13 @@ class LocalCsms:
             c.applied = None
             with contextlib.suppress(Exception):
                 c.publish()  # offline: nobody reads these wallboxes any more
+        self.limiter.close()  # what it suppressed is summarised now
 
     def _refuse(self, conn: ServerConnection, status: int, why: str, cbid: str | None) -> Response:
         self.counters["local_refused"] += 1
         peer = conn.remote_address[0] if conn.remote_address else "?"
-        self.log_once(f"refuse:{cbid}:{status}", "wallbox connection refused", charge_box_id=cbid, reason=why,
-                      http_status=status, peer=peer)
+        self.log_once(f"refuse:{cbid}:{status}", "wallbox connection refused", subject="charge box ids",
+                      charge_box_id=cbid, reason=why, http_status=status, peer=peer)
         return conn.respond(status, why + "\n")
 
     def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:

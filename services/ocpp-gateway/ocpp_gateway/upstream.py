@@ -113,6 +113,7 @@ def upstream_target(config: Config, evse: Evse) -> Target | None:
 
 
 TX_ACTIONS = {"start", "update", "stop"}
+MAX_PROFILES = 32  # charging profiles from the backend per charge point (one per purpose and stack level)
 
 
 class UpstreamCP:
@@ -655,9 +656,15 @@ class UpstreamCP:
         prof = Profile.parse(d, self.version)
         if prof.purpose == "TxProfile" and not tx_profile_ok and self.queue.open_tx(self.evse.id) is None:
             return False  # OCPP: a TxProfile needs a transaction
-        self._profiles = [x for x in self._profiles
-                          if x.id != prof.id and not (x.purpose == prof.purpose and x.stack == prof.stack)]
-        self._profiles.append(prof)
+        keep = [x for x in self._profiles
+                if x.id != prof.id and not (x.purpose == prof.purpose and x.stack == prof.stack)]
+        if len(keep) >= MAX_PROFILES:
+            # bounded: refused rather than dropping an older one (it may be the limit that keeps the fuse)
+            self.counters["backend_profiles_refused"] += 1
+            self.log.warning("backend charging profile refused: too many profiles installed", profile_id=prof.id,
+                             installed=len(keep), max_profiles=MAX_PROFILES)
+            return False
+        self._profiles = [*keep, prof]
         self._save_profiles()
         self.log.info("backend charging profile received", profile_id=prof.id, purpose=prof.purpose,
                       stack_level=prof.stack, unit=prof.unit)

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from chargegate import payloads as p
 from chargegate.config.smgw import Smgw
+from chargegate.ratelog import LogLimiter
 from smgw_link.control import OperatorControl
 
 log = structlog.get_logger("smgw_link.http")
@@ -85,6 +86,8 @@ def make_app(state: ApiState, origin: Origin) -> FastAPI:
     def count(key: str) -> None:
         state.counters[key] = state.counters.get(key, 0) + 1
 
+    refusals = LogLimiter(log)  # unauthenticated requests: per client and minute, few per minute, summarised
+
     def auth(request: Request,
              cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
         tokens = []
@@ -97,8 +100,9 @@ def make_app(state: ApiState, origin: Origin) -> FastAPI:
             secrets.compare_digest(cred.credentials.encode(), t.encode()) for t in tokens)
         if not ok:
             count("http_unauthorized")
-            log.warning("HTTP API request refused: missing or wrong token", origin=origin,
-                        path=request.url.path, client=request.client.host if request.client else None)
+            client = request.client.host if request.client else None
+            refusals.warning(f"{client}", "HTTP API request refused: missing or wrong token", subject="clients",
+                             origin=origin, path=request.url.path[:200], client=client)
             raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
 
     def function_on(name: str, var: str) -> None:
