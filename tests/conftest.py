@@ -109,3 +109,26 @@ async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02) -> N
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met within timeout")
         await asyncio.sleep(interval)
+
+
+async def health_seen(handle: BrokerHandle, ctx: ServiceContext, predicate, timeout: float = 5.0):  # type: ignore[no-untyped-def]  # noqa: ASYNC109
+    """``ctx``'s health payload as an observer receives it from the broker, once ``predicate(health)`` holds
+    (the context publishes it now, and again until then)."""
+    obs = await connected_bus(handle, "observer")
+    got: asyncio.Queue = asyncio.Queue()
+    obs.subscribe("service.health", lambda m: got.put_nowait(m.payload), service=ctx.name)
+    deadline = asyncio.get_running_loop().time() + timeout
+    try:
+        while True:
+            ctx.publish_health()
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise AssertionError(f"no health of {ctx.name} as expected within {timeout} s")
+            try:
+                health = await asyncio.wait_for(got.get(), min(left, 1.0))
+            except TimeoutError:
+                continue
+            if predicate(health):
+                return health
+    finally:
+        await obs.stop()

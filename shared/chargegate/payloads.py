@@ -517,9 +517,12 @@ class Health(Payload):
     pid: count(2**32) | None = None
     config_version: str | None = None
     counters: dict[str, Count] = Field(default_factory=dict)
+    # restarts of the service's supervised long-lived tasks after a failure, by task name (see
+    # chargegate.supervise); empty while none failed
+    task_restarts: dict[str, Count] = Field(default_factory=dict)
     detail: str | None = None
 
-    @field_validator("counters")
+    @field_validator("counters", "task_restarts")
     @classmethod
     def _bounded(cls, v: dict[str, int]) -> dict[str, int]:
         if len(v) > 500:

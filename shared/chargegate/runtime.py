@@ -34,6 +34,7 @@ from chargegate import log as logsetup
 from chargegate import payloads as p
 from chargegate.broker import bus_settings
 from chargegate.bus import Bus, Message
+from chargegate.supervise import Tasks
 from chargegate.topics import Registry
 
 HEALTH_INTERVAL_S = float(os.environ.get("CHARGEGATE_HEALTH_INTERVAL_S", "10"))
@@ -53,6 +54,9 @@ class ServiceContext:
         self.registry = registry
         self.log = structlog.get_logger(name)
         self.counters: Counter[str] = Counter()
+        # restarts of supervised long-lived tasks by task name (health ``task_restarts``)
+        self.task_restarts: Counter[str] = Counter()
+        self.tasks = Tasks(self.task_restarts, self.log)
         self.started = time.monotonic()
         self.status: p.HealthStatus = p.HealthStatus.ONLINE
         self.detail: str | None = None
@@ -71,7 +75,8 @@ class ServiceContext:
         counters["invalid_messages"] = sum(self.registry.invalid.values())
         return p.Health(service=self.name, status=status or self.status, version=__version__,
                         uptime_s=round(time.monotonic() - self.started, 1), pid=os.getpid(),
-                        config_version=self.config.digest(), counters=counters, detail=self.detail)
+                        config_version=self.config.digest(), counters=counters,
+                        task_restarts=_at_most(self.task_restarts, 500), detail=self.detail)
 
     def publish_health(self) -> None:
         self.bus.publish("service.health", self.health(), service=self.name)
@@ -95,6 +100,14 @@ class ServiceContext:
         self.log.info("configuration reloaded", old_version=old_version, version=new.digest())
         self.publish_health()
         return True
+
+
+def _at_most(counts: Counter[str], n: int) -> dict[str, int]:
+    """``counts`` with at most ``n`` keys: beyond that the most frequent ``n - 1`` and ``(others)``."""
+    if len(counts) <= n:
+        return dict(counts)
+    top = counts.most_common(n - 1)
+    return {**dict(top), "(others)": sum(counts.values()) - sum(v for _, v in top)}
 
 
 def _parse_args(name: str, argv: list[str] | None) -> argparse.Namespace:
@@ -130,7 +143,7 @@ async def _main(name: str, serve: Callable[[ServiceContext], Awaitable[None]], c
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(ctx.reload()))
+    loop.add_signal_handler(signal.SIGHUP, lambda: ctx.tasks.oneshot("reload", ctx.reload()))
     log.info("service starting", version=__version__, config_version=config.digest(), pid=os.getpid())
     task = asyncio.create_task(serve(ctx), name=f"{name}.serve")
     stopper = asyncio.create_task(stop.wait())
@@ -187,7 +200,7 @@ async def start_context(name: str, config: cfgmod.Config, config_path: Path | No
     bus.on_connect(ctx.publish_health)
     bus.subscribe("service.command", on_command, service=name)
     await bus.start(wait=connect_timeout)
-    ctx._heartbeat = asyncio.create_task(_heartbeat(ctx))  # type: ignore[attr-defined]
+    ctx._heartbeat = ctx.tasks.spawn("health-heartbeat", lambda: _heartbeat(ctx))  # type: ignore[attr-defined]
     return ctx
 
 

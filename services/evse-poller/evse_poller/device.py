@@ -9,6 +9,7 @@ fresh initialisation (watchdog, failsafe current, init writes) when it answers a
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from collections import Counter
@@ -20,6 +21,7 @@ import structlog
 from chargegate import payloads as p
 from chargegate.config import Evse, Meter
 from chargegate.config.poller import Poller as PollerSettings
+from chargegate.ratelog import LogLimiter
 from evse_poller import logic
 from evse_poller.profile import Profile
 from evse_poller.registers import ReadBlock, encode_raw, encode_value, extract, plan_reads
@@ -54,16 +56,16 @@ class _Base:
         self.offline_since: float | None = None
         self._init_generation = -1
         self._offset = 0  # SunSpec model start
-        self._warned: set[str] = set()
+        # each warning once while remembered, at most 64 kinds per device (keys may carry error texts)
+        self._warned = LogLimiter(self.log, interval_s=math.inf, max_keys=64)
+        self._offline_warned = False
         self.last_poll_s = 0.0
         self._reads: list[ReadBlock] = []
         self._last_request: float | None = None
 
     # -- helpers -----------------------------------------------------------------------------
     def _warn_once(self, key: str, msg: str, **kw: Any) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            self.log.warning(msg, **{self.kind: self.id}, **kw)
+        self._warned.warning(key, msg, **{self.kind: self.id}, **kw)
 
     async def _read_blocks(self, blocks: list[ReadBlock]) -> dict[tuple[Any, int], list[int]]:
         out: dict[tuple[Any, int], list[int]] = {}
@@ -129,8 +131,8 @@ class _Base:
                 self.reason = reason
                 self.offline_since = time.monotonic()
                 self.counters[f"{self.kind}_offline_events"] += 1
-                if was_online or "offline" not in self._warned:
-                    self._warned.add("offline")
+                if was_online or not self._offline_warned:
+                    self._offline_warned = True
                     self.log.warning("device offline", **{self.kind: self.id}, reason=reason,
                                      failures=self.failures, endpoint=self.target.endpoint.describe(),
                                      device_id=self.target.device_id)
@@ -141,14 +143,14 @@ class _Base:
 
     def _succeeded(self) -> None:
         if not self.online:
-            if self.ever_online or "offline" in self._warned:
+            if self.ever_online or self._offline_warned:
                 down = time.monotonic() - self.offline_since if self.offline_since else None
                 self.log.info("device back online", **{self.kind: self.id},
                               offline_s=round(down, 1) if down is not None else None)
             else:
                 self.log.info("device online", **{self.kind: self.id}, endpoint=self.target.endpoint.describe(),
                               device_id=self.target.device_id, profile=self.profile.name)
-            self._warned.discard("offline")
+            self._offline_warned = False
         self.online = True
         self.ever_online = True
         self.failures = 0

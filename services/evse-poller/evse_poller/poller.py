@@ -24,6 +24,8 @@ import structlog
 from chargegate import payloads as p
 from chargegate import setpoints
 from chargegate.config import Config, Evse, Meter
+from chargegate.ratelog import LogLimiter
+from chargegate.supervise import Tasks
 from evse_poller import logic
 from evse_poller.device import DeviceError, EvseDevice, MeterDevice
 from evse_poller.profile import ProfileError, load_profile
@@ -73,11 +75,14 @@ class MemoryPublisher:
 
 class Poller:
     def __init__(self, config: Config, publisher: Publisher, log: Any = None,
-                 counters: Counter[str] | None = None, state_dir: Path | None = None) -> None:
+                 counters: Counter[str] | None = None, state_dir: Path | None = None,
+                 tasks: Tasks | None = None) -> None:
         self.config = config
+        self.tasks = tasks or Tasks(log=log)
         self.settings = config.poller
         self.publisher = publisher
         self.log = log or structlog.get_logger("evse-poller")
+        self.error_log = LogLimiter(self.log)  # a crashing poll: once per device, error type and minute
         self.counters: Counter[str] = counters if counters is not None else Counter()
         self.pool = LinkPool(self.settings.reconnect_backoff_max_s)
         self.evses: dict[str, EvseDevice] = {}
@@ -195,7 +200,8 @@ class Poller:
     def _start(self, dev: EvseDevice | MeterDevice) -> None:
         if self._running:
             kind = "evse" if isinstance(dev, EvseDevice) else "meter"
-            self._device_tasks[f"{kind}:{dev.id}"] = asyncio.create_task(self._loop(dev), name=f"poll:{dev.id}")
+            self._device_tasks[f"{kind}:{dev.id}"] = self.tasks.spawn(f"poll:{kind}:{dev.id}", lambda: self._loop(dev),
+                                                                      **{kind: dev.id})
 
     def _broken(self, ident: str, kind: str, e: Exception) -> None:
         self.broken[ident] = f"{kind} {ident}: {e}"
@@ -302,7 +308,8 @@ class Poller:
                     await self.poll_meter(dev)
             except Exception as e:  # a bug must not stop the other devices
                 self.counters["poll_errors"] += 1
-                self.log.exception("poll crashed", device=dev.id, error=repr(e))
+                self.error_log.error(f"{dev.id}:{type(e).__name__}", "poll crashed", subject="devices", device=dev.id,
+                                     error=repr(e), exc_info=e)
             # the device's next slot at least one interval after this poll was due; at once when the poll took
             # longer than that (a device that does not answer fails as often as before, and a slow bus polls back
             # to back); never more often than once per interval
@@ -354,7 +361,7 @@ class Poller:
             return True
         dev.setpoint = sp
         self.counters["setpoints_received"] += 1
-        task = asyncio.create_task(dev.apply_now())
+        task = self.tasks.oneshot(f"apply-now:{dev.id}", dev.apply_now(), evse=dev.id)
         self._apply_tasks.add(task)
         task.add_done_callback(self._apply_tasks.discard)
         return True

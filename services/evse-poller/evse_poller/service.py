@@ -43,9 +43,9 @@ async def serve(ctx: ServiceContext) -> None:
     runner: dict[str, asyncio.Task[None]] = {}
 
     def start(config: Config) -> None:
-        poller = Poller(config, BusPublisher(ctx.bus), ctx.log, ctx.counters)
+        poller = Poller(config, BusPublisher(ctx.bus), ctx.log, ctx.counters, tasks=ctx.tasks)
         holder["poller"] = poller
-        runner["task"] = asyncio.create_task(poller.run(), name="evse-poller.run")
+        runner["task"] = ctx.tasks.spawn("poller", poller.run)
         ctx.log.info("polling", evses=len(poller.evses), meters=len(poller.meters), broken=len(poller.broken),
                      links=len(poller.pool.links), interval_s=config.poller.poll_interval_s,
                      event_loop=type(asyncio.get_running_loop()).__module__)

@@ -319,24 +319,28 @@ class History:
         self.maintenance()
         if self.bus.connected.is_set():
             self.publish_modes()
-        last_maint = time.monotonic()
-        last_health = 0.0
         try:
-            while True:
-                await asyncio.sleep(FLUSH_S)
-                self.second()
-                mono = time.monotonic()
-                if mono - last_maint >= MAINTENANCE_S:
-                    last_maint = mono
-                    self.maintenance()
-                elif mono - last_health >= 10:
-                    last_health = mono
-                    self.update_health()
+            await self.ctx.tasks.supervised("record-loop", self._loop)
         finally:
             try:
                 self.rec.flush()
             finally:
                 self.db.close()
+
+    async def _loop(self) -> None:
+        """Every second: write what arrived; maintenance and health counters now and then (supervised)."""
+        last_maint = time.monotonic()
+        last_health = 0.0
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            self.second()
+            mono = time.monotonic()
+            if mono - last_maint >= MAINTENANCE_S:
+                last_maint = mono
+                self.maintenance()
+            elif mono - last_health >= 10:
+                last_health = mono
+                self.update_health()
 
 
 async def serve(ctx: ServiceContext) -> None:

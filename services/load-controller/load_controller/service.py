@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import math
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -26,6 +27,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from chargegate import payloads as p
 from chargegate.bus import Bus, Message
 from chargegate.config import Config
+from chargegate.ratelog import LogLimiter
 from chargegate.runtime import ServiceContext, run_service
 from load_controller.controller import Decision, EvseDecision, Inputs, Memory, step, wants_power
 from load_controller.solver import INF
@@ -58,7 +60,10 @@ class LoadController:
         self.published: dict[str, Published] = {}
         self.seq: dict[str, int] = {}
         self.seq_base = int(time.time()) * 1000  # keeps seq increasing over restarts without retained state
-        self.logged_once: set[str] = set()
+        # unknown ids and odd inputs: each key once while remembered (1024), at most three new ones per
+        # message and minute, the rest summarised (chargegate.ratelog)
+        self.logged_once = LogLimiter(self.log, interval_s=math.inf)
+        self.error_log = LogLimiter(self.log)  # a failing cycle: once per error type and minute (cycle_errors counts)
         self.warnings: set[str] = set()
         self.started = False
         self.last_alloc_key: tuple[object, ...] | None = None
@@ -104,7 +109,7 @@ class LoadController:
             for ident in [i for i in live if i not in known]:
                 del live[ident]
             for ident in known:
-                self.logged_once.discard(f"{kind}:{ident}")
+                self.logged_once.forget(f"{kind}:{ident}")
         for evse_id in old.evse_index:
             if evse_id not in self.topo.evse_index:
                 self.memory.evses.pop(evse_id, None)
@@ -130,9 +135,7 @@ class LoadController:
 
     def _once(self, key: str, counter: str, msg: str, **kw: object) -> None:
         self.counters[counter] += 1
-        if key not in self.logged_once:
-            self.logged_once.add(key)
-            self.log.warning(msg, **kw)
+        self.logged_once.warning(key, msg, **kw)
 
     def _stamp(self, payload: p.Payload, topic: str) -> p.Payload:
         """A timestamp far in the future would keep a message fresh forever: use the arrival time."""
@@ -313,7 +316,8 @@ class LoadController:
             decision, memory = step(self.topo, self.config.controller, self.tz, self.inputs, self.memory, now)
         except Exception as e:  # never leave the loop: setpoints expire and the wallboxes fall back safely
             self.counters["cycle_errors"] += 1
-            self.log.exception("control cycle failed; setpoints in force expire by themselves", error=repr(e))
+            self.error_log.error(f"cycle:{type(e).__name__}", "control cycle failed; setpoints in force expire by "
+                                 "themselves", subject="error types", error=repr(e), exc_info=e)
             return None
         solve_ms = (time.perf_counter() - t0) * 1000
         self.memory = memory
@@ -438,6 +442,12 @@ class LoadController:
                              setting=f"controller.{key}")
         if self.tune:
             tune_gc()
+        await self.ctx.tasks.supervised("control-loop", self._loop)
+
+    async def _loop(self) -> None:
+        """A cycle every ``cycle_s`` and whenever something woke it (supervised: a failing cycle is logged,
+        counted in the health's ``task_restarts`` and the loop goes on after a short backoff; setpoints
+        expire meanwhile, so the wallboxes fall back to their safe current if it keeps failing)."""
         loop = asyncio.get_running_loop()
         next_tick = loop.time()
         while True:

@@ -39,6 +39,8 @@ from chargegate import payloads as p
 from chargegate import setpoints
 from chargegate.bus import Bus
 from chargegate.config import Config, Evse
+from chargegate.ratelog import LogLimiter
+from chargegate.supervise import Tasks
 from ocpp_gateway import conv
 from ocpp_gateway.rpc import SUBPROTOCOL, SUBPROTOCOL_OF, OcppRpc, RpcError, Version
 from ocpp_gateway.txqueue import TxQueue, TxRow
@@ -118,9 +120,10 @@ class Connector:
         if self.up is not None:
             row = self.up.queue.open_tx(self.evse.id)
             self.tx = row.tx if row else None
-        self._task = asyncio.create_task(self._apply_loop(), name=f"apply-{self.evse.id}")
+        tasks, ids = self.csms.tasks, {"evse_id": self.evse.id, "charge_box_id": self.cbid}
+        self._task = tasks.spawn(f"apply:{self.evse.id}", self._apply_loop, **ids)
         if self.csms.config.ocpp.local.meter_values_interval_s > 0:
-            self._watch = asyncio.create_task(self._meter_watch(), name=f"meter-watch-{self.evse.id}")
+            self._watch = tasks.spawn(f"meter-watch:{self.evse.id}", self._meter_watch, **ids)
         self.publish()
 
     def close(self) -> None:
@@ -519,7 +522,9 @@ class WallboxSession:
 
     async def run(self) -> None:
         reader = asyncio.create_task(self.rpc.run())
-        starter = asyncio.create_task(self._start_profiles())
+        # per connection, but a failure must not leave the wallbox without its profiles (never "ready")
+        starter = self.csms.tasks.spawn(f"start-profiles:{self.cbid}", self._start_profiles,
+                                        expected=(ConnectionClosed,), charge_box_id=self.cbid)
         try:
             await reader
         finally:
@@ -920,15 +925,19 @@ def _live_meter(version: Version, samples: list[conv.Sample]) -> dict[str, Any]:
 class LocalCsms:
     """The websocket server and the configured wallboxes."""
 
-    def __init__(self, config: Config, bus: Bus, queue: TxQueue, counters: Counter[str]) -> None:
+    def __init__(self, config: Config, bus: Bus, queue: TxQueue, counters: Counter[str],
+                 tasks: Tasks | None = None) -> None:
         self.config = config
+        self.tasks = tasks or Tasks()
         self.bus = bus
         self.queue = queue
         self.counters = counters
         self.boxes: dict[str, Box] = {}
         self.connectors: dict[str, Connector] = {}
         self.server: Server | None = None
-        self._logged: dict[str, float] = {}
+        # every rate-limited line of the central system (keys carry charge box ids, also unknown ones): at most
+        # one per key and minute, three per event and minute, the rest summarised; 1024 keys remembered
+        self.limiter = LogLimiter(log)
         for evse in config.evses:
             if evse.ocpp is None:
                 continue
@@ -944,11 +953,9 @@ class LocalCsms:
             box.connectors[evse.ocpp.connector_id] = conn
             self.connectors[evse.id] = conn
 
-    def log_once(self, key: str, event: str, **kw: Any) -> None:
-        now = time.monotonic()
-        if now - self._logged.get(key, -1e9) >= 60:
-            self._logged[key] = now
-            log.warning(event, **kw)
+    def log_once(self, key: str, event: str, *, subject: str = "wallboxes", **kw: Any) -> None:
+        """A warning at most once per ``key`` and minute, and few per event (see chargegate.ratelog)."""
+        self.limiter.warning(key, event, subject=subject, **kw)
 
     def ssl_context(self) -> ssl.SSLContext | None:
         lc = self.config.ocpp.local
@@ -993,12 +1000,13 @@ class LocalCsms:
             c.applied = None
             with contextlib.suppress(Exception):
                 c.publish()  # offline: nobody reads these wallboxes any more
+        self.limiter.close()  # what it suppressed is summarised now
 
     def _refuse(self, conn: ServerConnection, status: int, why: str, cbid: str | None) -> Response:
         self.counters["local_refused"] += 1
         peer = conn.remote_address[0] if conn.remote_address else "?"
-        self.log_once(f"refuse:{cbid}:{status}", "wallbox connection refused", charge_box_id=cbid, reason=why,
-                      http_status=status, peer=peer)
+        self.log_once(f"refuse:{cbid}:{status}", "wallbox connection refused", subject="charge box ids",
+                      charge_box_id=cbid, reason=why, http_status=status, peer=peer)
         return conn.respond(status, why + "\n")
 
     def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:

@@ -21,6 +21,7 @@ import structlog
 from chargegate import payloads as p
 from chargegate.bus import Bus
 from chargegate.config import Config, Evse
+from chargegate.supervise import Tasks
 from ocpp_gateway import conv
 from ocpp_gateway.rpc import Version
 from ocpp_gateway.txqueue import TxRow
@@ -38,8 +39,10 @@ class ModbusEvse:
 
     kind = "modbus"
 
-    def __init__(self, evse: Evse, config: Config, bus: Bus, counters: Counter[str]) -> None:
+    def __init__(self, evse: Evse, config: Config, bus: Bus, counters: Counter[str],
+                 tasks: Tasks | None = None) -> None:
         self.evse = evse
+        self.tasks = tasks or Tasks()
         self.config = config
         self.bus = bus
         self.counters = counters
@@ -59,7 +62,7 @@ class ModbusEvse:
         self.tx = row.tx if row else None
         if self.tx:
             self.log.info("open session restored from the queue", tx=self.tx)
-        self._meter_task = asyncio.create_task(self._meter_loop())
+        self._meter_task = self.tasks.spawn(f"meter-loop:{self.evse.id}", self._meter_loop, evse_id=self.evse.id)
         if self.status is not None:
             # a (retained) status that arrived before the upstream charge point existed
             self.on_status(self.status)

@@ -38,6 +38,8 @@ from ocpp.v16.enums import Action as Action16
 from ocpp.v201.enums import Action as Action201
 from websockets.exceptions import ConnectionClosed
 
+from chargegate.ratelog import LogLimiter
+
 Version = Literal["1.6", "2.0.1"]
 SUBPROTOCOL: dict[str, Version] = {"ocpp1.6": "1.6", "ocpp2.0.1": "2.0.1"}
 SUBPROTOCOL_OF: dict[str, str] = {v: k for k, v in SUBPROTOCOL.items()}
@@ -190,7 +192,6 @@ class OcppRpc:
         self._call_lock = asyncio.Lock()
         self._calls: asyncio.Queue[tuple[str, str, Any]] = asyncio.Queue(maxsize=64)
         self._limited = False  # rate limit episode logged
-        self._bad_logged: set[str] = set()
         # answers to the peer's latest transaction messages by message id: a repeat of the same message id
         # (the peer did not see our answer) gets the same answer and is not handled twice
         self._answered: OrderedDict[str, tuple[str, dict[str, Any]]] = OrderedDict()
@@ -252,10 +253,9 @@ class OcppRpc:
 
     def _bad(self, kind: str, detail: str) -> None:
         self.counters[f"ocpp_bad_{kind}"] += 1
-        if kind not in self._bad_logged:
-            self._bad_logged.add(kind)
-            self.log.warning("bad OCPP message", charge_box_id=self.name, kind=kind, detail=detail[:300],
-                             note="logged once per kind and connection; see counters")
+        BAD_LOG.warning(f"{self.name}:{kind}", "bad OCPP message", subject="charge points", via=self.log,
+                        charge_box_id=self.name, kind=kind, detail=detail[:300],
+                        note="logged once per kind, charge point and minute; see counters")
 
     async def _on_raw(self, raw: str | bytes) -> None:
         if isinstance(raw, bytes):
@@ -331,9 +331,10 @@ class OcppRpc:
                 await self._handle_call(uid, action, payload)
             except ConnectionClosed:
                 return
-            except Exception:  # never let one message kill the connection
+            except Exception as e:  # never let one message kill the connection
                 self.counters["ocpp_handler_errors"] += 1
-                self.log.exception("handling an OCPP message failed", charge_box_id=self.name, action=action)
+                BAD_LOG.error(f"{self.name}:{action}:{type(e).__name__}", "handling an OCPP message failed",
+                              via=self.log, charge_box_id=self.name, action=action, exc_info=e)
                 await self._reply_error(uid, "InternalError", "the gateway could not handle the message")
 
     async def _handle_call(self, uid: str, action: str, payload: Any) -> None:
@@ -394,6 +395,8 @@ class OcppRpc:
 
 
 ANSWERED_KEEP = 256  # transaction-message answers remembered per connection for message-id repeats
+# bad messages and handler failures of every connection (a peer that reconnects for every bad frame logs no more)
+BAD_LOG = LogLimiter(structlog.get_logger("ocpp_gateway.rpc"))
 
 
 def _json_default(o: Any) -> Any:

@@ -47,7 +47,7 @@ class Gateway:
         if driver is None:
             return
         up = UpstreamCP(evse=evse, target=target, queue=self.queue, driver=driver, config=cfg,
-                        counters=ctx.counters, publish_limit=self._publish_limit)
+                        counters=ctx.counters, publish_limit=self._publish_limit, tasks=ctx.tasks)
         self.upstreams[evse.id] = up
         driver.up = up
         if isinstance(driver, ModbusEvse):
@@ -56,21 +56,22 @@ class Gateway:
     def _run_upstream(self, evse_id: str) -> None:
         up = self.upstreams.get(evse_id)
         if up is not None:
-            self.up_tasks[evse_id] = asyncio.create_task(up.run(), name=f"upstream-{up.cbid}")
+            self.up_tasks[evse_id] = self.ctx.tasks.spawn(f"upstream:{evse_id}", up.run, evse_id=evse_id,
+                                                          charge_box_id=up.cbid)
 
     async def start(self) -> None:
         cfg, ctx = self.config, self.ctx
         if any(e.ocpp for e in cfg.evses):
-            self.local = LocalCsms(cfg, ctx.bus, self.queue, ctx.counters)
+            self.local = LocalCsms(cfg, ctx.bus, self.queue, ctx.counters, ctx.tasks)
         for evse in cfg.evses:
             if evse.modbus is not None:
-                self.modbus[evse.id] = ModbusEvse(evse, cfg, ctx.bus, ctx.counters)
+                self.modbus[evse.id] = ModbusEvse(evse, cfg, ctx.bus, ctx.counters, ctx.tasks)
             self._connect_upstream(evse)
         if self.local is not None and cfg.ocpp.local.enabled:
             await self.local.start()
         for evse_id in self.upstreams:
             self._run_upstream(evse_id)
-        self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        self._tasks.append(ctx.tasks.spawn("housekeeping", self._housekeeping))
         ctx.log.info("ocpp gateway running", ocpp_evses=len(self.local.connectors) if self.local else 0,
                      modbus_evses=len(self.modbus), upstream=len(self.upstreams), queued=self.queue.count())
 
@@ -149,7 +150,8 @@ class Gateway:
         ocpp_added = [now[i] for i in added if now[i].ocpp is not None]
         started_local = False
         if ocpp_added and self.local is None:
-            self.local = LocalCsms(new, self.ctx.bus, self.queue, self.ctx.counters)  # every OCPP EVSE of new
+            # every OCPP EVSE of new
+            self.local = LocalCsms(new, self.ctx.bus, self.queue, self.ctx.counters, self.ctx.tasks)
             started_local = True
         elif self.local is not None:
             self.local.config = new
@@ -158,7 +160,7 @@ class Gateway:
         for evse_id in added:
             evse = now[evse_id]
             if evse.modbus is not None:
-                self.modbus[evse_id] = ModbusEvse(evse, new, self.ctx.bus, self.ctx.counters)
+                self.modbus[evse_id] = ModbusEvse(evse, new, self.ctx.bus, self.ctx.counters, self.ctx.tasks)
             self._connect_upstream(evse)
         if self.local is not None:
             if started_local and new.ocpp.local.enabled:

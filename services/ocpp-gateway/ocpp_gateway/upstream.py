@@ -27,6 +27,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from chargegate import payloads as p
 from chargegate.config import Config, Evse
+from chargegate.supervise import Tasks
 from ocpp_gateway import conv
 from ocpp_gateway.profiles import Profile, effective
 from ocpp_gateway.rpc import SUBPROTOCOL_OF, OcppRpc, RpcError, Version
@@ -112,14 +113,16 @@ def upstream_target(config: Config, evse: Evse) -> Target | None:
 
 
 TX_ACTIONS = {"start", "update", "stop"}
+MAX_PROFILES = 32  # charging profiles from the backend per charge point (one per purpose and stack level)
 
 
 class UpstreamCP:
     """The charge point ``target.cbid`` at the backend, for EVSE ``evse``."""
 
     def __init__(self, *, evse: Evse, target: Target, queue: TxQueue, driver: Driver, config: Config,
-                 counters: Counter[str], publish_limit: Any) -> None:
+                 counters: Counter[str], publish_limit: Any, tasks: Tasks | None = None) -> None:
         self.evse = evse
+        self.tasks = tasks or Tasks()
         self.t = target
         self.cbid = target.cbid
         self.version: Version = target.version
@@ -330,8 +333,9 @@ class UpstreamCP:
         worker = asyncio.create_task(self._online(rpc))
         try:
             done, _ = await asyncio.wait({reader, worker}, return_when=asyncio.FIRST_COMPLETED)
-            if worker in done and worker.exception() is not None:
-                raise worker.exception()  # type: ignore[misc]
+            for t in (worker, reader):  # a failure of either is logged by run(), not swallowed
+                if t in done and not t.cancelled() and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
         finally:
             for t in (reader, worker):
                 t.cancel()
@@ -345,7 +349,8 @@ class UpstreamCP:
         self.log.info("registered at the backend", version=self.version, queued=self.queue.count(self.cbid))
         self.booted.set()
         await self._send_status()
-        hb = asyncio.create_task(self._heartbeat(rpc))
+        hb = self.tasks.spawn(f"backend-heartbeat:{self.evse.id}", lambda: self._heartbeat(rpc),
+                              expected=(ConnectionClosed,), evse_id=self.evse.id, charge_box_id=self.cbid)
         try:
             await self._deliver(rpc)
         finally:
@@ -479,7 +484,7 @@ class UpstreamCP:
             self.counters["tx_messages_delivered"] += 1
 
     def _spawn(self, coro: Any) -> None:
-        t = asyncio.ensure_future(coro)
+        t = self.tasks.oneshot(f"backend-send:{self.evse.id}", coro, evse_id=self.evse.id, charge_box_id=self.cbid)
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
 
@@ -651,9 +656,15 @@ class UpstreamCP:
         prof = Profile.parse(d, self.version)
         if prof.purpose == "TxProfile" and not tx_profile_ok and self.queue.open_tx(self.evse.id) is None:
             return False  # OCPP: a TxProfile needs a transaction
-        self._profiles = [x for x in self._profiles
-                          if x.id != prof.id and not (x.purpose == prof.purpose and x.stack == prof.stack)]
-        self._profiles.append(prof)
+        keep = [x for x in self._profiles
+                if x.id != prof.id and not (x.purpose == prof.purpose and x.stack == prof.stack)]
+        if len(keep) >= MAX_PROFILES:
+            # bounded: refused rather than dropping an older one (it may be the limit that keeps the fuse)
+            self.counters["backend_profiles_refused"] += 1
+            self.log.warning("backend charging profile refused: too many profiles installed", profile_id=prof.id,
+                             installed=len(keep), max_profiles=MAX_PROFILES)
+            return False
+        self._profiles = [*keep, prof]
         self._save_profiles()
         self.log.info("backend charging profile received", profile_id=prof.id, purpose=prof.purpose,
                       stack_level=prof.stack, unit=prof.unit)

@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 
 from chargegate.config.smgw import Endpoint, Smgw
+from chargegate.ratelog import LogLimiter
 from smgw_link import socks5
 from smgw_link.tlsconf import (
     CertificateMismatch,
@@ -382,6 +383,7 @@ class InboundServer:
         self.stats: dict[str, Any] = {"accepted": 0, "refused": 0, "active": 0, "bytes_in": 0, "bytes_out": 0,
                                       "last_error": None}
         self._sem = asyncio.Semaphore(smgw.inbound.max_connections)
+        self.refusals = LogLimiter(log)  # refused peers: once per peer, reason and minute, few per minute
 
     def use_certificate(self, cert: Path, key: Path) -> None:
         """Serve new connections with another certificate (open ones keep theirs)."""
@@ -414,18 +416,21 @@ class InboundServer:
         except (ssl.SSLError, ConnectionError, TimeoutError) as e:
             self.stats["refused"] += 1
             self.stats["last_error"] = f"{peer}: {classify(e, 'inbound').message}"
-            log.warning("inbound TLS handshake refused", peer=str(peer), error=self.stats["last_error"])
+            self.refusals.warning(f"tls:{_host(peer)}", "inbound TLS handshake refused", subject="peers",
+                                  peer=str(peer), error=self.stats["last_error"])
             tls.close()
             return
         except CertificateMismatch as e:
             self.stats["refused"] += 1
             self.stats["last_error"] = f"{peer}: {e}"
-            log.warning("inbound connection refused: not the gateway's certificate", peer=str(peer), error=str(e))
+            self.refusals.warning(f"cert:{_host(peer)}", "inbound connection refused: not the gateway's certificate",
+                                  subject="peers", peer=str(peer), error=str(e))
             writer.close()
             return
         if self._sem.locked():
             self.stats["refused"] += 1
-            log.warning("inbound connection refused: too many connections", peer=str(peer))
+            self.refusals.warning(f"busy:{_host(peer)}", "inbound connection refused: too many connections",
+                                  subject="peers", peer=str(peer))
             writer.close()
             return
         async with self._sem:
@@ -449,3 +454,8 @@ class InboundServer:
                 await pipe((reader, writer), target, cin, cout)  # type: ignore[arg-type]
             finally:
                 self.stats["active"] -= 1
+
+
+def _host(peer: Any) -> str:
+    """The address of a peer (``peername``: (host, port, ...)), for keys per peer."""
+    return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)

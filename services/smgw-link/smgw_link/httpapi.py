@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from chargegate import payloads as p
 from chargegate.config.smgw import Smgw
+from chargegate.ratelog import LogLimiter
 from chargegate.strict_numbers import StrictNumbers
 from chargegate.topics import format_loc
 from smgw_link.control import OperatorControl
@@ -89,14 +90,18 @@ def make_app(state: ApiState, origin: Origin) -> FastAPI:
     def count(key: str) -> None:
         state.counters[key] = state.counters.get(key, 0) + 1
 
+    refusals = LogLimiter(log)  # unauthenticated requests: per client and minute, few per minute, summarised
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, e: RequestValidationError) -> JSONResponse:
         """FastAPI's 422 without the input echoed back (a NaN in it cannot even be written as JSON)."""
         count("http_invalid")
         errors = [{"loc": list(x.get("loc", ())), "msg": str(x.get("msg", "invalid")), "type": str(x.get("type", ""))}
                   for x in e.errors()]
-        log.warning("variables API request refused", path=request.url.path,
-                    errors="; ".join(f"{format_loc(tuple(x['loc']))}: {x['msg']}" for x in errors)[:500])
+        client = request.client.host if request.client else "?"
+        refusals.warning(f"invalid:{client}", "variables API request refused: invalid input", subject="clients",
+                         path=request.url.path,
+                         errors="; ".join(f"{format_loc(tuple(x['loc']))}: {x['msg']}" for x in errors)[:500])
         return JSONResponse({"detail": errors}, status_code=422)
 
     def auth(request: Request,
@@ -111,8 +116,9 @@ def make_app(state: ApiState, origin: Origin) -> FastAPI:
             secrets.compare_digest(cred.credentials.encode(), t.encode()) for t in tokens)
         if not ok:
             count("http_unauthorized")
-            log.warning("HTTP API request refused: missing or wrong token", origin=origin,
-                        path=request.url.path, client=request.client.host if request.client else None)
+            client = request.client.host if request.client else None
+            refusals.warning(f"{client}", "HTTP API request refused: missing or wrong token", subject="clients",
+                             origin=origin, path=request.url.path[:200], client=client)
             raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
 
     def function_on(name: str, var: str) -> None:

@@ -344,7 +344,7 @@ class SmgwLink:
             self.check_certificate()
             self.link = Link(cfg, self.make_connector, self.on_link_change)
             await self.link.start_forwarders()
-            self._tasks.append(asyncio.create_task(self.link.run(), name="smgw-link.probe"))
+            self._tasks.append(self.ctx.tasks.spawn("smgw-probe", self.link.run))
             if cfg.inbound.enabled:
                 await self.start_inbound(api)
             if cfg.clseedi.enabled:
@@ -488,7 +488,7 @@ async def serve(ctx: ServiceContext) -> None:
                 svc.measurements.evses = current[0].measurements.evses
             current[:] = [svc]
             await svc.start()
-            loop = asyncio.create_task(svc.loop(), name="smgw-link.loop")
+            loop = ctx.tasks.spawn("control-loop", svc.loop)
             waiter = asyncio.create_task(reload.wait())
             try:
                 await asyncio.wait({loop, waiter}, return_when=asyncio.FIRST_COMPLETED)
