@@ -155,6 +155,20 @@ class EvseState(StrEnum):
     OFFLINE = "offline"
 
 
+class SignedMeterValue(Model):
+    """Signed meter data of a session (German Eichrecht: usually an OCMF string), exactly as the wallbox
+    sent it: 1.6 a sampled value with ``format: SignedData``, 2.0.1 ``signedMeterData``."""
+
+    data: str = Field(min_length=1, max_length=10_000)
+    format: str | None = Field(default=None, max_length=50)  # OCMF, or the 2.0.1 encodingMethod
+    context: str | None = Field(default=None, max_length=50)  # Transaction.Begin, Sample.Periodic, ...
+    measurand: str | None = Field(default=None, max_length=64)
+    timestamp: str | None = Field(default=None, max_length=40)  # the sample's, as sent
+
+
+MAX_SIGNED_PER_SESSION = 16
+
+
 class Session(Model):
 
     id: str = Field(min_length=1, max_length=64)
@@ -162,6 +176,8 @@ class Session(Model):
     energy_start_wh: WattHours | None = None
     energy_wh: WattHours = 0.0
     id_tag: str | None = Field(default=None, max_length=64)
+    # the session's signed meter data so far (begin and end always kept, then the latest)
+    signed_meter_values: list[SignedMeterValue] = Field(default_factory=list, max_length=MAX_SIGNED_PER_SESSION)
 
 
 class AppliedSetpoint(Model):

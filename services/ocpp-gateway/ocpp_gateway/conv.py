@@ -2,7 +2,10 @@
 
 Meter values travel inside the gateway as :class:`Sample` lists (values kept as the decimal
 strings the wallbox sent, so nothing is rounded on the way); they are written out in the format
-of the receiving side.
+of the receiving side. Each value keeps the sampled value exactly as the wallbox sent it: towards a
+backend of the same OCPP version that is what goes out, byte for byte (signed meter data included:
+1.6 ``format: "SignedData"``, 2.0.1 ``signedMeterValue``). Only across versions is a value rebuilt;
+signed data then travels in the other version's form (see :func:`to_16` and :func:`to_201`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,22 @@ class Value:
     phase: str | None = None
     context: str | None = None
     location: str | None = None
+    format: str | None = None  # 1.6: "Raw" or "SignedData" (then ``value`` is the signed data, e.g. OCMF)
+    signed: dict[str, Any] | None = None  # 2.0.1: signedMeterValue as sent
+    raw: dict[str, Any] | None = None  # the sampled value exactly as the wallbox sent it ...
+    raw_version: str | None = None  # ... in this OCPP version ("1.6", "2.0.1")
+
+    @property
+    def is_signed(self) -> bool:
+        return self.format == "SignedData" or self.signed is not None
+
+    def signed_data(self) -> tuple[str, str | None] | None:
+        """(data, encoding) of signed meter data on this value, None when there is none."""
+        if self.format == "SignedData":
+            return self.value, "OCMF" if self.value.startswith("OCMF|") else None
+        if self.signed is not None and isinstance(self.signed.get("signedMeterData"), str):
+            return self.signed["signedMeterData"], self.signed.get("encodingMethod")
+        return None
 
     def scaled(self) -> Decimal | None:
         """The value in Wh / W / A (kWh and kW scaled), None when it is not a number."""
@@ -59,7 +78,7 @@ class Value:
             d = Decimal(self.value)
         except InvalidOperation:
             return None
-        if not d.is_finite():
+        if not d.is_finite() or self.format == "SignedData":
             return None
         unit = self.unit or ("Wh" if self.measurand.startswith("Energy") else
                              "W" if self.measurand.startswith("Power") else "A")
@@ -76,7 +95,8 @@ def from_16(meter_value: list[dict[str, Any]]) -> list[Sample]:
     out = []
     for mv in meter_value:
         vals = [Value(value=str(sv["value"]), measurand=sv.get("measurand", ENERGY), unit=sv.get("unit"),
-                      phase=sv.get("phase"), context=sv.get("context"), location=sv.get("location"))
+                      phase=sv.get("phase"), context=sv.get("context"), location=sv.get("location"),
+                      format=sv.get("format"), raw=sv, raw_version="1.6")
                 for sv in mv.get("sampledValue", [])]
         out.append(Sample(mv["timestamp"], vals))
     return out
@@ -91,7 +111,8 @@ def from_201(meter_value: list[dict[str, Any]]) -> list[Sample]:
             mult = (sv.get("unitOfMeasure") or {}).get("multiplier", 0)
             raw = Decimal(str(sv["value"])) * (Decimal(10) ** int(mult))
             vals.append(Value(value=num_str(raw), measurand=sv.get("measurand", ENERGY), unit=unit,
-                              phase=sv.get("phase"), context=sv.get("context"), location=sv.get("location")))
+                              phase=sv.get("phase"), context=sv.get("context"), location=sv.get("location"),
+                              signed=sv.get("signedMeterValue"), raw=sv, raw_version="2.0.1"))
         out.append(Sample(mv["timestamp"], vals))
     return out
 
@@ -108,11 +129,17 @@ CONTEXTS_201 = frozenset(x.value for x in e201.ReadingContextEnumType)
 
 
 def to_16(samples: list[Sample], context: str | None = None) -> list[dict[str, Any]]:
-    """1.6 meterValue list; values 1.6 cannot express (a 2.0.1-only measurand or unit) are left out."""
+    """1.6 meterValue list. A value a 1.6 wallbox sent goes out as it was sent (``context`` is not
+    filled in either). A 2.0.1 value is rebuilt; values 1.6 cannot express (a 2.0.1-only measurand or
+    unit) are left out; its signedMeterValue follows it as a sampled value of its own with ``format:
+    SignedData`` and the signed data as ``value`` (as 1.6 Eichrecht wallboxes send them)."""
     out = []
     for s in samples:
         svs = []
         for v in s.values:
+            if v.raw is not None and v.raw_version == "1.6":
+                svs.append(dict(v.raw))
+                continue
             if v.measurand not in MEASURANDS_16 or (v.unit is not None and v.unit not in UNITS_16) \
                     or (v.phase is not None and v.phase not in PHASES_16):
                 continue
@@ -127,17 +154,32 @@ def to_16(samples: list[Sample], context: str | None = None) -> list[dict[str, A
             if v.location in LOCATIONS_16:
                 sv["location"] = v.location
             svs.append(sv)
+            sd = v.signed_data()
+            if sd is not None:
+                svs.append({**sv, "value": sd[0], "format": "SignedData"})
         if svs:
             out.append({"timestamp": s.timestamp, "sampledValue": svs})
     return out
 
 
 def to_201(samples: list[Sample], context: str | None = None) -> list[dict[str, Any]]:
-    """2.0.1 meterValue list; values 2.0.1 cannot express (RPM, Temperature) are left out."""
+    """2.0.1 meterValue list. A value a 2.0.1 wallbox sent goes out as it was sent. A 1.6 value is
+    rebuilt; values 2.0.1 cannot express (RPM, Temperature) are left out; a 1.6 ``SignedData`` value
+    becomes the ``signedMeterValue`` of the numeric value of the same measurand, phase and context in
+    its sample (``encodingMethod`` OCMF for OCMF data, else "Other"; signing method and public key are
+    inside the signed data and left empty), or, without one, of a value of its own: the register as
+    the signed data's sample shows it when there is one, else 0 (the signed data carries the
+    reading)."""
     out = []
     for s in samples:
         svs = []
+        signed16 = [v for v in s.values if v.raw_version != "2.0.1" and v.format == "SignedData"]
         for v in s.values:
+            if v.raw is not None and v.raw_version == "2.0.1":
+                svs.append(dict(v.raw))
+                continue
+            if v.format == "SignedData":
+                continue
             if v.measurand not in MEASURANDS_201 or (v.phase is not None and v.phase not in PHASES_201):
                 continue
             try:
@@ -154,9 +196,39 @@ def to_201(samples: list[Sample], context: str | None = None) -> list[dict[str, 
                 sv["phase"] = v.phase
             if v.location in LOCATIONS_201:
                 sv["location"] = v.location
+            key = (v.measurand, v.phase, v.context)
+            match = next((x for x in signed16 if (x.measurand, x.phase, x.context) == key), None)
+            if match is not None:
+                signed16.remove(match)
+                sv["signedMeterValue"] = _signed_201(match)
+            svs.append(sv)
+        for x in signed16:  # signed data without a numeric value of its own in the sample
+            sv = {"value": 0, "measurand": x.measurand if x.measurand in MEASURANDS_201 else ENERGY,
+                  "signedMeterValue": _signed_201(x)}
+            ctx = x.context if x.context in CONTEXTS_201 else context
+            if ctx:
+                sv["context"] = ctx
             svs.append(sv)
         if svs:
             out.append({"timestamp": s.timestamp, "sampledValue": svs})
+    return out
+
+
+def _signed_201(v: Value) -> dict[str, Any]:
+    data = v.value
+    return {"signedMeterData": data, "signingMethod": "",
+            "encodingMethod": "OCMF" if data.startswith("OCMF|") else "Other", "publicKey": ""}
+
+
+def signed_values(samples: list[Sample]) -> list[dict[str, Any]]:
+    """Signed meter data in ``samples`` as the bus carries it on the session: data exactly as sent."""
+    out = []
+    for s in samples:
+        for v in s.values:
+            sd = v.signed_data()
+            if sd is not None:
+                out.append({"data": sd[0], "format": sd[1], "context": v.context, "timestamp": s.timestamp,
+                            "measurand": v.measurand})
     return out
 
 

@@ -99,6 +99,7 @@ class Connector:
         self._watch: asyncio.Task[None] | None = None
         self.tx: str | None = None
         self.local_tx: dict[str, Any] | None = None  # session without upstream (backend disabled)
+        self.signed: list[p.SignedMeterValue] = []  # the session's signed meter data (bus status)
         self.setpoint: p.Setpoint | None = None
         self.applied: p.AppliedSetpoint | None = None
         self.installed: tuple[float, int, datetime | None] | None = None  # (A, phases, validTo) at the wallbox
@@ -148,12 +149,14 @@ class Connector:
             e0 = row.meter_start or 0.0
             energy = float(self.energy_wh) if self.energy_wh is not None else (row.meter_last or e0)
             session = p.Session(id=(row.local_id or row.tx)[:64], started=_dt(row.started),
-                                energy_start_wh=e0, energy_wh=max(0.0, energy - e0), id_tag=row.id_tag)
+                                energy_start_wh=e0, energy_wh=max(0.0, energy - e0), id_tag=row.id_tag,
+                                signed_meter_values=list(self.signed))
         elif self.local_tx is not None:
             e0 = self.local_tx["meter_start"]
             energy = float(self.energy_wh) if self.energy_wh is not None else e0
             session = p.Session(id=str(self.local_tx["id"]), started=_dt(self.local_tx["started"]),
-                                energy_start_wh=e0, energy_wh=max(0.0, energy - e0), id_tag=self.local_tx["id_tag"])
+                                energy_start_wh=e0, energy_wh=max(0.0, energy - e0), id_tag=self.local_tx["id_tag"],
+                                signed_meter_values=list(self.signed))
         charging = state == p.EvseState.CHARGING
         phases_in_use = sum(1 for a in self.current_a if a > 0.5) if charging else 0
         # currents and power come from the last MeterValues, which may be a whole sample interval old:
@@ -185,6 +188,25 @@ class Connector:
         self.publish()
         if self.up is not None:
             self.up.set_status(status16, error16, info)
+
+    def keep_signed(self, samples: list[conv.Sample], *, new_session: bool = False) -> bool:
+        """Keep the signed meter data of the session for the bus status (begin and end always, then the
+        latest); the upstream queue keeps all of it, durably. True when there was some."""
+        if new_session:
+            self.signed = []
+        found = conv.signed_values(samples)
+        for d in found:
+            try:
+                sv = p.SignedMeterValue(**d)
+            except ValueError:
+                self.csms.counters["signed_meter_values_not_kept"] += 1
+                continue
+            self.signed.append(sv)
+        while len(self.signed) > p.MAX_SIGNED_PER_SESSION:
+            i = next((k for k, x in enumerate(self.signed)
+                      if x.context not in ("Transaction.Begin", "Transaction.End")), 0)
+            del self.signed[i]
+        return bool(found)
 
     def update_readings(self, samples: list[conv.Sample]) -> None:
         r = conv.readings(samples)
@@ -724,6 +746,7 @@ class WallboxSession:
                 if row.last_ts is not None and samples[-1].timestamp < row.last_ts:
                     self.csms.counters["meter_values_out_of_order"] += 1
                 c.up.meter_tx(row.tx, samples)
+                c.keep_signed(samples)
             elif c.up is not None and tid is None:
                 c.up.send_live("MeterValues", _live_meter(c.up.version, samples))
             elif tid is not None and (row is None or row.stopped is not None) and c.up is not None:
@@ -762,9 +785,11 @@ class WallboxSession:
                 c.up.stop_tx(row.tx, meter_stop_wh=meter, timestamp=ts, reason16="Other", id_tag=row.id_tag)
             local_id = queue.next_local_id()
             c.tx = c.up.start_tx(id_tag=tag, meter_start_wh=meter, timestamp=ts, local_id=str(local_id))
+            c.keep_signed([], new_session=True)
         else:
             local_id = queue.next_local_id()
             c.local_tx = {"id": local_id, "meter_start": float(meter), "started": ts, "id_tag": tag}
+            c.keep_signed([], new_session=True)
         c.energy_wh = meter
         c.publish()
         c.log.info("transaction started", local_transaction_id=local_id, meter_start_wh=d["meterStart"], id_tag=tag)
@@ -798,6 +823,8 @@ class WallboxSession:
             c.energy_wh = meter
             c.publish()
             return answer
+        if c.keep_signed(samples):
+            c.publish()  # the session's end signed data on the bus while the session is still there
         c.up.stop_tx(row.tx, meter_stop_wh=meter, timestamp=d["timestamp"], reason16=d.get("reason", "Local"),
                      id_tag=d.get("idTag") or row.id_tag, samples=samples)
         if c.tx == row.tx:
@@ -874,6 +901,8 @@ class WallboxSession:
         if row is not None and row.local_seq is not None and seq <= row.local_seq:
             self.csms.counters["duplicate_transaction_event"] += 1
             return answer
+        if c.keep_signed(samples, new_session=row is None) and ev == "Ended":
+            c.publish()  # the session's end signed data on the bus while the session is still there
         if c.up is None:
             if ev == "Started":
                 c.local_tx = {"id": tid, "meter_start": float(energy or c.energy_wh or 0), "started": d["timestamp"],
@@ -888,7 +917,8 @@ class WallboxSession:
             meter = energy if energy is not None else (c.energy_wh if c.energy_wh is not None else Decimal(0))
             id_tag = tag or c.evse.id_tag or self.csms.config.ocpp.backend.id_tag
             c.tx = c.up.start_tx(id_tag=id_tag, meter_start_wh=meter, timestamp=d["timestamp"], local_id=tid,
-                                 trigger=d.get("triggerReason", "Authorized"), local_seq=seq)
+                                 trigger=d.get("triggerReason", "Authorized"), local_seq=seq,
+                                 samples=samples if ev == "Started" else None)
             c.log.info("transaction started", local_transaction_id=tid, meter_start_wh=str(meter), id_tag=id_tag)
             row = queue.tx(c.tx)
             if ev == "Started":
@@ -903,7 +933,7 @@ class WallboxSession:
                                                          Decimal(str(row.meter_last or 0)))
             reason = conv.STOP_REASON_201_TO_16.get(info.get("stoppedReason", "Local"), "Other")
             c.up.stop_tx(row.tx, meter_stop_wh=meter, timestamp=d["timestamp"], reason16=reason,
-                         id_tag=tag or row.id_tag, local_seq=seq)
+                         id_tag=tag or row.id_tag, local_seq=seq, samples=samples)
             if c.tx == row.tx:
                 c.tx = None
             c.energy_wh = meter

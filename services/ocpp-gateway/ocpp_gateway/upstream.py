@@ -156,14 +156,21 @@ class UpstreamCP:
             self._spawn(self._send_status())
 
     def start_tx(self, *, id_tag: str, meter_start_wh: Decimal, timestamp: str, local_id: str | None,
-                 trigger: str = "Authorized", local_seq: int | None = None) -> str:
-        """Queue a transaction start (durably) and return the transaction key."""
+                 trigger: str = "Authorized", local_seq: int | None = None,
+                 samples: list[conv.Sample] | None = None) -> str:
+        """Queue a transaction start (durably) and return the transaction key. ``samples``: the meter
+        values the wallbox sent with its start (2.0.1 Started), signed data included: a 2.0.1 backend gets
+        them as the Started event's meterValue, a 1.6 backend in a MeterValues right after the start."""
         ws = conv.wh_int(meter_start_wh)
         if self.version == "1.6":
             payload: dict[str, Any] = {"connectorId": 1, "idTag": id_tag[:20], "meterStart": ws, "timestamp": timestamp}
             tx = self.queue.begin_tx(cp=self.cbid, evse_id=self.evse.id, version="1.6", action="StartTransaction",
                                      payload=payload, id_tag=id_tag, meter_start=float(meter_start_wh),
                                      started=timestamp, local_id=local_id, last_ts=timestamp, local_seq=local_seq)
+            mv = conv.to_16(samples) if samples else []
+            if mv:  # 1.6 StartTransaction has no meter values: they follow it, in order, in the queue
+                self.queue.add(tx, "update", "MeterValues", {"connectorId": 1, "transactionId": TX_ID_PLACEHOLDER,
+                                                             "meterValue": mv}, last_ts=timestamp)
         else:
             import uuid
 
@@ -173,9 +180,10 @@ class UpstreamCP:
                 "transactionInfo": {"transactionId": tx, "chargingState": "EVConnected"},
                 "idToken": {"idToken": id_tag[:36], "type": "Central"},
                 "evse": {"id": 1, "connectorId": 1},
-                "meterValue": [{"timestamp": timestamp, "sampledValue": [
-                    {"value": conv.to_number(conv.num_str(meter_start_wh)), "measurand": conv.ENERGY,
-                     "context": "Transaction.Begin", "unitOfMeasure": {"unit": "Wh"}}]}],
+                "meterValue": (conv.to_201(samples) if samples else None) or [
+                    {"timestamp": timestamp, "sampledValue": [
+                        {"value": conv.to_number(conv.num_str(meter_start_wh)), "measurand": conv.ENERGY,
+                         "context": "Transaction.Begin", "unitOfMeasure": {"unit": "Wh"}}]}],
             }
             tx = self.queue.begin_tx(cp=self.cbid, evse_id=self.evse.id, version="2.0.1", action="TransactionEvent",
                                      payload=payload, id_tag=id_tag, meter_start=float(meter_start_wh),
@@ -232,6 +240,14 @@ class UpstreamCP:
             self.queue.add(tx, "stop", "StopTransaction", payload, meter=float(meter_stop_wh), stopped=timestamp,
                            local_seq=local_seq)
         else:
+            end = [{"timestamp": timestamp, "sampledValue": [
+                {"value": conv.to_number(conv.num_str(meter_stop_wh)), "measurand": conv.ENERGY,
+                 "context": "Transaction.End", "unitOfMeasure": {"unit": "Wh"}}]}]
+            mv = conv.to_201(samples) if samples else []
+            if mv and samples and not any(v.raw_version == "2.0.1" for s in samples for v in s.values) and not any(
+                    v.measurand == conv.ENERGY and v.context == "Transaction.End" and not v.is_signed
+                    for s in samples for v in s.values):
+                mv = mv + end  # a 1.6 wallbox's meterStop, which its transactionData need not repeat
             trig = {"Remote": "RemoteStop", "EVDisconnected": "EVCommunicationLost", "Local": "StopAuthorized",
                     "DeAuthorized": "Deauthorized"}.get(reason16, "AbnormalCondition")
             payload = {"eventType": "Ended", "timestamp": timestamp, "triggerReason": trig,
@@ -239,9 +255,7 @@ class UpstreamCP:
                        "transactionInfo": {"transactionId": row.backend_id or tx,
                                            "stoppedReason": conv.STOP_REASON_16_TO_201.get(reason16, "Other")},
                        "evse": {"id": 1, "connectorId": 1},
-                       "meterValue": [{"timestamp": timestamp, "sampledValue": [
-                           {"value": conv.to_number(conv.num_str(meter_stop_wh)), "measurand": conv.ENERGY,
-                            "context": "Transaction.End", "unitOfMeasure": {"unit": "Wh"}}]}]}
+                       "meterValue": mv or end}
             self.queue.add(tx, "stop", "TransactionEvent", payload, meter=float(meter_stop_wh), stopped=timestamp,
                            local_seq=local_seq)
         self.counters["tx_stopped"] += 1
