@@ -23,7 +23,7 @@ import random
 import ssl
 import time
 import urllib.parse
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -58,6 +58,10 @@ ACK_EMPTY_201 = {"NotifyReport", "NotifyEvent", "SecurityEventNotification", "Lo
                  "PublishFirmwareStatusNotification", "ReportChargingProfiles", "NotifyEVChargingSchedule"}
 
 
+AUTH_CACHE_S = 600.0  # a backend's Authorize answer is reused this long for the start that follows it
+AUTH_CACHE_MAX = 256
+
+
 @dataclass
 class Box:
     """A configured OCPP wallbox (one charge box id, one or more connectors)."""
@@ -68,6 +72,22 @@ class Box:
     version: Version | None
     session: WallboxSession | None = None
     info: dict[str, str] = field(default_factory=dict)
+    # the backend's recent answers to Authorize, by tag: (status, monotonic time); bounded (oldest out)
+    auth_cache: OrderedDict[str, tuple[str, float]] = field(default_factory=OrderedDict)
+
+    def remember_authorization(self, tag: str, status: str) -> None:
+        self.auth_cache[tag] = (status, time.monotonic())
+        self.auth_cache.move_to_end(tag)
+        while len(self.auth_cache) > AUTH_CACHE_MAX:
+            self.auth_cache.popitem(last=False)
+
+    def cached_authorization(self, tag: str) -> str | None:
+        """The backend's answer for ``tag`` when it is younger than AUTH_CACHE_S (the wallbox's Authorize
+        right before its StartTransaction / TransactionEvent: asked once, not twice)."""
+        hit = self.auth_cache.get(tag)
+        if hit is None or time.monotonic() - hit[1] > AUTH_CACHE_S:
+            return None
+        return hit[0]
 
 
 class Connector:
@@ -678,10 +698,15 @@ class WallboxSession:
             return "Accepted"
         return "Invalid"
 
-    async def _authorize(self, tag: str) -> str:
+    async def _authorize(self, tag: str, *, cached: bool = False) -> str:
+        """Local list first, then the backend. ``cached``: a recent answer of the backend for the same tag
+        (the wallbox's own Authorize before a start) is the answer, without asking again."""
         status = self._authorize_local(tag)
         if status == "Accepted":
             return status
+        if cached and (hit := self.box.cached_authorization(tag)) is not None:
+            self.csms.counters["authorize_from_cache"] += 1
+            return hit
         # not in the local list: ask the backend when it is there (as the wallbox's first EVSE)
         for c in self.box.connectors.values():
             up = c.up
@@ -689,11 +714,14 @@ class WallboxSession:
                 try:
                     if up.version == "1.6":
                         res = await up.rpc.call("Authorize", {"idTag": tag[:20]}, timeout_s=10)
-                        return str(res["idTagInfo"]["status"])
-                    res = await up.rpc.call("Authorize", {"idToken": {"idToken": tag[:36], "type": "ISO14443"}},
-                                            timeout_s=10)
-                    st = str(res["idTokenInfo"]["status"])
-                    return st if st in ("Accepted", "Blocked", "Expired", "Invalid") else "Invalid"
+                        st = str(res["idTagInfo"]["status"])
+                    else:
+                        res = await up.rpc.call("Authorize", {"idToken": {"idToken": tag[:36], "type": "ISO14443"}},
+                                                timeout_s=10)
+                        st = str(res["idTokenInfo"]["status"])
+                        st = st if st in ("Accepted", "Blocked", "Expired", "Invalid") else "Invalid"
+                    self.box.remember_authorization(tag, st)
+                    return st
                 except (RpcError, TimeoutError, ConnectionClosed):
                     break
         return status
@@ -768,7 +796,7 @@ class WallboxSession:
     async def _start16(self, d: dict[str, Any]) -> dict[str, Any]:
         c = self._connector(d["connectorId"])
         tag = d["idTag"]
-        status = self._authorize_local(tag) if c is None else await self._authorize(tag)
+        status = self._authorize_local(tag) if c is None else await self._authorize(tag, cached=True)
         queue = self.csms.queue
         if c is None:
             return {"transactionId": queue.next_local_id(), "idTagInfo": {"status": "Invalid"}}
@@ -883,7 +911,9 @@ class WallboxSession:
         answer: dict[str, Any] = {}
         tag = (d.get("idToken") or {}).get("idToken")
         if tag:
-            answer["idTokenInfo"] = {"status": self._authorize_local(tag)}
+            # the backend's answer to the wallbox's Authorize, else the local list (not "Invalid" for a tag the
+            # backend accepted: a wallbox that stops on Invalid would end the session)
+            answer["idTokenInfo"] = {"status": self.box.cached_authorization(tag) or self._authorize_local(tag)}
         if c is None:
             return answer
         samples = conv.from_201(d.get("meterValue") or [])
