@@ -22,6 +22,7 @@ from pathlib import Path
 
 from chargegate.bus import BusSettings
 from chargegate.config import Config
+from chargegate.files import open_private_append, private_dir, write_private
 from chargegate.topics import SERVICES, SPECS, USERS, Registry
 
 ACCOUNTS: tuple[str, ...] = (*SERVICES, "observer", "admin", "sim", *USERS)
@@ -56,9 +57,10 @@ def account_password(config: Config, account: str, create: bool = True) -> str:
         return path.read_text().strip()
     if not create:
         raise BrokerError(f"no password for broker account {account} ({path} missing)")
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(path.parent)
     pw = secrets.token_urlsafe(24)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(pw + "\n")
     return pw
@@ -128,8 +130,8 @@ def write_broker_files(config: Config, out_dir: Path, *, port: int | None = None
     seen by the broker (e.g. ``/mosquitto/config`` inside the container). Returns the conf path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     seen = paths_in or out_dir.resolve()
-    _write_private(out_dir / "passwd", render_passwords(config))
-    (out_dir / "acl").write_text(render_acl(config.site.topic_root))
+    write_private(out_dir / "passwd", render_passwords(config))
+    write_private(out_dir / "acl", render_acl(config.site.topic_root))
     data = (seen.parent / "data") if paths_in else (out_dir.resolve() / "data")
     if persistence and not paths_in:
         data.mkdir(parents=True, exist_ok=True)
@@ -137,7 +139,7 @@ def write_broker_files(config: Config, out_dir: Path, *, port: int | None = None
                        password_file=seen / "passwd", acl_file=seen / "acl",
                        persistence_dir=data if persistence else None,
                        run_as=None if paths_in else _local_user())
-    (out_dir / "mosquitto.conf").write_text(conf)
+    write_private(out_dir / "mosquitto.conf", conf)
     if broker_owner is not None:  # in a container: the broker runs as its own user
         for name in ("passwd", "acl", "mosquitto.conf"):
             os.chown(out_dir / name, *broker_owner)
@@ -155,14 +157,6 @@ def _local_user() -> str | None:
     import pwd
 
     return pwd.getpwuid(os.geteuid()).pw_name
-
-
-def _write_private(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def bus_settings(config: Config, account: str) -> BusSettings:
@@ -257,7 +251,7 @@ class LocalBroker:
         if self.proc is not None and self.proc.poll() is None:
             return
         assert self.log_file is not None
-        logf = open(self.log_file, "ab")
+        logf = open_private_append(self.log_file)  # client names and addresses: 0600
         self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)], stdout=logf, stderr=logf,
                                      start_new_session=True)
         logf.close()

@@ -3,9 +3,11 @@
 Layout under ``smgw.cert_store`` (default ``state_dir/certs``)::
 
     <name>/cert.pem     the certificate, followed by its chain (if imported with one)
-    <name>/key.pem      the private key, mode 0600, never logged or printed
+    <name>/key.pem      the private key, never logged or printed
     <name>/request.csr  the CSR of ``cert request`` until the signed certificate is imported
     selected            the name chosen by ``cert select``
+
+The store and each ``<name>`` folder are 0700, every file in it 0600, whatever the umask.
 
 The configuration's ``smgw.certificate`` takes precedence over ``selected``.
 """
@@ -13,7 +15,6 @@ The configuration's ``smgw.certificate`` takes precedence over ``selected``.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,8 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
 from chargegate.config import Config
-from smgw_link.pki import key_pem, new_key, write_private
+from chargegate.files import private_dir, write_private
+from smgw_link.pki import key_pem, new_key
 from smgw_link.tlsconf import fingerprint, format_fingerprint
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
@@ -117,9 +119,9 @@ class CertStore:
     def key_path(self, name: str) -> Path:
         return self._dir(name) / "key.pem"
 
-    def _prepare(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o700)
+    def _prepare(self, name: str | None = None) -> Path:
+        private_dir(self.root)
+        return private_dir(self._dir(name)) if name is not None else self.root
 
     # -- import ----------------------------------------------------------------------------------
     def import_pem(self, name: str, cert_file: Path, key_file: Path | None = None,
@@ -174,10 +176,9 @@ class CertStore:
             raise CertStoreError("the private key does not belong to the certificate")
         if (d / "cert.pem").exists() and not replace:
             raise CertStoreError(f"certificate {name} exists; use --replace to overwrite it")
-        self._prepare()
-        d.mkdir(exist_ok=True, mode=0o700)
+        self._prepare(name)
         write_private(d / "key.pem", key_pem(key))  # type: ignore[arg-type]
-        (d / "cert.pem").write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs))
+        write_private(d / "cert.pem", b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs))
         (d / "request.csr").unlink(missing_ok=True)
         return cert_info(name, certs, True, self.selected() == name)
 
@@ -200,12 +201,11 @@ class CertStore:
         if dns:
             b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in dns]), critical=False)
         csr = b.sign(key, hashes.SHA256())
-        self._prepare()
-        d.mkdir(exist_ok=True, mode=0o700)
+        self._prepare(name)
         write_private(d / "key.pem", key_pem(key))
         (d / "cert.pem").unlink(missing_ok=True)
         pem = csr.public_bytes(serialization.Encoding.PEM)
-        (d / "request.csr").write_bytes(pem)
+        write_private(d / "request.csr", pem)
         return pem
 
     # -- listing and selection -------------------------------------------------------------------
@@ -248,9 +248,7 @@ class CertStore:
         if not info.has_key:
             raise CertStoreError(f"{name} has no private key")
         self._prepare()
-        tmp = self.root / "selected.tmp"
-        tmp.write_text(name + "\n")
-        os.replace(tmp, self.root / "selected")
+        write_private(self.root / "selected", name + "\n")
         info.selected = True
         return info
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from chargegate.files import write_private
 from smgw_link.certstore import CertInfo, CertStore, CertStoreError, key_description
 
 log = structlog.get_logger("smgw_link.admin.certs")
@@ -219,10 +219,7 @@ class Switcher:
         if path is None:
             return
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(self.status.as_dict(), default=str))
-            os.replace(tmp, path)
+            write_private(path, json.dumps(self.status.as_dict(), default=str))  # who switched: 0600
         except OSError as e:
             log.error("certificate switch-over state not saved", path=str(path), error=str(e))
 
