@@ -311,3 +311,22 @@ async def wait_switch(rig: Rig, state: str, timeout: float = 10) -> dict[str, An
             return sw  # type: ignore[no-any-return]
         assert loop.time() < deadline, f"switch-over stays {sw}"
         await asyncio.sleep(0.1)
+
+
+async def test_a_certificate_under_a_reserved_name_is_refused_with_the_reason(rig: Rig) -> None:
+    """``selected`` is the file in which the store keeps its choice: uploading a certificate under that name
+    is a 422 naming the problem (it was a 500, FileExistsError), and the selection is untouched."""
+    store = CertStore(rig.ctx.config.smgw.cert_store or Path())
+    chosen = store.selected()
+    for name in ("selected", "Selected"):
+        status, out = await rig.local("POST", "/v1/smgw/certificates", ADMIN_TOKEN,
+                                      {"name": name, "format": "pem", "certificate": rig.pki.client_cert.read_text(),
+                                       "key": rig.pki.client_key.read_text()})
+        assert status == 422, out
+        assert "reserved" in out["detail"] and name in out["detail"], out
+    assert store.selected() == chosen and (store.root / "selected").is_file()
+    status, out = await rig.local("GET", "/v1/smgw/certificates/selected", VIEWER_TOKEN)
+    assert status == 404 and "reserved" in out["detail"]
+    status, rows = await rig.local("GET", "/v1/audit")
+    assert any(r["action"] == "POST upload" and "422" in r["result"] and "reserved" in r["result"] for r in rows)
+    assert rig.ctx.counters["admin_errors"] == 0

@@ -31,12 +31,22 @@ from smgw_link.pki import key_pem, new_key
 from smgw_link.tlsconf import fingerprint, format_fingerprint
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+# names the store keeps files of its own under (a certificate of that name would collide with them)
+RESERVED_NAMES = frozenset({"selected"})
 WARN_DAYS = 30
 REQUEST_CURVES = ("brainpoolP256r1", "P-256")
 
 
 class CertStoreError(ValueError):
     pass
+
+
+class CertNameError(CertStoreError):
+    """A name that cannot be used for a certificate (invalid, or reserved by the store)."""
+
+
+class CertExistsError(CertStoreError):
+    """A certificate or key of that name exists and ``replace`` was not given."""
 
 
 @dataclass
@@ -110,8 +120,15 @@ class CertStore:
     # -- paths -----------------------------------------------------------------------------------
     def _dir(self, name: str) -> Path:
         if not NAME_RE.match(name):
-            raise CertStoreError(f"invalid certificate name {name!r} (letters, digits, . _ -)")
-        return self.root / name
+            raise CertNameError(f"invalid certificate name {name!r} (letters, digits, . _ -)")
+        if name.lower() in RESERVED_NAMES:
+            raise CertNameError(f"the name {name!r} is reserved: the certificate store keeps its own "
+                                f"{', '.join(sorted(RESERVED_NAMES))} file under it; choose another name")
+        d = self.root / name
+        if d.exists() and not d.is_dir():
+            raise CertNameError(f"the name {name!r} is taken by a file in {self.root} that is not a certificate; "
+                                f"choose another name")
+        return d
 
     def cert_path(self, name: str) -> Path:
         return self._dir(name) / "cert.pem"
@@ -134,6 +151,7 @@ class CertStore:
     def import_pem_bytes(self, name: str, data: bytes, key_data: bytes | None = None, password: str | None = None,
                          replace: bool = False, source: str = "the upload") -> CertInfo:
         """:meth:`import_pem` from memory (the admin API's upload)."""
+        self._dir(name)  # a name that cannot be used is the first thing to say
         try:
             certs = x509.load_pem_x509_certificates(data)
         except ValueError:
@@ -155,6 +173,7 @@ class CertStore:
 
     def import_pkcs12_bytes(self, name: str, data: bytes, password: str | None, replace: bool = False,
                             source: str = "the upload") -> CertInfo:
+        self._dir(name)
         try:
             key, cert, extra = pkcs12.load_key_and_certificates(data, password.encode() if password else None)
         except (ValueError, TypeError) as e:
@@ -175,7 +194,7 @@ class CertStore:
         if not _same_key(certs[0], key):
             raise CertStoreError("the private key does not belong to the certificate")
         if (d / "cert.pem").exists() and not replace:
-            raise CertStoreError(f"certificate {name} exists; use --replace to overwrite it")
+            raise CertExistsError(f"certificate {name} exists; use --replace to overwrite it")
         self._prepare(name)
         write_private(d / "key.pem", key_pem(key))  # type: ignore[arg-type]
         write_private(d / "cert.pem", b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs))
@@ -190,7 +209,7 @@ class CertStore:
             raise CertStoreError(f"curve must be one of {', '.join(REQUEST_CURVES)}")
         d = self._dir(name)
         if (d / "key.pem").exists() and not replace:
-            raise CertStoreError(f"{name} already has a key; use --replace to make a new one")
+            raise CertExistsError(f"{name} already has a key; use --replace to make a new one")
         key = new_key(curve)
         attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
         if organization:

@@ -35,7 +35,7 @@ from smgw_link.admin import models as m
 from smgw_link.admin.auth import Principal, Role, by_certificate, by_token
 from smgw_link.admin.certs import check
 from smgw_link.admin.core import AdminService, ApiError
-from smgw_link.certstore import CertInfo, CertStoreError
+from smgw_link.certstore import CertExistsError, CertInfo, CertStoreError
 from smgw_link.httpserve import peer_certificate
 
 log = structlog.get_logger("smgw_link.admin.http")
@@ -457,9 +457,10 @@ def make_app(service: AdminService) -> FastAPI:
                     raise ApiError(422, "the request is not valid",
                                    [("body.certificate", "not base64 (PKCS#12 is uploaded as base64)")]) from None
                 store.import_pkcs12_bytes(body.name, raw, body.password, body.replace)
-        except CertStoreError as e:
-            code = 409 if "exists" in str(e) else 422
-            raise ApiError(code, f"certificate not imported: {e}") from None
+        except CertExistsError as e:
+            raise ApiError(409, f"certificate not imported: {e}") from None
+        except CertStoreError as e:  # a reserved or invalid name, no key, a key of another certificate, ...
+            raise ApiError(422, f"certificate not imported: {e}") from None
         except (ValueError, TypeError, UnicodeError) as e:
             raise ApiError(422, f"certificate not imported: {e}") from None
         log.info("client certificate uploaded", certificate=body.name, by=who.name)
