@@ -22,6 +22,7 @@ from admin_support import (
     listen_port,
     running_link,
 )
+from structlog.testing import capture_logs
 
 from chargegate import payloads as p
 from chargegate.bus import Bus
@@ -134,8 +135,11 @@ async def test_operator_sets_a_limit_but_cannot_change_the_configuration(rig: Ad
     await wait_for(lambda: bool(rig.limits.get("local")) and rig.limits["local"][-1].active
                    and rig.limits["local"][-1].power_w == 6000, 5)
     # the operator's own source needs function 2 (power_reduction), switched off here
-    status, body = await rig.call("PUT", "/v1/limits/dso", OPERATOR_TOKEN, {"power_w": 4200})
+    with capture_logs() as logs:
+        status, body = await rig.call("PUT", "/v1/limits/dso", OPERATOR_TOKEN, {"power_w": 4200})
     assert status == 409 and "power_reduction" in body["detail"]
+    assert any(e["log_level"] == "warning" and "power_reduction" in e["event"] and e.get("by") == "olga"
+               for e in logs), logs
     status, body = await rig.call("DELETE", "/v1/limits/local", OPERATOR_TOKEN)
     assert status == 200 and not body["published"]["active"]
     await wait_for(lambda: not rig.limits["local"][-1].active, 5)

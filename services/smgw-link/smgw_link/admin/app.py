@@ -35,7 +35,7 @@ from smgw_link.admin import models as m
 from smgw_link.admin.auth import Principal, Role, by_certificate, by_token
 from smgw_link.admin.certs import check
 from smgw_link.admin.core import AdminService, ApiError
-from smgw_link.certstore import CertExistsError, CertInfo, CertStoreError
+from smgw_link.certstore import CertExistsError, CertInfo, CertStoreError, CertValidityError
 from smgw_link.httpserve import peer_certificate
 
 log = structlog.get_logger("smgw_link.admin.http")
@@ -431,7 +431,8 @@ def make_app(service: AdminService) -> FastAPI:
             raise ApiError(404, res.problems[0] if res.problems else f"no certificate {name}")
         base = cert_out(res.info, active_name()).model_dump()
         return m.CertCheckOut(**base, key_matches=res.key_matches, valid_now=res.valid_now, chain_ok=res.chain_ok,
-                              anchored=res.anchored, usable=res.usable, problems=res.problems, warnings=res.warnings)
+                              anchored=res.anchored, usable=res.usable, problems=res.problems, validity=res.validity,
+                              warnings=res.warnings)
 
     @app.get("/v1/smgw/certificates", responses=COMMON, **role("viewer"))
     async def certificates(who: Viewer) -> list[m.CertOut]:
@@ -442,21 +443,24 @@ def make_app(service: AdminService) -> FastAPI:
     @app.post("/v1/smgw/certificates", status_code=201, responses=responses(409), **role("admin"))
     async def upload(who: Admin, request: Request, body: m.CertUpload) -> m.CertCheckOut:
         """Upload a client certificate with its private key (PEM, or PKCS#12 as base64) and check it."""
-        note(request, name=body.name, format=body.format, replace=body.replace)
+        note(request, name=body.name, format=body.format, replace=body.replace, force=body.force)
         store = service.cert_store()
         if body.replace and body.name == active_name():
             raise ApiError(409, f"{body.name} is the active certificate: upload under a new name and switch over")
         try:
             if body.format == "pem":
                 store.import_pem_bytes(body.name, body.certificate.encode(), body.key.encode() if body.key else None,
-                                       body.password, body.replace)
+                                       body.password, body.replace, force=body.force)
             else:
                 try:
                     raw = base64.b64decode(body.certificate, validate=True)
                 except (binascii.Error, ValueError):
                     raise ApiError(422, "the request is not valid",
                                    [("body.certificate", "not base64 (PKCS#12 is uploaded as base64)")]) from None
-                store.import_pkcs12_bytes(body.name, raw, body.password, body.replace)
+                store.import_pkcs12_bytes(body.name, raw, body.password, body.replace, force=body.force)
+        except CertValidityError as e:
+            raise ApiError(422, f"certificate not imported: {e} (\"force\": true stores it anyway)",
+                           [("certificate", x) for x in e.problems]) from None
         except CertExistsError as e:
             raise ApiError(409, f"certificate not imported: {e}") from None
         except CertStoreError as e:  # a reserved or invalid name, no key, a key of another certificate, ...
@@ -480,7 +484,8 @@ def make_app(service: AdminService) -> FastAPI:
         (see ``GET /v1/smgw/certificate-switch``)."""
         smgw = service.config.smgw
         timeout = (body.timeout_s if body and body.timeout_s else None) or service.config.admin.switch_timeout_s
-        note(request, timeout_s=timeout)
+        force = bool(body and body.force)
+        note(request, timeout_s=timeout, force=force)
         if not smgw.enabled:
             raise ApiError(409, "the SMGW link is switched off (smgw.enabled): nothing to verify the certificate with")
         if smgw.certificate:
@@ -489,13 +494,16 @@ def make_app(service: AdminService) -> FastAPI:
         if service.switcher.busy:
             raise ApiError(409, "a switch-over is in progress")
         res = check_out(name)
-        if not res.usable:
-            raise ApiError(422, f"certificate {name} is not usable", [("certificate", x) for x in res.problems])
+        dated = force and res.validity and set(res.problems) == set(res.validity)  # only its dates are wrong
+        if not res.usable and not dated:
+            hint = " (\"force\": true switches to it anyway)" if res.validity and set(res.problems) == set(
+                res.validity) else ""
+            raise ApiError(422, f"certificate {name} is not usable{hint}", [("certificate", x) for x in res.problems])
         previous = active_name()
         if previous == name:
             raise ApiError(409, f"{name} is already the active certificate")
         try:
-            st = service.switcher.start(name, previous, who.name, timeout)
+            st = service.switcher.start(name, previous, who.name, timeout, force=force)
         except RuntimeError as e:
             raise ApiError(503, str(e)) from None
         except CertStoreError as e:
