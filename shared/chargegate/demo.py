@@ -31,7 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from chargegate import config as cfgmod
 from chargegate import log as logsetup
-from chargegate.broker import account_password, free_port
+from chargegate.broker import account_password, free_port, placement
 from chargegate.config.store import atomic_write
 from chargegate.runner import Proc, Supervisor, available_services
 
@@ -312,7 +312,7 @@ def demo(dirpath: Path, duration: float | None = None, status: bool = True) -> i
     write_demo_config(cfg_path, p.config)
     cfg = cfgmod.load(cfg_path)
     # a demo starts from scratch: no retained state of an earlier run in the broker
-    shutil.rmtree(cfg.state_dir / "broker" / "data", ignore_errors=True)
+    shutil.rmtree(placement(cfg).dir / "data", ignore_errors=True)
     logsetup.setup("demo", "info", "console" if sys.stderr.isatty() else "json")
     from chargegate.runner import build
 

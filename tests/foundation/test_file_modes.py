@@ -62,7 +62,7 @@ def test_broker_password_acl_configuration_secrets_and_log(tmp_path: Path) -> No
     try:
         assert broker.log_file is not None and mode(broker.log_file) == 0o600
     finally:
-        broker.stop()
+        broker.discard()
 
 
 def test_history_database_and_its_wal_left_wider_by_an_older_version(tmp_path: Path) -> None:
