@@ -82,7 +82,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerHandle]:
     try:
         yield BrokerHandle(b, cfg, path)
     finally:
-        b.stop()
+        b.discard()
 
 
 async def connected_bus(handle: BrokerHandle, account: str, registry: Registry | None = None) -> Bus:

@@ -4,28 +4,49 @@ Every service has its own account; the ACL, generated from the topic registry, l
 only the topics the registry names it as a writer of (and its own health topic). ``observer``
 reads everything (for MQTT explorers and ``chargegate status``); ``admin`` reads everything and
 may send service commands. Anonymous access is refused.
+
+A local broker started by root (``chargegate run``, the demo, the tests) does not run as root: it
+runs as the system user ``mosquitto``, else ``nobody`` (:func:`broker_user`). The folder holding its
+files is root's, group-readable for the broker's group (0750); the password file, the ACL and
+mosquitto.conf belong to the broker's user (0600), its persistence folder too (0700); nothing is
+world-readable, and the broker cannot change what root writes there. When that user cannot reach
+``state_dir/broker`` (a folder on the way is closed to it, e.g. /root), the broker's files and
+persistence go to ``/run/chargegate/broker-<hash of state_dir>/`` instead (a warning says so:
+retained messages then survive a broker restart, not a reboot). Only when neither user exists, or
+no such folder can be made, the broker stays root (``user root``, with a warning).
 """
 
 from __future__ import annotations
 
 import base64
+import grp
 import hashlib
 import os
+import pwd
 import random
 import secrets
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
 from chargegate.bus import BusSettings
 from chargegate.config import Config
+from chargegate.files import open_private_append, private_dir, write_private
 from chargegate.topics import SERVICES, SPECS, USERS, Registry
 
 ACCOUNTS: tuple[str, ...] = (*SERVICES, "observer", "admin", "sim", *USERS)
 PBKDF2_ITERATIONS = 101
+BROKER_USERS = ("mosquitto", "nobody")  # the unprivileged users a broker started by root runs as, in this order
+RUNTIME_BASE = Path("/run/chargegate")  # where its files go when it cannot reach state_dir/broker
+SAME_USER = "\0same"  # write_broker_files: the broker runs as the user who writes its files
+
+log = structlog.get_logger("chargegate.broker")
 
 
 class BrokerError(RuntimeError):
@@ -56,9 +77,10 @@ def account_password(config: Config, account: str, create: bool = True) -> str:
         return path.read_text().strip()
     if not create:
         raise BrokerError(f"no password for broker account {account} ({path} missing)")
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(path.parent)
     pw = secrets.token_urlsafe(24)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(pw + "\n")
     return pw
@@ -110,7 +132,7 @@ def render_conf(*, port: int, listen: str, password_file: Path | str, acl_file: 
         "connection_messages true",
     ]
     if run_as:
-        # mosquitto started as root drops to user "mosquitto", which cannot read our 0600 files
+        # started as root, mosquitto drops to this user (without the line: to "mosquitto")
         lines.append(f"user {run_as}")
     if persistence_dir is not None:
         lines += ["persistence true", f"persistence_location {str(persistence_dir).rstrip('/')}/",
@@ -120,24 +142,133 @@ def render_conf(*, port: int, listen: str, password_file: Path | str, acl_file: 
     return "\n".join(lines) + "\n"
 
 
+def broker_user(euid: int | None = None, exists: Callable[[str], bool] | None = None) -> str | None:
+    """The ``user`` a local broker runs as: None when we are not root (it runs as whoever starts it);
+    started by root the first of :data:`BROKER_USERS` that exists, "root" only when none does."""
+    if (os.geteuid() if euid is None else euid) != 0:
+        return None
+    exists = exists or _user_exists
+    return next((u for u in BROKER_USERS if exists(u)), "root")
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a local broker's files live and who it runs as (see the module doc)."""
+
+    dir: Path
+    user: str | None  # the ``user`` line: None (not started by root), "root", or an unprivileged user
+    note: str | None = None  # why not state_dir/broker, or why root: logged as a warning
+
+    @property
+    def unprivileged(self) -> bool:
+        return self.user not in (None, "root")
+
+
+def blocked_on_the_way(path: Path, uid: int, gids: set[int]) -> Path | None:
+    """The first folder from / down to ``path`` (included) that ``uid`` (with groups ``gids``) cannot enter;
+    None when it can reach ``path``. Owner, group and other bits as the kernel applies them."""
+    cur = Path(path.anchor)
+    for part in [cur, *path.resolve().parents[::-1][1:], path.resolve()]:
+        cur = part
+        try:
+            st = os.stat(cur)
+        except OSError:
+            return cur
+        bit = 0o100 if st.st_uid == uid else (0o010 if st.st_gid in gids else 0o001)
+        if not st.st_mode & bit:
+            return cur
+    return None
+
+
+def blocked_for(user: str, path: Path) -> Path | None:
+    """:func:`blocked_on_the_way` for the system user ``user`` and its groups."""
+    pw = pwd.getpwnam(user)
+    return blocked_on_the_way(path, pw.pw_uid, {pw.pw_gid, *os.getgrouplist(user, pw.pw_gid)})
+
+
+def placement(config: Config, euid: int | None = None) -> Placement:
+    """``state_dir/broker`` with the user of :func:`broker_user`; a folder under :data:`RUNTIME_BASE` when
+    that user cannot reach it; root when there is no such user or that folder cannot be made."""
+    home = config.state_dir / "broker"
+    user = broker_user(euid)
+    if user is None:
+        return Placement(home, None)
+    if user == "root":
+        return Placement(home, "root", f"none of the users {', '.join(BROKER_USERS)} exists: the broker runs "
+                                       f"as root")
+    home.mkdir(parents=True, exist_ok=True)
+    blocked = blocked_for(user, home.parent)
+    if blocked is None:
+        return Placement(home, user)
+    alt = RUNTIME_BASE / f"broker-{hashlib.sha256(str(config.state_dir.resolve()).encode()).hexdigest()[:16]}"
+    try:
+        RUNTIME_BASE.mkdir(parents=True, exist_ok=True, mode=0o755)
+        os.chmod(RUNTIME_BASE, 0o755)
+        again = blocked_for(user, RUNTIME_BASE)
+        if again is not None:
+            raise OSError(f"{again} is closed to {user}")
+    except OSError as e:
+        return Placement(home, "root", f"{blocked} is closed to user {user} and {RUNTIME_BASE} cannot be used "
+                                       f"({e}): the broker runs as root")
+    return Placement(alt, user, f"{blocked} is closed to user {user}: the broker's files and persistence are in "
+                                f"{alt} (retained messages survive a broker restart, not a reboot; let {user} "
+                                f"reach {home} to keep them in state_dir)")
+
+
+def _hand_over(out_dir: Path, files: list[Path], data: Path | None, user: str) -> None:
+    """The folder stays root's, readable for the broker's group (0750); the files and the persistence
+    folder belong to the broker's user (0600 / 0700)."""
+    pw = pwd.getpwnam(user)
+    gid = pw.pw_gid
+    os.chown(out_dir, 0, gid)
+    os.chmod(out_dir, 0o750)
+    for f in files:
+        os.chown(f, pw.pw_uid, gid)
+        os.chmod(f, 0o600)
+    if data is not None:
+        data.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for f in [data, *data.rglob("*")]:
+            os.chown(f, pw.pw_uid, gid, follow_symlinks=False)
+        os.chmod(data, 0o700)
+
+
+def group_name(user: str) -> str:
+    return grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
+
+
 def write_broker_files(config: Config, out_dir: Path, *, port: int | None = None, listen: str | None = None,
                        persistence: bool = True, paths_in: Path | None = None,
                        broker_owner: tuple[int, int] | None = None,
-                       secrets_owner: tuple[int, int] | None = None) -> Path:
+                       secrets_owner: tuple[int, int] | None = None, run_as: str | None = SAME_USER) -> Path:
     """Write passwd, acl and mosquitto.conf into ``out_dir``. ``paths_in`` is where they will be
-    seen by the broker (e.g. ``/mosquitto/config`` inside the container). Returns the conf path."""
+    seen by the broker (e.g. ``/mosquitto/config`` inside the container). ``run_as``: the ``user``
+    line (default: the user writing them, so that the broker can read them); an unprivileged user is
+    given the files (see the module doc). Returns the conf path."""
+    if run_as == SAME_USER:
+        run_as = "root" if os.geteuid() == 0 else None
     out_dir.mkdir(parents=True, exist_ok=True)
     seen = paths_in or out_dir.resolve()
-    _write_private(out_dir / "passwd", render_passwords(config))
-    (out_dir / "acl").write_text(render_acl(config.site.topic_root))
+    write_private(out_dir / "passwd", render_passwords(config))
+    write_private(out_dir / "acl", render_acl(config.site.topic_root))
     data = (seen.parent / "data") if paths_in else (out_dir.resolve() / "data")
     if persistence and not paths_in:
-        data.mkdir(parents=True, exist_ok=True)
+        data.mkdir(parents=True, exist_ok=True, mode=0o700)
     conf = render_conf(port=port or config.broker.port, listen=listen or config.broker.listen,
                        password_file=seen / "passwd", acl_file=seen / "acl",
                        persistence_dir=data if persistence else None,
-                       run_as=None if paths_in else _local_user())
-    (out_dir / "mosquitto.conf").write_text(conf)
+                       run_as=None if paths_in else run_as)
+    write_private(out_dir / "mosquitto.conf", conf)
+    if run_as not in (None, "root") and not paths_in:
+        _hand_over(out_dir, [out_dir / n for n in ("passwd", "acl", "mosquitto.conf")],
+                   data if persistence else None, run_as)
     if broker_owner is not None:  # in a container: the broker runs as its own user
         for name in ("passwd", "acl", "mosquitto.conf"):
             os.chown(out_dir / name, *broker_owner)
@@ -147,22 +278,6 @@ def write_broker_files(config: Config, out_dir: Path, *, port: int | None = None
         for f in sdir.iterdir():
             os.chown(f, *secrets_owner)
     return out_dir / "mosquitto.conf"
-
-
-def _local_user() -> str | None:
-    if os.geteuid() != 0:
-        return None
-    import pwd
-
-    return pwd.getpwuid(os.geteuid()).pw_name
-
-
-def _write_private(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def bus_settings(config: Config, account: str) -> BusSettings:
@@ -244,20 +359,32 @@ class LocalBroker:
     host: str = "127.0.0.1"
     proc: subprocess.Popen[bytes] | None = None
     log_file: Path | None = None
+    runtime_dir: Path | None = None  # its files outside state_dir (see :func:`placement`), removed by discard()
 
     @classmethod
     def prepare(cls, config: Config, port: int | None = None, persistence: bool = True) -> LocalBroker:
         port = port or config.broker.port
-        out = config.state_dir / "broker"
-        conf = write_broker_files(config, out, port=port, listen=config.broker.listen, persistence=persistence)
+        place = placement(config)
+        if place.note:
+            log.warning("local broker: " + place.note, user=place.user, folder=str(place.dir))
+        conf = write_broker_files(config, place.dir, port=port, listen=config.broker.listen, persistence=persistence,
+                                  run_as=place.user)
         host = config.broker.listen if config.broker.listen not in ("0.0.0.0", "::") else "127.0.0.1"
-        return cls(conf=conf, port=port, host=host, log_file=out / "mosquitto.log")
+        home = config.state_dir / "broker"
+        return cls(conf=conf, port=port, host=host, log_file=home / "mosquitto.log",
+                   runtime_dir=place.dir if place.dir != home else None)
+
+    def discard(self) -> None:
+        """Stop it and remove its files outside state_dir (tests; a run keeps them for its restarts)."""
+        self.stop()
+        if self.runtime_dir is not None:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
     def start(self, timeout: float = 10.0) -> None:
         if self.proc is not None and self.proc.poll() is None:
             return
         assert self.log_file is not None
-        logf = open(self.log_file, "ab")
+        logf = open_private_append(self.log_file)  # client names and addresses: 0600
         self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)], stdout=logf, stderr=logf,
                                      start_new_session=True)
         logf.close()

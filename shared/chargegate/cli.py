@@ -65,7 +65,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_broker_init(args: argparse.Namespace) -> int:
-    from chargegate.broker import write_broker_files
+    from chargegate.broker import blocked_for, broker_user, write_broker_files
 
     try:
         cfg = cfgmod.load(args.config)
@@ -79,9 +79,17 @@ def _cmd_broker_init(args: argparse.Namespace) -> int:
         uid, _, gid = v.partition(":")
         return int(uid), int(gid or uid)
 
+    run_as = None if args.paths_in else broker_user()
+    if run_as not in (None, "root"):
+        out.mkdir(parents=True, exist_ok=True)
+        blocked = blocked_for(run_as, out.resolve().parent)
+        if blocked is not None:
+            print(f"warning: {blocked} is closed to user {run_as}: mosquitto.conf says 'user root'", file=sys.stderr)
+            run_as = "root"
     conf = write_broker_files(cfg, out, port=args.port, listen=args.listen,
                               paths_in=Path(args.paths_in) if args.paths_in else None,
-                              broker_owner=owner(args.broker_owner), secrets_owner=owner(args.secrets_owner))
+                              broker_owner=owner(args.broker_owner), secrets_owner=owner(args.secrets_owner),
+                              run_as=run_as)
     print(f"wrote {conf}, {out / 'passwd'} and {out / 'acl'}; account passwords are in "
           f"{cfg.state_dir / 'broker' / 'secrets'}")
     return 0

@@ -22,6 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from chargegate.files import private_sqlite
+
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (1, """
 CREATE TABLE sessions (
@@ -147,9 +149,7 @@ def open_db(path: Path, readonly: bool = False) -> sqlite3.Connection:
             raise RecordError(f"{path} has schema version {version}, this chargegate knows up to {SCHEMA_VERSION}")
         return conn
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not path.exists():
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-    os.chmod(path, 0o600)  # SQLite creates -wal and -shm with the database file's permissions
+    private_sqlite(path)  # SQLite creates -wal and -shm with the database file's permissions
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA busy_timeout = 5000")
@@ -158,6 +158,7 @@ def open_db(path: Path, readonly: bool = False) -> sqlite3.Connection:
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if mode != "wal":
         raise RecordError(f"{path}: WAL mode not available (journal_mode {mode})")
+    private_sqlite(path)  # -wal/-shm an older version left wider
     conn.execute("PRAGMA synchronous = FULL")  # a committed record survives a power cut too
     conn.execute("PRAGMA foreign_keys = ON")
     migrate(conn)

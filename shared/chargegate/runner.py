@@ -18,12 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import BinaryIO
 
 import structlog
 
 from chargegate import config as cfgmod
 from chargegate import log as logsetup
 from chargegate.broker import BrokerError, LocalBroker
+from chargegate.files import open_private_append
 
 log = structlog.get_logger("chargegate.runner")
 
@@ -55,10 +57,9 @@ class Proc:
 
     def start(self) -> None:
         env = {**os.environ, **self.env}
-        out = None
-        if self.logfile is not None:
-            self.logfile.parent.mkdir(parents=True, exist_ok=True)
-            out = open(self.logfile, "ab")
+        out: BinaryIO | None = None
+        if self.logfile is not None:  # a service's log names wallboxes, idTags, addresses: 0600
+            out = open_private_append(self.logfile)
         self.popen = subprocess.Popen(self.argv, env=env, stdout=out, stderr=out, start_new_session=True)
         if out is not None:
             out.close()

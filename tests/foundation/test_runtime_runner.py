@@ -114,6 +114,7 @@ def test_supervisor_restarts_crashed_process_and_broker(tmp_path: Path, monkeypa
         assert sup.broker.alive()
     finally:
         sup.stop_all()
+        sup.broker.discard()
     assert not sup.broker.alive()
 
 

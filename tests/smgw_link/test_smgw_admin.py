@@ -22,6 +22,7 @@ from admin_support import (
     listen_port,
     running_link,
 )
+from structlog.testing import capture_logs
 
 from chargegate import payloads as p
 from chargegate.bus import Bus
@@ -140,8 +141,11 @@ async def test_operator_sets_a_limit_but_cannot_change_the_configuration(rig: Ad
     await wait_for(lambda: bool(rig.limits.get("local")) and rig.limits["local"][-1].active
                    and rig.limits["local"][-1].power_w == 6000, 5)
     # the operator's own source needs function 2 (power_reduction), switched off here
-    status, body = await rig.call("PUT", "/v1/limits/dso", OPERATOR_TOKEN, {"power_w": 4200})
+    with capture_logs() as logs:
+        status, body = await rig.call("PUT", "/v1/limits/dso", OPERATOR_TOKEN, {"power_w": 4200})
     assert status == 409 and "power_reduction" in body["detail"]
+    assert any(e["log_level"] == "warning" and "power_reduction" in e["event"] and e.get("by") == "olga"
+               for e in logs), logs
     status, body = await rig.call("DELETE", "/v1/limits/local", OPERATOR_TOKEN)
     assert status == 200 and not body["published"]["active"]
     await wait_for(lambda: not rig.limits["local"][-1].active, 5)
@@ -299,6 +303,66 @@ async def test_oversized_body_is_refused_and_audited(rig: AdminRig) -> None:
     assert status == 413 and "1048576" in body["detail"]
     rows = await rig.audit()
     assert rows[-1]["action"].startswith("PATCH") and rows[-1]["result"].startswith("refused (413)")
+    assert rows[-1]["who"] == "alice" and rows[-1]["role"] == "admin"  # who sent it, not "(unauthenticated)"
+
+
+async def raw_exchange(port: int, head: list[str], chunks: list[bytes] = (), chunked: bool = False,  # type: ignore[assignment]
+                       ) -> tuple[int, bytes]:
+    """Send a request head (and body ``chunks``, chunked or as they are) over real TCP; the answer's status
+    line code and the whole answer. Nothing is sent after the head when ``chunks`` is empty."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode())
+        for c in chunks:
+            writer.write(f"{len(c):x}\r\n".encode() + c + b"\r\n" if chunked else c)
+            await writer.drain()
+        if chunked and chunks:
+            writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(-1), 10)
+    finally:
+        writer.close()
+    return int(answer.split(b" ", 2)[1]), answer
+
+
+async def test_authentication_comes_before_the_size(rig: AdminRig) -> None:
+    """A body over 1 MiB without credentials is a 401 (not 413), with a role that may not do it a 403, and
+    with the right role a 413 audited under that account - declared (Content-Length) or found while
+    reading a chunked body. Refused on the headers: the body is not waited for (Expect: 100-continue)."""
+    big = b'{"site": {"name": "' + b"x" * (1 << 20) + b'"}}'
+    status, body = await rig.call("PATCH", "/v1/config", None, raw=big)
+    assert status == 401 and "credentials" in body["detail"], body
+    assert (await rig.call("PATCH", "/v1/config", "wrong-token", raw=big))[0] == 401
+    status, body = await rig.call("PATCH", "/v1/config", VIEWER_TOKEN, raw=big)
+    assert status == 403 and "viewer" in body["detail"], body
+    rows = await rig.audit()
+    assert [(r["who"], r["result"][:13]) for r in rows[-3:]] == [
+        ("(unauthenticated)", "refused (401)"), ("(unauthenticated)", "refused (401)"), ("vera", "refused (403)")]
+    assert rows[-1]["action"] == "PATCH patch_config"
+    # chunked, no length: the size is found while reading, after the credentials
+    piece = b"x" * (64 << 10)
+    head = ["PATCH /v1/config HTTP/1.1", "Host: chargegate", "Content-Type: application/json",
+            "Transfer-Encoding: chunked", "Connection: close"]
+    status, answer = await raw_exchange(rig.port, [*head, f"Authorization: Bearer {ADMIN_TOKEN}"],
+                                        [piece] * 17, chunked=True)
+    assert status == 413 and b"1048576" in answer, answer[:300]
+    status, _ = await raw_exchange(rig.port, head, [piece] * 17, chunked=True)
+    assert status == 401
+    rows = await rig.audit()
+    assert [(r["who"], r["result"][:13]) for r in rows[-2:]] == [("alice", "refused (413)"),
+                                                                   ("(unauthenticated)", "refused (401)")]
+    # a client that waits for 100 Continue before sending 2 MiB gets its 401 at once, and no 100
+    status, answer = await raw_exchange(rig.port, [
+        "PUT /v1/config HTTP/1.1", "Host: chargegate", "Content-Type: application/json",
+        f"Content-Length: {2 << 20}", "Expect: 100-continue", "Connection: close"])
+    assert status == 401 and b"100 Continue" not in answer, answer[:300]
+    status, answer = await raw_exchange(rig.port, [
+        "PUT /v1/config HTTP/1.1", "Host: chargegate", "Content-Type: application/json",
+        f"Content-Length: {2 << 20}", "Expect: 100-continue", f"Authorization: Bearer {ADMIN_TOKEN}",
+        "Connection: close"])
+    assert status == 413 and b"100 Continue" not in answer, answer[:300]
+    rows = await rig.audit()
+    assert rows[-1]["who"] == "alice" and rows[-1]["result"].startswith("refused (413)")
 
 
 async def test_a_broken_file_is_reported_and_can_be_replaced(rig: AdminRig) -> None:

@@ -114,9 +114,10 @@ def test_check_names_each_problem(tmp_path: Path, pki: Pki) -> None:
     assert res.anchored is None and any("trust anchor" in w for w in res.warnings)  # the device CA is not known here
     res = check(store, "good", [pki.device_ca])
     assert res.anchored == str(pki.device_ca)
-    store.import_pem("expired", pki.expired_cert, pki.expired_key)
+    store.import_pem("expired", pki.expired_cert, pki.expired_key, force=True)
     res = check(store, "expired", [])
-    assert not res.usable and not res.valid_now and "expired" in res.problems[0]
+    assert not res.usable and not res.valid_now and "expired" in res.problems[0] and "notAfter" in res.problems[0]
+    assert res.validity == res.problems
     # a chain whose second certificate did not issue the first
     ca = issue("Some CA", new_key("P-256"), ca=True)
     other = issue("other", new_key("P-256"), ca)

@@ -263,13 +263,18 @@ async def test_certificate_upload_check_and_switch_over(rig: Rig) -> None:
                                   {"name": "cls-p12b", "format": "pkcs12", "password": "wrong",
                                    "certificate": base64.b64encode(p12).decode()})
     assert status == 422 and "password" in out["detail"]
-    # an expired certificate is stored but cannot be switched to
-    status, out = await rig.local("POST", "/v1/smgw/certificates", ADMIN_TOKEN,
-                                  {"name": "old", "format": "pem", "certificate": rig.pki.expired_cert.read_text(),
-                                   "key": rig.pki.expired_key.read_text()})
+    # an expired certificate is refused, naming its notAfter; with force it is stored but cannot be switched to
+    expired = {"name": "old", "format": "pem", "certificate": rig.pki.expired_cert.read_text(),
+               "key": rig.pki.expired_key.read_text()}
+    status, out = await rig.local("POST", "/v1/smgw/certificates", ADMIN_TOKEN, expired)
+    assert status == 422 and "has expired: notAfter" in out["detail"] and "force" in out["detail"], out
+    assert out["errors"][0]["path"] == "certificate" and "notAfter" in out["errors"][0]["message"]
+    assert (await rig.local("GET", "/v1/smgw/certificates/old", VIEWER_TOKEN))[0] == 404  # nothing stored
+    status, out = await rig.local("POST", "/v1/smgw/certificates", ADMIN_TOKEN, {**expired, "force": True})
     assert status == 201 and not out["usable"] and not out["valid_now"] and "expired" in out["problems"][0]
+    assert out["validity"] == out["problems"]
     status, out = await rig.local("POST", "/v1/smgw/certificates/old/activate", ADMIN_TOKEN)
-    assert status == 422 and "expired" in out["errors"][0]["message"]
+    assert status == 422 and "expired" in out["errors"][0]["message"] and "force" in out["detail"]
     # switch over to the renewed certificate: the link comes up with it
     status, out = await rig.local("POST", "/v1/smgw/certificates/cls-renewed/activate", ADMIN_TOKEN, {})
     assert status == 202 and out["state"] == "switching" and out["previous"] == "cls", out
@@ -311,3 +316,61 @@ async def wait_switch(rig: Rig, state: str, timeout: float = 10) -> dict[str, An
             return sw  # type: ignore[no-any-return]
         assert loop.time() < deadline, f"switch-over stays {sw}"
         await asyncio.sleep(0.1)
+
+
+async def test_a_certificate_under_a_reserved_name_is_refused_with_the_reason(rig: Rig) -> None:
+    """``selected`` is the file in which the store keeps its choice: uploading a certificate under that name
+    is a 422 naming the problem (it was a 500, FileExistsError), and the selection is untouched."""
+    store = CertStore(rig.ctx.config.smgw.cert_store or Path())
+    chosen = store.selected()
+    for name in ("selected", "Selected"):
+        status, out = await rig.local("POST", "/v1/smgw/certificates", ADMIN_TOKEN,
+                                      {"name": name, "format": "pem", "certificate": rig.pki.client_cert.read_text(),
+                                       "key": rig.pki.client_key.read_text()})
+        assert status == 422, out
+        assert "reserved" in out["detail"] and name in out["detail"], out
+    assert store.selected() == chosen and (store.root / "selected").is_file()
+    status, out = await rig.local("GET", "/v1/smgw/certificates/selected", VIEWER_TOKEN)
+    assert status == 404 and "reserved" in out["detail"]
+    status, rows = await rig.local("GET", "/v1/audit")
+    assert any(r["action"] == "POST upload" and "422" in r["result"] and "reserved" in r["result"] for r in rows)
+    assert rig.ctx.counters["admin_errors"] == 0
+
+
+def dated_client(days_from: float, days_to: float) -> tuple[str, str]:
+    """A client certificate valid from/to these many days from now (PEM, key PEM)."""
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime.now(UTC)
+    ca = issue("Some device CA", new_key("brainpoolP256r1"), ca=True)
+    item = issue("chargegate-cls", new_key("brainpoolP256r1"), ca, client=True,
+                 not_before=now + timedelta(days=days_from), not_after=now + timedelta(days=days_to))
+    return cert_pem(item.cert).decode(), key_pem(item.key).decode()
+
+
+async def test_certificates_outside_their_validity_need_force(rig: Rig) -> None:
+    """Upload refuses a certificate that is not valid yet (naming notBefore) or has expired; ``force`` stores
+    it; activate refuses it unless ``force``, and a forced switch to an expired one falls back by itself."""
+    pem, key = dated_client(2, 30)
+    future = {"name": "future", "format": "pem", "certificate": pem, "key": key}
+    status, out = await rig.local("POST", "/v1/smgw/certificates", ADMIN_TOKEN, future)
+    assert status == 422 and "not valid yet: notBefore" in out["detail"], out
+    status, out = await rig.local("POST", "/v1/smgw/certificates", ADMIN_TOKEN, {**future, "force": True})
+    assert status == 201 and not out["valid_now"] and "notBefore" in out["validity"][0], out
+    status, out = await rig.local("POST", "/v1/smgw/certificates/future/activate", ADMIN_TOKEN, {})
+    assert status == 422 and "force" in out["detail"] and "notBefore" in out["errors"][0]["message"]
+    # forced: the switch-over is tried, the gateway refuses the handshake, the previous one comes back
+    active = [c["name"] for c in (await rig.local("GET", "/v1/smgw/certificates", VIEWER_TOKEN))[1] if c["active"]]
+    status, out = await rig.local("POST", "/v1/smgw/certificates", ADMIN_TOKEN,
+                                  {"name": "stale", "format": "pem", "certificate": rig.pki.expired_cert.read_text(),
+                                   "key": rig.pki.expired_key.read_text(), "force": True})
+    assert status == 201
+    status, out = await rig.local("POST", "/v1/smgw/certificates/stale/activate", ADMIN_TOKEN,
+                                  {"force": True, "timeout_s": 1})
+    assert status == 202 and out["previous"] == active[0], out
+    sw = await wait_switch(rig, "fell_back")
+    assert sw["to"] == "stale"
+    assert CertStore(rig.ctx.config.smgw.cert_store or Path()).selected() == active[0]
+    # a certificate with another problem is not switched to, force or not
+    status, out = await rig.local("POST", "/v1/smgw/certificates/selected/activate", ADMIN_TOKEN, {"force": True})
+    assert status == 404

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from chargegate import config as cfgmod
 from chargegate import payloads as p
@@ -153,8 +154,13 @@ def test_protocol_errors_get_2_and_change_nothing(name: str) -> None:
 
 def test_function_switch_off_answers_not_supported() -> None:
     env = Env(power_reduction=False)
-    for name in ("control_limit_with_duration.json", "control_failsafe.json"):
-        assert ack_of(env.send(fixture(name))) == (m.NOT_SUPPORTED, fixture(name)["id"])
+    with capture_logs() as logs:
+        for name in ("control_limit_with_duration.json", "control_failsafe.json"):
+            assert ack_of(env.send(fixture(name))) == (m.NOT_SUPPORTED, fixture(name)["id"])
+    # the operator believes it limits the site and it does not: a warning, not an info
+    refused = [e for e in logs if e["event"] == "CLS.EEDI control refused"]
+    assert [e["log_level"] for e in refused] == ["warning", "warning"], logs
+    assert all("power_reduction" in e["reason"] for e in refused)
     assert env.control.lpc is None and env.control.failsafe_w is None
     out = env.control.outputs(T0)
     assert not out.limits["dso"].active and out.limits["dso"].failsafe_power_w is None
@@ -165,8 +171,10 @@ def test_function_switch_off_answers_not_supported() -> None:
 
 def test_not_supported_elements() -> None:
     env = Env()
-    for name in ("control_production_limit.json", "control_trust_ski.json"):
-        assert ack_of(env.send(fixture(name)))[0] == m.NOT_SUPPORTED
+    with capture_logs() as logs:
+        for name in ("control_production_limit.json", "control_trust_ski.json"):
+            assert ack_of(env.send(fixture(name)))[0] == m.NOT_SUPPORTED
+    assert [e["log_level"] for e in logs if e["event"] == "CLS.EEDI control refused"] == ["info", "info"]
 
 
 def test_controller_offline_is_execution_error() -> None:

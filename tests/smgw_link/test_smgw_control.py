@@ -165,7 +165,9 @@ def test_import_list_select_and_key_mode(pki, tmp_path: Path) -> None:  # type: 
     (tmp_path / "old.p12").write_bytes(blob)
     with pytest.raises(CertStoreError, match="wrong password"):
         store.import_file("old", tmp_path / "old.p12", password="nope")
-    old = store.import_file("old", tmp_path / "old.p12", password="pw")
+    with pytest.raises(CertStoreError, match="has expired: notAfter"):
+        store.import_file("old", tmp_path / "old.p12", password="pw")
+    old = store.import_file("old", tmp_path / "old.p12", password="pw", force=True)
     assert old.expired()
     names = [i.name for i in store.list() if not isinstance(i, str)]
     assert names == ["cls", "old"]
@@ -202,3 +204,46 @@ def test_cli_register_and_commands(pki, tmp_path: Path, capsys: pytest.CaptureFi
     assert "brainpoolP256r1" in out and "* a" in out and "PRIVATE" not in out
     args = ap.parse_args(["cert", "select", "missing", "--store", store])
     assert args.func(args) == 1
+
+
+def test_cli_refuses_expired_and_not_yet_valid_certificates_unless_forced(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`cert import` of an expired certificate exited 0, `cert select` only warned: both refuse (exit 1) one
+    that has expired or is not valid yet, saying notAfter/notBefore, and accept it with --force."""
+    import argparse
+
+    from smgw_link.cli import register
+    from smgw_link.pki import cert_pem, issue, key_pem, new_key
+
+    now = datetime.now(UTC)
+    ca = issue("Device CA", new_key("P-256"), ca=True)
+    made = {"past": issue("cls", new_key("P-256"), ca, client=True, not_before=now - timedelta(days=400),
+                          not_after=now - timedelta(days=2)),
+            "future": issue("cls", new_key("P-256"), ca, client=True, not_before=now + timedelta(days=3),
+                            not_after=now + timedelta(days=300)),
+            "good": issue("cls", new_key("P-256"), ca, client=True)}
+    for name, item in made.items():
+        (tmp_path / f"{name}.pem").write_bytes(cert_pem(item.cert) + key_pem(item.key))
+    ap = argparse.ArgumentParser()
+    register(ap.add_subparsers(dest="command"))
+    store = str(tmp_path / "store")
+
+    def cert(*argv: str) -> tuple[int, str]:
+        args = ap.parse_args(["cert", *argv, "--store", store])
+        code = args.func(args)
+        return code, capsys.readouterr().err
+
+    for name, said in (("past", f"has expired: notAfter {made['past'].cert.not_valid_after_utc:%Y-%m-%d}"),
+                       ("future", f"not valid yet: notBefore {made['future'].cert.not_valid_before_utc:%Y-%m-%d}")):
+        code, err = cert("import", name, str(tmp_path / f"{name}.pem"))
+        assert code == 1 and said in err and "--force" in err, err
+        assert name not in CertStore(Path(store)).names()
+    assert cert("import", "good", str(tmp_path / "good.pem")) == (0, "")  # the only one: selected
+    code, err = cert("import", "past", str(tmp_path / "past.pem"), "--force")
+    assert code == 0 and "warning" in err and "notAfter" in err
+    assert CertStore(Path(store)).selected() == "good"  # a forced import does not replace the selection
+    code, err = cert("select", "past")
+    assert code == 1 and "past not selected" in err and "notAfter" in err and "--force" in err, err
+    assert CertStore(Path(store)).selected() == "good"
+    code, err = cert("select", "past", "--force")
+    assert code == 0 and "notAfter" in err and CertStore(Path(store)).selected() == "past"

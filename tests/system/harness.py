@@ -835,7 +835,7 @@ class System:
         if self.op_broker is not None:
             self.op_broker.stop()
         self.lab_broker.stop()
-        self.broker.stop()
+        self.broker.discard()
 
     # -- the operator's OCPP backend -------------------------------------------------------------------
     async def backend(self, path: str) -> Any:

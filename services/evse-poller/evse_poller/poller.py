@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import time
 import zlib
 from collections import Counter
@@ -24,6 +23,7 @@ import structlog
 from chargegate import payloads as p
 from chargegate import setpoints
 from chargegate.config import Config, Evse, Meter
+from chargegate.files import write_private
 from chargegate.ratelog import LogLimiter
 from chargegate.supervise import Tasks
 from evse_poller import logic
@@ -224,10 +224,7 @@ class Poller:
         data = {k: {"enabled": d.control.enabled, "paused": d.control.paused} for k, d in self.evses.items()
                 if d.control != logic.Control()}
         try:
-            self._control_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._control_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data, indent=1))
-            os.replace(tmp, self._control_file)
+            write_private(self._control_file, json.dumps(data, indent=1))
         except OSError as e:
             self.log.error("cannot store control state", file=str(self._control_file), error=str(e))
 

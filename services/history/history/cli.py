@@ -14,6 +14,7 @@ from chargegate import config as cfgmod
 from chargegate import payloads as p
 from chargegate import record as rec
 from chargegate import record_export as rx
+from chargegate.files import write_private
 
 DEFAULT_CONFIG = "chargegate.yaml"
 
@@ -47,7 +48,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     finally:
         conn.close()
     if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
+        write_private(Path(args.out), text)  # sessions with idTags and costs are personal data: 0600
     else:
         sys.stdout.write(text)
     return 0

@@ -44,6 +44,8 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from chargegate.files import private_sqlite
+
 logging.getLogger("ocpp").setLevel(logging.WARNING)
 
 SCHEMA = """
@@ -66,6 +68,8 @@ def _now() -> str:
 
 class Recorder:
     def __init__(self, path: Path | str) -> None:
+        if str(path) != ":memory:":
+            private_sqlite(Path(path))  # the frames hold idTags and meter values
         self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # a test tool: durable against its own crash is enough

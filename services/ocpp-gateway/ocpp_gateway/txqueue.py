@@ -24,7 +24,6 @@ delivery continues.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import time
 import uuid
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+
+from chargegate.files import private_sqlite
 
 log = structlog.get_logger("ocpp_gateway.txqueue")
 
@@ -123,10 +124,10 @@ class TxQueue:
         self.max_attempts = max_attempts
         # idTags and meter values are personal data: the file (and SQLite's -wal/-shm, which take its mode)
         # is 0600 whatever the umask
-        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
-        os.chmod(self.path, 0o600)
+        private_sqlite(self.path)
         self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
+        private_sqlite(self.path)  # -wal/-shm an older version left wider
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)

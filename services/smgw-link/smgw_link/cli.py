@@ -1,8 +1,11 @@
 """``chargegate cert ...``: the certificate store of the SMGW link.
 
-    chargegate cert import NAME FILE [--key KEY] [--password-env VAR | --password-file F] [--replace]
+    chargegate cert import NAME FILE [--key KEY] [--password-env VAR | --password-file F] [--replace] [--force]
     chargegate cert list
-    chargegate cert select NAME
+    chargegate cert select NAME [--force]
+
+A certificate that has expired or is not valid yet (it or its chain) is refused by import and select
+(exit 1, naming notAfter / notBefore) unless ``--force``.
     chargegate cert request NAME --cn CN [--curve brainpoolP256r1|P-256] [--out FILE]
     chargegate cert test-pki DIR [--curve C]      (a complete test PKI for the demo and tests)
 """
@@ -15,7 +18,15 @@ import sys
 from pathlib import Path
 
 from chargegate import config as cfgmod
-from smgw_link.certstore import REQUEST_CURVES, CertInfo, CertStore, CertStoreError, describe
+from smgw_link.certstore import (
+    REQUEST_CURVES,
+    CertInfo,
+    CertStore,
+    CertStoreError,
+    CertValidityError,
+    describe,
+    validity_problems,
+)
 
 DEFAULT_CONFIG = os.environ.get("CHARGEGATE_CONFIG", "chargegate.yaml")
 
@@ -41,12 +52,18 @@ def _password(args: argparse.Namespace) -> str | None:
 def _cmd_import(args: argparse.Namespace) -> int:
     store = _store(args)
     info = store.import_file(args.name, Path(args.file), Path(args.key) if args.key else None, _password(args),
-                             replace=args.replace)
+                             replace=args.replace, force=args.force)
     print(f"imported into {store.root}:\n{describe(info)}")
+    _warn_dates(store, info.name)
     if store.selected() is None:
-        store.select(info.name)
+        store.select(info.name, force=args.force)
         print(f"selected {info.name} for the SMGW link (it is the only one)")
     return 0
+
+
+def _warn_dates(store: CertStore, name: str) -> None:
+    for problem in validity_problems(store.certificates(name)):  # only after --force
+        print(f"warning: {name}: {problem} (forced)", file=sys.stderr)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -65,10 +82,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_select(args: argparse.Namespace) -> int:
     store = _store(args)
-    info = store.select(args.name)
+    info = store.select(args.name, force=args.force)
     print(f"selected for the SMGW link:\n{describe(info)}")
-    if info.expired():
-        print("warning: this certificate has expired", file=sys.stderr)
+    _warn_dates(store, info.name)
     return 0
 
 
@@ -109,6 +125,9 @@ def _wrap(fn):  # type: ignore[no-untyped-def]
     def run(args: argparse.Namespace) -> int:
         try:
             return int(fn(args))
+        except CertValidityError as e:
+            print(f"chargegate cert: {e}; use --force to accept it anyway", file=sys.stderr)
+            return 1
         except (CertStoreError, cfgmod.ConfigError, OSError) as e:
             print(f"chargegate cert: {e}", file=sys.stderr)
             return 1
@@ -131,6 +150,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     i.add_argument("--password-env", default=None, help="environment variable holding the password")
     i.add_argument("--password-file", default=None, help="file holding the password")
     i.add_argument("--replace", action="store_true")
+    i.add_argument("--force", action="store_true", help="import it even when it has expired or is not valid yet")
     i.set_defaults(func=_wrap(_cmd_import))
 
     li = sub.add_parser("list", help="subject, issuer, key type and curve, validity, fingerprint")
@@ -140,6 +160,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     s = sub.add_parser("select", help="the certificate the SMGW link uses")
     common(s)
     s.add_argument("name")
+    s.add_argument("--force", action="store_true", help="select it even when it has expired or is not valid yet")
     s.set_defaults(func=_wrap(_cmd_select))
 
     r = sub.add_parser("request", help="a new key (kept in the store) and a CSR for the gateway admin's PKI")

@@ -25,7 +25,6 @@ the next link loss.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -36,6 +35,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from chargegate import payloads as p
 from chargegate.config.smgw import Smgw
+from chargegate.files import write_private
 
 log = structlog.get_logger("smgw_link.control")
 
@@ -170,10 +170,7 @@ class OperatorControl:
             "failsafe_since": _iso(self.failsafe_since),
             "failsafe_ends": _iso(self.failsafe_ends),
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.path)
+        write_private(self.path, json.dumps(data, indent=1))  # the operator's limits and schedule: 0600
 
     # -- inputs ----------------------------------------------------------------------------------
     @property

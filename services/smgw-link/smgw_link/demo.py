@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import os
 import signal
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from chargegate.broker import free_port, mosquitto_binary
+from chargegate.files import open_private_append
 from smgw_link.clseedi import messages as m
 
 DEMO_TOKEN = "demo"  # the variables API's bearer token in the demo (documented in the README)
@@ -178,8 +180,8 @@ class Recorder:
     """JSON lines of everything the operator sends and receives (the operator's record)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.f: TextIO = open(path, "a", buffering=1)  # closed in close()
+        # the operator's record of every message in and out: 0600
+        self.f: TextIO = io.TextIOWrapper(open_private_append(path), encoding="utf-8", line_buffering=True)
 
     def write(self, direction: str, channel: str, **fields: Any) -> None:
         rec = {"ts": datetime.now(UTC).isoformat(), "dir": direction, "channel": channel, **fields}

@@ -16,6 +16,7 @@ from typing import Any
 from chargegate import payloads as p
 from chargegate.bus import Message
 from chargegate.config import Config
+from chargegate.files import private_dir
 from chargegate.runtime import ServiceContext, run_service
 from smgw_link.admin.server import AdminServer
 from smgw_link.certstore import WARN_DAYS, CertInfo, CertStore, CertStoreError
@@ -46,8 +47,7 @@ class SmgwLink:
         self.cfg = ctx.config.smgw
         self.inbound_wrap = inbound_wrap  # routes the admin API's paths of the inbound channel
         self.log = ctx.log
-        state = ctx.state_dir / "smgw"
-        state.mkdir(parents=True, exist_ok=True)
+        state = private_dir(ctx.state_dir / "smgw")  # the operator's limits, the switch-over state, a socket
         self.state_path = state
         self.control = OperatorControl.load(self.cfg, state / "operator.json", utcnow())
         self.measurements = Measurements(self.config)

@@ -190,9 +190,10 @@ class AuditLog:
                  "target": target, "result": result, "detail": detail}
         line = json.dumps(entry, default=str, separators=(",", ":")) + "\n"
         with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
+                os.fchmod(fd, 0o600)  # who did what: 0600 whatever the umask, also a file an older version left wider
                 os.write(fd, line.encode())
                 os.fsync(fd)
             finally:

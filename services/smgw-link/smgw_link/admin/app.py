@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from chargegate import payloads as p
 from chargegate.config import ConfigError
@@ -35,7 +36,7 @@ from smgw_link.admin import models as m
 from smgw_link.admin.auth import Principal, Role, by_certificate, by_token
 from smgw_link.admin.certs import check
 from smgw_link.admin.core import AdminService, ApiError
-from smgw_link.certstore import CertInfo, CertStoreError
+from smgw_link.certstore import CertExistsError, CertInfo, CertStoreError, CertValidityError
 from smgw_link.httpserve import peer_certificate
 
 log = structlog.get_logger("smgw_link.admin.http")
@@ -431,7 +432,8 @@ def make_app(service: AdminService) -> FastAPI:
             raise ApiError(404, res.problems[0] if res.problems else f"no certificate {name}")
         base = cert_out(res.info, active_name()).model_dump()
         return m.CertCheckOut(**base, key_matches=res.key_matches, valid_now=res.valid_now, chain_ok=res.chain_ok,
-                              anchored=res.anchored, usable=res.usable, problems=res.problems, warnings=res.warnings)
+                              anchored=res.anchored, usable=res.usable, problems=res.problems, validity=res.validity,
+                              warnings=res.warnings)
 
     @app.get("/v1/smgw/certificates", responses=COMMON, **role("viewer"))
     async def certificates(who: Viewer) -> list[m.CertOut]:
@@ -442,24 +444,28 @@ def make_app(service: AdminService) -> FastAPI:
     @app.post("/v1/smgw/certificates", status_code=201, responses=responses(409), **role("admin"))
     async def upload(who: Admin, request: Request, body: m.CertUpload) -> m.CertCheckOut:
         """Upload a client certificate with its private key (PEM, or PKCS#12 as base64) and check it."""
-        note(request, name=body.name, format=body.format, replace=body.replace)
+        note(request, name=body.name, format=body.format, replace=body.replace, force=body.force)
         store = service.cert_store()
         if body.replace and body.name == active_name():
             raise ApiError(409, f"{body.name} is the active certificate: upload under a new name and switch over")
         try:
             if body.format == "pem":
                 store.import_pem_bytes(body.name, body.certificate.encode(), body.key.encode() if body.key else None,
-                                       body.password, body.replace)
+                                       body.password, body.replace, force=body.force)
             else:
                 try:
                     raw = base64.b64decode(body.certificate, validate=True)
                 except (binascii.Error, ValueError):
                     raise ApiError(422, "the request is not valid",
                                    [("body.certificate", "not base64 (PKCS#12 is uploaded as base64)")]) from None
-                store.import_pkcs12_bytes(body.name, raw, body.password, body.replace)
-        except CertStoreError as e:
-            code = 409 if "exists" in str(e) else 422
-            raise ApiError(code, f"certificate not imported: {e}") from None
+                store.import_pkcs12_bytes(body.name, raw, body.password, body.replace, force=body.force)
+        except CertValidityError as e:
+            raise ApiError(422, f"certificate not imported: {e} (\"force\": true stores it anyway)",
+                           [("certificate", x) for x in e.problems]) from None
+        except CertExistsError as e:
+            raise ApiError(409, f"certificate not imported: {e}") from None
+        except CertStoreError as e:  # a reserved or invalid name, no key, a key of another certificate, ...
+            raise ApiError(422, f"certificate not imported: {e}") from None
         except (ValueError, TypeError, UnicodeError) as e:
             raise ApiError(422, f"certificate not imported: {e}") from None
         log.info("client certificate uploaded", certificate=body.name, by=who.name)
@@ -479,7 +485,8 @@ def make_app(service: AdminService) -> FastAPI:
         (see ``GET /v1/smgw/certificate-switch``)."""
         smgw = service.config.smgw
         timeout = (body.timeout_s if body and body.timeout_s else None) or service.config.admin.switch_timeout_s
-        note(request, timeout_s=timeout)
+        force = bool(body and body.force)
+        note(request, timeout_s=timeout, force=force)
         if not smgw.enabled:
             raise ApiError(409, "the SMGW link is switched off (smgw.enabled): nothing to verify the certificate with")
         if smgw.certificate:
@@ -488,13 +495,16 @@ def make_app(service: AdminService) -> FastAPI:
         if service.switcher.busy:
             raise ApiError(409, "a switch-over is in progress")
         res = check_out(name)
-        if not res.usable:
-            raise ApiError(422, f"certificate {name} is not usable", [("certificate", x) for x in res.problems])
+        dated = force and res.validity and set(res.problems) == set(res.validity)  # only its dates are wrong
+        if not res.usable and not dated:
+            hint = " (\"force\": true switches to it anyway)" if res.validity and set(res.problems) == set(
+                res.validity) else ""
+            raise ApiError(422, f"certificate {name} is not usable{hint}", [("certificate", x) for x in res.problems])
         previous = active_name()
         if previous == name:
             raise ApiError(409, f"{name} is already the active certificate")
         try:
-            st = service.switcher.start(name, previous, who.name, timeout)
+            st = service.switcher.start(name, previous, who.name, timeout, force=force)
         except RuntimeError as e:
             raise ApiError(503, str(e)) from None
         except CertStoreError as e:
@@ -511,8 +521,15 @@ def make_app(service: AdminService) -> FastAPI:
 
 
 class Audited:
-    """ASGI wrapper: every non-GET request is audited before its answer is sent; bodies over
-    :data:`MAX_BODY` are refused (413) before the app reads them."""
+    """ASGI wrapper: every non-GET request is audited before its answer is sent.
+
+    Who asks comes first: the credentials (and the role the route needs) are checked on the request's
+    headers before any of its body is read, so a request without valid credentials gets 401 and one whose
+    role may not do it 403, whatever its size. Only then the size: a body declared (Content-Length) or
+    found (chunked, while reading) larger than :data:`MAX_BODY` is refused with 413, audited under the
+    account that sent it. Before a refusal the rest of the body is read and dropped (up to
+    :data:`DRAIN_MAX`; not when the client waits for ``100 Continue``), so that a client that sends its
+    body at once reads the answer instead of a reset connection."""
 
     def __init__(self, app: FastAPI, service: AdminService, origin: str | None = None) -> None:
         self.app = app
@@ -530,15 +547,33 @@ class Audited:
             return
         scope.setdefault("state", {})
         state: dict[str, Any] = scope["state"]
-        body, too_big = await _read_body(receive)
-        if too_big:
-            state["refusal"] = f"the body is larger than {MAX_BODY} bytes"
-            await self.record(scope, state, 413)
-            payload = m.ErrorOut(detail=state["refusal"]).model_dump_json().encode()
-            await send({"type": "http.response.start", "status": 413,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(payload)).encode()), (b"connection", b"close")]})
-            await send({"type": "http.response.body", "body": payload})
+        route = self._route_of(scope)
+        request = Request(scope)
+        principal = authenticate(self.service, request, _bearer_from_headers(request))
+        counters = self.service.ctx.counters
+        if principal is None:
+            counters["admin_unauthorized"] += 1
+            await self.refuse(scope, state, receive, send, 401,
+                              "valid credentials are required (bearer token or client certificate)", route,
+                              [(b"www-authenticate", b"Bearer")])
+            return
+        state["principal"] = principal
+        needed = (getattr(route, "openapi_extra", None) or {}).get("x-required-role") if route is not None else None
+        if needed is not None and not principal.may(needed):
+            counters["admin_forbidden"] += 1
+            await self.refuse(scope, state, receive, send, 403,
+                              f"role {principal.role} may not do this (needs {needed})", route)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > MAX_BODY:
+            counters["admin_too_large"] += 1
+            await self.refuse(scope, state, receive, send, 413, f"the body is larger than {MAX_BODY} bytes", route)
+            return
+        body, too_big, ended = await _read_body(receive)
+        if too_big:  # chunked, no length given: found while reading
+            counters["admin_too_large"] += 1
+            await self.refuse(scope, state, receive, send, 413, f"the body is larger than {MAX_BODY} bytes", route,
+                              already=None if ended else MAX_BODY)
             return
         replayed = False
 
@@ -560,9 +595,33 @@ class Audited:
 
         await self.app(scope, replay, audited_send)
 
-    async def record(self, scope: Scope, state: dict[str, Any], status: int) -> None:
+    def _route_of(self, scope: Scope) -> Any:
+        """The route the app would run for this request (its required role), None when no route matches."""
+        for route in self.app.router.routes:
+            match, _ = route.matches(scope)
+            if match == Match.FULL:
+                return route
+        return None
+
+    async def refuse(self, scope: Scope, state: dict[str, Any], receive: Receive, send: Send, status: int,
+                     detail: str, route: Any, headers: list[tuple[bytes, bytes]] | None = None,
+                     already: int | None = 0) -> None:
+        """Answer ``status`` after dropping the rest of the body; ``already``: bytes of it read so far, None
+        when it was read to its end."""
+        state["refusal"] = detail
+        if already is not None and not _expects_continue(scope):
+            await _drain(receive, DRAIN_MAX - already)
+        await self.record(scope, state, status, route)
+        payload = m.ErrorOut(detail=detail).model_dump_json().encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(payload)).encode()), (b"connection", b"close"),
+                                *(headers or [])]})
+        await send({"type": "http.response.body", "body": payload})
+
+    async def record(self, scope: Scope, state: dict[str, Any], status: int, route: Any = None) -> None:
         principal: Principal | None = state.get("principal")
-        route = scope.get("route")
+        route = scope.get("route") or route
         action = getattr(route, "name", None) or "unknown"
         target = str(scope.get("path", ""))[:300]
         if 200 <= status < 300:
@@ -578,20 +637,55 @@ class Audited:
 
 
 MAX_BODY = 1 << 20  # 1 MiB: a whole configuration or a certificate upload fits many times
+DRAIN_MAX = 4 * MAX_BODY  # what is read and dropped before a refusal; beyond it the connection is just closed
 
 
-async def _read_body(receive: Receive) -> tuple[bytes, bool]:
-    """The whole request body, or (what was read, True) once it passes :data:`MAX_BODY`."""
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for k, v in scope.get("headers") or []:
+        if k.lower() == name:
+            return bytes(v)
+    return None
+
+
+def _content_length(scope: Scope) -> int | None:
+    raw = _header(scope, b"content-length")
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def _expects_continue(scope: Scope) -> bool:
+    return (_header(scope, b"expect") or b"").lower() == b"100-continue"
+
+
+async def _drain(receive: Receive, limit: int) -> bool:
+    """Read and drop the rest of the request body, at most ``limit`` bytes; whether it ended."""
+    size = 0
+    while size <= limit:
+        message = await receive()
+        if message["type"] != "http.request":
+            return True  # the client went away
+        size += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return True
+    return False
+
+
+async def _read_body(receive: Receive) -> tuple[bytes, bool, bool]:
+    """(the whole request body, False, True), or (b"", True, whether it ended) once it passes
+    :data:`MAX_BODY`."""
     chunks: list[bytes] = []
     size = 0
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            return b"".join(chunks), False  # the client went away
+            return b"".join(chunks), False, True  # the client went away
         chunk = message.get("body", b"")
+        more = bool(message.get("more_body", False))
         size += len(chunk)
         if size > MAX_BODY:
-            return b"", True
+            return b"", True, not more
         chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks), False
+        if not more:
+            return b"".join(chunks), False, True

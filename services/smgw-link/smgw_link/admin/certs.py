@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from smgw_link.certstore import CertInfo, CertStore, CertStoreError, key_description
+from chargegate.files import write_private
+from smgw_link.certstore import (
+    CertInfo,
+    CertStore,
+    CertStoreError,
+    CertValidityError,
+    key_description,
+    validity_problems,
+)
 
 log = structlog.get_logger("smgw_link.admin.certs")
 
@@ -43,6 +50,7 @@ class CheckResult:
     chain_ok: bool = False
     anchored: str | None = None  # the trust anchor file that verified the top of the chain
     problems: list[str] = field(default_factory=list)  # each one makes the certificate unusable
+    validity: list[str] = field(default_factory=list)  # those of ``problems`` about the validity period
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -89,13 +97,9 @@ def check(store: CertStore, name: str, anchors: list[Path], now: dt.datetime | N
         res.problems.append(f"the private key cannot be read: {e}")
     if not res.key_matches and not res.problems:
         res.problems.append("the private key does not belong to the certificate")
-    for i, c in enumerate(certs):
-        what = "the certificate" if i == 0 else f"chain certificate {i} ({c.subject.rfc4514_string()})"
-        if now < c.not_valid_before_utc:
-            res.problems.append(f"{what} is not valid before {c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
-        elif now >= c.not_valid_after_utc:
-            res.problems.append(f"{what} expired on {c.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
-    res.valid_now = not any("valid before" in p or "expired" in p for p in res.problems)
+    res.validity = validity_problems(certs, now)
+    res.problems += res.validity
+    res.valid_now = not res.validity
     chain_ok = True
     for i in range(len(certs) - 1):
         if not _signed_by(certs[i], certs[i + 1]):
@@ -174,14 +178,18 @@ class Switcher:
     def busy(self) -> bool:
         return self.task is not None and not self.task.done()
 
-    def start(self, name: str, previous: str | None, by: str, timeout_s: float) -> SwitchStatus:
+    def start(self, name: str, previous: str | None, by: str, timeout_s: float, force: bool = False) -> SwitchStatus:
+        """Select ``name`` (outside its validity period only with ``force``) and watch the link come up."""
         store = self.store_of()
         link = self.link_of()
         if link is None:
             raise RuntimeError("the SMGW link is not running")
+        problems = validity_problems(store.certificates(name))  # refused before anything is saved
+        if problems and not force:
+            raise CertValidityError(name, problems, "selected")
         self.status = SwitchStatus("switching", name, previous, by, dt.datetime.now(dt.UTC), None, timeout_s)
         self._save()  # before the selection: a crash in between resumes (and falls back) on restart
-        store.select(name)
+        store.select(name, force=force)
         gen = link.reload_certificate()
         log.info("certificate switch-over started", certificate=name, previous=previous, timeout_s=timeout_s)
         self.task = asyncio.create_task(self._watch(timeout_s, link, gen), name="smgw-link.cert-switch")
@@ -208,7 +216,7 @@ class Switcher:
         log.warning("resuming a certificate switch-over interrupted by a restart", certificate=st.to,
                     previous=st.previous, timeout_s=timeout)
         try:
-            self.store_of().select(st.to)
+            self.store_of().select(st.to, force=True)  # chosen before the restart; a failure falls back
         except (CertStoreError, OSError) as e:
             log.error("the certificate of the interrupted switch-over is gone", certificate=st.to, error=str(e))
         self.task = asyncio.create_task(self._watch(timeout, None, -1), name="smgw-link.cert-switch")
@@ -219,10 +227,7 @@ class Switcher:
         if path is None:
             return
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(self.status.as_dict(), default=str))
-            os.replace(tmp, path)
+            write_private(path, json.dumps(self.status.as_dict(), default=str))  # who switched: 0600
         except OSError as e:
             log.error("certificate switch-over state not saved", path=str(path), error=str(e))
 
@@ -252,7 +257,7 @@ class Switcher:
         try:
             store = self.store_of()
             if st.previous is not None:
-                store.select(st.previous)
+                store.select(st.previous, force=True)  # what was there before, as it was
             else:
                 (store.root / "selected").unlink(missing_ok=True)
             link = self.link_of()

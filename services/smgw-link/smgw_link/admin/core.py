@@ -269,6 +269,9 @@ class AdminService:
                                 f"(limit_source {smgw.limit_source}, http_api.inbound_source "
                                 f"{smgw.http_api.inbound_source}, local)")
         if kind != "avail-local" and not smgw.functions.power_reduction:
+            self.ctx.counters["admin_limit_not_supported"] += 1
+            log.warning("operator limit refused: function power_reduction is switched off", source=source,
+                        power_w=power_w, by=by)
             raise ApiError(409, f"not supported: an operator limit on source {source} needs function "
                                 f"power_reduction, which is switched off in the configuration")
         now = datetime.now(UTC)

@@ -178,6 +178,8 @@ class CertUpload(In):
     key: str | None = Field(default=None, max_length=65_536, description="PEM private key (pem format)")
     password: str | None = Field(default=None, max_length=1024, description="of the key or the PKCS#12 file")
     replace: bool = Field(default=False, description="overwrite a certificate of that name (not the active one)")
+    force: bool = Field(default=False, description="store it even when it (or its chain) has expired or is not "
+                                                   "valid yet (refused with 422 otherwise)")
 
 
 class CertOut(BaseModel):
@@ -204,12 +206,16 @@ class CertCheckOut(CertOut):
     anchored: str | None = None
     usable: bool
     problems: list[str]
+    validity: list[str] = Field(default_factory=list, description="those of the problems about the validity "
+                                                                  "period (notBefore/notAfter): force overrides them")
     warnings: list[str]
 
 
 class SwitchIn(In):
     timeout_s: float | None = Field(default=None, gt=0, le=3600,
                                     description="default admin.switch_timeout_s")
+    force: bool = Field(default=False, description="switch to it even when it (or its chain) has expired or is "
+                                                   "not valid yet; other problems are refused all the same")
 
 
 # -- services, logs, audit ----------------------------------------------------------------------------

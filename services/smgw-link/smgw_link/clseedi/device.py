@@ -133,9 +133,12 @@ class ClsEediDevice:
             self.on_change()
         return m.OK
 
-    def _refuse(self, number: int, why: str, msg_id: str | None) -> int:
+    def _refuse(self, number: int, why: str, msg_id: str | None, warn: bool = False) -> int:
+        """Answer ``number``. "Not supported" (an element chargegate never handles) is logged at info;
+        everything else, and a limit refused because a function is switched off (``warn``: the operator
+        believes it limits the site, and it does not), as a warning."""
         self._count(f"clseedi_error_{number}")
-        level = log.info if number == m.NOT_SUPPORTED else log.warning
+        level = log.info if number == m.NOT_SUPPORTED and not warn else log.warning
         level("CLS.EEDI control refused", id=msg_id, error_number=number, reason=why)
         return number
 
@@ -161,7 +164,8 @@ class ClsEediDevice:
                 return self._refuse(m.PROTOCOL_ERROR, "limit duration must be positive", msg_id)
             if not self.cfg.functions.power_reduction:
                 return self._refuse(m.NOT_SUPPORTED, f"{key}: function power_reduction is switched off in the "
-                                                     f"configuration (smgw.functions.power_reduction)", msg_id)
+                                                     f"configuration (smgw.functions.power_reduction)", msg_id,
+                                    warn=True)
             ok, why = self.controller_ok()
             if not ok:
                 return self._refuse(m.EXECUTION_ERROR, f"{key} not applied: {why}", msg_id)
