@@ -225,9 +225,18 @@ async def test_backend_commands_reach_the_wallbox(env: Env) -> None:
     assert res["status"] == "Accepted" and not w.connectors[2].operative
     res = await b.call("wb16b", "ChangeAvailability", {"connectorId": 1, "type": "Operative"})
     assert res["status"] == "Accepted" and w.connectors[2].operative
+    # a triggered message always reaches the backend (the status even when it repeats the last one)
+    n_status = len(env.backend.calls("wb16", "StatusNotification"))
+    n_beat = len(env.backend.calls("wb16", "Heartbeat"))
     res = await b.call("wb16", "TriggerMessage", {"requestedMessage": "StatusNotification", "connectorId": 1})
     assert res["status"] == "Accepted"
     assert ("TriggerMessage", {"requestedMessage": "StatusNotification", "connectorId": 1}) in w.received
+    await until(lambda: len(env.backend.calls("wb16", "StatusNotification")) > n_status, 5,
+                what="the triggered StatusNotification at the backend")
+    res = await b.call("wb16", "TriggerMessage", {"requestedMessage": "Heartbeat"})
+    assert res["status"] == "Accepted"
+    await until(lambda: len(env.backend.calls("wb16", "Heartbeat")) > n_beat, 5,
+                what="the triggered Heartbeat at the backend")
     res = await b.call("wb16", "Reset", {"type": "Soft"})
     assert res["status"] == "Accepted" and ("Reset", {"type": "Soft"}) in w.received
     # remote start and stop with the ids mapped both ways

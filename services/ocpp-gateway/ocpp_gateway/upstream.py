@@ -51,6 +51,9 @@ class Driver(Protocol):
     def boot_info(self) -> dict[str, str]: ...
 
 
+TRIGGER_STATUS_WAIT_S = 2.0  # a triggered StatusNotification the wallbox does not send: ours after this
+
+
 @dataclass
 class Target:
     url: str  # full URL including the charge box id
@@ -140,6 +143,7 @@ class UpstreamCP:
         self.meter_interval_s = float(config.ocpp.backend.meter_values_interval_s)
         self._status: tuple[str, str, str | None] = ("Unavailable", "NoError", None)  # 1.6 status, error, info
         self._sent_status: tuple[str, str, str | None] | None = None
+        self._status_triggered = False  # the backend asked for a StatusNotification: send the next one
         self._profiles: list[Profile] = self._load_profiles()
         self._limit_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -152,7 +156,8 @@ class UpstreamCP:
     def set_status(self, status16: str, error16: str = "NoError", info: str | None = None) -> None:
         """The EVSE's current status (1.6 vocabulary); sent when it changes and after every boot."""
         self._status = (status16, error16, info)
-        if self.booted.is_set() and self._sent_status != self._status:
+        if self.booted.is_set() and (self._sent_status != self._status or self._status_triggered):
+            self._status_triggered = False
             self._spawn(self._send_status())
 
     def start_tx(self, *, id_tag: str, meter_start_wh: Decimal, timestamp: str, local_id: str | None,
@@ -409,6 +414,13 @@ class UpstreamCP:
             with contextlib.suppress(RpcError, TimeoutError):
                 await rpc.call("Heartbeat", {})
 
+    async def _status_after_trigger(self) -> None:
+        await asyncio.sleep(TRIGGER_STATUS_WAIT_S)
+        if self._status_triggered:  # the wallbox did not say it again: what we know goes up
+            self._status_triggered = False
+            self.counters["triggered_status_sent_by_gateway"] += 1
+            await self._send_status()
+
     async def _send_status(self) -> None:
         rpc = self.rpc
         if rpc is None:
@@ -597,8 +609,17 @@ class UpstreamCP:
         raise RpcError("NotSupported", f"{action} is not supported by the gateway")
 
     async def _trigger(self, what: str) -> str:
+        """A triggered message is always sent to the backend. Heartbeat is this charge point's own; a
+        StatusNotification the wallbox is asked for goes up even when it repeats the last one (and, if the
+        wallbox does not send it within TRIGGER_STATUS_WAIT_S, the status known here goes up instead)."""
+        if what == "Heartbeat":
+            self._spawn(self._call_quiet("Heartbeat", {}))
+            return "Accepted"
         res = await self.driver.trigger(what)
         if res is not None:
+            if what == "StatusNotification" and res == "Accepted":
+                self._status_triggered = True
+                self._spawn(self._status_after_trigger())
             return res
         if what in ("StatusNotification",):
             self._sent_status = None
