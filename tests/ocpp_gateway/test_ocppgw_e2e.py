@@ -370,6 +370,11 @@ async def test_201_backend_commands_to_16_wallbox(env: Env) -> None:
     w.plug(1)
     await until(lambda: any(s.id_tag == "R-201" for s in b.transactions("UP-201")), what="remote started session")
     tid = next(s.transaction_id for s in b.transactions("UP-201") if s.id_tag == "R-201")
+    # the backend's remoteStartId comes back in the Started event, so it can match the session to its request
+    started = [pl for _, _, pl in b.calls("UP-201", "TransactionEvent") if pl["eventType"] == "Started"
+               and pl["transactionInfo"]["transactionId"] == tid]
+    assert started and started[0]["transactionInfo"].get("remoteStartId") == 7, started
+    assert started[0]["triggerReason"] == "RemoteStart"
     res = await b.call("UP-201", "RequestStopTransaction", {"transactionId": tid})
     assert res["status"] == "Accepted"
     local = [pl for a, pl in w.received if a == "RemoteStopTransaction"][-1]["transactionId"]

@@ -382,16 +382,18 @@ class Connector:
             self.log.warning("wallbox did not carry out a backend request", action=action, error=repr(e))
             return None
 
-    async def remote_start(self, id_tag: str) -> bool:
+    async def remote_start(self, id_tag: str, remote_start_id: int | None = None) -> bool:
+        """``remote_start_id``: the 2.0.1 backend's, passed on to a 2.0.1 wallbox unchanged (its Started
+        then carries it back)."""
         s = self.box.session
         if s is None:
             return False
         if s.version == "1.6":
             res = await self._call("RemoteStartTransaction", {"connectorId": self.n, "idTag": id_tag[:20]})
         else:
+            rsid = remote_start_id if remote_start_id is not None else random.randint(1, 2**31 - 1)
             res = await self._call("RequestStartTransaction", {
-                "idToken": {"idToken": id_tag[:36], "type": "Central"}, "remoteStartId": random.randint(1, 2**31 - 1),
-                "evseId": self.n})
+                "idToken": {"idToken": id_tag[:36], "type": "Central"}, "remoteStartId": rsid, "evseId": self.n})
         return bool(res and res.get("status") == "Accepted")
 
     async def remote_stop(self, tx: TxRow) -> bool:
@@ -946,9 +948,12 @@ class WallboxSession:
                 self.csms.counters["unknown_transaction"] += 1
             meter = energy if energy is not None else (c.energy_wh if c.energy_wh is not None else Decimal(0))
             id_tag = tag or c.evse.id_tag or self.csms.config.ocpp.backend.id_tag
+            rsid = info.get("remoteStartId")
             c.tx = c.up.start_tx(id_tag=id_tag, meter_start_wh=meter, timestamp=d["timestamp"], local_id=tid,
                                  trigger=d.get("triggerReason", "Authorized"), local_seq=seq,
-                                 samples=samples if ev == "Started" else None)
+                                 samples=samples if ev == "Started" else None,
+                                 id_token=d.get("idToken") if tag else None,
+                                 remote_start_id=rsid if isinstance(rsid, int) else None)
             c.log.info("transaction started", local_transaction_id=tid, meter_start_wh=str(meter), id_tag=id_tag)
             row = queue.tx(c.tx)
             if ev == "Started":

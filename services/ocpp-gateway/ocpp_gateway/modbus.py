@@ -180,7 +180,7 @@ class ModbusEvse:
         finally:
             self._results.pop(rid, None)
 
-    async def remote_start(self, id_tag: str) -> bool:
+    async def remote_start(self, id_tag: str, remote_start_id: int | None = None) -> bool:
         if self.tx is not None:
             return False
         res = await self._command(p.EvseCommandAction.START, id_tag)

@@ -14,6 +14,7 @@ import base64
 import contextlib
 import json
 import ssl
+import time
 import urllib.parse
 from collections import Counter
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ class Driver(Protocol):
 
     kind: str
 
-    async def remote_start(self, id_tag: str) -> bool: ...
+    async def remote_start(self, id_tag: str, remote_start_id: int | None = None) -> bool: ...
     async def remote_stop(self, tx: TxRow) -> bool: ...
     async def availability(self, operative: bool) -> str: ...  # Accepted / Rejected / Scheduled
     async def reset(self, hard: bool) -> str: ...  # Accepted / Rejected
@@ -51,6 +52,7 @@ class Driver(Protocol):
     def boot_info(self) -> dict[str, str]: ...
 
 
+REMOTE_START_MATCH_S = 120.0  # a start this soon after the backend's RequestStartTransaction is its
 TRIGGER_STATUS_WAIT_S = 2.0  # a triggered StatusNotification the wallbox does not send: ours after this
 
 
@@ -144,6 +146,7 @@ class UpstreamCP:
         self._status: tuple[str, str, str | None] = ("Unavailable", "NoError", None)  # 1.6 status, error, info
         self._sent_status: tuple[str, str, str | None] | None = None
         self._status_triggered = False  # the backend asked for a StatusNotification: send the next one
+        self._remote_start: tuple[str, int, float] | None = None  # (idToken, remoteStartId, when) asked for
         self._profiles: list[Profile] = self._load_profiles()
         self._limit_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -162,7 +165,8 @@ class UpstreamCP:
 
     def start_tx(self, *, id_tag: str, meter_start_wh: Decimal, timestamp: str, local_id: str | None,
                  trigger: str = "Authorized", local_seq: int | None = None,
-                 samples: list[conv.Sample] | None = None) -> str:
+                 samples: list[conv.Sample] | None = None, id_token: dict[str, Any] | None = None,
+                 remote_start_id: int | None = None) -> str:
         """Queue a transaction start (durably) and return the transaction key. ``samples``: the meter
         values the wallbox sent with its start (2.0.1 Started), signed data included: a 2.0.1 backend gets
         them as the Started event's meterValue, a 1.6 backend in a MeterValues right after the start."""
@@ -180,10 +184,20 @@ class UpstreamCP:
             import uuid
 
             tx = uuid.uuid4().hex
+            info: dict[str, Any] = {"transactionId": tx, "chargingState": "EVConnected"}
+            rs = self._remote_start
+            if remote_start_id is None and rs is not None and rs[0] == id_tag and \
+                    time.monotonic() - rs[2] < REMOTE_START_MATCH_S:
+                remote_start_id = rs[1]  # the start the backend asked for (a 1.6 or Modbus EVSE has no id)
+            if remote_start_id is not None:
+                info["remoteStartId"] = remote_start_id
+                self._remote_start = None
+                trigger = "RemoteStart" if trigger == "Authorized" else trigger
             payload = {
                 "eventType": "Started", "timestamp": timestamp, "triggerReason": trigger, "seqNo": 0,
-                "transactionInfo": {"transactionId": tx, "chargingState": "EVConnected"},
-                "idToken": {"idToken": id_tag[:36], "type": "Central"},
+                "transactionInfo": info,
+                # the wallbox's own idToken (type included) when it sent one
+                "idToken": id_token if id_token else {"idToken": id_tag[:36], "type": "Central"},
                 "evse": {"id": 1, "connectorId": 1},
                 "meterValue": (conv.to_201(samples) if samples else None) or [
                     {"timestamp": timestamp, "sampledValue": [
@@ -565,7 +579,10 @@ class UpstreamCP:
         if action == "RequestStartTransaction":
             if d.get("chargingProfile"):
                 self._add_profile(d["chargingProfile"], tx_profile_ok=True)
-            ok = await self.driver.remote_start(d["idToken"]["idToken"])
+            rid = d.get("remoteStartId")
+            ok = await self.driver.remote_start(d["idToken"]["idToken"], rid)
+            if ok and isinstance(rid, int):
+                self._remote_start = (d["idToken"]["idToken"], rid, time.monotonic())
             return {"status": "Accepted" if ok else "Rejected"}
         if action == "RequestStopTransaction":
             row = self.queue.tx_by_backend(self.cbid, str(d["transactionId"]))
