@@ -177,6 +177,7 @@ async def test_16_signed_data_reaches_a_16_backend_byte_for_byte_and_the_bus(env
     assert mv and mv[-1]["meterValue"][0]["sampledValue"] == [sv16("1000", "Transaction.Begin"),
                                                               sv16(OCMF_BEGIN, "Transaction.Begin", signed=True)]
     stop = received(env, "s16", "StopTransaction")[-1]
+    assert "idTag" not in stop  # the wallbox sent none: the gateway adds none (issue 12.10)
     assert stop["transactionData"] == [{"timestamp": _ts(30), "sampledValue": [
         sv16("2100", "Transaction.End"), sv16(OCMF_END, "Transaction.End", signed=True)]}]
     assert env.backend.errors_sent() == []

@@ -856,7 +856,7 @@ class WallboxSession:
         if c.keep_signed(samples):
             c.publish()  # the session's end signed data on the bus while the session is still there
         c.up.stop_tx(row.tx, meter_stop_wh=meter, timestamp=d["timestamp"], reason16=d.get("reason", "Local"),
-                     id_tag=d.get("idTag") or row.id_tag, samples=samples)
+                     id_tag=d.get("idTag"), samples=samples)  # only if the wallbox sent one
         if c.tx == row.tx:
             c.tx = None
         c.energy_wh = meter
@@ -968,7 +968,7 @@ class WallboxSession:
                                                          Decimal(str(row.meter_last or 0)))
             reason = conv.STOP_REASON_201_TO_16.get(info.get("stoppedReason", "Local"), "Other")
             c.up.stop_tx(row.tx, meter_stop_wh=meter, timestamp=d["timestamp"], reason16=reason,
-                         id_tag=tag or row.id_tag, local_seq=seq, samples=samples)
+                         id_tag=tag, local_seq=seq, samples=samples)  # only if the wallbox sent one
             if c.tx == row.tx:
                 c.tx = None
             c.energy_wh = meter
