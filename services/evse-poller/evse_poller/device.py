@@ -447,7 +447,7 @@ class MeterDevice(_Base):
         self.memory = logic.MeterMemory()
         self.last_reading: p.MeterReading | None = None
         self._names = [n for n in logic_names(profile, "meter") if n in profile.registers]
-        self._reads = plan_reads(profile, self._names)
+        self._reads = plan_reads(profile, self._names) if profile.http is None else []
 
     async def _ensure_init(self) -> None:
         generation = await self.link.connect()
@@ -458,13 +458,40 @@ class MeterDevice(_Base):
             self._reads = plan_reads(self.profile, self._names, offset=self._offset)
         self._init_generation = generation
 
+    async def _read_http(self) -> tuple[dict[str, Any], list[str]]:
+        """Every request of the profile's ``http`` section, retried like a Modbus read."""
+        from evse_poller.httpjson import extract_json
+
+        spec = self.profile.http
+        assert spec is not None
+        t = self.target
+        docs: dict[str, Any] = {}
+        for name, req in spec.requests.items():
+            last: LinkError | None = None
+            for _ in range(t.retries + 1):
+                try:
+                    docs[name] = await self.link.get_json(req.path, t.timeout_s, spec.max_body_bytes)
+                    break
+                except DeviceRejected:
+                    raise
+                except LinkError as e:
+                    last = e
+            if name not in docs:
+                assert last is not None
+                raise last
+        self._last_request = time.monotonic()
+        return extract_json(self.profile, docs)
+
     async def poll(self) -> p.MeterReading:
         t0 = time.perf_counter()
         async with self.lock:
             try:
                 await self._ensure_init()
-                words = await self._read_blocks(self._reads)
-                values, errors = extract(self.profile, words, self._reads, offset=self._offset)
+                if self.profile.http is not None:
+                    values, errors = await self._read_http()
+                else:
+                    words = await self._read_blocks(self._reads)
+                    values, errors = extract(self.profile, words, self._reads, offset=self._offset)
                 for e in errors:
                     self._warn_once(f"decode:{e}", "register value could not be decoded", error=e)
             except (LinkError, DeviceError) as e:
@@ -492,7 +519,7 @@ def logic_names(profile: Profile, kind: str) -> list[str]:
     from evse_poller.profile import EVSE_POLLED, METER_MEASUREMENTS
 
     names = list(EVSE_POLLED if kind == "evse" else METER_MEASUREMENTS)
-    extra: list[str] = []
+    extra: list[str] = list(profile.state.combine) if profile.state is not None else []
     for n in names:
         reg = profile.registers.get(n)
         if reg is not None and reg.scale_register is not None:

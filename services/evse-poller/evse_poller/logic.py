@@ -46,6 +46,19 @@ class StateInfo:
     known: bool
 
 
+def state_code(profile: Profile, values: dict[str, Value]) -> Value:
+    """The raw state code of one poll: the state register's value or, with ``state.combine``, the
+    values of the state register and the combined ones joined by '/' (None if any is missing)."""
+    assert profile.state is not None
+    raw = values.get(profile.state.reg)
+    if not profile.state.combine:
+        return raw
+    parts = [raw, *(values.get(n) for n in profile.state.combine)]
+    if any(v is None for v in parts):
+        return None
+    return "/".join(str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) for v in parts)
+
+
 def map_state(profile: Profile, raw: Value) -> StateInfo:
     """Look the raw state code up in the profile (codes are compared as text)."""
     if profile.state is None or raw is None:
@@ -122,7 +135,7 @@ def evaluate_evse(profile: Profile, values: dict[str, Value], memory: EvseMemory
     flags: list[str] = []
     reason: str | None = None
     assert profile.state is not None
-    raw_state = values.get(profile.state.reg)
+    raw_state = state_code(profile, values)
     raw_out: int | str | None = raw_state if isinstance(raw_state, int | str) else None
     if isinstance(raw_state, float):
         raw_out = int(raw_state) if raw_state.is_integer() else str(raw_state)

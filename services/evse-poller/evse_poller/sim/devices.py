@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from evse_poller.codec import DType
+from evse_poller.sim.httpserver import HttpEndpoint
 from evse_poller.sim.model import NOMINAL_V, ChargePoint, MeterModel
 from evse_poller.sim.regmap import RegisterMap
 
@@ -434,6 +436,52 @@ def sunspec_meter(meter: MeterModel) -> RegisterMap:
     m.constant(h, b + 108, U16, 0, name="end L")
     return m
 
+
+# -- meters over HTTP ---------------------------------------------------------------------------
+# Shelly Pro 3EM, Gen2 RPC over HTTP GET (Shelly API docs, ComponentsAndServices/EM and EMData):
+# /rpc/EM.GetStatus?id=0 -> {"id": 0, "a_current": A, "a_voltage": V, "a_act_power": W, "a_aprt_power": VA,
+# "a_pf": .., "a_freq": Hz, b_*, c_* likewise, "n_current": null (no neutral CT), "total_current": A,
+# "total_act_power": W, "total_aprt_power": VA, "user_calibrated_phase": []}; currents are magnitudes,
+# powers signed (negative = returned to the grid). /rpc/EMData.GetStatus?id=0 -> {"id": 0,
+# "a_total_act_energy": Wh, "a_total_act_ret_energy": Wh, b_*, c_*, "total_act": Wh, "total_act_ret": Wh}.
+
+def shelly_pro_3em(meter: MeterModel, ep: HttpEndpoint) -> None:
+    def em() -> dict[str, Any]:
+        meter.tick()
+        out: dict[str, Any] = {"id": 0}
+        amps = meter.currents()
+        for i, ph in enumerate("abc"):
+            w = amps[i] * meter.voltage_v
+            out[f"{ph}_current"] = round(abs(amps[i]), 3)
+            out[f"{ph}_voltage"] = round(meter.voltage_v, 1)
+            out[f"{ph}_act_power"] = round(w, 1)
+            out[f"{ph}_aprt_power"] = round(abs(w), 1)
+            out[f"{ph}_pf"] = 1.0 if abs(w) > 0 else 0.0
+            out[f"{ph}_freq"] = 50.0
+        out["n_current"] = None
+        out["total_current"] = round(sum(abs(a) for a in amps), 3)
+        out["total_act_power"] = round(sum(a * meter.voltage_v for a in amps), 3)
+        out["total_aprt_power"] = round(sum(abs(a) * meter.voltage_v for a in amps), 3)
+        out["user_calibrated_phase"] = []
+        return out
+
+    def emdata() -> dict[str, Any]:
+        meter.tick()
+        out: dict[str, Any] = {"id": 0}
+        for ph in "abc":
+            out[f"{ph}_total_act_energy"] = round(meter.import_wh / 3, 2)
+            out[f"{ph}_total_act_ret_energy"] = round(meter.export_wh / 3, 2)
+        out["total_act"] = round(meter.import_wh, 2)
+        out["total_act_ret"] = round(meter.export_wh, 2)
+        return out
+
+    ep.route("/rpc/EM.GetStatus?id=0", em)
+    ep.route("/rpc/EMData.GetStatus?id=0", emdata)
+
+
+HTTP_METER_SIMS: dict[str, Callable[[MeterModel, HttpEndpoint], None]] = {
+    "shelly-pro-3em": shelly_pro_3em,
+}
 
 EVSE_SIMS: dict[str, Callable[[ChargePoint, SimSettings], RegisterMap]] = {
     "heidelberg-energy-control": heidelberg,
