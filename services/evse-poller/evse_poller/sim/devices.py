@@ -389,6 +389,93 @@ def sdm630(meter: MeterModel) -> RegisterMap:
     return m
 
 
+# Eastron SDM72D-M (and SDM72D-M-2) user manual, part 3 "Modbus Protocol", input registers (FC 04),
+# every parameter an IEEE 754 float in two registers, high word first: 0x00/02/04 phase voltages,
+# 0x06/08/0A phase currents, 0x0C/0E/10 phase active power, 0x12.. apparent, 0x18.. reactive,
+# 0x1E.. power factor, 0x34 total system power, 0x38 VA, 0x3C VAr, 0x3E PF, 0x46 frequency,
+# 0x48 total import kWh, 0x4A total export kWh, 0x156 total kWh (import + export), 0x180/0x184/0x186
+# resettable total/import/export kWh, 0x500/0x502 total import/export active power W. "Each request
+# for data must be restricted to 30 parameters or less": a longer read is answered with an exception.
+
+def sdm72(meter: MeterModel) -> RegisterMap:
+    m = RegisterMap()
+    m.before_read = meter.tick
+    m.max_read = 60
+    inp = "input"
+
+    def p(i: int) -> float:
+        return meter.phase_power()[i]
+
+    for i in range(3):
+        m.field(inp, 0x00 + 2 * i, F32, lambda: meter.voltage_v, name=f"phase {i + 1} line to neutral volts")
+        m.field(inp, 0x06 + 2 * i, F32, lambda i=i: abs(meter.currents()[i]), name=f"phase {i + 1} current")
+        m.field(inp, 0x0C + 2 * i, F32, lambda i=i: p(i), name=f"phase {i + 1} active power")
+        m.field(inp, 0x12 + 2 * i, F32, lambda i=i: abs(p(i)), name=f"phase {i + 1} apparent power")
+        m.constant(inp, 0x18 + 2 * i, F32, 0.0, name=f"phase {i + 1} reactive power")
+        m.field(inp, 0x1E + 2 * i, F32, lambda i=i: 1.0 if p(i) >= 0 else -1.0, name=f"phase {i + 1} power factor")
+    m.field(inp, 0x34, F32, lambda: sum(meter.phase_power()), name="total system power")
+    m.field(inp, 0x38, F32, lambda: sum(abs(x) for x in meter.phase_power()), name="total system VA")
+    m.constant(inp, 0x3C, F32, 0.0, name="total system VAr")
+    m.constant(inp, 0x3E, F32, 1.0, name="total system power factor")
+    m.constant(inp, 0x46, F32, 50.0, name="frequency")
+    m.field(inp, 0x48, F32, lambda: meter.import_wh / 1000.0, name="total import kWh")
+    m.field(inp, 0x4A, F32, lambda: meter.export_wh / 1000.0, name="total export kWh")
+    m.field(inp, 0x156, F32, lambda: (meter.import_wh + meter.export_wh) / 1000.0, name="total kWh")
+    m.field(inp, 0x180, F32, lambda: (meter.import_wh + meter.export_wh) / 1000.0, name="resettable total kWh")
+    m.field(inp, 0x184, F32, lambda: meter.import_wh / 1000.0, name="resettable import kWh")
+    m.field(inp, 0x186, F32, lambda: meter.export_wh / 1000.0, name="resettable export kWh")
+    m.field(inp, 0x500, F32, lambda: max(0.0, sum(meter.phase_power())), name="total import active power")
+    m.field(inp, 0x502, F32, lambda: max(0.0, -sum(meter.phase_power())), name="total export active power")
+    m.filler(inp, 0x00, 0x4F)  # parameters not valid for the wiring read zero
+    return m
+
+
+# Carlo Gavazzi EM24 Ethernet ("EM24_E1 (Ethernet) Communication Protocol", version 0 revision 1.2), as
+# the implementations read it (volkszaehler/mbmd carlogavazzi-em24_e1.go, openWB carlo_gavazzi counter.py):
+# unit 1, FC 03 and 04 answer the same table; INT32 values least significant word first; 0x00/02/04
+# V L-N (V x 10), 0x06/08/0A V L-L, 0x0C/0E/10 A L (A x 1000), 0x12/14/16 W L (W x 10), 0x18.. VA L,
+# 0x1E.. var L, 0x24 V L-N sys, 0x26 V L-L sys, 0x28 W sys (W x 10), 0x2A VA sys, 0x2C var sys,
+# 0x2E..0x31 PF L1..L3, sys (INT16 x 1000), 0x32 phase sequence, 0x33 Hz (INT16 x 10), 0x34 kWh (+) TOT
+# (kWh x 10), 0x36 kvarh (+) TOT, 0x40/42/44 kWh (+) L1..L3, 0x4E kWh (-) TOT, 0x50 kvarh (-) TOT.
+
+def em24_e1(meter: MeterModel) -> RegisterMap:
+    m = RegisterMap()
+    m.before_read = meter.tick
+    lsw = "little"
+
+    def w10(x: float) -> int:
+        return round(x * 10)
+
+    for table in ("input", "holding"):
+        def f(addr: int, get: Callable[[], int | float], name: str, dtype: DType = I32, table: str = table) -> None:
+            m.field(table, addr, dtype, get, word_order=lsw if dtype is I32 else "big", name=name)
+
+        for i in range(3):
+            f(0x00 + 2 * i, lambda: w10(meter.voltage_v), f"V L{i + 1}-N")
+            f(0x06 + 2 * i, lambda: w10(meter.voltage_v * 3 ** 0.5), f"V L{i + 1}-L{i % 3 + 2}")
+            f(0x0C + 2 * i, lambda i=i: round(meter.currents()[i] * 1000), f"A L{i + 1}")
+            f(0x12 + 2 * i, lambda i=i: w10(meter.phase_power()[i]), f"W L{i + 1}")
+            f(0x18 + 2 * i, lambda i=i: w10(abs(meter.phase_power()[i])), f"VA L{i + 1}")
+            f(0x1E + 2 * i, lambda: 0, f"var L{i + 1}")
+            f(0x2E + i, lambda: 1000, f"PF L{i + 1}", I16)
+        f(0x24, lambda: w10(meter.voltage_v), "V L-N sys")
+        f(0x26, lambda: w10(meter.voltage_v * 3 ** 0.5), "V L-L sys")
+        f(0x28, lambda: w10(sum(meter.phase_power())), "W sys")
+        f(0x2A, lambda: w10(sum(abs(x) for x in meter.phase_power())), "VA sys")
+        f(0x2C, lambda: 0, "var sys")
+        f(0x31, lambda: 1000, "PF sys", I16)
+        f(0x32, lambda: 0, "phase sequence", I16)
+        f(0x33, lambda: 500, "Hz", I16)
+        f(0x34, lambda: int(meter.import_wh / 100), "kWh (+) TOT")
+        f(0x36, lambda: 0, "kvarh (+) TOT")
+        for i in range(3):
+            f(0x40 + 2 * i, lambda: int(meter.import_wh / 300), f"kWh (+) L{i + 1}")
+        f(0x4E, lambda: int(meter.export_wh / 100), "kWh (-) TOT")
+        f(0x50, lambda: 0, "kvarh (-) TOT")
+        m.filler(table, 0x00, 0x51)
+    return m
+
+
 # SunSpec: "SunS" at 40000, common model 1 (L = 65) at 40002, meter model 203 (L = 105) at 40069,
 # end marker 0xFFFF at 40176. Model 203 offsets (sunspec/models model_203.json): 2 A, 3-5 AphA-C,
 # 6 A_SF, 7 PhV, 8-10 PhVphA-C, 15 V_SF, 16 Hz, 17 Hz_SF, 18 W, 19-21 WphA-C, 22 W_SF,
@@ -492,5 +579,7 @@ EVSE_SIMS: dict[str, Callable[[ChargePoint, SimSettings], RegisterMap]] = {
 }
 METER_SIMS: dict[str, Callable[[MeterModel], RegisterMap]] = {
     "sdm630": sdm630,
+    "sdm72d-m": sdm72,
+    "carlo-gavazzi-em24": em24_e1,
     "sunspec-meter": sunspec_meter,
 }

@@ -67,6 +67,7 @@ class RegisterMap:
         self.on_request: Callable[[], None] | None = None
         self.before_read: Callable[[], None] | None = None
         self.silent = False  # a device that stopped answering (on a shared bus)
+        self.max_read: int | None = None  # a device that refuses longer reads (exception 3, illegal value)
         self.reads = 0
         self.writes = 0
 
@@ -111,6 +112,8 @@ class RegisterMap:
         if self.before_read:
             self.before_read()
         self.reads += 1
+        if self.max_read is not None and count > self.max_read:
+            return ExcCodes.ILLEGAL_VALUE
         out: list[int] = []
         a = address
         while a < address + count:
