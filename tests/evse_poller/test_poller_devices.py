@@ -11,10 +11,12 @@ import struct
 from collections.abc import AsyncIterator
 
 import pytest
-from poller_support import polling, read_raw
+from poller_support import polling, read_raw, setpoint
 
 from chargegate import config as cfgmod
 from chargegate.broker import free_port
+from chargegate.payloads import EvseState, IecState
+from evse_poller import logic
 from evse_poller.poller import MemoryPublisher, Poller
 from evse_poller.profile import load_profile
 from evse_poller.registers import extract, plan_reads
@@ -70,6 +72,64 @@ def test_golden_em24() -> None:
     assert v["energy_import"] == pytest.approx(1_234_500.0) and v["energy_export"] == pytest.approx(7_000_000.0)
 
 
+def test_golden_keba() -> None:
+    # guide V1.02: UINT32 high word first; 1008 mA, 1020 mW, 1036 total energy (0.1 Wh, see the profile)
+    h = "holding"
+    raw = {(h, 1000): 0, (h, 1001): 3, (h, 1004): 0, (h, 1005): 7, (h, 1008): 0, (h, 1009): 16000,
+           (h, 1020): 0x0001, (h, 1021): 0x86A0, (h, 1036): 0x0005, (h, 1037): 0xD055}
+    v = _decode("keba-p30", raw)
+    assert v["state"] == 3 and v["cable_state"] == 7 and v["current_l1"] == pytest.approx(16.0)
+    assert v["power"] == pytest.approx(100.0)  # 100000 mW
+    assert v["energy"] == pytest.approx(38101.3)  # 381013 x 0.1 Wh
+    prof = load_profile("keba-p30")
+    assert prof.transport.device_id == 255 and all(b.count <= 2 for b in plan_reads(prof, list(prof.registers)))
+    assert prof.registers["max_current"].access == "w" and prof.registers["max_current"].scale == 0.001
+
+
+def test_golden_vestel() -> None:
+    i = "input"
+    raw = {(i, 1001): 1, (i, 1004): 3, (i, 1008): 15990, (i, 1020): 0, (i, 1021): 11040, (i, 1036): 0,
+           (i, 1037): 12345}
+    v = _decode("vestel-evc04", raw)
+    assert v["current_l1"] == pytest.approx(15.99) and v["power"] == 11040
+    assert v["energy"] == pytest.approx(1_234_500.0)  # 12345 x 0.1 kWh
+    assert all(b.count <= 2 for b in plan_reads(load_profile("vestel-evc04"),
+                                                ["current_l1", "current_l2", "current_l3"]))
+
+
+A, B, C, F = IecState.A, IecState.B, IecState.C, IecState.F
+AV, PR, CH, SU, FA, UN = (EvseState.AVAILABLE, EvseState.PREPARING, EvseState.CHARGING, EvseState.SUSPENDED,
+                          EvseState.FAULTED, EvseState.UNAVAILABLE)
+# from the sources (see each profile's header), not from the profile
+KEBA_STATES = {  # charging state (guide 3.1) / cable state (guide 3.2)
+    **{f"0/{c}": (A, UN) for c in (0, 1, 3)}, **{f"0/{c}": (B, UN) for c in (5, 7)},
+    **{f"1/{c}": (A, AV) for c in (0, 1, 3)}, **{f"1/{c}": (B, PR) for c in (5, 7)},
+    **{f"2/{c}": (A, AV) for c in (0, 1, 3)}, **{f"2/{c}": (B, PR) for c in (5, 7)},
+    "3/5": (C, CH), "3/7": (C, CH),
+    **{f"4/{c}": (F, FA) for c in (0, 1, 3, 5, 7)},
+    **{f"5/{c}": (A, AV) for c in (0, 1, 3)}, **{f"5/{c}": (B, SU) for c in (5, 7)},
+}
+VESTEL_STATES = {"0/0": (A, AV), "0/1": (A, AV), "0/2": (B, PR), "0/3": (B, PR), "1/2": (C, CH), "1/3": (C, CH)}
+
+
+@pytest.mark.parametrize(("name", "table", "undocumented"), [
+    ("keba-p30", KEBA_STATES, ["3/0", "3/1", "2/4", "6/5", "1/2"]),
+    ("vestel-evc04", VESTEL_STATES, ["1/0", "1/1", "0/4", "2/2"]),
+])
+def test_state_code_tables(name: str, table: dict[str, tuple[IecState, EvseState]], undocumented: list[str]) -> None:
+    prof = load_profile(name)
+    for code, (iec, derived) in table.items():
+        info = logic.map_state(prof, code)
+        assert info.known and info.iec is iec, (name, code, info)
+        assert logic.derive_state(info, offered_a=10.0, enabled=True) is derived, (name, code)
+    for code in undocumented:
+        assert not logic.map_state(prof, code).known, (name, code)
+    # the state code is made of the registers' raw values
+    assert prof.state is not None and prof.state.combine == ["cable_state"]
+    assert logic.state_code(prof, {prof.state.reg: 3, "cable_state": 7}) == "3/7"
+    assert logic.state_code(prof, {prof.state.reg: 3, "cable_state": None}) is None
+
+
 # -- through the poller ----------------------------------------------------------------------------------
 
 class Rig:
@@ -80,7 +140,11 @@ class Rig:
 @pytest.fixture(scope="module")
 async def rig(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Rig]:
     tmp = tmp_path_factory.mktemp("devices")
-    ports = {k: free_port() for k in ("meters", "shelly")}
+    ports = {k: free_port() for k in ("meters", "shelly", "keba", "vestel")}
+    evses = "\n".join(
+        f"  - {{id: {n}, circuit: garage, max_current_a: 16, safe_current_a: 6, phase_switching: true,"
+        f" modbus: {{profile: {p}, host: 127.0.0.1, port: {ports[n]}, timeout_s: 0.3, retries: 0}}}}"
+        for n, p in (("keba", "keba-p30"), ("vestel", "vestel-evc04")))
     text = f"""
 site: {{name: devices}}
 state_dir: {tmp / 'state'}
@@ -92,6 +156,8 @@ circuits:
     children:
       - {{id: garage, fuse_a: 50, meter: garage-em24}}
       - {{id: carport, fuse_a: 32, meter: carport-shelly}}
+evses:
+{evses}
 meters:
   - {{id: grid-sdm72, role: grid, modbus: {{profile: sdm72d-m, transport: tcp, host: 127.0.0.1, port: {ports['meters']},
       device_id: 1}}}}
@@ -114,10 +180,10 @@ async def test_meters_read_their_simulators(rig: Rig) -> None:
     assert grid.voltage_v == pytest.approx([230.0] * 3)
     assert grid.power_w == pytest.approx(3.5 * 230, abs=0.5)
     assert grid.energy_import_wh is not None and grid.energy_export_wh == pytest.approx(0.0)
-    for mid in ("garage-em24", "carport-shelly"):
-        r = rig.pub.readings[mid]
-        assert r.online and r.plausible, r
-        assert r.current_a == pytest.approx([0.0, 0.0, 0.0], abs=0.01) and r.voltage_v == pytest.approx([230.0] * 3)
+    r = rig.pub.readings["carport-shelly"]
+    assert r.online and r.plausible, r
+    assert r.current_a == pytest.approx([0.0, 0.0, 0.0], abs=0.01) and r.voltage_v == pytest.approx([230.0] * 3)
+    assert rig.pub.readings["garage-em24"].online and rig.pub.readings["garage-em24"].plausible
 
 
 async def test_sdm72_refuses_long_reads_and_the_profile_keeps_them_short(rig: Rig) -> None:
@@ -137,3 +203,87 @@ async def test_em24_words_are_lsw_first_on_the_wire(rig: Rig) -> None:
     words = await read_raw(rig.ports["meters"], "input", 0x00, 2, 2)
     assert words == [2300, 0]  # 230.0 V x 10, least significant word first
     assert await read_raw(rig.ports["meters"], "holding", 0x00, 2, 2) == words  # FC 03 reads the same table
+
+
+def _point(rig: Rig, evse_id: str):  # type: ignore[no-untyped-def]
+    return rig.sims.point(evse_id)
+
+
+async def _polls(rig: Rig, n: int = 2) -> None:
+    for _ in range(n):
+        await rig.poller.poll_once()
+
+
+@pytest.mark.parametrize("evse_id", ["keba", "vestel"])
+async def test_wallbox_charges_pauses_resumes_through_the_poller(rig: Rig, evse_id: str) -> None:
+    rig.sims.plug(evse_id, phases=3, max_current_a=16)
+    await _polls(rig)
+    st = rig.pub.statuses[evse_id]
+    assert st.online and st.iec_state is IecState.C and st.state is EvseState.CHARGING, st
+    assert st.applied is not None and st.applied.fallback and st.current_a == pytest.approx([6.0] * 3, abs=0.01)
+    assert st.energy_wh is not None and st.power_w == pytest.approx(3 * 6 * 230, abs=1)
+    dev = rig.poller.evses[evse_id]
+    dev.setpoint = setpoint(evse_id, 10.0, seq=1)
+    await _polls(rig)
+    st = rig.pub.statuses[evse_id]
+    assert _point(rig, evse_id).commanded_a == pytest.approx(10.0)
+    assert st.current_a == pytest.approx([10.0] * 3, abs=0.01) and not st.applied.fallback  # type: ignore[union-attr]
+    # the garage meter (EM24) sees the car
+    assert rig.pub.readings["garage-em24"].current_a[0] >= 10.0 - 0.01  # type: ignore[index]
+    dev.setpoint = setpoint(evse_id, 0.0, seq=2)
+    await _polls(rig)
+    st = rig.pub.statuses[evse_id]
+    assert st.iec_state is IecState.B and st.state is EvseState.SUSPENDED and st.current_a == [0.0, 0.0, 0.0], st
+    dev.setpoint = setpoint(evse_id, 12.0, seq=3)
+    await _polls(rig)
+    st = rig.pub.statuses[evse_id]
+    assert st.state is EvseState.CHARGING and st.current_a == pytest.approx([12.0] * 3, abs=0.01), st
+    # the watchdog was programmed and is kept alive
+    cp = _point(rig, evse_id)
+    assert cp.watchdog_s == pytest.approx(10.0) and cp.last_keepalive is not None
+    rig.sims.unplug(evse_id)
+    await _polls(rig)
+    assert rig.pub.statuses[evse_id].iec_state is IecState.A
+
+
+async def test_keba_pauses_with_5014_because_5004_refuses_zero(rig: Rig) -> None:
+    cp = _point(rig, "keba")
+    rig.sims.plug("keba", phases=3, max_current_a=16)
+    dev = rig.poller.evses["keba"]
+    dev.setpoint = setpoint("keba", 0.0, seq=10)
+    await _polls(rig)
+    assert not cp.enabled and cp.commanded_a is not None and cp.commanded_a >= 6.0  # 5014 = 0, 5004 untouched
+    assert rig.pub.statuses["keba"].raw_state == "5/5"
+    dev.setpoint = setpoint("keba", 8.0, seq=11)
+    await _polls(rig)
+    assert cp.enabled and cp.commanded_a == pytest.approx(8.0)  # 5014 = 1, then 5004 = 8000 mA
+    rig.sims.unplug("keba")
+
+
+async def test_a_refused_setpoint_is_warned_once_and_polling_goes_on(rig: Rig) -> None:
+    field = rig.sims.evses["vestel"].regmap.fields["holding"][5004]
+    before = field.set
+    field.set = lambda v: False  # the box refuses every current
+    try:
+        dev = rig.poller.evses["vestel"]
+        dev.setpoint = setpoint("vestel", 9.0, seq=20)
+        rejected = rig.poller.counters["modbus_writes_rejected"]
+        await _polls(rig)  # used to raise KeyError from the warning
+        assert rig.poller.counters["modbus_writes_rejected"] > rejected
+        assert rig.pub.statuses["vestel"].online
+    finally:
+        field.set = before
+
+
+async def test_phase_switching_writes_the_documented_values(rig: Rig) -> None:
+    for evse_id in ("keba", "vestel"):
+        rig.sims.plug(evse_id, phases=3, max_current_a=16)
+        dev = rig.poller.evses[evse_id]
+        dev.setpoint = setpoint(evse_id, 10.0, seq=30, phases=1)
+        await _polls(rig)
+        assert _point(rig, evse_id).phase_setting == 1, evse_id
+        dev.setpoint = setpoint(evse_id, 10.0, seq=31, phases=3)
+        await _polls(rig)
+        assert _point(rig, evse_id).phase_setting == 3, evse_id
+        rig.sims.unplug(evse_id)
+    assert await read_raw(rig.ports["vestel"], "holding", 405, 1, 255) == [1]

@@ -10,6 +10,7 @@ profile's header) say, typed in here and not taken from the YAML:
 from __future__ import annotations
 
 import pytest
+from test_poller_devices import KEBA_STATES, VESTEL_STATES
 
 from chargegate import config as cfgmod
 from chargegate.cli import main as cli_main
@@ -40,6 +41,8 @@ STATE_TABLES: dict[str, dict[int | str, tuple[IecState, EvseState]]] = {
     "abl-emh": {0xA1: (A, AV), 0xB1: (B, PR), 0xB2: (B, PR), 0xC2: (C, CH), 0xC3: (C, CH), 0xC4: (C, CH),
                 0xE0: (B, UN), 0xF1: (F, FA), 0xF4: (F, FA), 0xFB: (F, FA)},
 }
+# wallboxes whose state code combines two registers (test_poller_devices.py has their tables and sources)
+STATE_TABLES.update({"keba-p30": KEBA_STATES, "vestel-evc04": VESTEL_STATES})  # type: ignore[dict-item]
 # codes the sources do not document (must not be guessed)
 UNDOCUMENTED: dict[str, list[int | str]] = {"webasto-next": [2, 5, 6, 9], "heidelberg-energy-control": [0, 1, 12]}
 

@@ -63,7 +63,7 @@ class _Base:
     def _warn_once(self, key: str, msg: str, **kw: Any) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            self.log.warning(msg, **{self.kind: self.id}, **kw)
+            self.log.warning(msg, **{self.kind: self.id, **kw})  # kw may name the device again
 
     async def _read_blocks(self, blocks: list[ReadBlock]) -> dict[tuple[Any, int], list[int]]:
         out: dict[tuple[Any, int], list[int]] = {}
@@ -359,13 +359,15 @@ class EvseDevice(_Base):
             elif self._in_fallback is not None:
                 self.log.info("setpoint valid again", evse=self.id, seq=target.seq)
             self._in_fallback = target.fallback
-        words, applied_a = logic.current_words(prof, target.current_a)
+        writes, applied_a = logic.current_writes(prof, target.current_a)
+        words = [w for _, ws in writes for w in ws]  # what was applied, to compare with the last write
         wrote = False
         expiring = self._remaining_s is not None and self._remaining_s <= 2 * self.interval_s + 1
         if expiring or logic.needs_write(words, self._last_words, self._last_write_at, now, cc.refresh_s):
             self._remaining_s = None
             try:
-                await self._write(cc.reg, words)
+                for name, ws in writes:
+                    await self._write(name, ws)
             except DeviceRejected as e:
                 self._warn_once(f"setpoint:{words}", "device refused the current setpoint", evse=self.id,
                                 current_a=target.current_a, error=str(e))
@@ -400,7 +402,10 @@ class EvseDevice(_Base):
         if self._keepalive_at is not None and now - self._keepalive_at < every:
             return
         ka = wd.keepalive
-        await self._write(ka.reg, encode_raw(self.profile, self.profile.registers[ka.reg], ka.value))
+        reg = self.profile.registers[ka.reg]
+        words = (encode_value(self.profile, reg, self.watchdog_s) if ka.value == "timeout"
+                 else encode_raw(self.profile, reg, ka.value))
+        await self._write(ka.reg, words)
         self._keepalive_at = now
 
     async def command(self, cmd: p.EvseCommand) -> tuple[bool, str]:
@@ -519,7 +524,7 @@ def logic_names(profile: Profile, kind: str) -> list[str]:
     from evse_poller.profile import EVSE_POLLED, METER_MEASUREMENTS
 
     names = list(EVSE_POLLED if kind == "evse" else METER_MEASUREMENTS)
-    extra: list[str] = list(profile.state.combine) if profile.state is not None else []
+    extra: list[str] = [profile.state.reg, *profile.state.combine] if profile.state is not None else []
     for n in names:
         reg = profile.registers.get(n)
         if reg is not None and reg.scale_register is not None:

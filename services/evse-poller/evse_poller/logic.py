@@ -301,6 +301,22 @@ def current_words(profile: Profile, target_a: float) -> tuple[list[int], float]:
     return words, math.floor(applied * 1000 + 1e-6) / 1000  # reported to the mA, never rounded up
 
 
+def current_writes(profile: Profile, target_a: float) -> tuple[list[tuple[str, list[int]]], float]:
+    """The writes that apply ``target_a``, in order, as (register name, words), and the current they mean.
+    Usually one write to the current register; with ``current.pause`` a pause is one write to the pause
+    register, and a current the pause register's 'running' value followed by the current."""
+    cc = profile.current
+    assert cc is not None
+    if cc.pause is None:
+        words, applied = current_words(profile, target_a)
+        return [(cc.reg, words)], applied
+    preg = profile.registers[cc.pause.reg]
+    if target_a <= 0:
+        return [(cc.pause.reg, encode_raw(profile, preg, cc.pause.paused))], 0.0
+    words, applied = current_words(profile, target_a)
+    return [(cc.pause.reg, encode_raw(profile, preg, cc.pause.running)), (cc.reg, words)], applied
+
+
 def needs_write(words: list[int], last_words: list[int] | None, last_write_at: float | None, now: float,
                 refresh_s: float | None) -> bool:
     """Write when the value changed, was never written, or the device needs it refreshed."""

@@ -135,10 +135,20 @@ class StateMap(_Strict):
         return v
 
 
+class PauseControl(_Strict):
+    """Devices that cannot be told 0 A: pausing writes ``paused`` to a register of its own, and every
+    current written is preceded by ``running`` there (e.g. KEBA: 5004 takes 6..63 A only, 5014 0/1)."""
+
+    reg: Name = Field(alias="register")
+    paused: int
+    running: int
+
+
 class CurrentControl(_Strict):
     """How the maximum charging current is set."""
 
     reg: Name = Field(alias="register")
+    pause: PauseControl | None = Field(default=None, description="pause through another register")
     min_a: float = Field(default=6.0, ge=0, le=80, description="lowest current the device accepts besides pause")
     max_a: float = Field(default=32.0, gt=0, le=80)
     pause_a: float = Field(default=0.0, ge=0, le=80, description="current written to pause charging")
@@ -162,7 +172,9 @@ class EnableControl(_Strict):
 
 class Keepalive(_Strict):
     reg: Name = Field(alias="register")
-    value: int
+    value: int | Literal["timeout"] = Field(description="raw value written, or 'timeout': the programmed watchdog "
+                                                        "timeout, in the register's unit (a device whose keep-alive "
+                                                        "is rewriting its timeout)")
     every_s: float | None = Field(default=None, gt=0, le=3600,
                                   description="default: half the programmed watchdog timeout")
 
@@ -329,6 +341,8 @@ class Profile(_Strict):
                     need(c, f"state.combine[{i}]")
             if self.current is not None:
                 need(self.current.reg, "current.register", writable=True)
+                if self.current.pause is not None:
+                    need(self.current.pause.reg, "current.pause.register", writable=True)
                 if self.current.min_a > self.current.max_a:
                     errs.append("current: min_a is above max_a")
             if self.safe_current is None:

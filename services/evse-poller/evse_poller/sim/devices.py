@@ -313,6 +313,191 @@ def webasto(cp: ChargePoint, s: SimSettings) -> RegisterMap:
     return m
 
 
+# -- KEBA KeContact P30 (x-series) ---------------------------------------------------------------
+# "KeContact P30 Modbus TCP Programmers Guide" V1.02 (unit 255, FC 03 reads, FC 06 writes; it is not
+# possible to read several registers in one request): readable UINT32 1000 charging state (0 start-up,
+# 1 not ready - no vehicle or not authorised, 2 ready - waiting for the vehicle, 3 charging, 4 error,
+# 5 interrupted - temperature or suspended mode), 1004 cable state (0 no cable, 1 cable at the station,
+# 3 ... locked, 5 cable at the station and the vehicle, 7 ... and locked), 1006 error code, 1008/1010/1012
+# currents mA, 1014 serial, 1016 product, 1018 firmware, 1020 power mW, 1036 total energy (0.1 Wh, see
+# the profile), 1040/1042/1044 voltages V, 1046 power factor 0.1 %, 1100 max charging current mA, 1110 max
+# supported current mA, 1500 RFID, 1502 session energy, 1550 phase switch source, 1552 phase switch state,
+# 1600 failsafe current mA, 1602 failsafe timeout s; write-only UINT16 5004 charging current mA
+# (6000..63000), 5010 set energy (10 Wh), 5012 unlock plug, 5014 enable (0/1), 5016 failsafe current mA,
+# 5018 failsafe timeout s, 5020 failsafe persist, 5050 phase switch source, 5052 trigger phase switch
+# (0: 1 phase, 1: 3 phases). Write-only registers cannot be read.
+
+def _write_only() -> int:
+    raise ValueError("write-only register")
+
+
+def keba(cp: ChargePoint, s: SimSettings) -> RegisterMap:
+    m = RegisterMap()
+    m.max_read = 2
+    cp.watchdog_mode = "keepalive"
+    cp.watchdog_s = 0.0  # no failsafe until a timeout is written
+    cp.failsafe_a = s.safe_current_a  # the installer's failsafe current
+    if cp.commanded_a is None:
+        cp.commanded_a = min(32.0, cp.max_current_a)  # DIP switch current
+    regs = {"timeout": 0, "source": 3, "energy_limit": 0}
+    m.on_request = cp.on_request
+    m.before_read = cp.tick
+
+    def state() -> int:
+        if cp.car.plugged and not cp.enabled:
+            return 5
+        if not cp.car.plugged or not cp.enabled:
+            return 1
+        return 3 if any(cp.draw()) else 2
+
+    def cable() -> int:
+        if not cp.car.plugged:
+            return 0
+        return 7 if any(cp.draw()) else 5
+
+    def set_current(v: int | float | str) -> bool:
+        ma = int(v)
+        return _accept(6000 <= ma <= 63000, lambda: cp.set_limit(ma / 1000))
+
+    def set_enable(v: int | float | str) -> bool:
+        return _accept(int(v) in (0, 1), lambda: cp.set_enabled(bool(int(v))))
+
+    def set_timeout(v: int | float | str) -> bool:
+        t = int(v)
+        regs["timeout"] = t
+        cp.watchdog_s = float(t)
+        cp.keepalive()
+        return True
+
+    def set_failsafe(v: int | float | str) -> bool:
+        ma = int(v)
+        return _accept(ma == 0 or 6000 <= ma <= 63000, lambda: setattr(cp, "failsafe_a", ma / 1000))
+
+    def set_phases(v: int | float | str) -> bool:
+        return _accept(int(v) in (0, 1), lambda: cp.set_phases(3 if int(v) else 1))
+
+    h = "holding"
+    m.field(h, 1000, U32, state, name="charging state")
+    m.field(h, 1004, U32, cable, name="cable state")
+    m.constant(h, 1006, U32, 0, name="error code")
+    for i in range(3):
+        m.field(h, 1008 + 2 * i, U32, lambda i=i: round(cp.draw()[i] * 1000), name=f"current L{i + 1} mA")
+        m.constant(h, 1040 + 2 * i, U32, 230, name=f"voltage L{i + 1}")
+    m.constant(h, 1014, U32, 18416854, name="serial")
+    m.constant(h, 1016, U32, 314111, name="product: P30, 32 A, x-series, MID, RFID")
+    m.constant(h, 1018, U32, 0x010B0000, name="firmware")
+    m.field(h, 1020, U32, lambda: round(cp.power_w() * 1000), name="active power mW")
+    m.field(h, 1036, U32, lambda: round(cp.energy_wh * 10), name="total energy 0.1 Wh")
+    m.constant(h, 1046, U32, 1000, name="power factor")
+    m.field(h, 1100, U32, lambda: round(cp.limit_a() * 1000), name="max charging current mA")
+    m.field(h, 1110, U32, lambda: round(cp.max_current_a * 1000), name="max supported current mA")
+    m.constant(h, 1500, U32, 0, name="RFID")
+    m.field(h, 1502, U32, lambda: round((cp.energy_wh - cp.session_start_wh) * 10), name="charged energy")
+    m.field(h, 1550, U32, lambda: regs["source"], name="phase switch source")
+    m.field(h, 1552, U32, lambda: 1 if cp.phase_setting == 3 else 0, name="phase switch state")
+    m.field(h, 1600, U32, lambda: round(cp.failsafe_a * 1000), name="failsafe current mA")
+    m.field(h, 1602, U32, lambda: regs["timeout"], name="failsafe timeout s")
+    m.field(h, 5004, U16, _write_only, set_current, name="set charging current")
+    m.field(h, 5010, U16, _write_only, lambda v: _accept(True, lambda: regs.__setitem__("energy_limit", int(v))),
+            name="set energy")
+    m.field(h, 5012, U16, _write_only, lambda v: int(v) == 0, name="unlock plug")
+    m.field(h, 5014, U16, _write_only, set_enable, name="enable charging station")
+    m.field(h, 5016, U16, _write_only, set_failsafe, name="failsafe current")
+    m.field(h, 5018, U16, _write_only, set_timeout, name="failsafe timeout")
+    m.field(h, 5020, U16, _write_only, lambda v: int(v) in (0, 1), name="failsafe persist")
+    m.field(h, 5050, U16, _write_only, lambda v: _accept(int(v) in (0, 1, 2, 3),
+                                                         lambda: regs.__setitem__("source", int(v))),
+            name="phase switch source")
+    m.field(h, 5052, U16, _write_only, set_phases, name="trigger phase switch")
+    return m
+
+
+# -- Vestel EVC04 -----------------------------------------------------------------------------------
+# Vestel EVC04 Modbus TCP register table as quoted by evcc vestel.go and the vestel_modbus.py reader:
+# unit 255; input 100 serial (25 registers), 190 brand (10), 210 model (5), 230 firmware (50), 400 max
+# power W u32, 404 number of phases (0: 1 phase, 1: 3 phases), 1000 chargepoint state (0 available,
+# 1 preparing, 2 charging, 3 suspended EVSE, 4 suspended EV, 5 finishing, 6 reserved, 7 unavailable,
+# 8 faulted), 1001 charging state (0/1), 1002 equipment state (0 initialising, 1 running, 2 fault,
+# 3 disabled, 4 updating), 1004 cable state (0 none, 1 cable without vehicle, 2 vehicle, 3 vehicle and
+# locked), 1006 fault code u32, 1008/1010/1012 currents mA (u16, 1009/1011 not defined), 1014/1016/1018
+# voltages V, 1020 power W u32, 1024/1028/1032 phase power W u32, 1036 meter 0.1 kWh u32, 1100 session
+# max current, 1102 EVSE min, 1104 EVSE max, 1106 cable max A, 1502 session energy Wh u32, 1508 session
+# duration s u32; holding 405 phase switch (0/1), 2000 failsafe current A, 2002 failsafe timeout s,
+# 5004 charging current A (0: no charging), 6000 alive (write 1). Ranges as the Webasto Next's.
+
+def vestel(cp: ChargePoint, s: SimSettings) -> RegisterMap:
+    m = RegisterMap()
+    cp.watchdog_mode = "keepalive"
+    cp.watchdog_s = 20.0
+    cp.failsafe_a = 16.0
+    cp.fallback_until_first_write = True
+    if cp.commanded_a is None:
+        cp.commanded_a = 0.0
+    regs = {"timeout": 20}
+    m.on_request = cp.on_request
+    m.before_read = cp.tick
+
+    def cp_state() -> int:
+        if not cp.enabled:
+            return 7
+        if not cp.car.plugged:
+            return 0
+        if any(cp.draw()):
+            return 2
+        return 3 if cp.limit_a() < 6.0 else 4
+
+    def set_failsafe(v: int | float | str) -> bool:
+        return _accept(6 <= int(v) <= 32, lambda: setattr(cp, "failsafe_a", float(int(v))))
+
+    def set_timeout(v: int | float | str) -> bool:
+        t = int(v)
+        return _accept(6 <= t <= 120, lambda: (regs.__setitem__("timeout", t), setattr(cp, "watchdog_s", float(t))))
+
+    def set_current(v: int | float | str) -> bool:
+        a = int(v)
+        return _accept(a == 0 or 6 <= a <= 32, lambda: cp.set_limit(float(a)))
+
+    def set_alive(v: int | float | str) -> bool:
+        if int(v) == 1:
+            cp.keepalive()
+        return True
+
+    def set_phases(v: int | float | str) -> bool:
+        return _accept(int(v) in (0, 1), lambda: cp.set_phases(3 if int(v) else 1))
+
+    i = "input"
+    m.constant(i, 100, STR, "VESTEL0001", count=25, name="serial")
+    m.constant(i, 190, STR, "Vestel", count=10, name="brand")
+    m.constant(i, 210, STR, "EVC04", count=5, name="model")
+    m.constant(i, 230, STR, "v3.187.0-sim", count=50, name="firmware")
+    m.constant(i, 400, U32, 22000, name="max power")
+    m.field(i, 404, U16, lambda: 1 if cp.evse_phases == 3 else 0, name="number of phases")
+    m.field(i, 1000, U16, cp_state, name="chargepoint state")
+    m.field(i, 1001, U16, lambda: 1 if any(cp.draw()) else 0, name="charging state")
+    m.field(i, 1002, U16, lambda: 1 if cp.enabled else 3, name="equipment state")
+    m.field(i, 1004, U16, lambda: 3 if cp.car.plugged else 0, name="cable state")
+    m.constant(i, 1006, U32, 0, name="fault code")
+    for k in range(3):
+        m.field(i, 1008 + 2 * k, U16, lambda k=k: round(cp.draw()[k] * 1000), name=f"current L{k + 1} mA")
+        m.constant(i, 1014 + 2 * k, U16, 230, name=f"voltage L{k + 1}")
+        m.field(i, 1024 + 4 * k, U32, lambda k=k: round(cp.draw()[k] * NOMINAL_V), name=f"power L{k + 1}")
+    m.field(i, 1020, U32, lambda: round(cp.power_w()), name="active power")
+    m.field(i, 1036, U32, lambda: int(cp.energy_wh / 100), name="meter reading 0.1 kWh")
+    m.field(i, 1100, U16, lambda: round(cp.limit_a()), name="session max current")
+    m.constant(i, 1102, U16, 6, name="EVSE min current")
+    m.field(i, 1104, U16, lambda: round(cp.max_current_a), name="EVSE max current")
+    m.constant(i, 1106, U16, 32, name="cable max current")
+    m.field(i, 1502, U32, lambda: round(cp.energy_wh - cp.session_start_wh), name="session energy Wh")
+    m.constant(i, 1508, U32, 0, name="session duration")
+    h = "holding"
+    m.field(h, 405, U16, lambda: 1 if cp.phase_setting == 3 else 0, set_phases, name="phase switch")
+    m.field(h, 2000, U16, lambda: round(cp.failsafe_a), set_failsafe, name="failsafe current")
+    m.field(h, 2002, U16, lambda: regs["timeout"], set_timeout, name="failsafe timeout")
+    m.field(h, 5004, U16, lambda: round(cp.commanded_a or 0), set_current, name="charging current")
+    m.field(h, 6000, U16, lambda: 0, set_alive, name="alive")
+    return m
+
+
 # -- ABL eMH1/2/3 (Modbus ASCII) ----------------------------------------------------------------
 # ABL eMH interface description (evcc abl.go, esphome-abl-emh1): holding 0x0001 firmware
 # (2 registers), 0x0004 state (low byte), 0x0005 modify state (0xA1A1 enable, 0xE0E0 disable),
@@ -576,6 +761,8 @@ EVSE_SIMS: dict[str, Callable[[ChargePoint, SimSettings], RegisterMap]] = {
     "phoenix-charx": charx,
     "webasto-next": webasto,
     "abl-emh": abl,
+    "keba-p30": keba,
+    "vestel-evc04": vestel,
 }
 METER_SIMS: dict[str, Callable[[MeterModel], RegisterMap]] = {
     "sdm630": sdm630,

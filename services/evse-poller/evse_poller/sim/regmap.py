@@ -25,6 +25,7 @@ Setter = Callable[[int | float | str], bool]
 TABLE_OF_FC = {1: "coil", 5: "coil", 15: "coil", 2: "discrete", 3: "holding", 6: "holding", 16: "holding",
                22: "holding", 23: "holding", 4: "input"}
 TABLES = ("coil", "discrete", "holding", "input")
+WRITE_FCS = frozenset({5, 6, 15, 16})
 
 
 @dataclass
@@ -70,6 +71,7 @@ class RegisterMap:
         self.max_read: int | None = None  # a device that refuses longer reads (exception 3, illegal value)
         self.reads = 0
         self.writes = 0
+        self._echo: dict[tuple[str, int], list[int]] = {}
 
     def add(self, f: Field) -> Field:
         table = self.fields[f.table]
@@ -181,13 +183,21 @@ class RegisterMap:
                 return ExcCodes.ILLEGAL_FUNCTION
             if self.silent:
                 return ExcCodes.GATEWAY_NO_RESPONSE
+            if set_values is None and function_code in WRITE_FCS:
+                # pymodbus reads the registers back to build a write's answer: echo what was written
+                # (a write-only register could not be read)
+                echo = self._echo.get((table, address), [0] * count)
+                registers[address - start_address: address - start_address + count] = echo[:count]
+                return None
             if set_values is None:
                 words = self.read(table, address, count)
                 if isinstance(words, ExcCodes):
                     return words
                 registers[address - start_address: address - start_address + count] = words
                 return None
-            return self.write(table, address, [int(v) for v in set_values])
+            written = [int(v) for v in set_values]
+            self._echo[(table, address)] = written
+            return self.write(table, address, written)
 
         return SimDevice(device_id, simdata=(blocks[0], blocks[1], blocks[2], blocks[3]), action=action)
 
