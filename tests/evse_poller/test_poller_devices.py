@@ -86,6 +86,28 @@ def test_golden_keba() -> None:
     assert prof.registers["max_current"].access == "w" and prof.registers["max_current"].scale == 0.001
 
 
+def test_golden_cfos() -> None:
+    h = "holding"
+    raw = {(h, 8058): 0, (h, 8059): 0, (h, 8060): 0x0001, (h, 8061): 0xE240, (h, 8062): 0, (h, 8063): 11040,
+           (h, 8064): 0, (h, 8065): 160, (h, 8066): 0xFFFF, (h, 8067): 0xFFFF, (h, 8092): 2, (h, 8093): 160}
+    v = _decode("cfos-power-brain", raw)
+    assert v["energy"] == 123456 and v["power"] == 11040 and v["current_l1"] == pytest.approx(16.0)
+    assert v["current_l2"] == pytest.approx(-0.1)  # int32: a negative reading, flagged by the poller
+    assert v["state"] == 2 and v["max_current"] == pytest.approx(16.0)
+    prof = load_profile("cfos-power-brain")
+    assert (prof.transport.port, prof.transport.device_id) == (4701, 1)
+
+
+def test_cfos_state_codes() -> None:
+    prof = load_profile("cfos-power-brain")
+    for code, (iec, derived) in CFOS_STATES.items():
+        info = logic.map_state(prof, code)
+        assert info.known and info.iec is iec, (code, info)
+        assert logic.derive_state(info, offered_a=10.0, enabled=True) is derived, code
+    for code in (6, 7, 8, 10):
+        assert not logic.map_state(prof, code).known
+
+
 def test_golden_vestel() -> None:
     i = "input"
     raw = {(i, 1001): 1, (i, 1004): 3, (i, 1008): 15990, (i, 1020): 0, (i, 1021): 11040, (i, 1036): 0,
@@ -109,6 +131,7 @@ KEBA_STATES = {  # charging state (guide 3.1) / cable state (guide 3.2)
     **{f"4/{c}": (F, FA) for c in (0, 1, 3, 5, 7)},
     **{f"5/{c}": (A, AV) for c in (0, 1, 3)}, **{f"5/{c}": (B, SU) for c in (5, 7)},
 }
+CFOS_STATES = {0: (A, AV), 1: (B, PR), 2: (C, CH), 3: (IecState.D, CH), 4: (B, SU), 5: (F, FA), 9: (F, FA)}
 VESTEL_STATES = {"0/0": (A, AV), "0/1": (A, AV), "0/2": (B, PR), "0/3": (B, PR), "1/2": (C, CH), "1/3": (C, CH)}
 
 
@@ -140,11 +163,11 @@ class Rig:
 @pytest.fixture(scope="module")
 async def rig(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Rig]:
     tmp = tmp_path_factory.mktemp("devices")
-    ports = {k: free_port() for k in ("meters", "shelly", "keba", "vestel")}
+    ports = {k: free_port() for k in ("meters", "shelly", "keba", "vestel", "cfos")}
     evses = "\n".join(
         f"  - {{id: {n}, circuit: garage, max_current_a: 16, safe_current_a: 6, phase_switching: true,"
         f" modbus: {{profile: {p}, host: 127.0.0.1, port: {ports[n]}, timeout_s: 0.3, retries: 0}}}}"
-        for n, p in (("keba", "keba-p30"), ("vestel", "vestel-evc04")))
+        for n, p in (("keba", "keba-p30"), ("vestel", "vestel-evc04"), ("cfos", "cfos-power-brain")))
     text = f"""
 site: {{name: devices}}
 state_dir: {tmp / 'state'}
@@ -214,7 +237,7 @@ async def _polls(rig: Rig, n: int = 2) -> None:
         await rig.poller.poll_once()
 
 
-@pytest.mark.parametrize("evse_id", ["keba", "vestel"])
+@pytest.mark.parametrize("evse_id", ["keba", "vestel", "cfos"])
 async def test_wallbox_charges_pauses_resumes_through_the_poller(rig: Rig, evse_id: str) -> None:
     rig.sims.plug(evse_id, phases=3, max_current_a=16)
     await _polls(rig)
@@ -238,9 +261,9 @@ async def test_wallbox_charges_pauses_resumes_through_the_poller(rig: Rig, evse_
     await _polls(rig)
     st = rig.pub.statuses[evse_id]
     assert st.state is EvseState.CHARGING and st.current_a == pytest.approx([12.0] * 3, abs=0.01), st
-    # the watchdog was programmed and is kept alive
     cp = _point(rig, evse_id)
-    assert cp.watchdog_s == pytest.approx(10.0) and cp.last_keepalive is not None
+    if evse_id != "cfos":  # the watchdog was programmed and is kept alive (the cFos has none)
+        assert cp.watchdog_s == pytest.approx(10.0) and cp.last_keepalive is not None
     rig.sims.unplug(evse_id)
     await _polls(rig)
     assert rig.pub.statuses[evse_id].iec_state is IecState.A
@@ -276,7 +299,7 @@ async def test_a_refused_setpoint_is_warned_once_and_polling_goes_on(rig: Rig) -
 
 
 async def test_phase_switching_writes_the_documented_values(rig: Rig) -> None:
-    for evse_id in ("keba", "vestel"):
+    for evse_id in ("keba", "vestel", "cfos"):
         rig.sims.plug(evse_id, phases=3, max_current_a=16)
         dev = rig.poller.evses[evse_id]
         dev.setpoint = setpoint(evse_id, 10.0, seq=30, phases=1)
@@ -287,3 +310,27 @@ async def test_phase_switching_writes_the_documented_values(rig: Rig) -> None:
         assert _point(rig, evse_id).phase_setting == 3, evse_id
         rig.sims.unplug(evse_id)
     assert await read_raw(rig.ports["vestel"], "holding", 405, 1, 255) == [1]
+    assert await read_raw(rig.ports["cfos"], "holding", 8087, 1, 1) == [0]  # 0: 3 phases
+
+
+async def test_cfos_pauses_with_charging_enable_and_never_reads_across_gaps(rig: Rig) -> None:
+    cp = _point(rig, "cfos")
+    rig.sims.plug("cfos", phases=3, max_current_a=16)
+    dev = rig.poller.evses["cfos"]
+    dev.setpoint = setpoint("cfos", 0.0, seq=40)
+    await _polls(rig)
+    assert not cp.enabled and rig.pub.statuses["cfos"].raw_state == 4
+    assert rig.pub.statuses["cfos"].state is EvseState.SUSPENDED
+    dev.setpoint = setpoint("cfos", 7.5, seq=41)
+    await _polls(rig)
+    assert cp.enabled and cp.commanded_a == pytest.approx(7.5)  # 8093 in 0.1 A: 75
+    assert await read_raw(rig.ports["cfos"], "holding", 8093, 1, 1) == [75]
+    rig.sims.unplug("cfos")
+    from pymodbus.client import AsyncModbusTcpClient
+
+    client = AsyncModbusTcpClient("127.0.0.1", port=rig.ports["cfos"], timeout=2, retries=0)
+    await client.connect()
+    try:
+        assert (await client.read_holding_registers(8058, count=40, device_id=1)).isError()  # 8070.. undocumented
+    finally:
+        client.close()

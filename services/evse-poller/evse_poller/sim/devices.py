@@ -498,6 +498,56 @@ def vestel(cp: ChargePoint, s: SimSettings) -> RegisterMap:
     return m
 
 
+# -- cFos Power Brain ---------------------------------------------------------------------------------
+# "cFos Power Brain Controller - Modbus Registers" (EVSE: unit 1, TCP port 4701; FC 03 / 06 / 16, holding
+# registers): 8000 vendor id 0xcf05 (2), 8002 product id, 8003 device id, 8016 name (16), 8040 slave id;
+# the charging meter: 8058 energy Wh (4), 8062 power W (2), 8064/8066/8068 current 0.1 A (2 each); the EVSE
+# (as evcc cfos.go and venus-evcharger read it): 8086 disconnect CP (w), 8087 relay select (0: 3 phases,
+# 1: 1 phase), 8092 charging state (0 waiting, 1 vehicle detected, 2 charging, 3 charging with
+# ventilation, 4 no current, 5 error, 9 DC sensor error), 8093 charging current limit 0.1 A, 8094 charging
+# enable 0/1, 8095 actual current 0.1 A, 8112 meter present. Registers not listed answer an exception.
+
+def cfos(cp: ChargePoint, s: SimSettings) -> RegisterMap:
+    m = RegisterMap()
+    cp.watchdog_mode = "off"
+    if cp.commanded_a is None:
+        cp.commanded_a = 16.0
+    m.on_request = cp.on_request
+    m.before_read = cp.tick
+
+    def state() -> int:
+        if not cp.car.plugged:
+            return 0
+        if any(cp.draw()):
+            return 2
+        return 4 if cp.limit_a() < 6.0 else 1
+
+    def set_current(v: int | float | str) -> bool:
+        r = int(v)
+        return _accept(r == 0 or 60 <= r <= 320, lambda: cp.set_limit(r / 10))
+
+    h = "holding"
+    m.constant(h, 8000, U32, 0xCF05, name="vendor id")
+    m.constant(h, 8002, U16, 1, name="product id")
+    m.constant(h, 8003, U16, 0x100, name="device id")
+    m.constant(h, 8016, STR, "cFos Power Brain Controller", count=16, name="name")
+    m.constant(h, 8040, U16, 1, name="slave id")
+    m.field(h, 8058, DType.UINT64, lambda: round(cp.energy_wh), name="energy Wh")
+    m.field(h, 8062, I32, lambda: round(cp.power_w()), name="power W")
+    for i in range(3):
+        m.field(h, 8064 + 2 * i, I32, lambda i=i: round(cp.draw()[i] * 10), name=f"current L{i + 1} 0.1 A")
+    m.field(h, 8086, U16, lambda: 0, lambda v: int(v) in (0, 5), name="disconnect CP")
+    m.field(h, 8087, U16, lambda: 1 if cp.phase_setting == 1 else 0,
+            lambda v: _accept(int(v) in (0, 1), lambda: cp.set_phases(1 if int(v) else 3)), name="relay select")
+    m.field(h, 8092, U16, state, name="charging state")
+    m.field(h, 8093, U16, lambda: round((cp.commanded_a or 0.0) * 10), set_current, name="charging current limit")
+    m.field(h, 8094, U16, lambda: 1 if cp.enabled else 0,
+            lambda v: _accept(int(v) in (0, 1), lambda: cp.set_enabled(bool(int(v)))), name="charging enable")
+    m.field(h, 8095, U16, lambda: round(max(cp.draw()) * 10), name="actual current")
+    m.constant(h, 8112, U16, 1, name="meter present")
+    return m
+
+
 # -- ABL eMH1/2/3 (Modbus ASCII) ----------------------------------------------------------------
 # ABL eMH interface description (evcc abl.go, esphome-abl-emh1): holding 0x0001 firmware
 # (2 registers), 0x0004 state (low byte), 0x0005 modify state (0xA1A1 enable, 0xE0E0 disable),
@@ -763,6 +813,7 @@ EVSE_SIMS: dict[str, Callable[[ChargePoint, SimSettings], RegisterMap]] = {
     "abl-emh": abl,
     "keba-p30": keba,
     "vestel-evc04": vestel,
+    "cfos-power-brain": cfos,
 }
 METER_SIMS: dict[str, Callable[[MeterModel], RegisterMap]] = {
     "sdm630": sdm630,
