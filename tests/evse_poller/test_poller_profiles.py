@@ -66,7 +66,8 @@ GOLDEN = {
     # ABL eMH: 0x0014 Icmax duty cycle (A / 0.06), 0x002E status report, 0x0005 modify state
     "abl-emh": [("icmax", "holding", 0x14, DType.UINT16, 0.06),
                 ("state", "holding", 0x2E, DType.UINT16, 1.0),
-                ("current_l1", "holding", 0x30, DType.UINT16, 0.1),
+                ("current_l1", "holding", 0x32, DType.UINT16, 0.1),  # evcc abl.go: L3 L2 L1
+                ("current_l3", "holding", 0x30, DType.UINT16, 0.1),
                 ("modify_state", "holding", 0x05, DType.UINT16, 1.0)],
     # Eastron SDM630: input registers, float32; 0x0006 I1, 0x0034 total power, 0x0048 import kWh
     "sdm630": [("voltage_l1", "input", 0x00, DType.FLOAT32, 1.0),

@@ -28,18 +28,21 @@ AV, PR, CH, SU, FI, FA, UN = (EvseState.AVAILABLE, EvseState.PREPARING, EvseStat
 STATE_TABLES: dict[str, dict[int | str, tuple[IecState, EvseState]]] = {
     # Webasto NEXT register 1000 (OpenEMS ChargePointState, evcc webasto-next.go, HA const.py)
     "webasto-next": {0: (A, AV), 1: (B, PR), 3: (C, CH), 4: (B, SU), 7: (F, FA), 8: (A, UN)},
-    # Heidelberg EC register table, input 5 (evcc amperfied.go: 2,3 A; 4,5 B; 6,7 C; 8 D; 9 E; 10 F)
+    # Heidelberg EC register table, input 5 (evcc amperfied.go: 2,3 A; 4,5 B; 6,7 C; OpenEMS StatusConverter:
+    # 8, 9 error - 8 is derating, charging at a reduced current, in the register table: C)
     "heidelberg-energy-control": {2: (A, AV), 3: (A, AV), 4: (B, PR), 5: (B, PR), 6: (C, CH), 7: (C, CH),
                                   8: (C, CH), 9: (E, FA), 10: (F, UN), 11: (F, FA)},
-    # Alfen NG9xx 3.4.1 mode 3 states (evcc alfen.go takes the first letter)
+    # Alfen NG9xx 3.4.1 mode 3 states (evcc alfen.go takes the first letter and E as A; HA alfen_modbus:
+    # no car in A, E, F) - E was IEC E (faulted) before
     "alfen-eve": {"A": (A, AV), "B1": (B, PR), "B2": (B, PR), "C1": (C, CH), "C2": (C, CH), "D1": (D, CH),
-                  "D2": (D, CH), "E": (E, FA), "F": (F, FA)},
+                  "D2": (D, CH), "E": (A, UN), "F": (F, FA)},
     # CHARX status 1299, two ASCII characters per IEC 61851-1 (evcc phoenix-charx.go: first letter)
-    "phoenix-charx": {"A1": (A, AV), "B1": (B, PR), "B2": (B, PR), "C1": (C, CH), "C2": (C, CH), "E0": (E, FA),
-                      "F0": (F, FA)},
-    # ABL status report low byte (evcc abl.go ablStatus: A1..C4 by their first nibble; E0 outlet disabled)
+    "phoenix-charx": {"A1": (A, AV), "A2": (A, AV), "B1": (B, PR), "B2": (B, PR), "C1": (C, CH), "C2": (C, CH),
+                      "D1": (D, CH), "D2": (D, CH), "E0": (E, FA), "E": (E, FA), "F0": (F, FA), "F": (F, FA)},
+    # ABL status code (evcc abl.go ablStatus, esphome-abl-emh1 STATE names, OpenEMS AblStatus family)
     "abl-emh": {0xA1: (A, AV), 0xB1: (B, PR), 0xB2: (B, PR), 0xC2: (C, CH), 0xC3: (C, CH), 0xC4: (C, CH),
-                0xE0: (B, UN), 0xF1: (F, FA), 0xF4: (F, FA), 0xFB: (F, FA)},
+                0xE0: (B, UN), 0xE1: (F, UN), 0xE2: (F, UN), 0xE3: (A, AV),
+                **{code: (F, FA) for code in range(0xF1, 0xFC)}},
 }
 # wallboxes whose state code combines two registers (test_poller_devices.py has their tables and sources)
 STATE_TABLES.update({"keba-p30": KEBA_STATES, "vestel-evc04": VESTEL_STATES,  # type: ignore[dict-item]
@@ -91,6 +94,16 @@ def test_golden_webasto_frames() -> None:
     assert v["state"] == 3 and v["current_l1"] == pytest.approx(16.0) and v["current_l2"] == pytest.approx(15.99)
     assert v["power"] == 11040 and v["energy"] == 123456
     assert logic.map_state(load_profile("webasto-next"), v["state"]).iec is C
+
+
+def test_golden_abl_status_report_phase_order() -> None:
+    # status report 0x2E..0x32 of an eMH charging one phase at 16 A: evcc (abl.go) reads the last current
+    # register as L1 - a single-phase car shows on L1 (earlier versions of the profile showed it on L3)
+    h = "holding"
+    v = _decode("abl-emh", {(h, 0x2E): 0x2EC2, (h, 0x2F): 0x1000 | 267, (h, 0x30): 1000, (h, 0x31): 1000,
+                            (h, 0x32): 160})
+    assert v["state"] == 0xC2 and v["current_l1"] == pytest.approx(16.0)
+    assert v["current_l2"] is None and v["current_l3"] is None  # 0x03E8: not measured
 
 
 def test_golden_meter_frames() -> None:

@@ -552,7 +552,8 @@ def cfos(cp: ChargePoint, s: SimSettings) -> RegisterMap:
 # ABL eMH interface description (evcc abl.go, esphome-abl-emh1): holding 0x0001 firmware
 # (2 registers), 0x0004 state (low byte), 0x0005 modify state (0xA1A1 enable, 0xE0E0 disable),
 # 0x0014 Icmax as duty cycle 0.1 % (A / 0.06; 1000 = 100 % = no charging),
-# 0x002E..0x0032 status report: 0x2E<<8 | state, flags/duty, currents L1..L3 in 0.1 A.
+# 0x002E..0x0032 status report: 0x2E<<8 | state, flags/duty, then the currents in 0.1 A - L3, L2, L1 as evcc
+# reads them (abl.go, "ABL: switch phase order"; esphome-abl-emh1 reads L1 first, see the profile).
 
 def abl(cp: ChargePoint, s: SimSettings) -> RegisterMap:
     m = RegisterMap()
@@ -600,7 +601,7 @@ def abl(cp: ChargePoint, s: SimSettings) -> RegisterMap:
     m.field("holding", 0x002E, U16, lambda: 0x2E00 | state(), name="status report")
     m.field("holding", 0x002F, U16, lambda: duty["raw"] & 0x03FF, name="flags / duty")
     for i in range(3):
-        m.field("holding", 0x0030 + i, U16, lambda i=i: current(i), name=f"current L{i + 1}")
+        m.field("holding", 0x0032 - i, U16, lambda i=i: current(i), name=f"current L{i + 1}")
     return m
 
 
