@@ -106,6 +106,75 @@ def test_golden_abl_status_report_phase_order() -> None:
     assert v["current_l2"] is None and v["current_l3"] is None  # 0x03E8: not measured
 
 
+def _words(fmt: str, *values: object) -> list[int]:
+    import struct
+
+    data = struct.pack(">" + fmt, *values)
+    return list(struct.unpack(f">{len(data) // 2}H", data))
+
+
+def _put(raw: dict[tuple[str, int], int], table: str, address: int, words: list[int]) -> None:
+    for i, w in enumerate(words):
+        raw[(table, address + i)] = w
+
+
+def test_golden_alfen_frames() -> None:
+    # NG9xx v2.3: big-endian float32 (currents, power), float64 (energy Wh), mode 3 state as ASCII
+    h, raw = "holding", {}
+    _put(raw, h, 320, _words("f", 15.75))
+    _put(raw, h, 344, _words("f", 10867.5))
+    _put(raw, h, 374, _words("d", 1234567.25))
+    _put(raw, h, 1201, _words("10s", b"C2"))
+    v = _decode("alfen-eve", raw)
+    assert v["current_l1"] == pytest.approx(15.75) and v["power"] == pytest.approx(10867.5)
+    assert v["energy"] == pytest.approx(1234567.25) and v["state"] == "C2"
+    assert logic.map_state(load_profile("alfen-eve"), v["state"]).iec is C
+
+
+def test_golden_heidelberg_frames() -> None:
+    # register table 1.0.8: input 5 state, 6..8 currents in 0.1 A, 14 power VA, 17 energy uint32 high word first
+    i, raw = "input", {}
+    raw.update({(i, 5): 7, (i, 6): 160, (i, 7): 159, (i, 8): 0, (i, 14): 7360})
+    _put(raw, i, 17, _words("I", 123456))
+    v = _decode("heidelberg-energy-control", raw)
+    assert v["state"] == 7 and v["current_l1"] == pytest.approx(16.0) and v["current_l2"] == pytest.approx(15.9)
+    assert v["power"] == 7360 and v["energy"] == 123456
+
+
+def test_golden_charx_frames() -> None:
+    # UM EN CHARX SEC: int32 mA / mW, int64 Wh, status two ASCII characters
+    h, raw = "holding", {}
+    _put(raw, h, 1238, _words("i", 16123))
+    _put(raw, h, 1244, _words("i", 11040500))
+    _put(raw, h, 1250, _words("q", 98765432))
+    _put(raw, h, 1299, _words("2s", b"B2"))
+    v = _decode("phoenix-charx", raw)
+    assert v["current_l1"] == pytest.approx(16.123) and v["power"] == pytest.approx(11040.5)
+    assert v["energy"] == 98765432 and v["state"] == "B2"
+
+
+def test_golden_sunspec_model_203_frames() -> None:
+    # model 203 offsets: int16 with scale factors; 0x8000 = not implemented
+    prof = load_profile("sunspec-meter")
+    h, raw = "holding", {}
+    raw.update({(h, 3): 1234, (h, 4): 0x8000, (h, 5): (-56) & 0xFFFF, (h, 6): (-2) & 0xFFFF,
+                (h, 8): 2305, (h, 15): (-1) & 0xFFFF, (h, 18): (-345) & 0xFFFF, (h, 22): 1})
+    _put(raw, h, 46, _words("I", 987654))
+    raw[(h, 54)] = 0
+    names = ["current_l1", "current_l2", "current_l3", "a_sf", "voltage_l1", "v_sf", "power", "w_sf",
+             "energy_import", "totwh_sf"]
+    blocks = plan_reads(prof, names)
+    words = {(b.table, b.address): [raw.get((b.table, b.address + k), 0) for k in range(b.count)] for b in blocks}
+    from evse_poller.registers import extract
+
+    v, errors = extract(prof, words, blocks)
+    assert not errors, errors
+    assert v["current_l1"] == pytest.approx(12.34) and v["current_l2"] is None
+    assert v["current_l3"] == pytest.approx(-0.56)
+    assert v["voltage_l1"] == pytest.approx(230.5) and v["power"] == pytest.approx(-3450.0)
+    assert v["energy_import"] == 987654
+
+
 def test_golden_meter_frames() -> None:
     # Eastron: IEEE 754 float, high word first: 230.0 V = 0x4366 0x0000, 12.5 A = 0x4148 0x0000,
     # 1234.5 kWh = 0x449A 0x5000
