@@ -108,6 +108,46 @@ def test_cfos_state_codes() -> None:
         assert not logic.map_state(prof, code).known
 
 
+def test_golden_goe() -> None:
+    # go-e API v2 modbus: uint32 high word first; 0.1 A, 0.01 kW, 0.1 kWh
+    i = "input"
+    raw = {(i, 100): 2, (i, 109): 231, (i, 115): 161, (i, 117): 160, (i, 119): 0, (i, 121): 736,
+           (i, 128): 0, (i, 129): 12345}
+    v = _decode("go-e-charger", raw)
+    assert v["state"] == 2 and v["voltage_l1"] == 231 and v["current_l1"] == pytest.approx(16.1)
+    assert v["power"] == pytest.approx(7360.0) and v["energy"] == pytest.approx(1_234_500.0)
+    prof = load_profile("go-e-charger")
+    assert prof.write_multiple and prof.registers["max_current"].address == 299
+    for code, (iec, derived) in GOE_STATES.items():
+        info = logic.map_state(prof, code)
+        assert info.known and info.iec is iec and logic.derive_state(info, offered_a=10, enabled=True) is derived
+    assert not logic.map_state(prof, 5).known
+
+
+async def test_goe_is_written_with_fc16_only(rig: Rig) -> None:
+    cp = _point(rig, "goe")
+    rig.sims.plug("goe", phases=3, max_current_a=16)
+    dev = rig.poller.evses["goe"]
+    dev.setpoint = setpoint("goe", 11.0, seq=50)
+    await _polls(rig)
+    assert cp.commanded_a == pytest.approx(11.0) and rig.pub.statuses["goe"].online
+    from pymodbus.client import AsyncModbusTcpClient
+
+    client = AsyncModbusTcpClient("127.0.0.1", port=rig.ports["goe"], timeout=2, retries=0)
+    await client.connect()
+    try:
+        assert (await client.write_register(299, 12, device_id=1)).isError()  # FC 06: not supported
+        assert not (await client.write_registers(299, [12], device_id=1)).isError()  # FC 16
+    finally:
+        client.close()
+    dev.setpoint = setpoint("goe", 0.0, seq=51)
+    await _polls(rig)
+    assert not cp.enabled and rig.pub.statuses["goe"].state is EvseState.SUSPENDED  # ALLOW = 0
+    rig.sims.unplug("goe")
+    dev.setpoint = None  # back to the safe current for the tests after this one
+    await _polls(rig)
+
+
 def test_golden_vestel() -> None:
     i = "input"
     raw = {(i, 1001): 1, (i, 1004): 3, (i, 1008): 15990, (i, 1020): 0, (i, 1021): 11040, (i, 1036): 0,
@@ -131,6 +171,7 @@ KEBA_STATES = {  # charging state (guide 3.1) / cable state (guide 3.2)
     **{f"4/{c}": (F, FA) for c in (0, 1, 3, 5, 7)},
     **{f"5/{c}": (A, AV) for c in (0, 1, 3)}, **{f"5/{c}": (B, SU) for c in (5, 7)},
 }
+GOE_STATES = {0: (F, FA), 1: (A, AV), 2: (C, CH), 3: (B, PR), 4: (B, SU)}
 CFOS_STATES = {0: (A, AV), 1: (B, PR), 2: (C, CH), 3: (IecState.D, CH), 4: (B, SU), 5: (F, FA), 9: (F, FA)}
 VESTEL_STATES = {"0/0": (A, AV), "0/1": (A, AV), "0/2": (B, PR), "0/3": (B, PR), "1/2": (C, CH), "1/3": (C, CH)}
 
@@ -163,11 +204,12 @@ class Rig:
 @pytest.fixture(scope="module")
 async def rig(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Rig]:
     tmp = tmp_path_factory.mktemp("devices")
-    ports = {k: free_port() for k in ("meters", "shelly", "keba", "vestel", "cfos")}
+    ports = {k: free_port() for k in ("meters", "shelly", "keba", "vestel", "cfos", "goe")}
     evses = "\n".join(
         f"  - {{id: {n}, circuit: garage, max_current_a: 16, safe_current_a: 6, phase_switching: true,"
         f" modbus: {{profile: {p}, host: 127.0.0.1, port: {ports[n]}, timeout_s: 0.3, retries: 0}}}}"
-        for n, p in (("keba", "keba-p30"), ("vestel", "vestel-evc04"), ("cfos", "cfos-power-brain")))
+        for n, p in (("keba", "keba-p30"), ("vestel", "vestel-evc04"), ("cfos", "cfos-power-brain"),
+                     ("goe", "go-e-charger")))
     text = f"""
 site: {{name: devices}}
 state_dir: {tmp / 'state'}
@@ -237,7 +279,7 @@ async def _polls(rig: Rig, n: int = 2) -> None:
         await rig.poller.poll_once()
 
 
-@pytest.mark.parametrize("evse_id", ["keba", "vestel", "cfos"])
+@pytest.mark.parametrize("evse_id", ["keba", "vestel", "cfos", "goe"])
 async def test_wallbox_charges_pauses_resumes_through_the_poller(rig: Rig, evse_id: str) -> None:
     rig.sims.plug(evse_id, phases=3, max_current_a=16)
     await _polls(rig)
@@ -262,7 +304,7 @@ async def test_wallbox_charges_pauses_resumes_through_the_poller(rig: Rig, evse_
     st = rig.pub.statuses[evse_id]
     assert st.state is EvseState.CHARGING and st.current_a == pytest.approx([12.0] * 3, abs=0.01), st
     cp = _point(rig, evse_id)
-    if evse_id != "cfos":  # the watchdog was programmed and is kept alive (the cFos has none)
+    if evse_id in ("keba", "vestel"):  # the watchdog was programmed and is kept alive (cFos, go-e have none)
         assert cp.watchdog_s == pytest.approx(10.0) and cp.last_keepalive is not None
     rig.sims.unplug(evse_id)
     await _polls(rig)
@@ -299,7 +341,7 @@ async def test_a_refused_setpoint_is_warned_once_and_polling_goes_on(rig: Rig) -
 
 
 async def test_phase_switching_writes_the_documented_values(rig: Rig) -> None:
-    for evse_id in ("keba", "vestel", "cfos"):
+    for evse_id in ("keba", "vestel", "cfos", "goe"):
         rig.sims.plug(evse_id, phases=3, max_current_a=16)
         dev = rig.poller.evses[evse_id]
         dev.setpoint = setpoint(evse_id, 10.0, seq=30, phases=1)
@@ -311,6 +353,7 @@ async def test_phase_switching_writes_the_documented_values(rig: Rig) -> None:
         rig.sims.unplug(evse_id)
     assert await read_raw(rig.ports["vestel"], "holding", 405, 1, 255) == [1]
     assert await read_raw(rig.ports["cfos"], "holding", 8087, 1, 1) == [0]  # 0: 3 phases
+    assert await read_raw(rig.ports["goe"], "holding", 332, 1, 1) == [2]  # 2: three phases
 
 
 async def test_cfos_pauses_with_charging_enable_and_never_reads_across_gaps(rig: Rig) -> None:

@@ -9,8 +9,8 @@ from evse_poller.codec import DType
 from evse_poller.profile import PROFILE_DIR, ProfileError, available, load_profile, load_profile_file, parse_profile
 from evse_poller.registers import plan_reads
 
-PROFILES = ["abl-emh", "alfen-eve", "carlo-gavazzi-em24", "cfos-power-brain", "heidelberg-energy-control", "keba-p30",
-            "phoenix-charx",
+PROFILES = ["abl-emh", "alfen-eve", "carlo-gavazzi-em24", "cfos-power-brain", "go-e-charger",
+            "heidelberg-energy-control", "keba-p30", "phoenix-charx",
             "sdm630", "sdm72d-m", "shelly-pro-3em", "sunspec-meter", "vestel-evc04", "webasto-next"]
 
 

@@ -105,7 +105,8 @@ class _Base:
         last: LinkError | None = None
         for _ in range(t.retries + 1):
             try:
-                await self.link.write(reg.table, reg.address + self._offset, words, t.device_id, t.timeout_s)
+                await self.link.write(reg.table, reg.address + self._offset, words, t.device_id, t.timeout_s,
+                                      multiple=self.profile.write_multiple)
                 self.counters["modbus_writes"] += 1
                 return
             except DeviceRejected:

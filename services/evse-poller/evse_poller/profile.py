@@ -283,6 +283,8 @@ class Profile(_Strict):
     byte_order: Order = "big"
     word_order: Order = "big"
     read: ReadOptions = Field(default_factory=ReadOptions)
+    write_multiple: bool = Field(default=False, description="write single registers with FC 16 too (devices "
+                                                            "that do not support FC 06)")
     sunspec: SunSpec | None = None
     registers: dict[Name, Register] = Field(default_factory=dict, description="Modbus registers")
     http: HttpSpec | None = Field(default=None, description="transport http: the JSON requests and values")

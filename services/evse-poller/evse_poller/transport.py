@@ -264,7 +264,9 @@ class Link:
             raise LinkError(f"{what()}: answer has {len(regs)} registers")
         return regs
 
-    async def write(self, table: Table, address: int, values: list[int], device_id: int, timeout_s: float) -> None:
+    async def write(self, table: Table, address: int, values: list[int], device_id: int, timeout_s: float,
+                    multiple: bool = False) -> None:
+        """Write ``values``: one register with FC 06 unless ``multiple`` (FC 16 also for a single register)."""
         def what() -> str:
             return f"write {table} {address}={values} unit {device_id}"
 
@@ -272,12 +274,12 @@ class Link:
             if type(c) is ModbusTcpClient:
                 if table == "coil":
                     return c.write_coil(address, bool(values[0]), device_id, timeout_s)
-                if len(values) == 1:
+                if len(values) == 1 and not multiple:
                     return c.write_register(address, values[0], device_id, timeout_s)
                 return c.write_registers(address, values, device_id, timeout_s)
             if table == "coil":
                 return c.write_coil(address, bool(values[0]), device_id=device_id)
-            if len(values) == 1:
+            if len(values) == 1 and not multiple:
                 return c.write_register(address, values[0], device_id=device_id)
             return c.write_registers(address, values, device_id=device_id)
 

@@ -548,6 +548,76 @@ def cfos(cp: ChargePoint, s: SimSettings) -> RegisterMap:
     return m
 
 
+# -- go-eCharger (HOME+/HOMEfix, Gemini, API v2 firmware) -----------------------------------------------
+# go-eCharger API v2 "Modbus" (modbus-en.md): TCP port 502; FC 03 and 04 read, FC 16 writes (FC 06 is not
+# supported). Input registers: 100 CAR_STATE (0 unknown/defective, 1 ready - no car, 2 charging, 3 waiting
+# for the car, 4 charging finished - car connected), 101 PP cable A, 105 firmware (2 registers ASCII),
+# 107 error, 108/110/112 voltage L1..L3 V (uint32), 114/116/118 current L1..L3 0.1 A (uint32), 120 total
+# power 0.01 kW (uint32), 128 total energy 0.1 kWh (uint32), 132 session energy deka-watt-seconds,
+# 144 voltage N, 146/148/150 power L1..L3 0.1 kW, 152..158 power factors %, 200 ALLOW, 202 adapter,
+# 203 unlocked by, 205 phases (flags). Holding registers: 200 ALLOW (0/1), 201 access state, 204 cable
+# lock mode, 206 LED brightness, 211 ampere max, 212..216 button levels, 299 AMPERE_VOLATILE (6..32 A, not
+# stored), 300 AMPERE_EEPROM (6..32 A), 332 PHASE_SWITCH_MODE (0 auto, 1 one phase, 2 three phases),
+# 333 ENERGY_LIMIT (float64 Wh), 337 FORCE_STATE (0 neutral, 1 off, 2 on).
+
+def goe(cp: ChargePoint, s: SimSettings) -> RegisterMap:
+    m = RegisterMap()
+    m.functions = frozenset({3, 4, 16})
+    cp.watchdog_mode = "off"
+    if cp.commanded_a is None:
+        cp.commanded_a = 16.0
+    regs = {"psm": 0, "access": 0, "force": 0, "eeprom": 16}
+    m.on_request = cp.on_request
+    m.before_read = cp.tick
+
+    def car_state() -> int:
+        if not cp.car.plugged:
+            return 1
+        if any(cp.draw()):
+            return 2
+        return 3 if cp.car.wants_charge else 4
+
+    def amps(v: int | float | str) -> bool:
+        a = int(v)
+        return _accept(6 <= a <= 32, lambda: cp.set_limit(float(a)))
+
+    def set_psm(v: int | float | str) -> bool:
+        r = int(v)
+        return _accept(r in (0, 1, 2), lambda: (regs.__setitem__("psm", r), cp.set_phases(1 if r == 1 else 3)))
+
+    i, h = "input", "holding"
+    m.field(i, 100, U16, car_state, name="CAR_STATE")
+    m.constant(i, 101, U16, 32, name="PP_CABLE")
+    m.constant(i, 105, STR, "0560", count=2, name="FWV")
+    m.constant(i, 107, U16, 0, name="ERROR")
+    for k in range(3):
+        m.constant(i, 108 + 2 * k, U32, 230, name=f"VOLT_L{k + 1}")
+        m.field(i, 114 + 2 * k, U32, lambda k=k: round(cp.draw()[k] * 10), name=f"AMP_L{k + 1}")
+        m.field(i, 146 + 2 * k, U32, lambda k=k: round(cp.draw()[k] * NOMINAL_V / 100), name=f"POWER_L{k + 1}")
+        m.constant(i, 152 + 2 * k, U32, 100, name=f"POWER_FACTOR_L{k + 1}")
+    m.field(i, 120, U32, lambda: round(cp.power_w() / 10), name="POWER_TOTAL 0.01 kW")
+    m.field(i, 128, U32, lambda: int(cp.energy_wh / 100), name="ENERGY_TOTAL 0.1 kWh")
+    m.field(i, 132, U32, lambda: round((cp.energy_wh - cp.session_start_wh) * 360), name="ENERGY_CHARGE daWs")
+    m.constant(i, 144, U32, 0, name="VOLT_N")
+    m.constant(i, 158, U32, 0, name="POWER_FACTOR_N")
+    m.field(i, 200, U16, lambda: 1 if cp.enabled else 0, name="ALLOW")
+    m.constant(i, 202, U16, 0, name="ADAPTER_INPUT")
+    m.constant(i, 203, U16, 0, name="UNLOCKED_BY")
+    m.field(i, 205, U16, lambda: 0b00111000 | (0b111 if any(cp.draw()) else 0), name="PHASES")
+    m.field(h, 200, U16, lambda: 1 if cp.enabled else 0,
+            lambda v: _accept(int(v) in (0, 1), lambda: cp.set_enabled(bool(int(v)))), name="ALLOW")
+    m.field(h, 201, U16, lambda: regs["access"],
+            lambda v: _accept(int(v) in (0, 1, 2, 3), lambda: regs.__setitem__("access", int(v))), name="ACCESS_STATE")
+    m.field(h, 211, U16, lambda: round(cp.max_current_a), name="AMPERE_MAX")
+    m.field(h, 299, U16, lambda: round(cp.commanded_a or 0), amps, name="AMPERE_VOLATILE")
+    m.field(h, 300, U16, lambda: regs["eeprom"],
+            lambda v: _accept(6 <= int(v) <= 32, lambda: regs.__setitem__("eeprom", int(v))), name="AMPERE_EEPROM")
+    m.field(h, 332, U16, lambda: regs["psm"], set_psm, name="PHASE_SWITCH_MODE")
+    m.field(h, 337, U16, lambda: regs["force"],
+            lambda v: _accept(int(v) in (0, 1, 2), lambda: regs.__setitem__("force", int(v))), name="FORCE_STATE")
+    return m
+
+
 # -- ABL eMH1/2/3 (Modbus ASCII) ----------------------------------------------------------------
 # ABL eMH interface description (evcc abl.go, esphome-abl-emh1): holding 0x0001 firmware
 # (2 registers), 0x0004 state (low byte), 0x0005 modify state (0xA1A1 enable, 0xE0E0 disable),
@@ -815,6 +885,7 @@ EVSE_SIMS: dict[str, Callable[[ChargePoint, SimSettings], RegisterMap]] = {
     "keba-p30": keba,
     "vestel-evc04": vestel,
     "cfos-power-brain": cfos,
+    "go-e-charger": goe,
 }
 METER_SIMS: dict[str, Callable[[MeterModel], RegisterMap]] = {
     "sdm630": sdm630,

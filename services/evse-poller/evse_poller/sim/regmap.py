@@ -69,6 +69,7 @@ class RegisterMap:
         self.before_read: Callable[[], None] | None = None
         self.silent = False  # a device that stopped answering (on a shared bus)
         self.max_read: int | None = None  # a device that refuses longer reads (exception 3, illegal value)
+        self.functions: frozenset[int] | None = None  # the function codes the device supports (None: all)
         self.reads = 0
         self.writes = 0
         self._echo: dict[tuple[str, int], list[int]] = {}
@@ -179,7 +180,7 @@ class RegisterMap:
         async def action(function_code: int, start_address: int, address: int, count: int,
                          registers: list[int], set_values: list[int] | list[bool] | None) -> ExcCodes | None:
             table = TABLE_OF_FC.get(function_code)
-            if table is None:
+            if table is None or (self.functions is not None and function_code not in self.functions):
                 return ExcCodes.ILLEGAL_FUNCTION
             if self.silent:
                 return ExcCodes.GATEWAY_NO_RESPONSE
