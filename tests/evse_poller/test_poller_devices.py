@@ -148,6 +148,21 @@ async def test_goe_is_written_with_fc16_only(rig: Rig) -> None:
     await _polls(rig)
 
 
+def test_golden_amtron() -> None:
+    # HCC3: FC04, 32-bit values low word first (evcc RTUUint32ToFloat64Swapped, AmtronWallbox Endian.Little)
+    i = "input"
+    raw = {(i, 0x0302): 6, (i, 0x030D): 0x2D40, (i, 0x030E): 0x0001, (i, 0x030F): 11040, (i, 0x0310): 0}
+    v = _decode("mennekes-amtron-hcc3", raw)
+    assert v["state"] == 6 and v["session_energy"] == 77120 and v["power"] == 11040
+    prof = load_profile("mennekes-amtron-hcc3")
+    assert "energy" not in prof.registers and "current_l1" not in prof.registers
+    for code, (iec, derived) in AMTRON_STATES.items():
+        info = logic.map_state(prof, code)
+        assert info.known and info.iec is iec and logic.derive_state(info, offered_a=10, enabled=True) is derived
+    for code in (0, 7, 8, 9, 10):
+        assert not logic.map_state(prof, code).known
+
+
 def test_golden_vestel() -> None:
     i = "input"
     raw = {(i, 1001): 1, (i, 1004): 3, (i, 1008): 15990, (i, 1020): 0, (i, 1021): 11040, (i, 1036): 0,
@@ -171,6 +186,7 @@ KEBA_STATES = {  # charging state (guide 3.1) / cable state (guide 3.2)
     **{f"4/{c}": (F, FA) for c in (0, 1, 3, 5, 7)},
     **{f"5/{c}": (A, AV) for c in (0, 1, 3)}, **{f"5/{c}": (B, SU) for c in (5, 7)},
 }
+AMTRON_STATES = {1: (A, AV), 2: (A, AV), 3: (B, PR), 4: (B, PR), 5: (C, CH), 6: (C, CH)}
 GOE_STATES = {0: (F, FA), 1: (A, AV), 2: (C, CH), 3: (B, PR), 4: (B, SU)}
 CFOS_STATES = {0: (A, AV), 1: (B, PR), 2: (C, CH), 3: (IecState.D, CH), 4: (B, SU), 5: (F, FA), 9: (F, FA)}
 VESTEL_STATES = {"0/0": (A, AV), "0/1": (A, AV), "0/2": (B, PR), "0/3": (B, PR), "1/2": (C, CH), "1/3": (C, CH)}
@@ -204,12 +220,12 @@ class Rig:
 @pytest.fixture(scope="module")
 async def rig(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Rig]:
     tmp = tmp_path_factory.mktemp("devices")
-    ports = {k: free_port() for k in ("meters", "shelly", "keba", "vestel", "cfos", "goe")}
+    ports = {k: free_port() for k in ("meters", "shelly", "keba", "vestel", "cfos", "goe", "amtron")}
     evses = "\n".join(
         f"  - {{id: {n}, circuit: garage, max_current_a: 16, safe_current_a: 6, phase_switching: true,"
         f" modbus: {{profile: {p}, host: 127.0.0.1, port: {ports[n]}, timeout_s: 0.3, retries: 0}}}}"
         for n, p in (("keba", "keba-p30"), ("vestel", "vestel-evc04"), ("cfos", "cfos-power-brain"),
-                     ("goe", "go-e-charger")))
+                     ("goe", "go-e-charger"), ("amtron", "mennekes-amtron-hcc3")))
     text = f"""
 site: {{name: devices}}
 state_dir: {tmp / 'state'}
@@ -279,14 +295,15 @@ async def _polls(rig: Rig, n: int = 2) -> None:
         await rig.poller.poll_once()
 
 
-@pytest.mark.parametrize("evse_id", ["keba", "vestel", "cfos", "goe"])
+@pytest.mark.parametrize("evse_id", ["keba", "vestel", "cfos", "goe", "amtron"])
 async def test_wallbox_charges_pauses_resumes_through_the_poller(rig: Rig, evse_id: str) -> None:
     rig.sims.plug(evse_id, phases=3, max_current_a=16)
     await _polls(rig)
     st = rig.pub.statuses[evse_id]
     assert st.online and st.iec_state is IecState.C and st.state is EvseState.CHARGING, st
     assert st.applied is not None and st.applied.fallback and st.current_a == pytest.approx([6.0] * 3, abs=0.01)
-    assert st.energy_wh is not None and st.power_w == pytest.approx(3 * 6 * 230, abs=1)
+    assert st.power_w == pytest.approx(3 * 6 * 230, abs=1)
+    assert (st.energy_wh is None) is (evse_id == "amtron")  # the HCC3 has no total energy register
     dev = rig.poller.evses[evse_id]
     dev.setpoint = setpoint(evse_id, 10.0, seq=1)
     await _polls(rig)

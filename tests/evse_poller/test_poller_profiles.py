@@ -10,7 +10,7 @@ from evse_poller.profile import PROFILE_DIR, ProfileError, available, load_profi
 from evse_poller.registers import plan_reads
 
 PROFILES = ["abl-emh", "alfen-eve", "carlo-gavazzi-em24", "cfos-power-brain", "go-e-charger",
-            "heidelberg-energy-control", "keba-p30", "phoenix-charx",
+            "heidelberg-energy-control", "keba-p30", "mennekes-amtron-hcc3", "phoenix-charx",
             "sdm630", "sdm72d-m", "shelly-pro-3em", "sunspec-meter", "vestel-evc04", "webasto-next"]
 
 

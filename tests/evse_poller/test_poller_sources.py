@@ -10,7 +10,7 @@ profile's header) say, typed in here and not taken from the YAML:
 from __future__ import annotations
 
 import pytest
-from test_poller_devices import CFOS_STATES, GOE_STATES, KEBA_STATES, VESTEL_STATES
+from test_poller_devices import AMTRON_STATES, CFOS_STATES, GOE_STATES, KEBA_STATES, VESTEL_STATES
 
 from chargegate import config as cfgmod
 from chargegate.cli import main as cli_main
@@ -46,7 +46,8 @@ STATE_TABLES: dict[str, dict[int | str, tuple[IecState, EvseState]]] = {
 }
 # wallboxes whose state code combines two registers (test_poller_devices.py has their tables and sources)
 STATE_TABLES.update({"keba-p30": KEBA_STATES, "vestel-evc04": VESTEL_STATES,  # type: ignore[dict-item]
-                     "cfos-power-brain": CFOS_STATES, "go-e-charger": GOE_STATES})
+                     "cfos-power-brain": CFOS_STATES, "go-e-charger": GOE_STATES,
+                     "mennekes-amtron-hcc3": AMTRON_STATES})
 # codes the sources do not document (must not be guessed)
 UNDOCUMENTED: dict[str, list[int | str]] = {"webasto-next": [2, 5, 6, 9], "heidelberg-energy-control": [0, 1, 12]}
 

@@ -618,6 +618,59 @@ def goe(cp: ChargePoint, s: SimSettings) -> RegisterMap:
     return m
 
 
+# -- Mennekes AMTRON Xtra / Premium (HCC3) ------------------------------------------------------------
+# "Description Modbus_AMTRON HCC3_v01_2021-06-25" as evcc mennekes-hcc3.go and MennekesAmtronWallbox read it:
+# unit 255; input 0x0300 internal temperature, 0x0301 external temperature, 0x0302 CP state (1, 2: A;
+# 3, 4: B; 5, 6: C), 0x0303 PP state, 0x0304 HCC3 error code, 0x0305 AMTRON state, 0x0306 operation mode,
+# 0x0307 connector type, 0x0308 number of phases, 0x0309 rated current, 0x030A installation current,
+# 0x030B serial (u32), 0x030D charging session meter count Wh (u32), 0x030F actual power W (u32) - 32-bit
+# values low word first -, 0x0311 wallbox name (11 registers), 0x031D max current T1, 0x031E/0x031F start
+# hour/minute T1; holding 0x0400 charging current A (0 disables, 6..32).
+
+def amtron_hcc3(cp: ChargePoint, s: SimSettings) -> RegisterMap:
+    m = RegisterMap()
+    cp.watchdog_mode = "off"
+    if cp.commanded_a is None:
+        cp.commanded_a = 16.0
+    m.on_request = cp.on_request
+    m.before_read = cp.tick
+    lsw = "little"
+
+    def cp_state() -> int:
+        if not cp.car.plugged:
+            return 1
+        if any(cp.draw()):
+            return 6
+        return 4 if cp.limit_a() >= 6.0 else 3
+
+    def set_current(v: int | float | str) -> bool:
+        a = int(v)
+        return _accept(a == 0 or 6 <= a <= 32, lambda: cp.set_limit(float(a)))
+
+    i = "input"
+    m.constant(i, 0x0300, U16, 21, name="internal temperature")
+    m.constant(i, 0x0301, U16, 12, name="external temperature")
+    m.field(i, 0x0302, U16, cp_state, name="CP state")
+    m.field(i, 0x0303, U16, lambda: 4 if cp.car.plugged else 0, name="PP state")
+    m.constant(i, 0x0304, U16, 0, name="HCC3 error code")
+    m.constant(i, 0x0305, U16, 0, name="AMTRON state")
+    m.constant(i, 0x0306, U16, 1, name="operation mode")
+    m.constant(i, 0x0307, U16, 2, name="connector type")
+    m.field(i, 0x0308, U16, lambda: cp.evse_phases, name="number of phases")
+    m.constant(i, 0x0309, U16, 32, name="rated current")
+    m.field(i, 0x030A, U16, lambda: round(cp.max_current_a), name="installation current")
+    m.field(i, 0x030B, U32, lambda: 1234567890, word_order=lsw, name="serial number")
+    m.field(i, 0x030D, U32, lambda: round(cp.energy_wh - cp.session_start_wh), word_order=lsw,
+            name="charging session meter count")
+    m.field(i, 0x030F, U32, lambda: round(cp.power_w()), word_order=lsw, name="actual power consumption")
+    m.constant(i, 0x0311, STR, "AMTRON", count=11, name="wallbox name")
+    m.constant(i, 0x031D, U16, 16, name="max current T1")
+    m.constant(i, 0x031E, U16, 4, name="start hour T1")
+    m.constant(i, 0x031F, U16, 30, name="start minute T1")
+    m.field("holding", 0x0400, U16, lambda: round(cp.commanded_a or 0), set_current, name="charging current")
+    return m
+
+
 # -- ABL eMH1/2/3 (Modbus ASCII) ----------------------------------------------------------------
 # ABL eMH interface description (evcc abl.go, esphome-abl-emh1): holding 0x0001 firmware
 # (2 registers), 0x0004 state (low byte), 0x0005 modify state (0xA1A1 enable, 0xE0E0 disable),
@@ -886,6 +939,7 @@ EVSE_SIMS: dict[str, Callable[[ChargePoint, SimSettings], RegisterMap]] = {
     "vestel-evc04": vestel,
     "cfos-power-brain": cfos,
     "go-e-charger": goe,
+    "mennekes-amtron-hcc3": amtron_hcc3,
 }
 METER_SIMS: dict[str, Callable[[MeterModel], RegisterMap]] = {
     "sdm630": sdm630,
