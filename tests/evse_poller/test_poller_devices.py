@@ -394,3 +394,29 @@ async def test_cfos_pauses_with_charging_enable_and_never_reads_across_gaps(rig:
         assert (await client.read_holding_registers(8058, count=40, device_id=1)).isError()  # 8070.. undocumented
     finally:
         client.close()
+
+
+def test_config_check_knows_the_new_profiles_safe_current(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from evse_poller.check import check_config
+
+    def cfg(profile: str, safe: float) -> cfgmod.Config:
+        return cfgmod.loads(f"""
+site: {{name: t}}
+state_dir: {tmp_path}
+circuits: [{{id: grid, fuse_a: 63}}]
+evses:
+  - {{id: wb, circuit: grid, max_current_a: 63, safe_current_a: {safe},
+      modbus: {{profile: {profile}, host: 127.0.0.1}}}}
+""")
+
+    # failsafe registers programmed by the poller: 6..32 A, 0 is refused with what the box would do
+    err = dict(check_config(cfg("vestel-evc04", 0)))["evses[0].safe_current_a"]
+    assert "6..32 A" in err and "failsafe current" in err and "going on charging" in err
+    assert check_config(cfg("vestel-evc04", 6)) == []
+    # the poller's own safe current: 0 (pause) or 6..32 A
+    for profile in ("keba-p30", "cfos-power-brain", "go-e-charger", "mennekes-amtron-hcc3"):
+        assert check_config(cfg(profile, 0)) == [], profile
+        assert check_config(cfg(profile, 16)) == [], profile
+        err = dict(check_config(cfg(profile, 4)))["evses[0].safe_current_a"]
+        assert "0 (off) or 6..32 A" in err, (profile, err)
+    assert "0 (off) or 6..32 A" in dict(check_config(cfg("keba-p30", 40)))["evses[0].safe_current_a"]
