@@ -9,8 +9,9 @@ from evse_poller.codec import DType
 from evse_poller.profile import PROFILE_DIR, ProfileError, available, load_profile, load_profile_file, parse_profile
 from evse_poller.registers import plan_reads
 
-PROFILES = ["abl-emh", "alfen-eve", "heidelberg-energy-control", "phoenix-charx", "sdm630", "sunspec-meter",
-            "webasto-next"]
+PROFILES = ["abl-emh", "alfen-eve", "carlo-gavazzi-em24", "cfos-power-brain", "go-e-charger",
+            "heidelberg-energy-control", "keba-p30", "mennekes-amtron-hcc3", "phoenix-charx",
+            "sdm630", "sdm72d-m", "shelly-pro-3em", "sunspec-meter", "vestel-evc04", "webasto-next"]
 
 
 def test_all_profiles_load_and_cite_their_source():
@@ -65,7 +66,8 @@ GOLDEN = {
     # ABL eMH: 0x0014 Icmax duty cycle (A / 0.06), 0x002E status report, 0x0005 modify state
     "abl-emh": [("icmax", "holding", 0x14, DType.UINT16, 0.06),
                 ("state", "holding", 0x2E, DType.UINT16, 1.0),
-                ("current_l1", "holding", 0x30, DType.UINT16, 0.1),
+                ("current_l1", "holding", 0x32, DType.UINT16, 0.1),  # evcc abl.go: L3 L2 L1
+                ("current_l3", "holding", 0x30, DType.UINT16, 0.1),
                 ("modify_state", "holding", 0x05, DType.UINT16, 1.0)],
     # Eastron SDM630: input registers, float32; 0x0006 I1, 0x0034 total power, 0x0048 import kWh
     "sdm630": [("voltage_l1", "input", 0x00, DType.FLOAT32, 1.0),

@@ -10,6 +10,7 @@ profile's header) say, typed in here and not taken from the YAML:
 from __future__ import annotations
 
 import pytest
+from test_poller_devices import AMTRON_STATES, CFOS_STATES, GOE_STATES, KEBA_STATES, VESTEL_STATES
 
 from chargegate import config as cfgmod
 from chargegate.cli import main as cli_main
@@ -27,19 +28,26 @@ AV, PR, CH, SU, FI, FA, UN = (EvseState.AVAILABLE, EvseState.PREPARING, EvseStat
 STATE_TABLES: dict[str, dict[int | str, tuple[IecState, EvseState]]] = {
     # Webasto NEXT register 1000 (OpenEMS ChargePointState, evcc webasto-next.go, HA const.py)
     "webasto-next": {0: (A, AV), 1: (B, PR), 3: (C, CH), 4: (B, SU), 7: (F, FA), 8: (A, UN)},
-    # Heidelberg EC register table, input 5 (evcc amperfied.go: 2,3 A; 4,5 B; 6,7 C; 8 D; 9 E; 10 F)
+    # Heidelberg EC register table, input 5 (evcc amperfied.go: 2,3 A; 4,5 B; 6,7 C; OpenEMS StatusConverter:
+    # 8, 9 error - 8 is derating, charging at a reduced current, in the register table: C)
     "heidelberg-energy-control": {2: (A, AV), 3: (A, AV), 4: (B, PR), 5: (B, PR), 6: (C, CH), 7: (C, CH),
                                   8: (C, CH), 9: (E, FA), 10: (F, UN), 11: (F, FA)},
-    # Alfen NG9xx 3.4.1 mode 3 states (evcc alfen.go takes the first letter)
+    # Alfen NG9xx 3.4.1 mode 3 states (evcc alfen.go takes the first letter and E as A; HA alfen_modbus:
+    # no car in A, E, F) - E was IEC E (faulted) before
     "alfen-eve": {"A": (A, AV), "B1": (B, PR), "B2": (B, PR), "C1": (C, CH), "C2": (C, CH), "D1": (D, CH),
-                  "D2": (D, CH), "E": (E, FA), "F": (F, FA)},
+                  "D2": (D, CH), "E": (A, UN), "F": (F, FA)},
     # CHARX status 1299, two ASCII characters per IEC 61851-1 (evcc phoenix-charx.go: first letter)
-    "phoenix-charx": {"A1": (A, AV), "B1": (B, PR), "B2": (B, PR), "C1": (C, CH), "C2": (C, CH), "E0": (E, FA),
-                      "F0": (F, FA)},
-    # ABL status report low byte (evcc abl.go ablStatus: A1..C4 by their first nibble; E0 outlet disabled)
+    "phoenix-charx": {"A1": (A, AV), "A2": (A, AV), "B1": (B, PR), "B2": (B, PR), "C1": (C, CH), "C2": (C, CH),
+                      "D1": (D, CH), "D2": (D, CH), "E0": (E, FA), "E": (E, FA), "F0": (F, FA), "F": (F, FA)},
+    # ABL status code (evcc abl.go ablStatus, esphome-abl-emh1 STATE names, OpenEMS AblStatus family)
     "abl-emh": {0xA1: (A, AV), 0xB1: (B, PR), 0xB2: (B, PR), 0xC2: (C, CH), 0xC3: (C, CH), 0xC4: (C, CH),
-                0xE0: (B, UN), 0xF1: (F, FA), 0xF4: (F, FA), 0xFB: (F, FA)},
+                0xE0: (B, UN), 0xE1: (F, UN), 0xE2: (F, UN), 0xE3: (A, AV),
+                **{code: (F, FA) for code in range(0xF1, 0xFC)}},
 }
+# wallboxes whose state code combines two registers (test_poller_devices.py has their tables and sources)
+STATE_TABLES.update({"keba-p30": KEBA_STATES, "vestel-evc04": VESTEL_STATES,  # type: ignore[dict-item]
+                     "cfos-power-brain": CFOS_STATES, "go-e-charger": GOE_STATES,
+                     "mennekes-amtron-hcc3": AMTRON_STATES})
 # codes the sources do not document (must not be guessed)
 UNDOCUMENTED: dict[str, list[int | str]] = {"webasto-next": [2, 5, 6, 9], "heidelberg-energy-control": [0, 1, 12]}
 
@@ -87,6 +95,85 @@ def test_golden_webasto_frames() -> None:
     assert v["state"] == 3 and v["current_l1"] == pytest.approx(16.0) and v["current_l2"] == pytest.approx(15.99)
     assert v["power"] == 11040 and v["energy"] == 123456
     assert logic.map_state(load_profile("webasto-next"), v["state"]).iec is C
+
+
+def test_golden_abl_status_report_phase_order() -> None:
+    # status report 0x2E..0x32 of an eMH charging one phase at 16 A: evcc (abl.go) reads the last current
+    # register as L1 - a single-phase car shows on L1 (earlier versions of the profile showed it on L3)
+    h = "holding"
+    v = _decode("abl-emh", {(h, 0x2E): 0x2EC2, (h, 0x2F): 0x1000 | 267, (h, 0x30): 1000, (h, 0x31): 1000,
+                            (h, 0x32): 160})
+    assert v["state"] == 0xC2 and v["current_l1"] == pytest.approx(16.0)
+    assert v["current_l2"] is None and v["current_l3"] is None  # 0x03E8: not measured
+
+
+def _words(fmt: str, *values: object) -> list[int]:
+    import struct
+
+    data = struct.pack(">" + fmt, *values)
+    return list(struct.unpack(f">{len(data) // 2}H", data))
+
+
+def _put(raw: dict[tuple[str, int], int], table: str, address: int, words: list[int]) -> None:
+    for i, w in enumerate(words):
+        raw[(table, address + i)] = w
+
+
+def test_golden_alfen_frames() -> None:
+    # NG9xx v2.3: big-endian float32 (currents, power), float64 (energy Wh), mode 3 state as ASCII
+    h, raw = "holding", {}
+    _put(raw, h, 320, _words("f", 15.75))
+    _put(raw, h, 344, _words("f", 10867.5))
+    _put(raw, h, 374, _words("d", 1234567.25))
+    _put(raw, h, 1201, _words("10s", b"C2"))
+    v = _decode("alfen-eve", raw)
+    assert v["current_l1"] == pytest.approx(15.75) and v["power"] == pytest.approx(10867.5)
+    assert v["energy"] == pytest.approx(1234567.25) and v["state"] == "C2"
+    assert logic.map_state(load_profile("alfen-eve"), v["state"]).iec is C
+
+
+def test_golden_heidelberg_frames() -> None:
+    # register table 1.0.8: input 5 state, 6..8 currents in 0.1 A, 14 power VA, 17 energy uint32 high word first
+    i, raw = "input", {}
+    raw.update({(i, 5): 7, (i, 6): 160, (i, 7): 159, (i, 8): 0, (i, 14): 7360})
+    _put(raw, i, 17, _words("I", 123456))
+    v = _decode("heidelberg-energy-control", raw)
+    assert v["state"] == 7 and v["current_l1"] == pytest.approx(16.0) and v["current_l2"] == pytest.approx(15.9)
+    assert v["power"] == 7360 and v["energy"] == 123456
+
+
+def test_golden_charx_frames() -> None:
+    # UM EN CHARX SEC: int32 mA / mW, int64 Wh, status two ASCII characters
+    h, raw = "holding", {}
+    _put(raw, h, 1238, _words("i", 16123))
+    _put(raw, h, 1244, _words("i", 11040500))
+    _put(raw, h, 1250, _words("q", 98765432))
+    _put(raw, h, 1299, _words("2s", b"B2"))
+    v = _decode("phoenix-charx", raw)
+    assert v["current_l1"] == pytest.approx(16.123) and v["power"] == pytest.approx(11040.5)
+    assert v["energy"] == 98765432 and v["state"] == "B2"
+
+
+def test_golden_sunspec_model_203_frames() -> None:
+    # model 203 offsets: int16 with scale factors; 0x8000 = not implemented
+    prof = load_profile("sunspec-meter")
+    h, raw = "holding", {}
+    raw.update({(h, 3): 1234, (h, 4): 0x8000, (h, 5): (-56) & 0xFFFF, (h, 6): (-2) & 0xFFFF,
+                (h, 8): 2305, (h, 15): (-1) & 0xFFFF, (h, 18): (-345) & 0xFFFF, (h, 22): 1})
+    _put(raw, h, 46, _words("I", 987654))
+    raw[(h, 54)] = 0
+    names = ["current_l1", "current_l2", "current_l3", "a_sf", "voltage_l1", "v_sf", "power", "w_sf",
+             "energy_import", "totwh_sf"]
+    blocks = plan_reads(prof, names)
+    words = {(b.table, b.address): [raw.get((b.table, b.address + k), 0) for k in range(b.count)] for b in blocks}
+    from evse_poller.registers import extract
+
+    v, errors = extract(prof, words, blocks)
+    assert not errors, errors
+    assert v["current_l1"] == pytest.approx(12.34) and v["current_l2"] is None
+    assert v["current_l3"] == pytest.approx(-0.56)
+    assert v["voltage_l1"] == pytest.approx(230.5) and v["power"] == pytest.approx(-3450.0)
+    assert v["energy_import"] == 987654
 
 
 def test_golden_meter_frames() -> None:

@@ -65,7 +65,7 @@ class _Base:
 
     # -- helpers -----------------------------------------------------------------------------
     def _warn_once(self, key: str, msg: str, **kw: Any) -> None:
-        self._warned.warning(key, msg, **{self.kind: self.id}, **kw)
+        self._warned.warning(key, msg, **{self.kind: self.id, **kw})  # kw may name the device again
 
     async def _read_blocks(self, blocks: list[ReadBlock]) -> dict[tuple[Any, int], list[int]]:
         out: dict[tuple[Any, int], list[int]] = {}
@@ -107,7 +107,8 @@ class _Base:
         last: LinkError | None = None
         for _ in range(t.retries + 1):
             try:
-                await self.link.write(reg.table, reg.address + self._offset, words, t.device_id, t.timeout_s)
+                await self.link.write(reg.table, reg.address + self._offset, words, t.device_id, t.timeout_s,
+                                      multiple=self.profile.write_multiple)
                 self.counters["modbus_writes"] += 1
                 return
             except DeviceRejected:
@@ -361,13 +362,15 @@ class EvseDevice(_Base):
             elif self._in_fallback is not None:
                 self.log.info("setpoint valid again", evse=self.id, seq=target.seq)
             self._in_fallback = target.fallback
-        words, applied_a = logic.current_words(prof, target.current_a)
+        writes, applied_a = logic.current_writes(prof, target.current_a)
+        words = [w for _, ws in writes for w in ws]  # what was applied, to compare with the last write
         wrote = False
         expiring = self._remaining_s is not None and self._remaining_s <= 2 * self.interval_s + 1
         if expiring or logic.needs_write(words, self._last_words, self._last_write_at, now, cc.refresh_s):
             self._remaining_s = None
             try:
-                await self._write(cc.reg, words)
+                for name, ws in writes:
+                    await self._write(name, ws)
             except DeviceRejected as e:
                 self._warn_once(f"setpoint:{words}", "device refused the current setpoint", evse=self.id,
                                 current_a=target.current_a, error=str(e))
@@ -402,7 +405,10 @@ class EvseDevice(_Base):
         if self._keepalive_at is not None and now - self._keepalive_at < every:
             return
         ka = wd.keepalive
-        await self._write(ka.reg, encode_raw(self.profile, self.profile.registers[ka.reg], ka.value))
+        reg = self.profile.registers[ka.reg]
+        words = (encode_value(self.profile, reg, self.watchdog_s) if ka.value == "timeout"
+                 else encode_raw(self.profile, reg, ka.value))
+        await self._write(ka.reg, words)
         self._keepalive_at = now
 
     async def command(self, cmd: p.EvseCommand) -> tuple[bool, str]:
@@ -449,7 +455,7 @@ class MeterDevice(_Base):
         self.memory = logic.MeterMemory()
         self.last_reading: p.MeterReading | None = None
         self._names = [n for n in logic_names(profile, "meter") if n in profile.registers]
-        self._reads = plan_reads(profile, self._names)
+        self._reads = plan_reads(profile, self._names) if profile.http is None else []
 
     async def _ensure_init(self) -> None:
         generation = await self.link.connect()
@@ -460,13 +466,40 @@ class MeterDevice(_Base):
             self._reads = plan_reads(self.profile, self._names, offset=self._offset)
         self._init_generation = generation
 
+    async def _read_http(self) -> tuple[dict[str, Any], list[str]]:
+        """Every request of the profile's ``http`` section, retried like a Modbus read."""
+        from evse_poller.httpjson import extract_json
+
+        spec = self.profile.http
+        assert spec is not None
+        t = self.target
+        docs: dict[str, Any] = {}
+        for name, req in spec.requests.items():
+            last: LinkError | None = None
+            for _ in range(t.retries + 1):
+                try:
+                    docs[name] = await self.link.get_json(req.path, t.timeout_s, spec.max_body_bytes)
+                    break
+                except DeviceRejected:
+                    raise
+                except LinkError as e:
+                    last = e
+            if name not in docs:
+                assert last is not None
+                raise last
+        self._last_request = time.monotonic()
+        return extract_json(self.profile, docs)
+
     async def poll(self) -> p.MeterReading:
         t0 = time.perf_counter()
         async with self.lock:
             try:
                 await self._ensure_init()
-                words = await self._read_blocks(self._reads)
-                values, errors = extract(self.profile, words, self._reads, offset=self._offset)
+                if self.profile.http is not None:
+                    values, errors = await self._read_http()
+                else:
+                    words = await self._read_blocks(self._reads)
+                    values, errors = extract(self.profile, words, self._reads, offset=self._offset)
                 for e in errors:
                     self._warn_once(f"decode:{e}", "register value could not be decoded", error=e)
             except (LinkError, DeviceError) as e:
@@ -494,7 +527,7 @@ def logic_names(profile: Profile, kind: str) -> list[str]:
     from evse_poller.profile import EVSE_POLLED, METER_MEASUREMENTS
 
     names = list(EVSE_POLLED if kind == "evse" else METER_MEASUREMENTS)
-    extra: list[str] = []
+    extra: list[str] = [profile.state.reg, *profile.state.combine] if profile.state is not None else []
     for n in names:
         reg = profile.registers.get(n)
         if reg is not None and reg.scale_register is not None:

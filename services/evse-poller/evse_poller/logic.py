@@ -46,6 +46,19 @@ class StateInfo:
     known: bool
 
 
+def state_code(profile: Profile, values: dict[str, Value]) -> Value:
+    """The raw state code of one poll: the state register's value or, with ``state.combine``, the
+    values of the state register and the combined ones joined by '/' (None if any is missing)."""
+    assert profile.state is not None
+    raw = values.get(profile.state.reg)
+    if not profile.state.combine:
+        return raw
+    parts = [raw, *(values.get(n) for n in profile.state.combine)]
+    if any(v is None for v in parts):
+        return None
+    return "/".join(str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) for v in parts)
+
+
 def map_state(profile: Profile, raw: Value) -> StateInfo:
     """Look the raw state code up in the profile (codes are compared as text)."""
     if profile.state is None or raw is None:
@@ -122,7 +135,7 @@ def evaluate_evse(profile: Profile, values: dict[str, Value], memory: EvseMemory
     flags: list[str] = []
     reason: str | None = None
     assert profile.state is not None
-    raw_state = values.get(profile.state.reg)
+    raw_state = state_code(profile, values)
     raw_out: int | str | None = raw_state if isinstance(raw_state, int | str) else None
     if isinstance(raw_state, float):
         raw_out = int(raw_state) if raw_state.is_integer() else str(raw_state)
@@ -286,6 +299,22 @@ def current_words(profile: Profile, target_a: float) -> tuple[list[int], float]:
     words = encode_value(profile, reg, target_a)
     applied = to_raw(reg, target_a) * reg.scale if reg.type.value.startswith(("uint", "int")) else target_a
     return words, math.floor(applied * 1000 + 1e-6) / 1000  # reported to the mA, never rounded up
+
+
+def current_writes(profile: Profile, target_a: float) -> tuple[list[tuple[str, list[int]]], float]:
+    """The writes that apply ``target_a``, in order, as (register name, words), and the current they mean.
+    Usually one write to the current register; with ``current.pause`` a pause is one write to the pause
+    register, and a current the pause register's 'running' value followed by the current."""
+    cc = profile.current
+    assert cc is not None
+    if cc.pause is None:
+        words, applied = current_words(profile, target_a)
+        return [(cc.reg, words)], applied
+    preg = profile.registers[cc.pause.reg]
+    if target_a <= 0:
+        return [(cc.pause.reg, encode_raw(profile, preg, cc.pause.paused))], 0.0
+    words, applied = current_words(profile, target_a)
+    return [(cc.pause.reg, encode_raw(profile, preg, cc.pause.running)), (cc.reg, words)], applied
 
 
 def needs_write(words: list[int], last_words: list[int] | None, last_write_at: float | None, now: float,

@@ -98,7 +98,7 @@ class Register(_Strict):
 
 
 class TransportDefaults(_Strict):
-    type: Literal["tcp", "rtu", "ascii", "rtu-over-tcp"]
+    type: Literal["tcp", "rtu", "ascii", "rtu-over-tcp", "http"]
     port: int = Field(default=502, ge=1, le=65535)
     device_id: int = Field(default=1, ge=0, le=255)
     baudrate: int = Field(default=9600, ge=300, le=1_000_000)
@@ -120,6 +120,9 @@ class ReadOptions(_Strict):
 
 class StateMap(_Strict):
     reg: Name = Field(alias="register")
+    combine: list[Name] = Field(default_factory=list, max_length=3,
+                                description="further registers whose raw values make up the state code with the "
+                                            "first one, joined by '/' (e.g. charging state and cable state: '3/7')")
     codes: dict[str, IecState] = Field(min_length=1, description="raw state code -> IEC 61851 state")
     derived: dict[str, EvseState] = Field(default_factory=dict,
                                           description="raw code -> derived state where the IEC state says too little")
@@ -132,10 +135,20 @@ class StateMap(_Strict):
         return v
 
 
+class PauseControl(_Strict):
+    """Devices that cannot be told 0 A: pausing writes ``paused`` to a register of its own, and every
+    current written is preceded by ``running`` there (e.g. KEBA: 5004 takes 6..63 A only, 5014 0/1)."""
+
+    reg: Name = Field(alias="register")
+    paused: int
+    running: int
+
+
 class CurrentControl(_Strict):
     """How the maximum charging current is set."""
 
     reg: Name = Field(alias="register")
+    pause: PauseControl | None = Field(default=None, description="pause through another register")
     min_a: float = Field(default=6.0, ge=0, le=80, description="lowest current the device accepts besides pause")
     max_a: float = Field(default=32.0, gt=0, le=80)
     pause_a: float = Field(default=0.0, ge=0, le=80, description="current written to pause charging")
@@ -159,7 +172,9 @@ class EnableControl(_Strict):
 
 class Keepalive(_Strict):
     reg: Name = Field(alias="register")
-    value: int
+    value: int | Literal["timeout"] = Field(description="raw value written, or 'timeout': the programmed watchdog "
+                                                        "timeout, in the register's unit (a device whose keep-alive "
+                                                        "is rewriting its timeout)")
     every_s: float | None = Field(default=None, gt=0, le=3600,
                                   description="default: half the programmed watchdog timeout")
 
@@ -219,6 +234,45 @@ class SunSpec(_Strict):
     base_addresses: list[int] = Field(default=[40000, 0, 50000], min_length=1)
 
 
+class HttpRequest(_Strict):
+    """One HTTP GET whose answer is a JSON document."""
+
+    path: str = Field(pattern=r"^/[A-Za-z0-9/._~%!$&'()*+,;=:@?-]*$", max_length=200,
+                      description="path and query, e.g. /rpc/EM.GetStatus?id=0")
+
+
+class JsonValue(_Strict):
+    """One quantity taken from a JSON answer."""
+
+    request: Name = Field(description="the request (http.requests) whose answer holds it")
+    path: str = Field(pattern=r"^[A-Za-z0-9_:\-]+(\.[A-Za-z0-9_:\-]+)*$", max_length=120,
+                      description="dotted path into the document; a number selects a list element (emeters.0.power)")
+    scale: float = Field(default=1.0, description="engineering value = JSON number * scale")
+    unit: str | None = None
+    doc: str | None = None
+
+    @model_validator(mode="after")
+    def _finite(self) -> JsonValue:
+        if self.scale == 0 or not math.isfinite(self.scale):
+            raise ValueError("scale must be a finite non-zero number")
+        return self
+
+
+class HttpSpec(_Strict):
+    """A device read over HTTP: the requests of one poll and where each quantity is in their answers."""
+
+    requests: dict[Name, HttpRequest] = Field(min_length=1, max_length=8)
+    values: dict[Name, JsonValue] = Field(min_length=1)
+    max_body_bytes: int = Field(default=65536, ge=256, le=1_048_576, description="a longer answer is refused")
+
+    @model_validator(mode="after")
+    def _requests_known(self) -> HttpSpec:
+        for n, v in self.values.items():
+            if v.request not in self.requests:
+                raise ValueError(f"values.{n}.request: unknown request {v.request!r}")
+        return self
+
+
 class Profile(_Strict):
     name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9\-]*$", max_length=64)]
     kind: Literal["evse", "meter"]
@@ -229,8 +283,11 @@ class Profile(_Strict):
     byte_order: Order = "big"
     word_order: Order = "big"
     read: ReadOptions = Field(default_factory=ReadOptions)
+    write_multiple: bool = Field(default=False, description="write single registers with FC 16 too (devices "
+                                                            "that do not support FC 06)")
     sunspec: SunSpec | None = None
-    registers: dict[Name, Register] = Field(min_length=1)
+    registers: dict[Name, Register] = Field(default_factory=dict, description="Modbus registers")
+    http: HttpSpec | None = Field(default=None, description="transport http: the JSON requests and values")
     state: StateMap | None = None
     current: CurrentControl | None = None
     phases: PhaseControl | None = None
@@ -261,6 +318,20 @@ class Profile(_Strict):
                 if sf is not None and sf.type is not DType.SUNSSF:
                     errs.append(f"registers.{n}.scale_register: {r.scale_register!r} is not of type sunssf")
         known = EVSE_MEASUREMENTS if self.kind == "evse" else METER_MEASUREMENTS
+        if self.transport.type == "http":
+            if self.http is None:
+                errs.append("http: a profile with transport http says what it requests (http.requests, http.values)")
+            if regs:
+                errs.append("registers: a profile with transport http has no Modbus registers")
+            if self.kind != "meter":
+                errs.append("transport.type: http is supported for meters only")
+            if self.sunspec is not None:
+                errs.append("sunspec: only for Modbus profiles")
+        else:
+            if self.http is not None:
+                errs.append("http: only for transport http")
+            if not regs:
+                errs.append("registers: a Modbus profile needs at least one register")
         if self.kind == "evse":
             if self.state is None:
                 errs.append("state: an EVSE profile needs a state mapping")
@@ -268,8 +339,12 @@ class Profile(_Strict):
                 errs.append("current: an EVSE profile needs current control")
             if self.state is not None:
                 need(self.state.reg, "state.register")
+                for i, c in enumerate(self.state.combine):
+                    need(c, f"state.combine[{i}]")
             if self.current is not None:
                 need(self.current.reg, "current.register", writable=True)
+                if self.current.pause is not None:
+                    need(self.current.pause.reg, "current.pause.register", writable=True)
                 if self.current.min_a > self.current.max_a:
                     errs.append("current: min_a is above max_a")
             if self.safe_current is None:
@@ -290,11 +365,11 @@ class Profile(_Strict):
             for section in ("state", "current", "phases", "enable", "watchdog", "safe_current"):
                 if getattr(self, section) is not None:
                     errs.append(f"{section}: a meter profile has no {section} section")
-            if not any(k in regs for k in ("current_l1", "power")):
+            if not any(k in self.quantities() for k in ("current_l1", "power")):
                 errs.append("registers: a meter needs at least current_l1 or power")
         for i, w in enumerate(self.init):
             need(w.reg, f"init[{i}].register", writable=True)
-        for n in regs:
+        for n in self.quantities():
             if _MEASUREMENT_LIKE.match(n) and n not in known:
                 errs.append(f"registers.{n}: not a {self.kind} measurement; known: {', '.join(known)}")
         if self.transport.type in ("rtu", "ascii") and self.transport.port != 502:
@@ -304,6 +379,10 @@ class Profile(_Strict):
         return self
 
     # -- helpers -------------------------------------------------------------------------------
+    def quantities(self) -> list[str]:
+        """Names of everything the device can be read for: Modbus registers or HTTP values."""
+        return list(self.http.values) if self.http is not None else list(self.registers)
+
     @property
     def programs_failsafe(self) -> bool:
         """The device is told the safe current and applies it by itself when chargegate is silent."""

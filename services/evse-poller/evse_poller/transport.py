@@ -7,6 +7,9 @@ exponential backoff. Every request has its own timeout; retries are the caller's
 Modbus TCP (MBAP framing) goes through the small client in :mod:`evse_poller.mbtcp` (about 55 % of
 pymodbus' user CPU per request); RTU and ASCII, on a serial line or through a TCP gateway, through pymodbus.
 ``FAST_TCP = False`` puts Modbus TCP back on pymodbus (benchmark comparison).
+
+A profile with ``transport: {type: http}`` (a meter's local JSON API) gets an :class:`~evse_poller.httpjson.HttpLink`
+instead, with the same request lock, timeouts and error classes.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from evse_poller.profile import Profile, Table
 
 log = structlog.get_logger("evse-poller.transport")
 
-TransportName = Literal["tcp", "rtu", "ascii", "rtu-over-tcp"]
+TransportName = Literal["tcp", "rtu", "ascii", "rtu-over-tcp", "http"]
 
 
 class LinkError(Exception):
@@ -45,8 +48,8 @@ class DeviceRejected(LinkError):
 class Endpoint:
     """Where a link goes. Devices with equal endpoints share one link."""
 
-    kind: Literal["tcp", "serial"]
-    framer: Literal["socket", "rtu", "ascii"]
+    kind: Literal["tcp", "serial", "http"]
+    framer: Literal["socket", "rtu", "ascii", "http"]
     host: str = ""
     port: int = 0
     device: str = ""
@@ -56,6 +59,8 @@ class Endpoint:
     bytesize: int = 8
 
     def describe(self) -> str:
+        if self.kind == "http":
+            return f"http://{self.host}:{self.port}"
         if self.kind == "tcp":
             return f"{self.host}:{self.port}" + ("" if self.framer == "socket" else f" ({self.framer} over TCP)")
         return f"{self.device} {self.baudrate} {self.bytesize}{self.parity}{self.stopbits} ({self.framer})"
@@ -74,6 +79,15 @@ class Target:
 def resolve(conn: ModbusConnection, profile: Profile) -> Target:
     """Merge the configuration with the profile's transport defaults."""
     t = profile.transport
+    if t.type == "http" or conn.transport == "http":
+        if t.type != "http":
+            raise ValueError(f"profile {profile.name} speaks Modbus ({t.type}), not http")
+        if conn.transport not in (None, "http"):
+            raise ValueError(f"profile {profile.name} is read over http, not Modbus {conn.transport}")
+        if not conn.host:
+            raise ValueError("transport http needs modbus.host")
+        return Target(Endpoint("http", "http", host=conn.host, port=conn.port or t.port), 0, conn.timeout_s,
+                      conn.retries)
     serial_framing: Literal["rtu", "ascii"] = "ascii" if t.type == "ascii" else "rtu"
     transport = conn.transport
     if transport is None:
@@ -89,7 +103,7 @@ def resolve(conn: ModbusConnection, profile: Profile) -> Target:
         if not conn.host:
             raise ValueError(f"transport {transport} needs modbus.host")
         # rtu-over-tcp: serial frames tunnelled through a gateway; their framing follows the profile
-        framer: Literal["socket", "rtu", "ascii"] = "socket" if transport == "tcp" else serial_framing
+        framer: Literal["socket", "rtu", "ascii", "http"] = "socket" if transport == "tcp" else serial_framing
         ep = Endpoint("tcp", framer, host=conn.host, port=conn.port or t.port)
     else:
         if conn.serial is None:
@@ -250,7 +264,9 @@ class Link:
             raise LinkError(f"{what()}: answer has {len(regs)} registers")
         return regs
 
-    async def write(self, table: Table, address: int, values: list[int], device_id: int, timeout_s: float) -> None:
+    async def write(self, table: Table, address: int, values: list[int], device_id: int, timeout_s: float,
+                    multiple: bool = False) -> None:
+        """Write ``values``: one register with FC 06 unless ``multiple`` (FC 16 also for a single register)."""
         def what() -> str:
             return f"write {table} {address}={values} unit {device_id}"
 
@@ -258,12 +274,12 @@ class Link:
             if type(c) is ModbusTcpClient:
                 if table == "coil":
                     return c.write_coil(address, bool(values[0]), device_id, timeout_s)
-                if len(values) == 1:
+                if len(values) == 1 and not multiple:
                     return c.write_register(address, values[0], device_id, timeout_s)
                 return c.write_registers(address, values, device_id, timeout_s)
             if table == "coil":
                 return c.write_coil(address, bool(values[0]), device_id=device_id)
-            if len(values) == 1:
+            if len(values) == 1 and not multiple:
                 return c.write_register(address, values[0], device_id=device_id)
             return c.write_registers(address, values, device_id=device_id)
 
@@ -277,10 +293,16 @@ class LinkPool:
 
     def __init__(self, backoff_max_s: float = 30.0) -> None:
         self.backoff_max_s = backoff_max_s
-        self.links: dict[Endpoint, Link] = {}
+        self.links: dict[Endpoint, Any] = {}
 
-    def get(self, endpoint: Endpoint) -> Link:
+    def get(self, endpoint: Endpoint) -> Any:
+        """The :class:`Link` (Modbus) or :class:`~evse_poller.httpjson.HttpLink` of ``endpoint``."""
         link = self.links.get(endpoint)
+        if link is None and endpoint.kind == "http":
+            from evse_poller.httpjson import HttpLink
+
+            link = self.links[endpoint] = HttpLink(endpoint)
+            return link
         if link is None:
             for other in self.links.values():
                 if other.endpoint.kind == "serial" and other.endpoint.device == endpoint.device:

@@ -56,10 +56,11 @@ class SerialLine(Strict):
 
 
 class ModbusConnection(Strict):
-    """How to reach a Modbus device. ``transport`` defaults to the profile's."""
+    """How to reach a polled device (Modbus, or a meter's local HTTP API). ``transport`` defaults to the
+    profile's."""
 
-    profile: str = Field(min_length=1, description="device profile name, e.g. alfen-eve, sdm630")
-    transport: Literal["tcp", "rtu", "ascii", "rtu-over-tcp"] | None = None
+    profile: str = Field(min_length=1, description="device profile name, e.g. alfen-eve, sdm630, shelly-pro-3em")
+    transport: Literal["tcp", "rtu", "ascii", "rtu-over-tcp", "http"] | None = None
     host: str | None = None
     port: Port | None = None
     serial: SerialLine | None = None
@@ -71,10 +72,12 @@ class ModbusConnection(Strict):
 
     @model_validator(mode="after")
     def _where(self) -> ModbusConnection:
-        if self.transport in ("tcp", "rtu-over-tcp") and not self.host:
+        if self.transport in ("tcp", "rtu-over-tcp", "http") and not self.host:
             raise ValueError(f"transport {self.transport} needs host")
         if self.transport in ("rtu", "ascii") and self.serial is None:
             raise ValueError(f"transport {self.transport} needs serial")
+        if self.transport == "http" and self.serial is not None:
+            raise ValueError("transport http takes host (and port), not serial")
         if self.host is None and self.serial is None:
             raise ValueError("needs host (Modbus TCP) or serial (Modbus RTU)")
         return self

@@ -25,6 +25,7 @@ Setter = Callable[[int | float | str], bool]
 TABLE_OF_FC = {1: "coil", 5: "coil", 15: "coil", 2: "discrete", 3: "holding", 6: "holding", 16: "holding",
                22: "holding", 23: "holding", 4: "input"}
 TABLES = ("coil", "discrete", "holding", "input")
+WRITE_FCS = frozenset({5, 6, 15, 16})
 
 
 @dataclass
@@ -67,8 +68,11 @@ class RegisterMap:
         self.on_request: Callable[[], None] | None = None
         self.before_read: Callable[[], None] | None = None
         self.silent = False  # a device that stopped answering (on a shared bus)
+        self.max_read: int | None = None  # a device that refuses longer reads (exception 3, illegal value)
+        self.functions: frozenset[int] | None = None  # the function codes the device supports (None: all)
         self.reads = 0
         self.writes = 0
+        self._echo: dict[tuple[str, int], list[int]] = {}
 
     def add(self, f: Field) -> Field:
         table = self.fields[f.table]
@@ -111,6 +115,8 @@ class RegisterMap:
         if self.before_read:
             self.before_read()
         self.reads += 1
+        if self.max_read is not None and count > self.max_read:
+            return ExcCodes.ILLEGAL_VALUE
         out: list[int] = []
         a = address
         while a < address + count:
@@ -174,17 +180,25 @@ class RegisterMap:
         async def action(function_code: int, start_address: int, address: int, count: int,
                          registers: list[int], set_values: list[int] | list[bool] | None) -> ExcCodes | None:
             table = TABLE_OF_FC.get(function_code)
-            if table is None:
+            if table is None or (self.functions is not None and function_code not in self.functions):
                 return ExcCodes.ILLEGAL_FUNCTION
             if self.silent:
                 return ExcCodes.GATEWAY_NO_RESPONSE
+            if set_values is None and function_code in WRITE_FCS:
+                # pymodbus reads the registers back to build a write's answer: echo what was written
+                # (a write-only register could not be read)
+                echo = self._echo.get((table, address), [0] * count)
+                registers[address - start_address: address - start_address + count] = echo[:count]
+                return None
             if set_values is None:
                 words = self.read(table, address, count)
                 if isinstance(words, ExcCodes):
                     return words
                 registers[address - start_address: address - start_address + count] = words
                 return None
-            return self.write(table, address, [int(v) for v in set_values])
+            written = [int(v) for v in set_values]
+            self._echo[(table, address)] = written
+            return self.write(table, address, written)
 
         return SimDevice(device_id, simdata=(blocks[0], blocks[1], blocks[2], blocks[3]), action=action)
 

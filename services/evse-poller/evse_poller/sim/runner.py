@@ -35,7 +35,8 @@ from chargegate.config import Circuit, Config, Evse, Meter
 from chargegate.topics import Registry, format_validation_error
 from evse_poller.logic import grid_currents
 from evse_poller.profile import load_profile
-from evse_poller.sim.devices import EVSE_SIMS, METER_SIMS, SimSettings
+from evse_poller.sim.devices import EVSE_SIMS, HTTP_METER_SIMS, METER_SIMS, SimSettings
+from evse_poller.sim.httpserver import HttpEndpoint
 from evse_poller.sim.model import ChargePoint, MeterModel
 from evse_poller.sim.regmap import RegisterMap
 from evse_poller.sim.server import SerialEndpoint, TcpEndpoint
@@ -98,7 +99,8 @@ class Simulators:
         self.evses: dict[str, SimEvse] = {}
         self.meters: dict[str, MeterModel] = {}
         self.meter_maps: dict[str, RegisterMap] = {}
-        self.endpoints: dict[Any, TcpEndpoint | SerialEndpoint] = {}
+        self.endpoints: dict[Any, TcpEndpoint | SerialEndpoint | HttpEndpoint] = {}
+        self._meter_endpoints: dict[str, TcpEndpoint | SerialEndpoint | HttpEndpoint] = {}
         self.skipped: dict[str, str] = {}
         self.counters: Counter[str] = Counter()
         self.host_override = host_override
@@ -133,34 +135,57 @@ class Simulators:
             cp.on_change(self._mark_dirty)
             self.evses[evse.id] = SimEvse(evse, cp, regmap, ep)
         for meter in config.meters:
-            try:
-                mbuild = METER_SIMS[meter.modbus.profile]
-            except KeyError:
-                self._skip(meter.id, f"no simulator for profile {meter.modbus.profile!r}")
+            name = meter.modbus.profile
+            if name not in METER_SIMS and name not in HTTP_METER_SIMS:
+                self._skip(meter.id, f"no simulator for profile {name!r}")
                 continue
             try:
-                ep, device_id = self._endpoint(meter.modbus.profile, meter.modbus)
+                ep, device_id = self._endpoint(name, meter.modbus)
             except (ValueError, OSError) as e:
                 self._skip(meter.id, str(e))
                 continue
             model = MeterModel(self._meter_source(meter))
+            if isinstance(ep, HttpEndpoint):
+                if name not in HTTP_METER_SIMS:
+                    self._skip(meter.id, f"the simulator of {name!r} does not speak http")
+                    continue
+                if ep.routes:
+                    self._skip(meter.id, f"{ep.host}:{ep.port} is simulated twice")
+                    continue
+                HTTP_METER_SIMS[name](model, ep)
+            else:
+                if name not in METER_SIMS:
+                    self._skip(meter.id, f"the simulator of {name!r} does not speak Modbus")
+                    continue
+                self.meter_maps[meter.id] = METER_SIMS[name](model)
+                ep.add(device_id, self.meter_maps[meter.id])
             self.meters[meter.id] = model
-            self.meter_maps[meter.id] = mbuild(model)
-            ep.add(device_id, self.meter_maps[meter.id])
+            self._meter_endpoints[meter.id] = ep
 
     def _skip(self, ident: str, why: str) -> None:
         self.skipped[ident] = why
         log.warning("device not simulated", device=ident, reason=why)
 
-    def _endpoint(self, profile_name: str, conn: Any) -> tuple[TcpEndpoint | SerialEndpoint, int]:
+    def _endpoint(self, profile_name: str, conn: Any) -> tuple[TcpEndpoint | SerialEndpoint | HttpEndpoint, int]:
         target = resolve(conn, load_profile(profile_name))
         ep: Endpoint = target.endpoint
-        if ep.kind == "tcp":
+        if ep.kind == "http":
             host = self.host_override or ep.host
             key: Any = ("tcp", host, ep.port)
             existing = self.endpoints.get(key)
             if existing is None:
-                existing = self.endpoints[key] = TcpEndpoint(host, ep.port, ep.framer)
+                existing = self.endpoints[key] = HttpEndpoint(host, ep.port)
+            elif not isinstance(existing, HttpEndpoint):
+                raise ValueError(f"{host}:{ep.port} is used for Modbus and for http")
+            return existing, 0
+        if ep.kind == "tcp":
+            host = self.host_override or ep.host
+            key = ("tcp", host, ep.port)
+            existing = self.endpoints.get(key)
+            if existing is None:
+                existing = self.endpoints[key] = TcpEndpoint(host, ep.port, ep.framer)  # type: ignore[arg-type]
+            elif isinstance(existing, HttpEndpoint):
+                raise ValueError(f"{host}:{ep.port} is used for Modbus and for http")
             elif isinstance(existing, TcpEndpoint) and existing.framing != ep.framer:
                 raise ValueError(f"{host}:{ep.port} is used with {existing.framing} and {ep.framer} framing")
             return existing, target.device_id
@@ -259,14 +284,10 @@ class Simulators:
             await self._bus.stop()
             self._bus = None
 
-    def endpoint_of(self, ident: str) -> TcpEndpoint | SerialEndpoint:
+    def endpoint_of(self, ident: str) -> TcpEndpoint | SerialEndpoint | HttpEndpoint:
         if ident in self.evses:
             return self.evses[ident].endpoint
-        regmap = self.meter_maps.get(ident)
-        for ep in self.endpoints.values():
-            if regmap is not None and any(m is regmap for m in ep.maps.values()):
-                return ep
-        raise KeyError(ident)
+        return self._meter_endpoints[ident]
 
     # -- bus ---------------------------------------------------------------------------------
     async def attach_bus(self, bus: Bus) -> None:
@@ -389,7 +410,9 @@ def _change_key(snap: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in snap.items() if k not in ("ts", "energy_wh")}, sort_keys=True)
 
 
-def _describe(key: Any, ep: TcpEndpoint | SerialEndpoint) -> str:
+def _describe(key: Any, ep: TcpEndpoint | SerialEndpoint | HttpEndpoint) -> str:
+    if isinstance(ep, HttpEndpoint):
+        return f"http {ep.host}:{ep.port} ({len(ep.routes)} routes)"
     if isinstance(ep, TcpEndpoint):
         return f"tcp {ep.host}:{ep.port} ({ep.framing})"
     return f"serial {ep.device_path if ep.line else key[1]} ({ep.framing})"
