@@ -314,9 +314,11 @@ class Connector:
                 # refresh before the installed profile runs out
                 left = (self.installed[2] - now).total_seconds()
                 wait = max(0.05, min(wait, left / 2))
-            self._dirty.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._dirty.wait(), wait)
+            # cleared before applying, not before waiting: a setpoint that arrives while a profile
+            # is being installed sets the flag again and is applied on the next round, not lost
+            self._dirty.clear()
             sess = self.box.session
             if sess is None or not sess.ready:
                 continue
