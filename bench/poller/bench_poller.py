@@ -36,7 +36,10 @@ from evse_poller import transport
 from evse_poller.poller import MemoryPublisher, Poller
 from evse_poller.service import use_fast_event_loop
 
-PROFILES = ["alfen-eve", "phoenix-charx", "webasto-next", "heidelberg-energy-control", "abl-emh"]
+# every EVSE profile the poller ships (issue 15): the wallboxes that answer one value per request
+# (KEBA P30, Vestel EVC04) are in the mix with the ones read in one block
+PROFILES = ["alfen-eve", "phoenix-charx", "webasto-next", "heidelberg-energy-control", "abl-emh", "keba-p30",
+            "vestel-evc04", "cfos-power-brain", "go-e-charger", "mennekes-amtron-hcc3"]
 
 
 def free_ports(n: int) -> list[int]:
@@ -86,9 +89,24 @@ def cpu_split() -> tuple[float, float]:
 async def bench(config: cfgmod.Config, cycles: int, seconds: float) -> dict[str, float]:
     pub = MemoryPublisher()
     poller = Poller(config, pub)
-    until = datetime.now(UTC) + timedelta(hours=1)
-    for i, evse_id in enumerate(poller.evses):
-        poller.set_setpoint(p.Setpoint(evse_id=evse_id, current_a=6 + i % 10, valid_until=until, seq=1))
+    validity = config.controller.setpoint_validity_s
+
+    def send_setpoints(seq: int) -> None:
+        # as the load controller does: each setpoint valid for the configured validity, renewed well
+        # before it runs out, so the devices stay on their setpoints rather than the safe current
+        until = datetime.now(UTC) + timedelta(seconds=validity)
+        for i, evse_id in enumerate(poller.evses):
+            poller.set_setpoint(p.Setpoint(evse_id=evse_id, current_a=6 + i % 10, valid_until=until, seq=seq))
+
+    async def renew() -> None:
+        seq = 1
+        while True:
+            await asyncio.sleep(validity / 3)
+            seq += 1
+            send_setpoints(seq)
+
+    send_setpoints(1)
+    renewer = asyncio.create_task(renew())
     await poller.poll_once()  # connect and initialise every device
     await poller.poll_once()
     online = sum(1 for s in pub.statuses.values() if s.online)
@@ -100,11 +118,12 @@ async def bench(config: cfgmod.Config, cycles: int, seconds: float) -> dict[str,
     await asyncio.sleep(seconds)
     n1, p1, r1, (u1, s1), t1 = poller.polls, pub.count, requests(poller), cpu_split(), time.monotonic()
     c0, c1 = u0 + s0, u1 + s1
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
+    for t in (task, renewer):
+        t.cancel()
+        try:
+            await t
+        except asyncio.CancelledError:
+            pass
     n = len(poller.evses)
     cpu = c1 - c0
     wall = t1 - t0
