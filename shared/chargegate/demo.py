@@ -92,6 +92,8 @@ def plan(dirpath: Path) -> DemoPlan:
         "state_dir": "state",
         "broker": {"port": broker_port, "accounts": {"observer": DEMO_OBSERVER_PASSWORD}},
         "logging": {"level": "info", "format": "json"},
+        # sessions in the record are costed per tariff period (ct/kWh): the demo's operator announces a low tariff
+        "history": {"prices": {"low": 22.0, "normal": 34.0, "high": 45.0, "currency": "EUR"}},
         "circuits": [{
             "id": "grid", "name": "house connection", "fuse_a": 35, "max_power_w": 24000, "meter": "grid-meter",
             "children": [

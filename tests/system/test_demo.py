@@ -25,8 +25,10 @@ import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
+from chargegate import config as cfgmod
 from chargegate import record as rec
 from chargegate import record_export as rx
+from chargegate.broker import account_password
 from chargegate.runner import available_services
 
 pytestmark = pytest.mark.system
@@ -328,6 +330,58 @@ def test_demo_whole_product(demo: Demo) -> None:
             lambda: (charging, exported("sessions")))
         assert charging & {"alfen", "webasto", "charx"} and "ocpp-1" in charging, charging  # Modbus and OCPP
         assert all(r["energy_wh"] >= 0 for r in sessions), sessions
+
+        # finished sessions of a Modbus and of the OCPP wallbox: the record's energy is the wallbox's
+        # register difference, its tariff parts add up to it, its cost is energy x the configured price of
+        # each part's tariff level, and the OCPP one is what the operator's backend bills (meterStop - meterStart)
+        conf = cfgmod.load(demo.dir / "chargegate.yaml")
+        prices = {"low": 22.0, "normal": 34.0, "high": 45.0, "unknown": 34.0}  # the demo's (unknown: normal)
+        modbus = next(e for e in ("alfen", "webasto", "charx") if e in charging)
+        def alloc_of(e: str) -> list[dict[str, Any]]:
+            return [x for x in (watch.latest("chargegate/controller/allocation") or {}).get("evses", [])
+                    if x.get("evse_id") == e]
+
+        def charged(e: str) -> bool:  # drawing, with a few Wh in its session already
+            d = watch.latest(f"chargegate/sim/{e}/draw") or {}
+            st = watch.latest(f"chargegate/evse/{e}/status") or {}
+            return d.get("state") == "C" and (st.get("session") or {}).get("energy_wh", 0) >= 5
+
+        # the Modbus one has charged; the OCPP one may sit at 0 A under the operator's limit (the §14a
+        # floor of 4.2 kW fits one 3-phase car at 6 A): its record must then say 0 Wh, as the backend does
+        _wait(f"{modbus} charging", lambda: charged(modbus), 40,
+              lambda: (watch.latest(f"chargegate/sim/{modbus}/draw"), alloc_of(modbus)))
+        sim = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-sim-{time.monotonic_ns()}")
+        sim.username_pw_set("sim", account_password(conf, "sim"))
+        sim.connect("127.0.0.1", port)
+        sim.loop_start()
+        try:
+            for e in (modbus, "ocpp-1"):
+                sim.publish(f"chargegate/sim/{e}/command", json.dumps({"action": "unplug"}), qos=1).wait_for_publish(5)
+        finally:
+            sim.loop_stop()
+            sim.disconnect()
+
+        def finished(e: str) -> dict[str, Any] | None:
+            return next((r for r in exported("sessions") if r["evse_id"] == e and r["stopped"]), None)
+
+        for e in (modbus, "ocpp-1"):
+            row = _wait(f"the finished session of {e} in the record", lambda e=e: finished(e), 30,
+                        lambda e=e: [r for r in exported("sessions") if r["evse_id"] == e])
+            draw = watch.latest(f"chargegate/sim/{e}/draw")
+            assert draw is not None and draw["plugged"] is False, draw
+            assert row["energy_wh"] > 0 or e == "ocpp-1", (row, draw, alloc_of(e))
+            assert abs(row["energy_stop_wh"] - row["energy_start_wh"] - row["energy_wh"]) < 0.01, row
+            assert abs(row["energy_stop_wh"] - draw["energy_wh"]) <= 1.0, (row, draw)  # registers in whole Wh
+            parts = [t for t in row["tariffs"] if t["energy_wh"] > 0]
+            assert abs(sum(t["energy_wh"] for t in parts) - row["energy_wh"]) < 0.5, row
+            expect = sum(t["energy_wh"] / 1000 * prices[t["level"]] / 100 for t in parts)
+            assert row["cost"] is not None and abs(row["cost"] - expect) < 1e-6, (row, expect)
+            if e == "ocpp-1":
+                with urllib.request.urlopen(f"http://127.0.0.1:{control}/transactions?cp=ocpp-1", timeout=5) as r:
+                    billed = [t for t in json.load(r) if t["meter_stop"] is not None]
+                assert billed and not billed[-1]["problems"], billed
+                assert abs(billed[-1]["meter_stop"] - billed[-1]["meter_start"] - row["energy_wh"]) <= 1.0, (
+                    billed[-1], row)
     finally:
         watch.close()
 
