@@ -165,37 +165,59 @@ class Connector:
             state, iec = conv.STATUS_16.get(self.status16, (p.EvseState.UNAVAILABLE, None))
         session = None
         row = self.up.queue.tx(self.tx) if (self.up is not None and self.tx) else None
-        if row is not None:
-            e0 = row.meter_start or 0.0
-            energy = float(self.energy_wh) if self.energy_wh is not None else (row.meter_last or e0)
-            session = p.Session(id=(row.local_id or row.tx)[:64], started=_dt(row.started),
-                                energy_start_wh=e0, energy_wh=max(0.0, energy - e0), id_tag=row.id_tag,
-                                signed_meter_values=list(self.signed))
-        elif self.local_tx is not None:
-            e0 = self.local_tx["meter_start"]
-            energy = float(self.energy_wh) if self.energy_wh is not None else e0
-            session = p.Session(id=str(self.local_tx["id"]), started=_dt(self.local_tx["started"]),
-                                energy_start_wh=e0, energy_wh=max(0.0, energy - e0), id_tag=self.local_tx["id_tag"],
-                                signed_meter_values=list(self.signed))
+        # the wallbox's numbers go to the backend as they are; on the bus only what is plausible (a negative
+        # or absurd register is not an energy: left out, counted)
+        energy_now = self._plausible(self.energy_wh, 0.0, p.MAX_ENERGY_WH)
+        if row is not None or self.local_tx is not None:
+            if row is not None:
+                sid, started, e0_raw, tag = (row.local_id or row.tx), row.started, row.meter_start, row.id_tag
+                last = row.meter_last
+            else:
+                assert self.local_tx is not None
+                sid, started, e0_raw = str(self.local_tx["id"]), self.local_tx["started"], self.local_tx["meter_start"]
+                tag, last = self.local_tx["id_tag"], None
+            e0 = self._plausible(e0_raw, 0.0, p.MAX_ENERGY_WH)
+            energy = energy_now if energy_now is not None else self._plausible(last, 0.0, p.MAX_ENERGY_WH)
+            charged = min(p.MAX_ENERGY_WH, max(0.0, energy - e0)) if energy is not None and e0 is not None else 0.0
+            session = p.Session(id=(sid or "-")[:64], started=_dt(started), energy_start_wh=e0, energy_wh=charged,
+                                id_tag=tag[:64] if tag else None, signed_meter_values=list(self.signed))
         charging = state == p.EvseState.CHARGING
         phases_in_use = sum(1 for a in self.current_a if a > 0.5) if charging else 0
         # currents and power come from the last MeterValues, which may be a whole sample interval old:
         # an EVSE that is not charging draws nothing, whatever its last sample said (a load controller
         # that subtracts a stale current from its grid meter would underestimate the other loads)
-        current = [max(0.0, min(1000.0, a)) for a in self.current_a] if charging else [0.0, 0.0, 0.0]
-        power = (float(self.power_w) if charging else 0.0) if self.power_w is not None else None
+        current = [max(0.0, min(1000.0, a)) if math.isfinite(a) else 1000.0 for a in self.current_a] \
+            if charging else [0.0, 0.0, 0.0]
+        power_now = self._plausible(self.power_w, -10_000_000.0, 10_000_000.0)
+        power = (power_now if charging else 0.0) if power_now is not None else None
         st = p.EvseStatus(
             evse_id=self.evse.id, online=online, state=state, iec_state=iec,
             raw_state=self.status16 if online else None,
             phases_in_use=phases_in_use, current_a=current, measured_at=self.measured_at if charging else None,
             power_w=power,
-            energy_wh=float(self.energy_wh) if self.energy_wh is not None else None,
+            energy_wh=energy_now,
             session=session, applied=self.applied if online else None,
             reason=None if online else ("wallbox not connected" if not connected else
                                         "status not yet confirmed since the wallbox connected: asked it"),
             flags=[f"error:{self.error16}"] if self.error16 not in ("NoError", "") else [],
             source="ocpp-gateway")
         self.csms.bus.publish("evse.status", st, evse_id=self.evse.id)
+
+    def _plausible(self, x: Any, lo: float, hi: float) -> float | None:
+        """``x`` as a float when it is a finite number in [lo, hi], else None (counted)."""
+        if x is None:
+            return None
+        try:
+            f = float(x)
+        except (TypeError, ValueError, ArithmeticError):
+            f = math.nan
+        if math.isfinite(f) and lo <= f <= hi:
+            return f
+        self.csms.counters["implausible_meter_value"] += 1
+        self.csms.log_once(f"implausible:{self.cbid}", "wallbox reports an implausible meter value: forwarded to the "
+                           "backend as sent, left out of the bus status", charge_box_id=self.cbid, value=str(x)[:40],
+                           range=[lo, hi])
+        return None
 
     def set_status16(self, status16: str, error16: str = "NoError", info: str | None = None, *,
                      raw: dict[str, Any] | None = None, derived: bool = False) -> None:
@@ -967,7 +989,8 @@ class WallboxSession:
         if c.keep_signed(samples):
             c.publish()  # the session's end signed data on the bus while the session is still there
         c.up.stop_tx(row.tx, meter_stop_wh=meter, timestamp=d["timestamp"], reason16=d.get("reason"),
-                     id_tag=d.get("idTag"), samples=samples)  # only if the wallbox sent one
+                     id_tag=d.get("idTag"), samples=samples,  # idTag only if the wallbox sent one
+                     transaction_data=d.get("transactionData"))
         if c.tx == row.tx:
             c.tx = None
         c.energy_wh = meter

@@ -153,6 +153,7 @@ class UpstreamCP:
         self._status_known = False
         self._status_raw: dict[str, Any] | None = None  # the wallbox's own StatusNotification (same version)
         self._status0_raw: dict[str, Any] | None = None  # ... for connector 0 (1.6)
+        self._status0_sent = -1  # the connection (self.connects) it went up on
         self._remote_start: tuple[str, int, float] | None = None  # (idToken, remoteStartId, when) asked for
         self._profiles: list[Profile] = self._load_profiles()
         self._limit_timer: asyncio.TimerHandle | None = None
@@ -198,6 +199,7 @@ class UpstreamCP:
         if raw0 is not None:
             self._status0_raw = raw0
             if self.booted.is_set():
+                self._status0_sent = self.connects
                 self._spawn(self._call_quiet("StatusNotification", raw0))
             return
         self._status = (status16, error16, info)
@@ -329,7 +331,9 @@ class UpstreamCP:
 
     def stop_tx(self, tx: str, *, meter_stop_wh: Decimal, timestamp: str, reason16: str | None = "Local",
                 id_tag: str | None = None, samples: list[conv.Sample] | None = None,
-                local_seq: int | None = None) -> None:
+                local_seq: int | None = None, transaction_data: list[Any] | None = None) -> None:
+        """``transaction_data``: a 1.6 wallbox's StopTransaction.transactionData as it sent it (to a 1.6
+        backend it goes up as it is, an empty list too)."""
         row = self.queue.tx(tx)
         if row is None:
             return
@@ -338,9 +342,11 @@ class UpstreamCP:
                                        "timestamp": timestamp}
             if reason16 is not None:  # absent as the wallbox sent it (1.6: absent means Local)
                 payload["reason"] = reason16
-            if id_tag:
+            if id_tag is not None:  # as the wallbox sent it (an empty one too)
                 payload["idTag"] = id_tag[:20]
-            if samples:
+            if transaction_data is not None:
+                payload["transactionData"] = transaction_data
+            elif samples:
                 data = conv.to_16(samples)
                 if data:
                     payload["transactionData"] = data
@@ -542,7 +548,8 @@ class UpstreamCP:
         ts = conv.now_iso()
         try:
             if self._status_raw is not None:  # the wallbox's own (same version): as it sent it
-                if self._sent_status is None and self._status0_raw is not None:
+                if self._status0_raw is not None and self._status0_sent != self.connects:
+                    self._status0_sent = self.connects  # once per connection (and whenever the wallbox sends it)
                     await rpc.call("StatusNotification", self._status0_raw)
                 await rpc.call("StatusNotification", self._status_raw)
             elif self.version == "1.6":
