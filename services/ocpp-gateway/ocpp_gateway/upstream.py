@@ -692,12 +692,16 @@ class UpstreamCP:
         forwarded; the results in the order asked."""
         items = d["setVariableData"]
         protected = [(x["component"]["name"], x["variable"]["name"]) in passthrough.PROTECTED_201 for x in items]
+        if not any(protected):
+            return await forward("2.0.1", "SetVariables", d)  # the wallbox's answer as it gave it
         results: list[dict[str, Any] | None] = [None] * len(items)
         rest = [x for x, prot in zip(items, protected, strict=True) if not prot]
+        res: dict[str, Any] = {}
         if rest:
-            res = await forward("2.0.1", "SetVariables", {**d, "setVariableData": rest})
-            if res is None:
+            got_res = await forward("2.0.1", "SetVariables", {**d, "setVariableData": rest})
+            if got_res is None:
                 return None
+            res = dict(got_res)
             got = iter(res.get("setVariableResult") or [])
             for i, prot in enumerate(protected):
                 if not prot:
@@ -708,7 +712,7 @@ class UpstreamCP:
                 results[i] = {"attributeStatus": "Rejected", "component": items[i]["component"],
                               "variable": items[i]["variable"],
                               **({"attributeType": items[i]["attributeType"]} if "attributeType" in items[i] else {})}
-        return {"setVariableResult": results}
+        return {**res, "setVariableResult": results}
 
     async def _handle16(self, action: str, d: dict[str, Any]) -> dict[str, Any]:
         if action == "RemoteStartTransaction":
