@@ -10,6 +10,7 @@ signed data then travels in the other version's form (see :func:`to_16` and :fun
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -109,12 +110,26 @@ def from_201(meter_value: list[dict[str, Any]]) -> list[Sample]:
         for sv in mv.get("sampledValue", []):
             unit = (sv.get("unitOfMeasure") or {}).get("unit")
             mult = (sv.get("unitOfMeasure") or {}).get("multiplier", 0)
-            raw = Decimal(str(sv["value"])) * (Decimal(10) ** int(mult))
-            vals.append(Value(value=num_str(raw), measurand=sv.get("measurand", ENERGY), unit=unit,
+            vals.append(Value(value=_scaled_201(sv["value"], mult), measurand=sv.get("measurand", ENERGY), unit=unit,
                               phase=sv.get("phase"), context=sv.get("context"), location=sv.get("location"),
                               signed=sv.get("signedMeterValue"), raw=sv, raw_version="2.0.1"))
         out.append(Sample(mv["timestamp"], vals))
     return out
+
+
+MAX_MULTIPLIER = 24  # a 2.0.1 unitOfMeasure.multiplier beyond +-24 is no measurement (the schema has no bound)
+
+
+def _scaled_201(value: Any, mult: Any) -> str:
+    """``value * 10**multiplier`` as a decimal string; "NaN" (not a number: no reading) when the multiplier is
+    out of range. The sampled value itself still goes to a 2.0.1 backend exactly as sent."""
+    try:
+        m = int(mult)
+        if abs(m) > MAX_MULTIPLIER:
+            return "NaN"
+        return num_str(Decimal(str(value)) * (Decimal(10) ** m))
+    except (ArithmeticError, ValueError, TypeError):
+        return "NaN"
 
 
 MEASURANDS_16 = frozenset(x.value for x in e16.Measurand)
@@ -139,6 +154,8 @@ def to_16(samples: list[Sample], context: str | None = None) -> list[dict[str, A
         for v in s.values:
             if v.raw is not None and v.raw_version == "1.6":
                 svs.append(dict(v.raw))
+                continue
+            if v.value == "NaN":  # a 2.0.1 value with a multiplier out of range: no reading
                 continue
             if v.measurand not in MEASURANDS_16 or (v.unit is not None and v.unit not in UNITS_16) \
                     or (v.phase is not None and v.phase not in PHASES_16):
@@ -185,6 +202,8 @@ def to_201(samples: list[Sample], context: str | None = None) -> list[dict[str, 
             try:
                 number = to_number(v.value)
             except InvalidOperation:
+                continue
+            if not math.isfinite(number):  # "NaN", "Infinity": no reading JSON could carry
                 continue
             sv: dict[str, Any] = {"value": number, "measurand": v.measurand}
             ctx = v.context if v.context in CONTEXTS_201 else context

@@ -41,7 +41,7 @@ from chargegate.bus import Bus
 from chargegate.config import Config, Evse
 from chargegate.ratelog import LogLimiter
 from chargegate.supervise import Tasks
-from ocpp_gateway import conv
+from ocpp_gateway import conv, passthrough
 from ocpp_gateway.rpc import SUBPROTOCOL, SUBPROTOCOL_OF, OcppRpc, RpcError, Version
 from ocpp_gateway.txqueue import TxQueue, TxRow
 from ocpp_gateway.upstream import UpstreamCP
@@ -165,31 +165,37 @@ class Connector:
             state, iec = conv.STATUS_16.get(self.status16, (p.EvseState.UNAVAILABLE, None))
         session = None
         row = self.up.queue.tx(self.tx) if (self.up is not None and self.tx) else None
-        if row is not None:
-            e0 = row.meter_start or 0.0
-            energy = float(self.energy_wh) if self.energy_wh is not None else (row.meter_last or e0)
-            session = p.Session(id=(row.local_id or row.tx)[:64], started=_dt(row.started),
-                                energy_start_wh=e0, energy_wh=max(0.0, energy - e0), id_tag=row.id_tag,
-                                signed_meter_values=list(self.signed))
-        elif self.local_tx is not None:
-            e0 = self.local_tx["meter_start"]
-            energy = float(self.energy_wh) if self.energy_wh is not None else e0
-            session = p.Session(id=str(self.local_tx["id"]), started=_dt(self.local_tx["started"]),
-                                energy_start_wh=e0, energy_wh=max(0.0, energy - e0), id_tag=self.local_tx["id_tag"],
-                                signed_meter_values=list(self.signed))
+        # the wallbox's numbers go to the backend as they are; on the bus only what is plausible (a negative
+        # or absurd register is not an energy: left out, counted)
+        energy_now = self._plausible(self.energy_wh, 0.0, p.MAX_ENERGY_WH)
+        if row is not None or self.local_tx is not None:
+            if row is not None:
+                sid, started, e0_raw, tag = (row.local_id or row.tx), row.started, row.meter_start, row.id_tag
+                last = row.meter_last
+            else:
+                assert self.local_tx is not None
+                sid, started, e0_raw = str(self.local_tx["id"]), self.local_tx["started"], self.local_tx["meter_start"]
+                tag, last = self.local_tx["id_tag"], None
+            e0 = self._plausible(e0_raw, 0.0, p.MAX_ENERGY_WH)
+            energy = energy_now if energy_now is not None else self._plausible(last, 0.0, p.MAX_ENERGY_WH)
+            charged = min(p.MAX_ENERGY_WH, max(0.0, energy - e0)) if energy is not None and e0 is not None else 0.0
+            session = p.Session(id=(sid or "-")[:64], started=_dt(started), energy_start_wh=e0, energy_wh=charged,
+                                id_tag=tag[:64] if tag else None, signed_meter_values=list(self.signed))
         charging = state == p.EvseState.CHARGING
         phases_in_use = sum(1 for a in self.current_a if a > 0.5) if charging else 0
         # currents and power come from the last MeterValues, which may be a whole sample interval old:
         # an EVSE that is not charging draws nothing, whatever its last sample said (a load controller
         # that subtracts a stale current from its grid meter would underestimate the other loads)
-        current = [max(0.0, min(1000.0, a)) for a in self.current_a] if charging else [0.0, 0.0, 0.0]
-        power = (float(self.power_w) if charging else 0.0) if self.power_w is not None else None
+        current = [max(0.0, min(1000.0, a)) if math.isfinite(a) else 1000.0 for a in self.current_a] \
+            if charging else [0.0, 0.0, 0.0]
+        power_now = self._plausible(self.power_w, -10_000_000.0, 10_000_000.0)
+        power = (power_now if charging else 0.0) if power_now is not None else None
         st = p.EvseStatus(
             evse_id=self.evse.id, online=online, state=state, iec_state=iec,
             raw_state=self.status16 if online else None,
             phases_in_use=phases_in_use, current_a=current, measured_at=self.measured_at if charging else None,
             power_w=power,
-            energy_wh=float(self.energy_wh) if self.energy_wh is not None else None,
+            energy_wh=energy_now,
             session=session, applied=self.applied if online else None,
             reason=None if online else ("wallbox not connected" if not connected else
                                         "status not yet confirmed since the wallbox connected: asked it"),
@@ -197,7 +203,27 @@ class Connector:
             source="ocpp-gateway")
         self.csms.bus.publish("evse.status", st, evse_id=self.evse.id)
 
-    def set_status16(self, status16: str, error16: str = "NoError", info: str | None = None) -> None:
+    def _plausible(self, x: Any, lo: float, hi: float) -> float | None:
+        """``x`` as a float when it is a finite number in [lo, hi], else None (counted)."""
+        if x is None:
+            return None
+        try:
+            f = float(x)
+        except (TypeError, ValueError, ArithmeticError):
+            f = math.nan
+        if math.isfinite(f) and lo <= f <= hi:
+            return f
+        self.csms.counters["implausible_meter_value"] += 1
+        self.csms.log_once(f"implausible:{self.cbid}", "wallbox reports an implausible meter value: forwarded to the "
+                           "backend as sent, left out of the bus status", charge_box_id=self.cbid, value=str(x)[:40],
+                           range=[lo, hi])
+        return None
+
+    def set_status16(self, status16: str, error16: str = "NoError", info: str | None = None, *,
+                     raw: dict[str, Any] | None = None, derived: bool = False) -> None:
+        """The connector's status. ``raw``: the wallbox's StatusNotification (forwarded as it is to a backend
+        of the same version); ``derived``: worked out here (from a 2.0.1 chargingState, a connector 0
+        status): it goes up only to a backend of the other version, which needs it translated."""
         self.confirmed = True
         self.drawing = False
         if status16 != "Charging":
@@ -207,7 +233,14 @@ class Connector:
         self.status16, self.error16, self.info = status16, error16, info
         self.publish()
         if self.up is not None:
-            self.up.set_status(status16, error16, info)
+            if self.same_version():
+                if raw is not None:
+                    self.up.set_status(status16, error16, info,
+                                       raw=passthrough.up(self.up.version, "StatusNotification", raw, self.n))
+                elif not derived:
+                    self.up.set_status(status16, error16, info)
+            else:
+                self.up.set_status(status16, error16, info)
 
     def keep_signed(self, samples: list[conv.Sample], *, new_session: bool = False) -> bool:
         """Keep the signed meter data of the session for the bus status (begin and end always, then the
@@ -454,25 +487,55 @@ class Connector:
         res = await self._call("TriggerMessage", _trigger_payload(s.version, what, self.n))
         return str(res["status"]) if res else "Rejected"
 
-    async def passthrough(self, version: Version, action: str, payload: dict[str, Any]) -> dict[str, Any] | None:
-        s = self._sess()
-        if s.version != version:
+    @property
+    def single(self) -> bool:
+        """The wallbox has this one configured connector (then connector 0 is this charge point's too)."""
+        return len(self.box.connectors) == 1
+
+    def same_version(self) -> bool:
+        """The wallbox speaks its upstream charge point's OCPP version: messages pass unchanged (see
+        :mod:`ocpp_gateway.passthrough`)."""
+        s = self.box.session
+        return s is not None and self.up is not None and s.version == self.up.version
+
+    async def forward(self, version: Version, action: str, payload: dict[str, Any]) -> dict[str, Any] | None:
+        """A backend call for the wallbox, passed on as it was sent (connector / EVSE ids mapped), and the
+        wallbox's answer as it gave it. None when the versions differ or the wallbox is not connected (the
+        caller answers or translates); a CALLERROR of the wallbox is passed on as it is."""
+        s = self.box.session
+        if s is None or s.version != version or action not in passthrough.DOWN[version]:
             return None
-        if action in ("GetVariables", "SetVariables"):
-            key = "getVariableData" if action == "GetVariables" else "setVariableData"
-            payload = dict(payload)
-            payload[key] = [_map_evse(item, self.n) for item in payload[key]]
         try:
-            res = await s.rpc.call(action, payload, timeout_s=min(20.0, self.csms.config.ocpp.local.call_timeout_s))
+            out = passthrough.down(version, action, payload, self.n, self.single)
+        except passthrough.NoSuchConnector as e:
+            raise RpcError("PropertyConstraintViolation", str(e)) from None
+        try:
+            res = await s.rpc.call(action, out, timeout_s=min(20.0, self.csms.config.ocpp.local.call_timeout_s))
         except TimeoutError:
             raise RpcError("GenericError", "the wallbox did not answer in time") from None
         except ConnectionClosed:
             raise RpcError("GenericError", "the wallbox disconnected") from None
-        if action in ("GetVariables", "SetVariables"):
-            key = "getVariableResult" if action == "GetVariables" else "setVariableResult"
-            res = dict(res)
-            res[key] = [_map_evse(item, 1, only=self.n) for item in res.get(key, [])]
-        return res
+        self.csms.counters["forwarded_to_wallbox"] += 1
+        return passthrough.answer_up(version, action, res, self.n)
+
+    async def passthrough(self, version: Version, action: str, payload: dict[str, Any]) -> dict[str, Any] | None:
+        """Get/ChangeConfiguration, Get/SetVariables: forwarded when the versions match (None otherwise)."""
+        if self.box.session is None:
+            raise RpcError("GenericError", f"wallbox {self.cbid} is not connected")
+        return await self.forward(version, action, payload)
+
+    def boot_payload(self, version: Version) -> dict[str, Any] | None:
+        """The wallbox's last BootNotification as it sent it, when it speaks ``version`` (kept durably)."""
+        q = self.csms.queue.get_kv(f"boot-raw:{self.cbid}")
+        if not q:
+            return None
+        import json
+
+        try:
+            saved = json.loads(q)
+        except ValueError:
+            return None
+        return saved["payload"] if isinstance(saved, dict) and saved.get("version") == version else None
 
     def boot_info(self) -> dict[str, str]:
         info = dict(self.box.info)
@@ -692,9 +755,32 @@ class WallboxSession:
 
     async def handle(self, action: str, d: dict[str, Any]) -> dict[str, Any]:
         self.csms.counters[f"local_{action}"] += 1
+        if action in passthrough.NOTIFY[self.version]:
+            up = self._up_for(d)
+            if up is not None:  # as the wallbox sent it; its answer (empty) is the gateway's, at once
+                up.send_live(action, passthrough.up(self.version, action, d, up.evse_n))
+            return {}
+        if action in passthrough.ASK_OFFLINE[self.version]:
+            up = self._up_for(d)
+            res = await up.ask(action, passthrough.up(self.version, action, d, up.evse_n)) if up else None
+            if res is None:
+                self.csms.counters[f"answered_offline_{action}"] += 1
+                return dict(passthrough.ASK_OFFLINE[self.version][action])
+            return res
         if self.version == "1.6":
             return await self._handle16(action, d)
         return await self._handle201(action, d)
+
+    def _up_for(self, d: dict[str, Any]) -> UpstreamCP | None:
+        """The upstream charge point of the same version for a wallbox message that is not a connector's: the
+        EVSE it names (``evseId``, ``connectorId``), else the wallbox's first connector's."""
+        n = d.get("evseId", d.get("connectorId"))
+        conns = [self.box.connectors[k] for k in sorted(self.box.connectors)]
+        named = [c for c in conns if c.n == n]
+        for c in named + conns:
+            if c.up is not None and c.up.version == self.version:
+                return c.up
+        return None
 
     def _authorize_local(self, tag: str) -> str:
         lc = self.csms.config.ocpp.local
@@ -730,11 +816,47 @@ class WallboxSession:
                     break
         return status
 
-    def _boot(self, info: dict[str, str]) -> dict[str, Any]:
+    async def _authorize_call(self, d: dict[str, Any]) -> dict[str, Any]:
+        """The wallbox's Authorize. Accepted by the local list (``free_charging``, ``rfid_tags``): answered
+        here. Otherwise it goes to the backend (as the wallbox's first EVSE) as the wallbox sent it, and the
+        backend's answer is the wallbox's, as it gave it; across versions they are translated; without the
+        backend the local list decides (README: authorization)."""
+        key = "idTagInfo" if self.version == "1.6" else "idTokenInfo"
+        tag = str(d["idTag"] if self.version == "1.6" else d["idToken"]["idToken"])
+        status = self._authorize_local(tag)
+        if status == "Accepted":
+            return {key: {"status": status}}
+        for c in [self.box.connectors[k] for k in sorted(self.box.connectors)]:
+            up = c.up
+            if up is None or not up.booted.is_set() or up.rpc is None:
+                continue
+            same = up.version == self.version
+            if same:
+                payload = d
+            elif up.version == "1.6":
+                payload = {"idTag": tag[:20]}
+            else:
+                payload = {"idToken": {"idToken": tag[:36], "type": "ISO14443"}}
+            try:
+                res = await up.rpc.call("Authorize", payload, timeout_s=10)
+            except (RpcError, TimeoutError, ConnectionClosed):
+                break
+            st = str(res["idTagInfo" if up.version == "1.6" else "idTokenInfo"]["status"])
+            if self.version == "1.6" and st not in ("Accepted", "Blocked", "Expired", "Invalid", "ConcurrentTx"):
+                st = "Invalid"
+            self.box.remember_authorization(tag, st)
+            return res if same else {key: {"status": st}}
+        return {key: {"status": status}}
+
+    def _boot(self, info: dict[str, str], raw: dict[str, Any]) -> dict[str, Any]:
         import json
 
         self.box.info = {k: v for k, v in info.items() if v}
         self.csms.queue.set_kv(f"boot:{self.cbid}", json.dumps(self.box.info))
+        self.csms.queue.set_kv(f"boot-raw:{self.cbid}", json.dumps({"version": self.version, "payload": raw}))
+        for c in self.box.connectors.values():
+            if c.up is not None and c.up.version == self.version:
+                c.up.wallbox_booted(raw)
         self.log.info("wallbox booted", **self.box.info)
         self.booted.set()
         if self.ready:
@@ -747,25 +869,31 @@ class WallboxSession:
         if action == "BootNotification":
             return self._boot({"vendor": d["chargePointVendor"], "model": d["chargePointModel"],
                                "serial": d.get("chargePointSerialNumber") or d.get("chargeBoxSerialNumber", ""),
-                               "firmware": d.get("firmwareVersion", "")})
+                               "firmware": d.get("firmwareVersion", "")}, d)
         if action == "Heartbeat":
             return {"currentTime": conv.now_iso()}
         if action == "StatusNotification":
             n = d["connectorId"]
             if n == 0:
+                for c in self.box.connectors.values():
+                    if c.up is not None and c.same_version():
+                        c.up.set_status(d["status"], raw0=d)  # the whole charge point: as the wallbox sent it
                 if d["status"] in ("Unavailable", "Faulted"):
                     for c in self.box.connectors.values():
-                        c.set_status16(d["status"], d["errorCode"], d.get("info"))
+                        c.set_status16(d["status"], d["errorCode"], d.get("info"), derived=True)
                 return {}
             c = self._connector(n)
             if c is not None:
-                c.set_status16(d["status"], d["errorCode"], d.get("info"))
+                c.set_status16(d["status"], d["errorCode"], d.get("info"), raw=d)
             return {}
         if action == "Authorize":
-            return {"idTagInfo": {"status": await self._authorize(d["idTag"])}}
+            return await self._authorize_call(d)
         if action == "MeterValues":
             c = self._connector(d["connectorId"]) if d["connectorId"] != 0 else None
             if c is None:
+                up = self._up_for({}) if d["connectorId"] == 0 and d.get("transactionId") is None else None
+                if up is not None:  # the charge point's own meter (connector 0): as the wallbox sent it
+                    up.send_live("MeterValues", d)
                 return {}
             samples = conv.from_16(d["meterValue"])
             c.update_readings(samples)
@@ -780,7 +908,8 @@ class WallboxSession:
                 c.up.meter_tx(row.tx, samples)
                 c.keep_signed(samples)
             elif c.up is not None and tid is None:
-                c.up.send_live("MeterValues", _live_meter(c.up.version, samples))
+                c.up.send_live("MeterValues", passthrough.up("1.6", "MeterValues", d, c.n) if c.same_version()
+                               else _live_meter(c.up.version, samples))
             elif tid is not None and (row is None or row.stopped is not None) and c.up is not None:
                 self.csms.counters["unknown_transaction"] += 1
                 self.csms.log_once(f"unknown-tx:{self.cbid}:{tid}", "MeterValues for an unknown or finished "
@@ -816,7 +945,11 @@ class WallboxSession:
                 c.log.warning("new transaction while one is open; closing the open one", open_tx=row.tx)
                 c.up.stop_tx(row.tx, meter_stop_wh=meter, timestamp=ts, reason16="Other", id_tag=row.id_tag)
             local_id = queue.next_local_id()
-            c.tx = c.up.start_tx(id_tag=tag, meter_start_wh=meter, timestamp=ts, local_id=str(local_id))
+            c.tx = c.up.start_tx(id_tag=tag, meter_start_wh=meter, timestamp=ts, local_id=str(local_id),
+                                 reservation_id=d.get("reservationId"),
+                                 charging_state=conv.charging_state201_from16(c.status16)
+                                 if c.confirmed and c.status16 in ("Preparing", "Charging", "SuspendedEV",
+                                                                   "SuspendedEVSE") else None)
             c.keep_signed([], new_session=True)
         else:
             local_id = queue.next_local_id()
@@ -857,8 +990,9 @@ class WallboxSession:
             return answer
         if c.keep_signed(samples):
             c.publish()  # the session's end signed data on the bus while the session is still there
-        c.up.stop_tx(row.tx, meter_stop_wh=meter, timestamp=d["timestamp"], reason16=d.get("reason", "Local"),
-                     id_tag=d.get("idTag"), samples=samples)  # only if the wallbox sent one
+        c.up.stop_tx(row.tx, meter_stop_wh=meter, timestamp=d["timestamp"], reason16=d.get("reason"),
+                     id_tag=d.get("idTag"), samples=samples,  # idTag only if the wallbox sent one
+                     transaction_data=d.get("transactionData"))
         if c.tx == row.tx:
             c.tx = None
         c.energy_wh = meter
@@ -870,25 +1004,28 @@ class WallboxSession:
         if action == "BootNotification":
             cs = d["chargingStation"]
             return self._boot({"vendor": cs["vendorName"], "model": cs["model"], "serial": cs.get("serialNumber", ""),
-                               "firmware": cs.get("firmwareVersion", "")})
+                               "firmware": cs.get("firmwareVersion", "")}, d)
         if action == "Heartbeat":
             return {"currentTime": conv.now_iso()}
         if action == "StatusNotification":
-            c = self._connector(d["evseId"])
+            c = self._connector(d["evseId"]) if d["evseId"] != 0 else None
             if c is not None:
                 s16 = conv.status16_from201(d["connectorStatus"], c.charging_state)
-                c.set_status16(s16, "NoError" if s16 != "Faulted" else "OtherError")
+                c.set_status16(s16, "NoError" if s16 != "Faulted" else "OtherError", raw=d)
             return {}
         if action == "Authorize":
-            return {"idTokenInfo": {"status": await self._authorize(d["idToken"]["idToken"])}}
+            return await self._authorize_call(d)
         if action == "MeterValues":
             c = self._connector(d["evseId"]) if d["evseId"] != 0 else None
             if c is not None:
                 samples = conv.from_201(d["meterValue"])
                 c.update_readings(samples)
                 if c.up is not None:
-                    c.up.send_live("MeterValues", _live_meter(c.up.version, samples))
+                    c.up.send_live("MeterValues", passthrough.up("2.0.1", "MeterValues", d, c.n) if c.same_version()
+                                   else _live_meter(c.up.version, samples))
                 c.publish()
+            elif d["evseId"] == 0 and (up := self._up_for({})) is not None:
+                up.send_live("MeterValues", d)  # the station's own meter: as the wallbox sent it
             return {}
         if action == "TransactionEvent":
             return await self._tx_event(d)
@@ -929,7 +1066,7 @@ class WallboxSession:
             # connector Available (the StatusNotification may overtake the transaction message), keep it
             if c.status16 not in ("Unavailable", "Faulted") and not (c.status16 == "Available"
                                                                        and c.charging_state == "Idle"):
-                c.set_status16(conv.status16_from201("Occupied", c.charging_state))
+                c.set_status16(conv.status16_from201("Occupied", c.charging_state), derived=True)
         ev = d["eventType"]
         energy = conv.energy_of(samples)
         if row is not None and row.local_seq is not None and seq <= row.local_seq:
@@ -943,6 +1080,26 @@ class WallboxSession:
                               "id_tag": tag}
             elif ev == "Ended":
                 c.local_tx = None
+            c.publish()
+            return answer
+        if c.up.version == "2.0.1" and self.version == "2.0.1":
+            # as the wallbox sent it: its transactionId, seqNo, triggerReason, chargingState, idToken, meter
+            # values (signed ones too), every optional field; only the EVSE id is mapped (README)
+            if row is not None and row.stopped is not None:
+                self.csms.counters["duplicate_transaction_event"] += 1
+                return answer
+            meter = energy if energy is not None else c.energy_wh
+            tx = c.up.pass_event(passthrough.up("2.0.1", "TransactionEvent", d, c.n), row=row, meter_wh=meter,
+                                 id_tag=tag or c.evse.id_tag or self.csms.config.ocpp.backend.id_tag)
+            if row is None:
+                c.log.info("transaction started", local_transaction_id=tid, id_tag=tag, first_event=ev)
+            if ev == "Ended":
+                c.tx = None if c.tx == tx else c.tx
+                c.log.info("transaction stopped", local_transaction_id=tid, meter_stop_wh=str(meter))
+            else:
+                c.tx = tx
+            if meter is not None:
+                c.energy_wh = meter
             c.publish()
             return answer
         if row is None:

@@ -29,7 +29,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from chargegate import payloads as p
 from chargegate.config import Config, Evse
 from chargegate.supervise import Tasks
-from ocpp_gateway import conv
+from ocpp_gateway import conv, passthrough
 from ocpp_gateway.profiles import Profile, effective
 from ocpp_gateway.rpc import SUBPROTOCOL_OF, OcppRpc, RpcError, Version
 from ocpp_gateway.txqueue import TX_ID_PLACEHOLDER, TxQueue, TxRow
@@ -54,6 +54,7 @@ class Driver(Protocol):
 
 REMOTE_START_MATCH_S = 120.0  # a start this soon after the backend's RequestStartTransaction is its
 TRIGGER_STATUS_WAIT_S = 2.0  # a triggered StatusNotification the wallbox does not send: ours after this
+STATUS_UNKNOWN_GRACE_S = 30.0  # after a restart, the EVSE's status goes up once known, Unavailable after this
 
 
 @dataclass
@@ -146,6 +147,13 @@ class UpstreamCP:
         self._status: tuple[str, str, str | None] = ("Unavailable", "NoError", None)  # 1.6 status, error, info
         self._sent_status: tuple[str, str, str | None] | None = None
         self._status_triggered = False  # the backend asked for a StatusNotification: send the next one
+        # the EVSE's status is known (a wallbox told it since the gateway started): until then nothing goes up
+        # (after a restart the backend keeps what it had, rather than a made-up Unavailable), at most
+        # STATUS_UNKNOWN_GRACE_S after the boot at the backend
+        self._status_known = False
+        self._status_raw: dict[str, Any] | None = None  # the wallbox's own StatusNotification (same version)
+        self._status0_raw: dict[str, Any] | None = None  # ... for connector 0 (1.6)
+        self._status0_sent = -1  # the connection (self.connects) it went up on
         self._remote_start: tuple[str, int, float] | None = None  # (idToken, remoteStartId, when) asked for
         self._profiles: list[Profile] = self._load_profiles()
         self._limit_timer: asyncio.TimerHandle | None = None
@@ -156,23 +164,64 @@ class UpstreamCP:
         self.last_latency_s: float | None = None
 
     # -- public API for the EVSE side ---------------------------------------------------------
-    def set_status(self, status16: str, error16: str = "NoError", info: str | None = None) -> None:
-        """The EVSE's current status (1.6 vocabulary); sent when it changes and after every boot."""
+    @property
+    def evse_n(self) -> int:
+        """The connector (1.6) / EVSE (2.0.1) of the wallbox that is connector 1 of this charge point."""
+        return self.evse.ocpp.connector_id if self.evse.ocpp is not None else 1
+
+    def wallbox_booted(self, payload: dict[str, Any]) -> None:
+        """The wallbox (same version) sent a BootNotification: it goes up as it is (the backend learns of the
+        reboot and gets the wallbox's own data). The backend answering anything but Accepted: this charge
+        point reconnects and boots again, as after any reconnect (the boot loop waits as the answer says)."""
+        if self.booted.is_set() and self.rpc is not None:
+            self._spawn(self._reboot(self.rpc, payload))
+
+    async def _reboot(self, rpc: OcppRpc, payload: dict[str, Any]) -> None:
+        try:
+            res = await rpc.call("BootNotification", payload)
+        except (RpcError, TimeoutError, ConnectionClosed) as e:
+            self.log.warning("backend did not take the wallbox's BootNotification", error=repr(e))
+            return
+        if res.get("status") == "Accepted":
+            if float(res.get("interval") or 0) > 0:
+                self.heartbeat_s = float(res["interval"])
+            return
+        self.log.info("backend answered the wallbox's BootNotification; registering again", status=res.get("status"))
+        await rpc.ws.close(1000, "boot again")
+
+    def set_status(self, status16: str, error16: str = "NoError", info: str | None = None, *,
+                   raw: dict[str, Any] | None = None, raw0: dict[str, Any] | None = None) -> None:
+        """The EVSE's current status (1.6 vocabulary); sent when it changes and after every boot.
+
+        ``raw``: the StatusNotification exactly as a wallbox of this charge point's version sent it
+        (connector id mapped): it goes up as it is, every time the wallbox sends one, and again after a
+        reconnect. ``raw0``: its StatusNotification for connector 0 (1.6), forwarded the same way."""
+        if raw0 is not None:
+            self._status0_raw = raw0
+            if self.booted.is_set():
+                self._status0_sent = self.connects
+                self._spawn(self._call_quiet("StatusNotification", raw0))
+            return
         self._status = (status16, error16, info)
-        if self.booted.is_set() and (self._sent_status != self._status or self._status_triggered):
+        self._status_known = True
+        self._status_raw = raw
+        if self.booted.is_set() and (raw is not None or self._sent_status != self._status or self._status_triggered):
             self._status_triggered = False
             self._spawn(self._send_status())
 
     def start_tx(self, *, id_tag: str, meter_start_wh: Decimal, timestamp: str, local_id: str | None,
                  trigger: str = "Authorized", local_seq: int | None = None,
                  samples: list[conv.Sample] | None = None, id_token: dict[str, Any] | None = None,
-                 remote_start_id: int | None = None) -> str:
+                 remote_start_id: int | None = None, reservation_id: int | None = None,
+                 charging_state: str | None = "EVConnected") -> str:
         """Queue a transaction start (durably) and return the transaction key. ``samples``: the meter
         values the wallbox sent with its start (2.0.1 Started), signed data included: a 2.0.1 backend gets
         them as the Started event's meterValue, a 1.6 backend in a MeterValues right after the start."""
         ws = conv.wh_int(meter_start_wh)
         if self.version == "1.6":
             payload: dict[str, Any] = {"connectorId": 1, "idTag": id_tag[:20], "meterStart": ws, "timestamp": timestamp}
+            if reservation_id is not None:
+                payload["reservationId"] = reservation_id
             tx = self.queue.begin_tx(cp=self.cbid, evse_id=self.evse.id, version="1.6", action="StartTransaction",
                                      payload=payload, id_tag=id_tag, meter_start=float(meter_start_wh),
                                      started=timestamp, local_id=local_id, last_ts=timestamp, local_seq=local_seq)
@@ -184,7 +233,9 @@ class UpstreamCP:
             import uuid
 
             tx = uuid.uuid4().hex
-            info: dict[str, Any] = {"transactionId": tx, "chargingState": "EVConnected"}
+            info: dict[str, Any] = {"transactionId": tx}
+            if charging_state:
+                info["chargingState"] = charging_state
             rs = self._remote_start
             if remote_start_id is None and rs is not None and rs[0] == id_tag and \
                     time.monotonic() - rs[2] < REMOTE_START_MATCH_S:
@@ -199,6 +250,7 @@ class UpstreamCP:
                 # the wallbox's own idToken (type included) when it sent one
                 "idToken": id_token if id_token else {"idToken": id_tag[:36], "type": "Central"},
                 "evse": {"id": 1, "connectorId": 1},
+                **({"reservationId": reservation_id} if reservation_id is not None else {}),
                 "meterValue": (conv.to_201(samples) if samples else None) or [
                     {"timestamp": timestamp, "sampledValue": [
                         {"value": conv.to_number(conv.num_str(meter_start_wh)), "measurand": conv.ENERGY,
@@ -241,24 +293,67 @@ class UpstreamCP:
                            meter=float(energy) if energy is not None else None, last_ts=last_ts, local_seq=local_seq)
         self.kick()
 
-    def stop_tx(self, tx: str, *, meter_stop_wh: Decimal, timestamp: str, reason16: str = "Local",
+    def pass_event(self, payload: dict[str, Any], *, row: TxRow | None, meter_wh: Decimal | None, id_tag: str) -> str:
+        """A 2.0.1 wallbox's TransactionEvent for this 2.0.1 charge point, queued (durably) as it is: the
+        backend sees the wallbox's transactionId, seqNo and every field. The first event of a transaction
+        the gateway did not know (a Started, or whatever came first) starts it here. Returns the tx key."""
+        ev, ts, seq = payload["eventType"], payload["timestamp"], int(payload["seqNo"])
+        tid = str(payload["transactionInfo"]["transactionId"])
+        meter = float(meter_wh) if meter_wh is not None else None
+        if row is None:
+            tx = self.queue.begin_tx(cp=self.cbid, evse_id=self.evse.id, version="2.0.1", action="TransactionEvent",
+                                     payload=payload, id_tag=id_tag, meter_start=meter if meter is not None else 0.0,
+                                     started=ts, local_id=tid, backend_id=tid, seq_no=seq + 1, last_ts=ts,
+                                     local_seq=seq)
+            self.counters["tx_started"] += 1
+            rs = self._remote_start
+            if rs is not None and payload["transactionInfo"].get("remoteStartId") == rs[1]:
+                self._remote_start = None
+            if ev == "Ended":
+                self.queue.mark_stopped(tx, ts)
+        else:
+            tx = row.tx
+            self.queue.add(tx, "stop" if ev == "Ended" else "update", "TransactionEvent", payload, meter=meter,
+                           stopped=ts if ev == "Ended" else None, last_ts=ts, local_seq=seq)
+        if ev == "Ended":
+            self.counters["tx_stopped"] += 1
+            self._end_tx_profiles()
+        self.kick()
+        return tx
+
+    def _end_tx_profiles(self) -> None:
+        """TxProfiles end with their transaction."""
+        before = len(self._profiles)
+        self._profiles = [x for x in self._profiles if x.purpose != "TxProfile"]
+        if len(self._profiles) != before:
+            self._save_profiles()
+            self._publish_limit()
+
+    def stop_tx(self, tx: str, *, meter_stop_wh: Decimal, timestamp: str, reason16: str | None = "Local",
                 id_tag: str | None = None, samples: list[conv.Sample] | None = None,
-                local_seq: int | None = None) -> None:
+                local_seq: int | None = None, transaction_data: list[Any] | None = None) -> None:
+        """``transaction_data``: a 1.6 wallbox's StopTransaction.transactionData as it sent it (to a 1.6
+        backend it goes up as it is, an empty list too)."""
         row = self.queue.tx(tx)
         if row is None:
             return
         if self.version == "1.6":
             payload: dict[str, Any] = {"transactionId": self._tx_ref(row), "meterStop": conv.wh_int(meter_stop_wh),
-                                       "timestamp": timestamp, "reason": reason16}
-            if id_tag:
+                                       "timestamp": timestamp}
+            if reason16 is not None:  # absent as the wallbox sent it (1.6: absent means Local)
+                payload["reason"] = reason16
+            if id_tag is not None:  # as the wallbox sent it (an empty one too)
                 payload["idTag"] = id_tag[:20]
-            if samples:
+            if transaction_data is not None:
+                payload["transactionData"] = transaction_data
+            elif samples:
                 data = conv.to_16(samples)
                 if data:
                     payload["transactionData"] = data
             self.queue.add(tx, "stop", "StopTransaction", payload, meter=float(meter_stop_wh), stopped=timestamp,
                            local_seq=local_seq)
         else:
+            reason16 = reason16 or "Local"
             end = [{"timestamp": timestamp, "sampledValue": [
                 {"value": conv.to_number(conv.num_str(meter_stop_wh)), "measurand": conv.ENERGY,
                  "context": "Transaction.End", "unitOfMeasure": {"unit": "Wh"}}]}]
@@ -278,12 +373,7 @@ class UpstreamCP:
             self.queue.add(tx, "stop", "TransactionEvent", payload, meter=float(meter_stop_wh), stopped=timestamp,
                            local_seq=local_seq)
         self.counters["tx_stopped"] += 1
-        # TxProfiles end with their transaction
-        before = len(self._profiles)
-        self._profiles = [x for x in self._profiles if x.purpose != "TxProfile"]
-        if len(self._profiles) != before:
-            self._save_profiles()
-            self._publish_limit()
+        self._end_tx_profiles()
         self.kick()
 
     def send_live(self, action: str, payload: dict[str, Any]) -> None:
@@ -381,7 +471,10 @@ class UpstreamCP:
         await self._boot(rpc)
         self.log.info("registered at the backend", version=self.version, queued=self.queue.count(self.cbid))
         self.booted.set()
-        await self._send_status()
+        if self._status_known:
+            await self._send_status()
+        else:
+            self._spawn(self._status_when_unknown())
         hb = self.tasks.spawn(f"backend-heartbeat:{self.evse.id}", lambda: self._heartbeat(rpc),
                               expected=(ConnectionClosed,), evse_id=self.evse.id, charge_box_id=self.cbid)
         try:
@@ -392,8 +485,12 @@ class UpstreamCP:
     async def _boot(self, rpc: OcppRpc) -> None:
         info = self.driver.boot_info()
         be = self.config.ocpp.backend
+        own = getattr(self.driver, "boot_payload", None)
+        raw = own(self.version) if own is not None else None  # the wallbox's own BootNotification
         while True:
-            if self.version == "1.6":
+            if raw is not None:
+                payload = raw
+            elif self.version == "1.6":
                 payload = {"chargePointVendor": info.get("vendor", be.vendor)[:20],
                            "chargePointModel": info.get("model", be.model)[:20]}
                 if info.get("serial"):
@@ -435,6 +532,13 @@ class UpstreamCP:
             self.counters["triggered_status_sent_by_gateway"] += 1
             await self._send_status()
 
+    async def _status_when_unknown(self) -> None:
+        await asyncio.sleep(STATUS_UNKNOWN_GRACE_S)
+        if not self._status_known and self.booted.is_set():
+            self.counters["status_unknown_sent_unavailable"] += 1
+            self._status_known = True
+            await self._send_status()
+
     async def _send_status(self) -> None:
         rpc = self.rpc
         if rpc is None:
@@ -443,7 +547,12 @@ class UpstreamCP:
         s16, err, info = status
         ts = conv.now_iso()
         try:
-            if self.version == "1.6":
+            if self._status_raw is not None:  # the wallbox's own (same version): as it sent it
+                if self._status0_raw is not None and self._status0_sent != self.connects:
+                    self._status0_sent = self.connects  # once per connection (and whenever the wallbox sends it)
+                    await rpc.call("StatusNotification", self._status0_raw)
+                await rpc.call("StatusNotification", self._status_raw)
+            elif self.version == "1.6":
                 if self._sent_status is None:
                     await rpc.call("StatusNotification", {"connectorId": 0, "status": "Available" if s16 not in (
                         "Unavailable", "Faulted") else s16, "errorCode": "NoError", "timestamp": ts})
@@ -531,9 +640,79 @@ class UpstreamCP:
     # -- calls from the backend -----------------------------------------------------------------
     async def _handle(self, action: str, payload: dict[str, Any]) -> dict[str, Any]:
         self.counters[f"backend_{action}"] += 1
+        fwd = await self._forward(action, payload)
+        if fwd is not None:
+            return fwd
         if self.version == "1.6":
             return await self._handle16(action, payload)
         return await self._handle201(action, payload)
+
+    async def _forward(self, action: str, d: dict[str, Any]) -> dict[str, Any] | None:
+        """A call for a wallbox of the same version, passed on as the backend sent it and answered with the
+        wallbox's answer (see :mod:`ocpp_gateway.passthrough` and the README's table of what changes).
+        None: the gateway answers or translates it itself."""
+        forward = getattr(self.driver, "forward", None)
+        if forward is None or action not in passthrough.DOWN[self.version]:
+            return None
+        v = self.version
+        if action in ("RemoteStartTransaction", "RequestStartTransaction"):
+            if d.get("chargingProfile"):
+                self._add_profile(d["chargingProfile"], tx_profile_ok=True)  # the gateway's: see README
+            d = {k: x for k, x in d.items() if k != "chargingProfile"}
+        elif action in ("RemoteStopTransaction", "RequestStopTransaction"):
+            row = self.queue.tx_by_backend(self.cbid, str(d["transactionId"]))
+            if row is None or row.stopped is not None or row.local_id is None:
+                return None  # the gateway answers: Rejected
+            local: Any = row.local_id
+            if v == "1.6":
+                if not row.local_id.isdigit():
+                    return None
+                local = int(row.local_id)
+            d = {**d, "transactionId": local}
+        elif action == "TriggerMessage" and d["requestedMessage"] == "Heartbeat":
+            return None  # the upstream charge point's own heartbeat
+        elif action == "ChangeConfiguration" and d["key"] in passthrough.PROTECTED_16:
+            self.counters["backend_protected_setting_refused"] += 1
+            return {"status": "Rejected"}
+        elif action == "SetVariables":
+            return await self._set_variables(forward, d)
+        res = await forward(v, action, d)
+        if res is None:
+            return None
+        if action == "TriggerMessage" and d["requestedMessage"] == "StatusNotification" and \
+                res.get("status") == "Accepted":
+            self._status_triggered = True
+            self._spawn(self._status_after_trigger())
+        if action == "RequestStartTransaction" and res.get("status") == "Accepted":
+            self._remote_start = (d["idToken"]["idToken"], d["remoteStartId"], time.monotonic())
+        return dict(res)
+
+    async def _set_variables(self, forward: Any, d: dict[str, Any]) -> dict[str, Any] | None:
+        """2.0.1 SetVariables: a setting of the wallbox's link to the gateway is refused here, the rest is
+        forwarded; the results in the order asked."""
+        items = d["setVariableData"]
+        protected = [(x["component"]["name"], x["variable"]["name"]) in passthrough.PROTECTED_201 for x in items]
+        if not any(protected):
+            return await forward("2.0.1", "SetVariables", d)  # the wallbox's answer as it gave it
+        results: list[dict[str, Any] | None] = [None] * len(items)
+        rest = [x for x, prot in zip(items, protected, strict=True) if not prot]
+        res: dict[str, Any] = {}
+        if rest:
+            got_res = await forward("2.0.1", "SetVariables", {**d, "setVariableData": rest})
+            if got_res is None:
+                return None
+            res = dict(got_res)
+            got = iter(res.get("setVariableResult") or [])
+            for i, prot in enumerate(protected):
+                if not prot:
+                    results[i] = next(got, None)
+        for i, prot in enumerate(protected):
+            if prot or results[i] is None:
+                self.counters["backend_protected_setting_refused"] += int(prot)
+                results[i] = {"attributeStatus": "Rejected", "component": items[i]["component"],
+                              "variable": items[i]["variable"],
+                              **({"attributeType": items[i]["attributeType"]} if "attributeType" in items[i] else {})}
+        return {**res, "setVariableResult": results}
 
     async def _handle16(self, action: str, d: dict[str, Any]) -> dict[str, Any]:
         if action == "RemoteStartTransaction":
@@ -573,7 +752,7 @@ class UpstreamCP:
                                                                  d.get("stackLevel")) else "Unknown"}
         if action == "DataTransfer":
             return {"status": "UnknownVendorId"}
-        raise RpcError("NotSupported", f"{action} is not supported by the gateway")
+        raise self._unsupported(action)
 
     async def _handle201(self, action: str, d: dict[str, Any]) -> dict[str, Any]:
         if action == "RequestStartTransaction":
@@ -623,7 +802,24 @@ class UpstreamCP:
             return {"status": "Accepted" if ok else "Unknown"}
         if action == "DataTransfer":
             return {"status": "UnknownVendorId"}
-        raise RpcError("NotSupported", f"{action} is not supported by the gateway")
+        raise self._unsupported(action)
+
+    def _unsupported(self, action: str) -> RpcError:
+        if action in passthrough.DOWN[self.version] and getattr(self.driver, "online", None) is False:
+            return RpcError("GenericError", f"{action}: the wallbox is not connected to the gateway")
+        return RpcError("NotSupported", f"{action} is not supported by the gateway")
+
+    async def ask(self, action: str, payload: dict[str, Any]) -> dict[str, Any] | None:
+        """A wallbox's request whose answer is the backend's (DataTransfer, Authorize, ...): sent now and the
+        backend's answer returned as it is (a CALLERROR of the backend raises :class:`RpcError`); None when
+        the backend is not connected or does not answer in time (the gateway answers then)."""
+        rpc = self.rpc
+        if rpc is None or not self.booted.is_set():
+            return None
+        try:
+            return await rpc.call(action, payload, timeout_s=10)
+        except (TimeoutError, ConnectionClosed):
+            return None
 
     async def _trigger(self, what: str) -> str:
         """A triggered message is always sent to the backend. Heartbeat is this charge point's own; a
