@@ -292,21 +292,24 @@ class Logs:
 # -- memory ----------------------------------------------------------------------------------------------------
 
 _LEAVES = (str, bytes, bytearray, int, float, bool, type(None), datetime, timedelta)
-_SKIP_NAMES = {"__class__", "__module__"}
+# attributes known to be bounded by other means (the bus's topic-match cache: MATCH_CACHE_SIZE entries)
+SKIP_ATTRS = frozenset({"__class__", "__module__", "_matches", "_client"})
 
 
-def containers(root: Any, skip: tuple[type, ...] = (), max_depth: int = 8) -> list[tuple[int, str]]:
+def containers(root: Any, skip: tuple[type, ...] = (), max_depth: int = 12,
+               visited: list[Any] | None = None) -> list[tuple[int, str]]:
     """``(length, path)`` of every dict, list, set, deque and other sized container reachable from ``root``
-    through attributes, dataclass fields and container items (objects of the ``skip`` types, modules,
-    functions, classes, the event loop, tasks, threads and sockets are not entered)."""
+    through attributes, dataclass fields, container items, the variables a closure holds and the object of a
+    bound method (objects of the ``skip`` types, modules, classes, the event loop, futures, threads and
+    sockets are not entered)."""
     import inspect
     import socket
     import sqlite3
     import types
 
-    opaque = (types.ModuleType, types.FunctionType, types.MethodType, types.BuiltinFunctionType, type,
-              asyncio.AbstractEventLoop, asyncio.Future, asyncio.Handle, threading.Thread, socket.socket,
-              sqlite3.Connection, sqlite3.Cursor, asyncio.BaseTransport, *skip)
+    opaque = (types.ModuleType, types.BuiltinFunctionType, type, asyncio.AbstractEventLoop, asyncio.Future,
+              asyncio.Handle, threading.Thread, socket.socket, sqlite3.Connection, sqlite3.Cursor,
+              asyncio.BaseTransport, mqtt.Client, *skip)
     seen: set[int] = set()
     out: list[tuple[int, str]] = []
     stack: list[tuple[Any, str, int]] = [(root, type(root).__name__, 0)]
@@ -315,10 +318,20 @@ def containers(root: Any, skip: tuple[type, ...] = (), max_depth: int = 8) -> li
         if id(obj) in seen or isinstance(obj, _LEAVES) or isinstance(obj, opaque) or depth > max_depth:
             continue
         seen.add(id(obj))
-        if inspect.isawaitable(obj) or inspect.isgenerator(obj):
-            continue
+        if visited is not None:
+            visited.append(obj)
         children: list[tuple[Any, str]] = []
-        if isinstance(obj, dict | collections.OrderedDict | collections.Counter | collections.defaultdict):
+        if isinstance(obj, types.FunctionType):
+            for name, cell in zip(obj.__code__.co_freevars, obj.__closure__ or (), strict=False):
+                try:
+                    children.append((cell.cell_contents, f"{path}<{name}>"))
+                except ValueError:  # an empty cell
+                    pass
+        elif isinstance(obj, types.MethodType):
+            children.append((obj.__self__, f"{path}.__self__"))
+        elif inspect.isawaitable(obj) or inspect.isgenerator(obj):
+            continue
+        elif isinstance(obj, dict):
             out.append((len(obj), path))
             for k, v in list(obj.items())[:2000]:
                 children.append((v, f"{path}[{str(k)[:20]!r}]"))
@@ -343,11 +356,20 @@ def containers(root: Any, skip: tuple[type, ...] = (), max_depth: int = 8) -> li
                 if isinstance(slot, str) and hasattr(obj, slot):
                     attrs[slot] = getattr(obj, slot)
             for k, v in attrs.items():
-                if k not in _SKIP_NAMES:
+                if k not in SKIP_ATTRS:
                     children.append((v, f"{path}.{k}"))
         for child, cpath in children:
             stack.append((child, cpath, depth + 1))
     return out
+
+
+def find(root: Any, cls: type) -> Any:
+    """The one object of type ``cls`` reachable from ``root`` (see :func:`containers`)."""
+    objs: list[Any] = []
+    containers(root, visited=objs)
+    found = [o for o in objs if isinstance(o, cls)]
+    assert len(found) == 1, f"{len(found)} objects of {cls.__name__} reachable"
+    return found[0]
 
 
 def largest(root: Any, skip: tuple[type, ...] = (), top: int = 5) -> list[tuple[int, str]]:
@@ -519,3 +541,19 @@ def state_files(root: Any) -> dict[str, tuple[int, str]]:
             data = f.read_bytes()
             out[str(f.relative_to(base))] = (len(data), hashlib.sha256(data).hexdigest())
     return out
+
+
+def unknown_id_flood(ids: list[str], topics: Iterable[tuple[str, str]], refused_on: tuple[str, str] | None = None,
+                     refused: int = 1000) -> list[Message]:
+    """A valid message per id on each ``(topic name, id parameter)``, then ``refused`` invalid ones (an
+    ``online`` that is no boolean) on as many distinct topics of ``refused_on``."""
+    batch: list[Message] = [(name, {key: i}, json.dumps(template(name, **{key: i})).encode())
+                            for i in ids for name, key in topics]
+    if refused_on is not None:
+        name, key = refused_on
+        batch += [(name, {key: i}, json.dumps({key: i, "online": "yes"}).encode()) for i in ids[:refused]]
+    return batch
+
+
+def warning_summary(entries: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    return collections.Counter(str(e.get("event"))[:80] for e in entries).most_common(8)
