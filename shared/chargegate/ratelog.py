@@ -26,7 +26,7 @@ import asyncio
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, ItemsView, Iterator, MutableMapping, ValuesView
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -77,6 +77,14 @@ class Lru(MutableMapping[K, V], Generic[K, V]):
 
     def __contains__(self, key: object) -> bool:
         return key in self._d
+
+    def items(self) -> ItemsView[K, V]:
+        """The entries, oldest first, without making any of them recent (iterating the mixin's ``items`` would
+        reorder the dict it iterates)."""
+        return self._d.items()
+
+    def values(self) -> ValuesView[V]:
+        return self._d.values()
 
     def peek(self, key: K, default: V | None = None) -> V | None:
         """The value without making the key recent."""

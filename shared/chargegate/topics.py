@@ -4,8 +4,9 @@ One place says, for each topic pattern, which model validates it, its QoS, wheth
 retained and which services may write it (the broker ACL is generated from this table).
 
 Build a topic with :func:`Registry.topic`; validate an incoming message with
-:meth:`Registry.parse`, which never raises: a bad payload is logged once with the topic and
-the error, counted, and ``None`` is returned.
+:meth:`Registry.parse`, which never raises: a bad payload is counted, logged with the topic and
+the error (rate-limited: once per topic and error a minute, at most ``REJECT_LINES_PER_MINUTE``
+lines a minute, the rest summarised; see :mod:`chargegate.ratelog`), and ``None`` is returned.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from chargegate import payloads as p
 from chargegate import strict_json
+from chargegate.ratelog import LogLimiter
 
 log = structlog.get_logger("chargegate.topics")
 
@@ -30,6 +32,7 @@ _SEGMENT_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 SERVICES = ("evse-poller", "ocpp-gateway", "load-controller", "smgw-link", "history")
 # broker accounts that write topics but are no service: the household (web page, Home Assistant, scripts)
 USERS = ("user",)
+REJECT_LINES_PER_MINUTE = 10  # "invalid message dropped" lines per registry and minute (the counter counts all)
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,7 @@ class Registry:
         self.root = root
         self.specs = {s.name: s for s in specs}
         self.invalid: Counter[str] = Counter()  # per topic pattern: payloads dropped
+        self._reject_log = LogLimiter(log, per_event=REJECT_LINES_PER_MINUTE)
 
     def spec(self, name: str) -> TopicSpec:
         try:
@@ -193,7 +197,8 @@ class Registry:
 
     def _reject(self, topic: str, error: str, pattern: str) -> None:
         self.invalid[pattern] += 1
-        log.warning("invalid message dropped", topic=topic, error=error, dropped_total=sum(self.invalid.values()))
+        self._reject_log.warning(f"{topic[:200]}\n{error[:120]}", "invalid message dropped", subject="topics",
+                                 topic=topic, error=error, dropped_total=sum(self.invalid.values()))
 
     def describe(self) -> list[dict[str, Any]]:
         return [

@@ -77,6 +77,7 @@ class LoadController:
         self.unconfigured_statuses: dict[str, p.EvseStatus] = {}
         self.unconfigured_readings: dict[str, p.MeterReading] = {}
         self.unconfigured_limits: dict[str, p.EvseLimit] = {}
+        self.unconfigured_modes: dict[str, p.ChargingMode] = {}
         self.configure(ctx.config)
 
     # -- configuration -----------------------------------------------------------------------------------
@@ -103,6 +104,7 @@ class LoadController:
         inp = self.inputs
         for kind, known, held, live in (("evse", self.topo.evse_index, self.unconfigured_statuses, inp.statuses),
                                         ("evse", self.topo.evse_index, self.unconfigured_limits, inp.evse_limits),
+                                        ("evse", self.topo.evse_index, self.unconfigured_modes, inp.modes),
                                         ("meter", self.topo.meters, self.unconfigured_readings, inp.readings)):
             for ident in [i for i in held if i in known]:
                 live[ident] = held.pop(ident)  # type: ignore[index]
@@ -250,6 +252,9 @@ class LoadController:
         """The charging mode of an EVSE (kept by the history service): chooses the rules that apply to it."""
         m = msg.payload
         assert isinstance(m, p.ChargingMode)
+        if m.evse_id not in self.topo.evse_index:
+            self._hold(self.unconfigured_modes, m.evse_id, m)  # kept (bounded) for a reload that adds it
+            return
         prev = self.inputs.modes.get(m.evse_id)
         self.inputs.modes[m.evse_id] = m
         if prev is None or prev.mode != m.mode or prev.target != m.target:

@@ -16,14 +16,16 @@ from typing import Any
 
 from chargegate import payloads as p
 from chargegate.config import Config
+from chargegate.ratelog import Lru
 from smgw_link.clseedi.messages import measurement_set
 
 
 @dataclass
 class Measurements:
     config: Config
-    meters: dict[str, tuple[float, p.MeterReading]] = field(default_factory=dict)
-    evses: dict[str, tuple[float, p.EvseStatus]] = field(default_factory=dict)
+    # by id as the bus names them (bounded: only configured ones are reported)
+    meters: Lru[str, tuple[float, p.MeterReading]] = field(default_factory=lambda: Lru(1024))
+    evses: Lru[str, tuple[float, p.EvseStatus]] = field(default_factory=lambda: Lru(1024))
 
     def on_meter(self, reading: p.MeterReading) -> None:
         self.meters[reading.meter_id] = (time.monotonic(), reading)

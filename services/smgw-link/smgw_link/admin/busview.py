@@ -10,16 +10,19 @@ from typing import Any
 
 from chargegate import payloads as p
 from chargegate.bus import Bus, Message
+from chargegate.ratelog import Lru
 
 ERRORS_KEPT = 200
+KEYS_KEPT = 1024  # per table: EVSEs, meters, services the bus told about (configured ones are far fewer)
 
 
 class BusView:
     def __init__(self, log_buffer: int = 1000) -> None:
-        self.evses: dict[str, p.EvseStatus] = {}
-        self.setpoints: dict[str, p.Setpoint] = {}
-        self.evse_limits: dict[str, p.EvseLimit] = {}
-        self.meters: dict[str, p.MeterReading] = {}
+        # keyed by what the bus names: bounded, the least recently heard forgotten first
+        self.evses: Lru[str, p.EvseStatus] = Lru(KEYS_KEPT)
+        self.setpoints: Lru[str, p.Setpoint] = Lru(KEYS_KEPT)
+        self.evse_limits: Lru[str, p.EvseLimit] = Lru(KEYS_KEPT)
+        self.meters: Lru[str, p.MeterReading] = Lru(KEYS_KEPT)
         self.grid_limits: dict[str, p.GridLimit] = {}
         self.tariff: p.TariffCurrent | None = None
         self.schedule: p.TariffSchedule | None = None
@@ -49,7 +52,7 @@ class BusView:
         bus.subscribe("service.log", self.on_log)
 
     @staticmethod
-    def _keyed(store: dict[str, Any], param: str) -> Any:
+    def _keyed(store: Any, param: str) -> Any:
         def handler(msg: Message) -> None:
             store[msg.params[param]] = msg.payload
         return handler
