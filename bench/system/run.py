@@ -83,6 +83,15 @@ def ts_of(d: dict[str, Any]) -> float:
     return datetime.fromisoformat(str(d["ts"])).timestamp()
 
 
+def broker_process(b: Any) -> Any:
+    """The Mosquitto process of a :class:`LocalBroker` or of an ``OperatorBroker`` (which runs one)."""
+    if b is None:
+        return None
+    inner = getattr(b, "broker", None)
+    proc = getattr(inner if inner is not None else b, "proc", None)
+    return proc if proc is not None and proc.poll() is None else None
+
+
 async def steady_resources(s: System, seconds: float) -> dict[str, Any]:
     procs: dict[str, psutil.Process] = {}
     for name, pr in s.procs.items():
@@ -90,8 +99,9 @@ async def steady_resources(s: System, seconds: float) -> dict[str, Any]:
             procs[name] = psutil.Process(pr.popen.pid)
     for label, b in (("mosquitto (bus)", s.broker), ("mosquitto (lab)", s.lab_broker),
                      ("mosquitto (operator)", s.op_broker)):
-        if b is not None and b.proc is not None:
-            procs[label] = psutil.Process(b.proc.pid)
+        proc = broker_process(b)
+        if proc is not None:
+            procs[label] = psutil.Process(proc.pid)
     procs["bench process"] = psutil.Process(os.getpid())
     for p in procs.values():
         p.cpu_percent(None)
