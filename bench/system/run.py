@@ -20,6 +20,9 @@ Targets: all services together < 50 % of one core and < 400 MB at steady state; 
 p99 < 1 s. Exit code 0 when all are met (the figures are printed either way).
 
     .venv/bin/python bench/system/run.py [--modbus 100] [--ocpp 100] [--rounds 20] [--changes 40]
+    .venv/bin/python bench/system/run.py --smoke   # 3 + 2 wallboxes, 2 rounds (the test suite runs it)
+
+A line ``RESULT {json}`` carries the figures.
 """
 
 from __future__ import annotations
@@ -118,7 +121,7 @@ async def steady_resources(s: System, seconds: float) -> dict[str, Any]:
     return out
 
 
-async def limit_rounds(s: System, rounds: int) -> tuple[list[float], list[dict[str, Any]]]:
+async def limit_rounds(s: System, rounds: int, quick: bool = False) -> tuple[list[float], list[dict[str, Any]]]:
     m = s.monitor
     high, low = limits_for(s.plan)
     ids = [w.id for w in s.plan.wallboxes]
@@ -128,12 +131,12 @@ async def limit_rounds(s: System, rounds: int) -> tuple[list[float], list[dict[s
         rel = await s.operator_limit(high + r, retry_for_s=10)  # release to the higher value (not timed)
         await s.limit_applied(rel, 30)
         await m.until(lambda: not m.open, 30, "no breach open")
-        await asyncio.sleep(2.5)  # increases are rate-limited: let the ramps finish
+        await asyncio.sleep(1.0 if quick else 2.5)  # increases are rate-limited: let the ramps finish
         watts = low - r  # a new value every round
         t_send = time.time()
         sent = await s.operator_limit(watts, retry_for_s=10)
         await s.limit_applied(sent, 30)
-        await asyncio.sleep(2.0)  # later corrections of the same decision count as well
+        await asyncio.sleep(1.0 if quick else 2.0)  # later corrections of the same decision count as well
         with m.lock:
             final: dict[str, float] = {}  # the EVSEs whose setpoint the limit changed, and their new value
             for e in ids:
@@ -178,7 +181,7 @@ def backend_status_frames(db: Path, since: float) -> list[tuple[float, str, dict
     return out
 
 
-async def state_changes(s: System, n: int) -> tuple[list[float], dict[str, list[float]], int]:
+async def state_changes(s: System, n: int, quick: bool = False) -> tuple[list[float], dict[str, list[float]], int]:
     """Unplug/plug cars one after the other, alternating Modbus and OCPP wallboxes; for each change the
     time until the backend received a StatusNotification for that charge point saying so."""
     mb = [w for w in s.plan.wallboxes if w.kind == "modbus"]
@@ -190,11 +193,13 @@ async def state_changes(s: System, n: int) -> tuple[list[float], dict[str, list[
         events.append((time.time(), w.id, w.kind, "Available"))
         s.unplug(w.id)
         await asyncio.sleep(0.4)
+    # a car back before the poller saw it leave is no change at all: at least two poll intervals between
+    await asyncio.sleep(max(0.0, 2.5 - (time.time() - t_begin)))
     for w in pick:
         events.append((time.time(), w.id, w.kind, "occupied"))
         s.plug(w.id)
         await asyncio.sleep(0.4)
-    await asyncio.sleep(5)
+    await asyncio.sleep(2.5 if quick else 5)  # a Modbus change is seen within one poll (1 s)
     frames = backend_status_frames(s.dir / "backend.sqlite", t_begin)
     lat: list[float] = []
     by_kind: dict[str, list[float]] = {"modbus": [], "ocpp": []}
@@ -226,7 +231,8 @@ async def main(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"modbus_wallboxes": args.modbus, "ocpp_wallboxes": args.ocpp, "cpus": os.cpu_count()}
     try:
         took = await s.start(ready_within_s=240)
-        print(f"system ready after {took:.1f} s (every EVSE online, 200 charge points at the backend)", flush=True)
+        print(f"system ready after {took:.1f} s (every EVSE online, {len(plan.wallboxes)} charge points at the "
+              "backend)", flush=True)
         result["ready_s"] = round(took, 1)
         await asyncio.gather(*(s.plug_when_idle(w.id, 30) for w in plan.wallboxes))
         high, _low = limits_for(plan)
@@ -241,13 +247,13 @@ async def main(args: argparse.Namespace) -> int:
         result["steady"] = res
         for name, v in res.items():
             print(f"  {name:22s} {v}", flush=True)
-        lat, details = await limit_rounds(s, args.rounds)
+        lat, details = await limit_rounds(s, args.rounds, args.smoke)
         result["limit_rounds"] = details
         if lat:
             result["limit_to_applied_ms"] = {"p50": round(statistics.median(lat) * 1000, 1),
                                              "p99": round(pct(lat, 99) * 1000, 1),
                                              "max": round(max(lat) * 1000, 1), "rounds": len(lat)}
-        sl, by_kind, missing = await state_changes(s, args.changes)
+        sl, by_kind, missing = await state_changes(s, args.changes, args.smoke)
         if sl:
             result["state_change_to_status_notification_ms"] = {
                 "p50": round(statistics.median(sl) * 1000, 1), "p99": round(pct(sl, 99) * 1000, 1),
@@ -266,6 +272,18 @@ async def main(args: argparse.Namespace) -> int:
     print(json.dumps({k: v for k, v in result.items() if k != "limit_rounds"}, indent=1))
     print("targets: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in targets.items()))
     (tmp / "result.json").write_text(json.dumps(result, indent=1))
+    print("RESULT " + json.dumps({
+        "modbus_wallboxes": args.modbus, "ocpp_wallboxes": args.ocpp, "ready_s": result.get("ready_s"),
+        "services_cpu_pct": tot.get("cpu_pct"), "services_rss_mb": tot.get("rss_mb"),
+        "limit_rounds": lim.get("rounds"),
+        "limit_rounds_ms": [d.get("applied_ms") for d in result.get("limit_rounds", [])],
+        "limit_p50_ms": lim.get("p50"), "limit_p99_ms": lim.get("p99"),
+        "status_p50_ms": result.get("state_change_to_status_notification_ms", {}).get("p50"),
+        "status_missing": result.get("state_change_to_status_notification_ms", {}).get("missing"),
+        "crashes": len(result.get("crashes", [])), "targets_met": all(targets.values())}), flush=True)
+    if args.smoke:  # tiny sizes: timings are not targets here, but every round must have been applied
+        sc = result.get("state_change_to_status_notification_ms", {})
+        return 0 if lim.get("rounds") == args.rounds and sc.get("missing") == 0 and not result.get("crashes") else 1
     return 0 if all(targets.values()) else 1
 
 
@@ -278,4 +296,8 @@ if __name__ == "__main__":
     ap.add_argument("--steady-s", type=float, default=30.0, help="CPU measurement window")
     ap.add_argument("--settle-s", type=float, default=10.0, help="wait before measuring")
     ap.add_argument("--dir", default=None)
-    sys.exit(asyncio.run(main(ap.parse_args())))
+    ap.add_argument("--smoke", action="store_true", help="tiny run for the test suite: 3 Modbus + 2 OCPP wallboxes")
+    a = ap.parse_args()
+    if a.smoke:
+        a.modbus, a.ocpp, a.rounds, a.changes, a.steady_s, a.settle_s = 3, 2, 2, 4, 1.0, 0.0
+    sys.exit(asyncio.run(main(a)))
