@@ -139,11 +139,19 @@ async def limit_rounds(s: System, rounds: int, quick: bool = False) -> tuple[lis
         await asyncio.sleep(1.0 if quick else 2.0)  # later corrections of the same decision count as well
         with m.lock:
             final: dict[str, float] = {}  # the EVSEs whose setpoint the limit changed, and their new value
+            sp_at: dict[str, float] = {}  # when the controller issued that new setpoint (its ts)
             for e in ids:
                 before = [d for t, d in m.setpoints.get(e, []) if ts_of(d) < t_send]
                 sps = [d for t, d in m.setpoints.get(e, []) if ts_of(d) >= t_send]
                 if sps and before and abs(float(sps[-1]["current_a"]) - float(before[-1]["current_a"])) > 1e-9:
                     final[e] = float(sps[-1]["current_a"])
+                    sp_at[e] = next(ts_of(d) for d in sps if abs(float(d["current_a"]) - final[e]) <= 1e-9)
+            acked_at: dict[str, float] = {}  # the service's status saying it applied it (after the write/answer)
+            for _t, e, d in m.status_log:
+                ap = d.get("applied") or {}
+                if e in final and e not in acked_at and d.get("ts") and ts_of(d) >= t_send \
+                        and abs(float(ap.get("current_a") or 0) - final[e]) <= 0.11:
+                    acked_at[e] = ts_of(d)
             applied_at: dict[str, float] = {}
             for _t, e, d in m.draw_log:
                 if e in final and e not in applied_at and ts_of(d) >= t_send \
@@ -152,14 +160,29 @@ async def limit_rounds(s: System, rounds: int, quick: bool = False) -> tuple[lis
         missing = sorted(set(final) - set(applied_at))
         if not final or missing:
             details.append({"round": r, "watts": watts, "changed": len(final), "not applied": missing[:5]})
+            print(f"  limit round {r + 1:2d}: {watts} W, {len(final)} setpoints changed, NOT applied: "
+                  f"{missing[:5]}", flush=True)
             continue
         t = max(applied_at.values()) - t_send
         lat.append(t)
+        kinds = {w.id: w.kind for w in s.plan.wallboxes}
+        hop: dict[str, float | str | None] = {
+            "on_bus_ms": round(((sent.on_bus_at or 0) - sent.sent_at) * 1000, 1) if sent.on_bus_at else None,
+            "setpoints_ms": round((max(sp_at.values()) - t_send) * 1000, 1)}
+        for kind in ("modbus", "ocpp"):
+            for what, at in (("acked", acked_at), ("applied", applied_at)):
+                xs = [at[e] - t_send for e in at if kinds[e] == kind]
+                if xs:
+                    hop[f"{kind}_{what}_p50_ms"] = round(statistics.median(xs) * 1000, 1)
+                    hop[f"{kind}_{what}_max_ms"] = round(max(xs) * 1000, 1)
+        hop["last"] = max(applied_at, key=lambda e: applied_at[e])
         details.append({"round": r, "watts": watts, "acks": sent.acks, "changed": len(final),
-                        "on_bus_ms": round((sent.on_bus_at or 0) - sent.sent_at, 3) * 1000 if sent.on_bus_at else None,
-                        "applied_ms": round(t * 1000, 1)})
+                        "applied_ms": round(t * 1000, 1), **hop})
         print(f"  limit round {r + 1:2d}: {watts} W, {len(final)} setpoints changed, all applied after "
-              f"{t * 1000:7.1f} ms", flush=True)
+              f"{t * 1000:7.1f} ms (on bus {hop['on_bus_ms']} ms, setpoints out {hop['setpoints_ms']} ms, "
+              f"Modbus service/wallbox max {hop.get('modbus_acked_max_ms')}/{hop.get('modbus_applied_max_ms')} ms, "
+              f"OCPP {hop.get('ocpp_acked_max_ms')}/{hop.get('ocpp_applied_max_ms')} ms, last {hop['last']})",
+              flush=True)
     return lat, details
 
 

@@ -32,7 +32,7 @@ FIGURES: dict[str, list[str]] = {
     "ocpp/bench_ocpp.py": ["wallboxes", "gateway_n", "direct_n", "gateway_p50_ms", "gateway_p99_ms",
                            "direct_p50_ms", "direct_p99_ms", "added_p50_ms", "added_p99_ms", "rss_wallboxes_mb",
                            "cpu_pct"],
-    "curtail/run.py": ["evses", "rounds", "p50_ms", "p99_ms", "direct_p50_ms", "ratio_p50"],
+    "curtail/run.py": ["evses", "rounds", "p50_ms", "p99_ms", "direct_p50_ms", "ratio_p50", "hops"],
     "admin/run.py": ["evses", "status_p50_ms", "status_p99_ms", "add_p50_ms", "boot_p50_ms", "remove_p50_ms"],
     "system/run.py": ["ready_s", "services_cpu_pct", "services_rss_mb", "limit_rounds_ms", "limit_p50_ms",
                       "limit_p99_ms", "status_p50_ms"],
