@@ -34,6 +34,8 @@ FIGURES: dict[str, list[str]] = {
                            "cpu_pct"],
     "curtail/run.py": ["evses", "rounds", "p50_ms", "p99_ms", "direct_p50_ms", "ratio_p50", "hops"],
     "admin/run.py": ["evses", "status_p50_ms", "status_p99_ms", "add_p50_ms", "boot_p50_ms", "remove_p50_ms"],
+    "footprint/run.py": ["evse_poller_rss_mb", "load_controller_rss_mb", "ocpp_gateway_rss_mb", "smgw_link_rss_mb",
+                         "history_rss_mb", "runtime_rss_mb", "services_total_rss_mb"],
     "system/run.py": ["ready_s", "services_cpu_pct", "services_rss_mb", "limit_rounds_ms", "limit_p50_ms",
                       "limit_p99_ms", "status_p50_ms"],
 }
