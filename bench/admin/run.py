@@ -14,6 +14,9 @@ Reported:
   that EVSE's BootNotification reaches the backend; then its removal. p50/p99 over ``--rounds``.
 
     .venv/bin/python bench/admin/run.py [--evses 100] [--requests 300] [--rounds 10]
+    .venv/bin/python bench/admin/run.py --smoke    # 3 EVSEs, 20 requests, 1 round (the test suite runs it)
+
+The last line is ``RESULT {json}`` with the figures.
 """
 
 from __future__ import annotations
@@ -148,6 +151,12 @@ admin:
         print(f"  remove it, answered when both services run it: p50 {statistics.median(remove_ms):.0f} ms, "
               f"p99 {pct(remove_ms, 99):.0f} ms ({len(change_ms)} rounds)")
         print(f"  reconnects of the {args.evses} existing charge points meanwhile: {reconnects}")
+        print("RESULT " + json.dumps({
+            "evses": args.evses, "status_kib": round(size / 1024, 1), "requests": len(status_ms),
+            "status_p50_ms": round(statistics.median(status_ms), 2), "status_p99_ms": round(pct(status_ms, 99), 2),
+            "rounds": len(change_ms), "add_p50_ms": round(statistics.median(change_ms), 1),
+            "add_p99_ms": round(pct(change_ms, 99), 1), "boot_p50_ms": round(statistics.median(boot_ms), 1),
+            "remove_p50_ms": round(statistics.median(remove_ms), 1), "reconnects": reconnects}), flush=True)
         return 0 if reconnects == 0 else 1
     finally:
         await poller.stop()
@@ -167,4 +176,8 @@ if __name__ == "__main__":
     ap.add_argument("--evses", type=int, default=100)
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=10)
-    sys.exit(asyncio.run(main(ap.parse_args())))
+    ap.add_argument("--smoke", action="store_true", help="tiny run for the test suite: 3 EVSEs, 20 requests, 1 round")
+    a = ap.parse_args()
+    if a.smoke:
+        a.evses, a.requests, a.rounds = 3, 20, 1
+    sys.exit(asyncio.run(main(a)))

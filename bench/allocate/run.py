@@ -12,11 +12,16 @@ Reported: median and p99 of
 Target: median under 20 ms.
 
     .venv/bin/python bench/allocate/run.py [--cycles 200] [--evses-per-board 10]
+    .venv/bin/python bench/allocate/run.py --smoke     # 100 EVSEs, 10 cycles (the test suite runs it)
+
+The last line is ``RESULT {json}`` with the figures (every benchmark ends so; tests/system/test_bench_smoke.py
+reads it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import time
@@ -104,7 +109,10 @@ def main() -> None:
     ap.add_argument("--evses-per-board", type=int, default=10)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-gc-tuning", action="store_true", help="measure without the service's GC tuning")
+    ap.add_argument("--smoke", action="store_true", help="tiny run for the test suite: 100 EVSEs, 10 cycles")
     args = ap.parse_args()
+    if args.smoke:
+        args.cycles, args.evses_per_board = 10, 1
     cfg, inputs, rnd = build(args.evses_per_board, args.seed)
     topo = Topology(cfg)
     tz = ZoneInfo(cfg.site.timezone)
@@ -134,7 +142,7 @@ def main() -> None:
         from load_controller.service import tune_gc
 
         tune_gc()  # as the service does after start-up
-    warm = 20
+    warm = 2 if args.smoke else 20
     charging = 0
     for c in range(args.cycles + warm):
         refresh(cfg, topo, inputs, last, rnd, now, plugged)
@@ -160,6 +168,11 @@ def main() -> None:
     print(f"  step   median {statistics.median(step_ms):7.2f} ms   p99 {q(step_ms, 0.99):7.2f} ms")
     target = statistics.median(step_ms) < 20
     print(f"  target: median under 20 ms -> {'met' if target else 'NOT met'} (whole step)")
+    print("RESULT " + json.dumps({"evses": n, "cycles": len(step_ms), "charging": charging,
+                                  "solve_median_ms": round(statistics.median(solve_ms), 3),
+                                  "solve_p99_ms": round(q(solve_ms, 0.99), 3),
+                                  "step_median_ms": round(statistics.median(step_ms), 3),
+                                  "step_p99_ms": round(q(step_ms, 0.99), 3), "target_met": target}), flush=True)
 
 
 if __name__ == "__main__":

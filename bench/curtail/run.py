@@ -21,6 +21,9 @@ while the load-controller has no service.
 
     .venv/bin/python bench/curtail/run.py --evses 100 --rounds 20
     .venv/bin/python bench/curtail/run.py --until grid-limit --rounds 50
+    .venv/bin/python bench/curtail/run.py --smoke    # 3 wallboxes, 2 rounds (the test suite runs it)
+
+The last line is ``RESULT {json}`` with the figures.
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ import contextlib
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -127,6 +132,110 @@ class Holds:
         return last
 
 
+def controller_latencies(log: Path) -> list[float]:
+    """The load-controller's own figure per limit: from the grid limit handed to it by its MQTT client to
+    its new setpoints handed back (its ``grid limit applied`` log lines, ``latency_ms``)."""
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if '"grid limit applied"' in line:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                d = json.loads(line)
+                if d.get("source") == "dso" and d.get("setpoints_changed"):
+                    out.append(float(d["latency_ms"]))
+    return out
+
+
+class Stamps:
+    """An observer on the local bus that stamps grid/limit/dso and every setpoint on arrival (in
+    ``time.perf_counter()`` terms): ``mosquitto_sub`` in its own process (C, its own clock stamps), since this
+    process's event loop also runs the wallbox simulators and would stamp late; paho in its own network
+    thread when ``mosquitto_sub`` is not installed."""
+
+    def __init__(self, cfg: cfgmod.Config, tmp: Path) -> None:
+        self.limits: list[tuple[float, p.GridLimit]] = []
+        self.setpoints: list[tuple[float, str, float]] = []  # (arrival, evse, current)
+        self.root = cfg.site.topic_root
+        self.offset = time.time() - time.perf_counter()  # wall clock -> perf_counter
+        st = bus_settings(cfg, "observer")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.client: Any = None
+        topics = [f"{self.root}/grid/limit/dso", f"{self.root}/evse/+/setpoint"]
+        exe = shutil.which("mosquitto_sub")
+        if exe is not None:
+            conf = tmp / "xdg"  # the password goes through its options file, not the command line
+            conf.mkdir(exist_ok=True)
+            (conf / "mosquitto_sub").write_text(f"-u {st.username}\n-P {st.password}\n")
+            (conf / "mosquitto_sub").chmod(0o600)
+            argv = [exe, "-h", st.host, "-p", str(st.port), "-q", "1", "-R", "-F", "%U %t %p"]
+            for t in topics:
+                argv += ["-t", t]
+            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                         env={**os.environ, "XDG_CONFIG_HOME": str(conf)})
+            threading.Thread(target=self._read, daemon=True).start()
+        else:
+            import paho.mqtt.client as mqtt
+            from paho.mqtt.enums import CallbackAPIVersion
+
+            self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-curtail-stamps-{os.getpid()}")
+            self.client.username_pw_set(st.username, st.password)
+            self.client.on_connect = lambda c, u, f, rc, pr: c.subscribe([(t, 1) for t in topics])
+            self.client.on_message = lambda c, u, m: None if m.retain else self._seen(time.perf_counter(), m.topic,
+                                                                                      m.payload)
+            self.client.connect(st.host, st.port)
+            self.client.loop_start()
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with contextlib.suppress(ValueError):
+                stamp, topic, payload = line.rstrip(b"\n").split(b" ", 2)
+                self._seen(float(stamp) - self.offset, topic.decode(), payload)
+
+    def _seen(self, at: float, topic: str, payload: bytes) -> None:
+        if not payload:
+            return
+        try:
+            if topic.endswith("/setpoint"):
+                self.setpoints.append((at, topic.split("/")[-2], float(json.loads(payload)["current_a"])))
+            else:
+                self.limits.append((at, p.GridLimit.model_validate_json(payload)))
+        except (ValueError, KeyError, TypeError):
+            pass
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(5)
+        if self.client is not None:
+            self.client.loop_stop()
+            self.client.disconnect()
+
+
+def hop_times(t0: float, watts: int, limits: list[tuple[float, p.GridLimit]], sp_log: list[tuple[float, str, float]],
+              holds: Holds, ids: list[str]) -> dict[str, float]:
+    """One round hop by hop (ms from ``t0``, the control sent at the operator's broker): grid/limit/dso on the
+    local bus (operator broker -> SMGW channel -> smgw-link -> bus), the first and the last of the new setpoints
+    on the bus (load-controller), and per wallbox from its new setpoint on the bus to the simulator holding it
+    (bus -> evse-poller -> Modbus TCP write)."""
+    on_bus = next(at for at, lp in limits if at >= t0 and lp.active and lp.power_w == watts)
+    sp_at: dict[str, float] = {}
+    for at, e, cur in sp_log:
+        if at >= t0 and e not in sp_at and cur < MAX_A:
+            sp_at[e] = at
+    to_box = []
+    for e in ids:
+        entries = holds.log[e]
+        held = entries[-1][0] if entries else None
+        if e in sp_at and held is not None and held >= t0:
+            to_box.append(max(0.0, held - sp_at[e]))
+    ms = 1000.0
+    return {"limit_on_bus_ms": (on_bus - t0) * ms,
+            "setpoints_first_ms": (min(sp_at.values()) - t0) * ms if sp_at else float("nan"),
+            "setpoints_last_ms": (max(sp_at.values()) - t0) * ms if sp_at else float("nan"),
+            "setpoint_to_wallbox_p50_ms": statistics.median(to_box) * ms if to_box else float("nan"),
+            "setpoint_to_wallbox_max_ms": max(to_box) * ms if to_box else float("nan")}
+
+
 async def wait_until(pred: Any, within_s: float, what: str) -> None:
     deadline = time.monotonic() + within_s
     while not pred():
@@ -174,9 +283,9 @@ async def direct_only(args: argparse.Namespace) -> int:
             sims.plug(e, 3, MAX_A)
         holds = Holds(sims, ids)
         direct = await direct_modbus(ports[:n], holds, ids, args.rounds)
-        print(json.dumps({"mode": "direct", "evses": n, "rounds": len(direct),
-                          "direct_p50_ms": round(statistics.median(direct) * 1000, 1),
-                          "direct_p99_ms": round(pct(direct, 99) * 1000, 1)}))
+        print("RESULT " + json.dumps({"mode": "direct", "evses": n, "rounds": len(direct),
+                                      "direct_p50_ms": round(statistics.median(direct) * 1000, 1),
+                                      "direct_p99_ms": round(pct(direct, 99) * 1000, 1)}), flush=True)
     finally:
         await sims.stop()
     return 0
@@ -212,15 +321,20 @@ async def main(args: argparse.Namespace) -> int:
     sims = None
     backend = OperatorBackend("127.0.0.1", op_broker.port, pki.operator_ca, device_id="bench")
     bus = Bus("observer", Registry(cfg.site.topic_root), bus_settings(cfg, "observer"))
+    stamps: Stamps | None = None
     try:
         services = ["smgw_link"] + (["evse_poller", "load_controller"] if full else [])
         env = {**os.environ, "CHARGEGATE_HEALTH_INTERVAL_S": "2"}
         for mod in services:
             logf = open(tmp / f"{mod}.log", "wb")
+            # the load-controller at info: its "grid limit applied" line times its own share (a few lines a round)
+            menv = {**env, "CHARGEGATE_LOG_LEVEL": "info"} if mod == "load_controller" else env
             procs.append(subprocess.Popen([sys.executable, "-m", mod, "--config", str(path), "--log-format", "json"],
-                                          stdout=logf, stderr=logf, env=env))
-        limits: list[tuple[float, p.GridLimit]] = []
-        bus.subscribe("grid.limit", lambda m: limits.append((time.perf_counter(), m.payload)), source="dso")
+                                          stdout=logf, stderr=logf, env=menv))
+        # grid/limit/dso and every setpoint as the bus carries them, stamped in the observer's own network
+        # thread (this process's event loop also runs the wallbox simulators: its stamps would be late)
+        stamps = Stamps(cfg, tmp)
+        limits, sp_log = stamps.limits, stamps.setpoints
         links: list[p.SmgwLinkStatus] = []
         bus.subscribe("link.smgw", lambda m: links.append(m.payload))
         await bus.start(wait=10)
@@ -238,6 +352,7 @@ async def main(args: argparse.Namespace) -> int:
                 sims.plug(e, 3, MAX_A)
             holds = Holds(sims, ids)
         latencies: list[float] = []
+        hops: list[dict[str, float]] = []
         low_w = round(n * LOW_A * 230 * 3)
         for r in range(args.rounds):
             mid = backend.limit(low_w, active=False)
@@ -261,30 +376,43 @@ async def main(args: argparse.Namespace) -> int:
                 t = holds.settle_time(t0, lambda x: x < MAX_A)
                 if t is None:
                     raise RuntimeError("a wallbox did not hold a reduced current")
+                hops.append(hop_times(t0, low_w - r, limits, sp_log, holds, ids))
             else:
                 await wait_until(lambda v=low_w - r, t0=t0: any(lp.active and lp.power_w == v and at >= t0
                                                                 for at, lp in limits[-5:]), 10, "the limit on the bus")
                 t = next(at for at, lp in reversed(limits) if lp.active and lp.power_w == low_w - r) - t0
             latencies.append(t)
-            print(f"round {r + 1:3d}: {t * 1000:7.1f} ms", flush=True)
+            extra = ""
+            if full:
+                h = hops[-1]
+                extra = (f"  (limit on the bus {h['limit_on_bus_ms']:.1f}, last setpoint {h['setpoints_last_ms']:.1f}, "
+                         f"setpoint -> wallbox p50 {h['setpoint_to_wallbox_p50_ms']:.1f} / max "
+                         f"{h['setpoint_to_wallbox_max_ms']:.1f} ms)")
+            print(f"round {r + 1:3d}: {t * 1000:7.1f} ms{extra}", flush=True)
         result: dict[str, Any] = {
             "mode": args.until, "evses": n, "rounds": len(latencies),
             "p50_ms": round(statistics.median(latencies) * 1000, 1), "p99_ms": round(pct(latencies, 99) * 1000, 1),
             "max_ms": round(max(latencies) * 1000, 1)}
         if full:
+            result["hops"] = {k: round(statistics.median(h[k] for h in hops), 1) for k in hops[0]}
+            inside = controller_latencies(tmp / "load_controller.log")[-len(latencies):]
+            if inside:
+                result["hops"]["controller_inside_ms"] = round(statistics.median(inside), 2)
             direct = await direct_modbus(ports[:n], holds, ids, args.rounds)
             result.update({"direct_p50_ms": round(statistics.median(direct) * 1000, 1),
                            "direct_p99_ms": round(pct(direct, 99) * 1000, 1),
                            "ratio_p50": round(statistics.median(latencies) / max(statistics.median(direct), 1e-6), 1)})
-        print(json.dumps(result))
         ok = result["p99_ms"] < 1000 and result["p50_ms"] < 300
         print(f"targets p99 < 1000 ms, p50 < 300 ms: {'met' if ok else 'NOT met'}")
+        print("RESULT " + json.dumps(result | {"targets_met": ok}), flush=True)
         return 0
     finally:
         with contextlib.suppress(Exception):
             await backend.stop()
         with contextlib.suppress(Exception):
             await bus.stop()
+        if stamps is not None:
+            stamps.stop()
         for proc in procs:
             proc.terminate()
         for proc in procs:
@@ -307,4 +435,8 @@ if __name__ == "__main__":
                     help="evse: the whole chain; grid-limit: up to the bus; direct: only the Modbus baseline")
     ap.add_argument("--settle", type=float, default=2.0, help="seconds to watch a round for further changes")
     ap.add_argument("--dir", default=None)
-    sys.exit(asyncio.run(main(ap.parse_args())))
+    ap.add_argument("--smoke", action="store_true", help="tiny run for the test suite: 3 wallboxes, 2 rounds")
+    a = ap.parse_args()
+    if a.smoke:
+        a.evses, a.rounds, a.settle = 3, 2, 0.5
+    sys.exit(asyncio.run(main(a)))

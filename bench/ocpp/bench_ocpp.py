@@ -8,6 +8,9 @@ backend arrival minus client send time for both paths in the same run. Memory: t
 RSS with nothing connected, with N upstream connections, and with N wallboxes as well.
 
     .venv/bin/python bench/ocpp/bench_ocpp.py [--n 200] [--duration 30] [--rate 0.5]
+    .venv/bin/python bench/ocpp/bench_ocpp.py --smoke   # 3 wallboxes, 2 s (the test suite runs it)
+
+The last line is ``RESULT {json}`` with the figures.
 """
 
 from __future__ import annotations
@@ -115,7 +118,7 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[k]
 
 
-async def bench(n: int, duration: float, rate: float) -> None:
+async def bench(n: int, duration: float, rate: float, smoke: bool = False) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-ocpp-"))
     bport, gport, kport = free_port(), free_port(), free_port()
     evses = "\n".join(f"  - id: wb-{i}\n    circuit: grid\n    ocpp: {{charge_box_id: WB-{i}}}" for i in range(n))
@@ -142,7 +145,8 @@ ocpp:
                               stdout=open(tmp / "gateway.log", "wb"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
         procs.append(gw)
         wait_port(gport)
-        await asyncio.sleep(2.0)
+        pause = 0.5 if smoke else 2.0  # let the process settle before its memory is read
+        await asyncio.sleep(pause)
         rss0 = rss_mb(gw.pid)
         backend = subprocess.Popen([sys.executable, "-m", "ocpp_gateway.backend_sim", "--port", str(kport),
                                     "--db", str(tmp / "backend.sqlite"), "--control-port", str(free_port())],
@@ -157,22 +161,23 @@ ocpp:
                 break
             await asyncio.sleep(0.2)
         t_up = time.time() - t0
-        await asyncio.sleep(2.0)
+        await asyncio.sleep(pause)
         rss1 = rss_mb(gw.pid)
         sends: dict[tuple[str, str], float] = {}
         stop = asyncio.Event()
-        start_at = time.time() + 5
+        lead = 2.0 if smoke else 5.0  # every client connected and in its transaction before the clock starts
+        start_at = time.time() + lead
         via = [Client(f"ws://127.0.0.1:{gport}/ocpp", f"WB-{i}", rate, sends, f"wb-{i}") for i in range(n)]
         direct = [Client(f"ws://127.0.0.1:{kport}/ocpp", f"DIRECT-{i}", rate, sends, f"DIRECT-{i}") for i in range(n)]
         cpu0 = psutil.Process(gw.pid).cpu_times()
         tasks = [asyncio.create_task(c.run(stop, start_at)) for c in via + direct]
-        await asyncio.sleep(4.5)
+        await asyncio.sleep(lead - 0.5)
         rss2 = rss_mb(gw.pid)
         await asyncio.sleep(duration)
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         cpu1 = psutil.Process(gw.pid).cpu_times()
-        await asyncio.sleep(3.0)  # let the last forwarded messages arrive
+        await asyncio.sleep(1.0 if smoke else 3.0)  # let the last forwarded messages arrive
         lat: dict[str, list[float]] = {"gateway": [], "direct": []}
         for cp, raw, ts in db.execute("SELECT cp, raw, ts FROM frames WHERE dir = 'in' AND raw LIKE '%MeterValues%'"):
             msg = json.loads(raw)
@@ -196,9 +201,23 @@ ocpp:
         print(f"  gateway RSS: idle {rss0:.1f} MB, +{n} upstream {rss1:.1f} MB, +{n} wallboxes {rss2:.1f} MB")
         print(f"  memory per upstream connection {(rss1 - rss0) * 1024 / n:.1f} KB, "
               f"per wallbox connection {(rss2 - rss1) * 1024 / n:.1f} KB")
-        print(f"  gateway CPU during the run: {100 * busy / (duration + 4.5):.0f} % of one core "
+        print(f"  gateway CPU during the run: {100 * busy / (duration + lead - 0.5):.0f} % of one core "
               f"(forwarding {rate * n:.0f} transaction messages/s with two SQLite commits each)")
-        print(f"  CALLERRORs seen by clients: {sum(c.errors for c in via + direct)}")
+        errors = sum(c.errors for c in via + direct)
+        print(f"  CALLERRORs seen by clients: {errors}")
+        figures = {"wallboxes": n, "upstream_registered": up, "duration_s": duration, "rate_per_s": rate,
+                   "callerrors": errors,
+                   **{f"{path}_{k}": v for path in ("direct", "gateway") for k, v in (
+                       ("n", len(lat[path])), ("expected", expected[path]),
+                       ("p50_ms", round(percentile(lat[path], 50), 3)),
+                       ("p99_ms", round(percentile(lat[path], 99), 3)))},
+                   "added_p50_ms": round(percentile(lat["gateway"], 50) - percentile(lat["direct"], 50), 3),
+                   "added_p99_ms": round(percentile(lat["gateway"], 99) - percentile(lat["direct"], 99), 3),
+                   "rss_idle_mb": round(rss0, 1), "rss_upstream_mb": round(rss1, 1), "rss_wallboxes_mb": round(rss2, 1),
+                   "cpu_pct": round(100 * busy / (duration + lead - 0.5), 1)}
+        print("RESULT " + json.dumps(figures), flush=True)
+        # every message forwarded and answered: anything else is a failure, whatever the timing
+        return 0 if errors == 0 and up >= n and all(lat[k] for k in lat) else 1
     finally:
         for p in procs:
             p.terminate()
@@ -213,8 +232,11 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--rate", type=float, default=0.5, help="MeterValues per second per client")
+    ap.add_argument("--smoke", action="store_true", help="tiny run for the test suite: 3 wallboxes, 2 s")
     args = ap.parse_args()
-    asyncio.run(bench(args.n, args.duration, args.rate))
+    if args.smoke:
+        args.n, args.duration, args.rate = 3, 2.0, 2.0
+    sys.exit(asyncio.run(bench(args.n, args.duration, args.rate, args.smoke)))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ Targets: all services together < 50 % of one core and < 400 MB at steady state; 
 p99 < 1 s. Exit code 0 when all are met (the figures are printed either way).
 
     .venv/bin/python bench/system/run.py [--modbus 100] [--ocpp 100] [--rounds 20] [--changes 40]
+    .venv/bin/python bench/system/run.py --smoke   # 3 + 2 wallboxes, 2 rounds (the test suite runs it)
+
+A line ``RESULT {json}`` carries the figures.
 """
 
 from __future__ import annotations
@@ -83,6 +86,15 @@ def ts_of(d: dict[str, Any]) -> float:
     return datetime.fromisoformat(str(d["ts"])).timestamp()
 
 
+def broker_process(b: Any) -> Any:
+    """The Mosquitto process of a :class:`LocalBroker` or of an ``OperatorBroker`` (which runs one)."""
+    if b is None:
+        return None
+    inner = getattr(b, "broker", None)
+    proc = getattr(inner if inner is not None else b, "proc", None)
+    return proc if proc is not None and proc.poll() is None else None
+
+
 async def steady_resources(s: System, seconds: float) -> dict[str, Any]:
     procs: dict[str, psutil.Process] = {}
     for name, pr in s.procs.items():
@@ -90,8 +102,9 @@ async def steady_resources(s: System, seconds: float) -> dict[str, Any]:
             procs[name] = psutil.Process(pr.popen.pid)
     for label, b in (("mosquitto (bus)", s.broker), ("mosquitto (lab)", s.lab_broker),
                      ("mosquitto (operator)", s.op_broker)):
-        if b is not None and b.proc is not None:
-            procs[label] = psutil.Process(b.proc.pid)
+        proc = broker_process(b)
+        if proc is not None:
+            procs[label] = psutil.Process(proc.pid)
     procs["bench process"] = psutil.Process(os.getpid())
     for p in procs.values():
         p.cpu_percent(None)
@@ -108,7 +121,7 @@ async def steady_resources(s: System, seconds: float) -> dict[str, Any]:
     return out
 
 
-async def limit_rounds(s: System, rounds: int) -> tuple[list[float], list[dict[str, Any]]]:
+async def limit_rounds(s: System, rounds: int, quick: bool = False) -> tuple[list[float], list[dict[str, Any]]]:
     m = s.monitor
     high, low = limits_for(s.plan)
     ids = [w.id for w in s.plan.wallboxes]
@@ -118,19 +131,27 @@ async def limit_rounds(s: System, rounds: int) -> tuple[list[float], list[dict[s
         rel = await s.operator_limit(high + r, retry_for_s=10)  # release to the higher value (not timed)
         await s.limit_applied(rel, 30)
         await m.until(lambda: not m.open, 30, "no breach open")
-        await asyncio.sleep(2.5)  # increases are rate-limited: let the ramps finish
+        await asyncio.sleep(1.0 if quick else 2.5)  # increases are rate-limited: let the ramps finish
         watts = low - r  # a new value every round
         t_send = time.time()
         sent = await s.operator_limit(watts, retry_for_s=10)
         await s.limit_applied(sent, 30)
-        await asyncio.sleep(2.0)  # later corrections of the same decision count as well
+        await asyncio.sleep(1.0 if quick else 2.0)  # later corrections of the same decision count as well
         with m.lock:
             final: dict[str, float] = {}  # the EVSEs whose setpoint the limit changed, and their new value
+            sp_at: dict[str, float] = {}  # when the controller issued that new setpoint (its ts)
             for e in ids:
                 before = [d for t, d in m.setpoints.get(e, []) if ts_of(d) < t_send]
                 sps = [d for t, d in m.setpoints.get(e, []) if ts_of(d) >= t_send]
                 if sps and before and abs(float(sps[-1]["current_a"]) - float(before[-1]["current_a"])) > 1e-9:
                     final[e] = float(sps[-1]["current_a"])
+                    sp_at[e] = next(ts_of(d) for d in sps if abs(float(d["current_a"]) - final[e]) <= 1e-9)
+            acked_at: dict[str, float] = {}  # the service's status saying it applied it (after the write/answer)
+            for _t, e, d in m.status_log:
+                ap = d.get("applied") or {}
+                if e in final and e not in acked_at and d.get("ts") and ts_of(d) >= t_send \
+                        and abs(float(ap.get("current_a") or 0) - final[e]) <= 0.11:
+                    acked_at[e] = ts_of(d)
             applied_at: dict[str, float] = {}
             for _t, e, d in m.draw_log:
                 if e in final and e not in applied_at and ts_of(d) >= t_send \
@@ -139,14 +160,29 @@ async def limit_rounds(s: System, rounds: int) -> tuple[list[float], list[dict[s
         missing = sorted(set(final) - set(applied_at))
         if not final or missing:
             details.append({"round": r, "watts": watts, "changed": len(final), "not applied": missing[:5]})
+            print(f"  limit round {r + 1:2d}: {watts} W, {len(final)} setpoints changed, NOT applied: "
+                  f"{missing[:5]}", flush=True)
             continue
         t = max(applied_at.values()) - t_send
         lat.append(t)
+        kinds = {w.id: w.kind for w in s.plan.wallboxes}
+        hop: dict[str, float | str | None] = {
+            "on_bus_ms": round(((sent.on_bus_at or 0) - sent.sent_at) * 1000, 1) if sent.on_bus_at else None,
+            "setpoints_ms": round((max(sp_at.values()) - t_send) * 1000, 1)}
+        for kind in ("modbus", "ocpp"):
+            for what, at in (("acked", acked_at), ("applied", applied_at)):
+                xs = [at[e] - t_send for e in at if kinds[e] == kind]
+                if xs:
+                    hop[f"{kind}_{what}_p50_ms"] = round(statistics.median(xs) * 1000, 1)
+                    hop[f"{kind}_{what}_max_ms"] = round(max(xs) * 1000, 1)
+        hop["last"] = max(applied_at, key=lambda e: applied_at[e])
         details.append({"round": r, "watts": watts, "acks": sent.acks, "changed": len(final),
-                        "on_bus_ms": round((sent.on_bus_at or 0) - sent.sent_at, 3) * 1000 if sent.on_bus_at else None,
-                        "applied_ms": round(t * 1000, 1)})
+                        "applied_ms": round(t * 1000, 1), **hop})
         print(f"  limit round {r + 1:2d}: {watts} W, {len(final)} setpoints changed, all applied after "
-              f"{t * 1000:7.1f} ms", flush=True)
+              f"{t * 1000:7.1f} ms (on bus {hop['on_bus_ms']} ms, setpoints out {hop['setpoints_ms']} ms, "
+              f"Modbus service/wallbox max {hop.get('modbus_acked_max_ms')}/{hop.get('modbus_applied_max_ms')} ms, "
+              f"OCPP {hop.get('ocpp_acked_max_ms')}/{hop.get('ocpp_applied_max_ms')} ms, last {hop['last']})",
+              flush=True)
     return lat, details
 
 
@@ -168,7 +204,7 @@ def backend_status_frames(db: Path, since: float) -> list[tuple[float, str, dict
     return out
 
 
-async def state_changes(s: System, n: int) -> tuple[list[float], dict[str, list[float]], int]:
+async def state_changes(s: System, n: int, quick: bool = False) -> tuple[list[float], dict[str, list[float]], int]:
     """Unplug/plug cars one after the other, alternating Modbus and OCPP wallboxes; for each change the
     time until the backend received a StatusNotification for that charge point saying so."""
     mb = [w for w in s.plan.wallboxes if w.kind == "modbus"]
@@ -180,11 +216,13 @@ async def state_changes(s: System, n: int) -> tuple[list[float], dict[str, list[
         events.append((time.time(), w.id, w.kind, "Available"))
         s.unplug(w.id)
         await asyncio.sleep(0.4)
+    # a car back before the poller saw it leave is no change at all: at least two poll intervals between
+    await asyncio.sleep(max(0.0, 2.5 - (time.time() - t_begin)))
     for w in pick:
         events.append((time.time(), w.id, w.kind, "occupied"))
         s.plug(w.id)
         await asyncio.sleep(0.4)
-    await asyncio.sleep(5)
+    await asyncio.sleep(2.5 if quick else 5)  # a Modbus change is seen within one poll (1 s)
     frames = backend_status_frames(s.dir / "backend.sqlite", t_begin)
     lat: list[float] = []
     by_kind: dict[str, list[float]] = {"modbus": [], "ocpp": []}
@@ -216,7 +254,8 @@ async def main(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"modbus_wallboxes": args.modbus, "ocpp_wallboxes": args.ocpp, "cpus": os.cpu_count()}
     try:
         took = await s.start(ready_within_s=240)
-        print(f"system ready after {took:.1f} s (every EVSE online, 200 charge points at the backend)", flush=True)
+        print(f"system ready after {took:.1f} s (every EVSE online, {len(plan.wallboxes)} charge points at the "
+              "backend)", flush=True)
         result["ready_s"] = round(took, 1)
         await asyncio.gather(*(s.plug_when_idle(w.id, 30) for w in plan.wallboxes))
         high, _low = limits_for(plan)
@@ -231,13 +270,13 @@ async def main(args: argparse.Namespace) -> int:
         result["steady"] = res
         for name, v in res.items():
             print(f"  {name:22s} {v}", flush=True)
-        lat, details = await limit_rounds(s, args.rounds)
+        lat, details = await limit_rounds(s, args.rounds, args.smoke)
         result["limit_rounds"] = details
         if lat:
             result["limit_to_applied_ms"] = {"p50": round(statistics.median(lat) * 1000, 1),
                                              "p99": round(pct(lat, 99) * 1000, 1),
                                              "max": round(max(lat) * 1000, 1), "rounds": len(lat)}
-        sl, by_kind, missing = await state_changes(s, args.changes)
+        sl, by_kind, missing = await state_changes(s, args.changes, args.smoke)
         if sl:
             result["state_change_to_status_notification_ms"] = {
                 "p50": round(statistics.median(sl) * 1000, 1), "p99": round(pct(sl, 99) * 1000, 1),
@@ -256,6 +295,18 @@ async def main(args: argparse.Namespace) -> int:
     print(json.dumps({k: v for k, v in result.items() if k != "limit_rounds"}, indent=1))
     print("targets: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in targets.items()))
     (tmp / "result.json").write_text(json.dumps(result, indent=1))
+    print("RESULT " + json.dumps({
+        "modbus_wallboxes": args.modbus, "ocpp_wallboxes": args.ocpp, "ready_s": result.get("ready_s"),
+        "services_cpu_pct": tot.get("cpu_pct"), "services_rss_mb": tot.get("rss_mb"),
+        "limit_rounds": lim.get("rounds"),
+        "limit_rounds_ms": [d.get("applied_ms") for d in result.get("limit_rounds", [])],
+        "limit_p50_ms": lim.get("p50"), "limit_p99_ms": lim.get("p99"),
+        "status_p50_ms": result.get("state_change_to_status_notification_ms", {}).get("p50"),
+        "status_missing": result.get("state_change_to_status_notification_ms", {}).get("missing"),
+        "crashes": len(result.get("crashes", [])), "targets_met": all(targets.values())}), flush=True)
+    if args.smoke:  # tiny sizes: timings are not targets here, but every round must have been applied
+        sc = result.get("state_change_to_status_notification_ms", {})
+        return 0 if lim.get("rounds") == args.rounds and sc.get("missing") == 0 and not result.get("crashes") else 1
     return 0 if all(targets.values()) else 1
 
 
@@ -268,4 +319,8 @@ if __name__ == "__main__":
     ap.add_argument("--steady-s", type=float, default=30.0, help="CPU measurement window")
     ap.add_argument("--settle-s", type=float, default=10.0, help="wait before measuring")
     ap.add_argument("--dir", default=None)
-    sys.exit(asyncio.run(main(ap.parse_args())))
+    ap.add_argument("--smoke", action="store_true", help="tiny run for the test suite: 3 Modbus + 2 OCPP wallboxes")
+    a = ap.parse_args()
+    if a.smoke:
+        a.modbus, a.ocpp, a.rounds, a.changes, a.steady_s, a.settle_s = 3, 2, 2, 4, 1.0, 0.0
+    sys.exit(asyncio.run(main(a)))

@@ -1,0 +1,102 @@
+"""Every benchmark under bench/ runs in its smoke mode (tiny sizes, a few seconds) and prints its figures.
+
+A benchmark that crashes, exits non-zero (its smoke mode fails on functional errors only: a wallbox not
+online, a limit round not applied, a CALLERROR; never on timing) or stops printing a figure fails here,
+so that no benchmark rots between the runs that measure with it. The figures' values are not asserted
+(timings are not tested), only that each is there and is a finite number.
+
+Each benchmark prints a line ``RESULT {json}``; the figures each must carry are listed below. A new
+script under bench/ must be added to this table (checked by :func:`test_every_benchmark_has_a_smoke_run`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "bench"
+
+# script -> the figures its RESULT line must carry
+FIGURES: dict[str, list[str]] = {
+    "allocate/run.py": ["evses", "solve_median_ms", "solve_p99_ms", "step_median_ms", "step_p99_ms"],
+    "allocate/service_latency.py": ["evses", "changes", "python_p50_ms", "python_p99_ms"],
+    "poller/bench_poller.py": ["devices", "online", "cycle_ms_median", "core_pct_per_100_devices",
+                               "requests_per_poll"],
+    "ocpp/bench_ocpp.py": ["wallboxes", "gateway_n", "direct_n", "gateway_p50_ms", "gateway_p99_ms",
+                           "direct_p50_ms", "direct_p99_ms", "added_p50_ms", "added_p99_ms", "rss_wallboxes_mb",
+                           "cpu_pct"],
+    "curtail/run.py": ["evses", "rounds", "p50_ms", "p99_ms", "direct_p50_ms", "ratio_p50", "hops"],
+    "admin/run.py": ["evses", "status_p50_ms", "status_p99_ms", "add_p50_ms", "boot_p50_ms", "remove_p50_ms"],
+    "footprint/run.py": ["evse_poller_rss_mb", "load_controller_rss_mb", "ocpp_gateway_rss_mb", "smgw_link_rss_mb",
+                         "history_rss_mb", "runtime_rss_mb", "services_total_rss_mb"],
+    "system/run.py": ["ready_s", "services_cpu_pct", "services_rss_mb", "limit_rounds_ms", "limit_p50_ms",
+                      "limit_p99_ms", "status_p50_ms"],
+}
+
+pytestmark = pytest.mark.bench
+
+
+def entry_points() -> list[str]:
+    return sorted(str(p.relative_to(BENCH)) for p in BENCH.rglob("*.py")
+                  if 'if __name__ == "__main__":' in p.read_text())
+
+
+def test_every_benchmark_has_a_smoke_run() -> None:
+    scripts = entry_points()
+    assert scripts, "no benchmark found under bench/"
+    assert sorted(FIGURES) == scripts, "every benchmark script needs a row in FIGURES (and a --smoke mode)"
+    for s in scripts:
+        assert "--smoke" in (BENCH / s).read_text(), f"{s} has no --smoke mode"
+
+
+def finite_numbers(value: object) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, int | float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return bool(value) and all(finite_numbers(v) for v in value)
+    if isinstance(value, dict):
+        return bool(value) and all(finite_numbers(v) for v in value.values())
+    return False
+
+
+def result_line(out: str) -> dict[str, object]:
+    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+    assert lines, "no RESULT line"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_result_line_checks() -> None:
+    """The checks below can fail: a missing line, a NaN figure, an empty list."""
+    with pytest.raises(AssertionError):
+        result_line("figures: 3 ms\n")
+    assert result_line("x\nRESULT {\"a\": 1.5}\nmore\n") == {"a": 1.5}
+    assert not finite_numbers(float("nan"))
+    assert not finite_numbers(None)
+    assert not finite_numbers([])
+    assert not finite_numbers([1.0, None])
+    assert finite_numbers({"x": [1, 2.5]})
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("script", sorted(FIGURES))
+def test_benchmark_smoke(script: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHARGEGATE_")}
+    env["TMPDIR"] = str(tmp_path)  # the benchmarks' work directories go with the test's
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=200)
+    tail = (proc.stdout[-3000:] + "\n--- stderr ---\n" + proc.stderr[-3000:])
+    assert proc.returncode == 0, f"{script} --smoke exited {proc.returncode}:\n{tail}"
+    figures = result_line(proc.stdout)
+    missing = [k for k in FIGURES[script] if k not in figures]
+    assert not missing, f"{script}: figures missing from its RESULT line: {missing}\n{tail}"
+    bad = {k: figures[k] for k in FIGURES[script] if not finite_numbers(figures[k])}
+    assert not bad, f"{script}: figures that are not finite numbers: {bad}\n{tail}"
