@@ -17,7 +17,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 from datetime import datetime
-from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
@@ -56,8 +56,7 @@ STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; char
 
 def _static() -> dict[str, bytes]:
     files = {}
-    root = resources.files("web") / "static"
-    for entry in root.iterdir():
+    for entry in (Path(__file__).resolve().parent / "static").iterdir():
         if entry.name.endswith(tuple(STATIC_TYPES)):
             files[entry.name] = entry.read_bytes()
     return files

@@ -246,6 +246,8 @@ class WebService:
         self.ha_published -= stale
 
     def on_ha_status(self, topic: str, data: bytes, retained: bool) -> None:
+        if topic != f"{self.config.homeassistant.discovery_prefix}/status":
+            return  # a prefix of an earlier configuration
         text = data.decode("utf-8", "replace").strip()
         if text == "online":
             self.publish_discovery("Home Assistant online")

@@ -97,7 +97,9 @@ def reason_words(bound_by: str | None, detail: str | None = None, names: dict[st
         text = "waiting for another wallbox to follow a cut"
     else:
         text = b
-    if detail and detail not in text:
+    if detail and detail.startswith(text):
+        text = detail
+    elif detail and detail not in text:
         text += f" - {detail}"
     return text
 
