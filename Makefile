@@ -8,12 +8,12 @@ PY := $(VENV)/bin/python
 SERVICES := $(wildcard services/*/pyproject.toml)
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install lint bench-all clean mosquitto
+.PHONY: demo test install lint bench-all clean mosquitto chromium
 
 demo: install mosquitto
 	$(VENV)/bin/chargegate demo
 
-test: install mosquitto
+test: install mosquitto chromium
 	$(PY) -m pytest
 
 install: $(STAMP)
@@ -29,6 +29,10 @@ $(STAMP): requirements.txt requirements.lock shared/pyproject.toml $(SERVICES)
 mosquitto:
 	@scripts/ensure-mosquitto.sh
 
+# Debian's chromium and chromedriver for the web page's browser tests (apt-get as root; else they are skipped)
+chromium:
+	@scripts/ensure-chromium.sh
+
 lint: install
 	$(VENV)/bin/ruff check .
 
@@ -43,4 +47,4 @@ bench-all: install mosquitto
 	$(PY) bench/system/run.py
 
 clean:
-	rm -rf $(VENV) state
+	rm -rf $(VENV) state test-artifacts

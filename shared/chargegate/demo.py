@@ -164,6 +164,10 @@ def plan(dirpath: Path) -> DemoPlan:
     else:
         notes.append("smgw-link demo parts are not installed: no SMGW simulator in this demo")
 
+    if "web" in services and _has("web.demo"):  # the web page: its address is printed first
+        web = importlib.import_module("web.demo").demo_setup(dirpath, cfg)
+        notes[:0] = web.get("notes", [])
+
     if not cfg["evses"]:
         # a configuration needs nothing else, but make the demo visible: one Modbus EVSE as a placeholder
         notes.append("no wallbox simulators available; only service health flows")

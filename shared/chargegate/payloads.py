@@ -442,6 +442,10 @@ class ModeCommand(Payload):
     mode: ChargingModeName | None = None  # None: keep the mode (e.g. only a target)
     target: SessionTarget | None = None
     clear_target: Flag = False
+    # the household's cap on this EVSE's current per phase (Home Assistant's number, the web page); it only
+    # ever lowers what the controller grants, never above the EVSE's configured maximum
+    max_current_a: Amps | None = None
+    clear_max_current: Flag = False
     request_id: str | None = Field(default=None, max_length=64)
     source: str = Field(default="user", max_length=64)
 
@@ -453,6 +457,7 @@ class ChargingMode(Payload):
     evse_id: Ident
     mode: ChargingModeName = ChargingModeName.RULES
     target: SessionTarget | None = None
+    max_current_a: Amps | None = None  # the household's cap per phase (None: the EVSE's configured maximum)
     set_by: str | None = Field(default=None, max_length=64)
     set_at: AwareDatetime | None = None
 

@@ -115,6 +115,9 @@ CREATE INDEX sessions_id_tag ON sessions(id_tag, started);
 CREATE INDEX series_evse_by_evse ON series_evse(evse_id, ts);
 ALTER TABLE series_evse ADD COLUMN mode TEXT;
 """),
+    (3, """
+ALTER TABLE modes ADD COLUMN max_current_a REAL;
+"""),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -329,6 +332,7 @@ class ModeRow:
     target: dict[str, Any] | None
     set_by: str | None
     set_at: datetime
+    max_current_a: float | None = None
 
 
 @dataclass
@@ -499,7 +503,7 @@ def monthly_summary(conn: sqlite3.Connection, start: datetime | None = None, end
 
 def modes(conn: sqlite3.Connection) -> dict[str, ModeRow]:
     return {r["evse_id"]: ModeRow(r["evse_id"], r["mode"], json.loads(r["target"]) if r["target"] else None,
-                                  r["set_by"], parse(r["set_at"]))  # type: ignore[arg-type]
+                                  r["set_by"], parse(r["set_at"]), r["max_current_a"])  # type: ignore[arg-type]
             for r in conn.execute("SELECT * FROM modes")}
 
 

@@ -29,7 +29,7 @@ DEFAULT_ROOT = "chargegate"
 _PARAM = re.compile(r"\{([a-z_]+)\}")
 _SEGMENT_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
-SERVICES = ("evse-poller", "ocpp-gateway", "load-controller", "smgw-link", "history")
+SERVICES = ("evse-poller", "ocpp-gateway", "load-controller", "smgw-link", "history", "web")
 # broker accounts that write topics but are no service: the household (web page, Home Assistant, scripts)
 USERS = ("user",)
 REJECT_LINES_PER_MINUTE = 10  # "invalid message dropped" lines per registry and minute (the counter counts all)
@@ -79,8 +79,9 @@ SPECS: tuple[TopicSpec, ...] = (
               ("evse-poller", "ocpp-gateway"), "the answer to an EVSE command"),
     TopicSpec("evse.mode", "evse/{evse_id}/mode", p.ChargingMode, True, 1, ("history",),
               "the charging mode in force (off, now, rules, solar, solar+min) and the session target"),
-    TopicSpec("evse.mode_set", "evse/{evse_id}/mode/set", p.ModeCommand, False, 1, ("user", "smgw-link"),
-              "set the charging mode or the session target (the user account, the admin API)"),
+    TopicSpec("evse.mode_set", "evse/{evse_id}/mode/set", p.ModeCommand, False, 1,
+              ("user", "smgw-link", "web"), "set the charging mode, the session target or the maximum current "
+                                           "(the user account, the admin API, the web page)"),
     TopicSpec("history.session", "history/session/{evse_id}", p.SessionRecord, True, 1, ("history",),
               "the EVSE's last recorded session (open or finished): energy, cost, tariff periods"),
     TopicSpec("history.control", "history/control/{kind}", p.ControlRecord, True, 1, ("history",),

@@ -115,3 +115,32 @@ def test_no_mode_lifts_a_grid_limit_the_floor_or_the_fuse(n: int, limit_w: float
         if ms[j] is M.OFF:
             assert d[f"e{j}"].current == 0
         assert d[f"e{j}"].mode == ms[j].value
+
+
+def test_the_households_maximum_current_caps_an_evse() -> None:
+    cfg, topo = rig()
+    d, _ = run(cfg, topo, {"e0": mode("e0", M.NOW, max_current_a=10.0)})
+    assert d["e0"].current == 10 and d["e0"].bound_by == "mode:max_current"
+    assert d["e0"].detail == "maximum 10 A (set by test)"
+    assert d["e1"].current == 16  # the other EVSE is not touched
+    d, _ = run(cfg, topo, {"e0": mode("e0", M.OFF, max_current_a=10.0)})
+    assert d["e0"].current == 0 and d["e0"].bound_by == "mode:off"  # off stays off
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 4), limit_w=st.floats(0, 40000), caps=st.lists(st.floats(6, 40), min_size=4, max_size=4),
+       ms=st.lists(st.sampled_from(list(M)), min_size=4, max_size=4))
+def test_a_maximum_current_only_lowers(n: int, limit_w: float, caps: list[float], ms: list[p.ChargingModeName]) -> None:
+    """A cap never grants more than without it, never more than the cap, and keeps the limit and the fuse."""
+    cfg, topo = rig(fuse=63, n=n)
+    plain, _ = run(cfg, topo, {f"e{j}": mode(f"e{j}", ms[j]) for j in range(n)}, limit_w=limit_w)
+    capped, _ = run(cfg, topo, {f"e{j}": mode(f"e{j}", ms[j], max_current_a=caps[j]) for j in range(n)},
+                    limit_w=limit_w)
+    v = cfg.controller.voltage_v
+    assert sum(x.current * x.phases * v for x in capped.values()) <= max(limit_w, floor_14a_w(n)) + 1e-6
+    assert sum(x.current for x in capped.values()) <= 63 + 1e-6
+    for j in range(n):
+        assert capped[f"e{j}"].current <= caps[j] + 1e-9
+    # with every EVSE capped at or above what it got without a cap, nothing changes
+    if all(caps[j] >= plain[f"e{j}"].current for j in range(n)) and all(c >= 16 for c in caps[:n]):
+        assert {k: x.current for k, x in capped.items()} == {k: x.current for k, x in plain.items()}

@@ -183,7 +183,7 @@ class History:
             return p.ChargingMode(evse_id=evse_id)
         return p.ChargingMode(evse_id=evse_id, mode=p.ChargingModeName(row.mode),
                               target=p.SessionTarget.model_validate(row.target) if row.target else None,
-                              set_by=row.set_by, set_at=row.set_at)
+                              max_current_a=row.max_current_a, set_by=row.set_by, set_at=row.set_at)
 
     def on_mode_set(self, msg: Message) -> None:
         cmd = msg.payload
@@ -193,23 +193,34 @@ class History:
             self.log.warning("charging mode for an unknown EVSE ignored", evse_id=cmd.evse_id, source=cmd.source)
             return
         cur = self.mode_of(cmd.evse_id)
+        if cmd.max_current_a is not None:
+            evse = self.config.evse(cmd.evse_id)
+            if not evse.min_current_a <= cmd.max_current_a <= evse.max_current_a:
+                self.ctx.counters["mode_invalid"] += 1
+                self.log.warning("maximum current outside the EVSE's range ignored", evse_id=cmd.evse_id,
+                                 max_current_a=cmd.max_current_a, min_current_a=evse.min_current_a,
+                                 evse_max_current_a=evse.max_current_a, source=cmd.source)
+                return
         mode = cmd.mode or cur.mode
         target = None if cmd.clear_target else cur.target
         if cmd.target is not None:
             op = self.rec.sessions.get(cmd.evse_id)
             target = cmd.target.model_copy(update={"session_id": op.session_id if op else None})
-        self.store_mode(cmd.evse_id, mode, target, cmd.source)
+        cap = None if cmd.clear_max_current else (cmd.max_current_a if cmd.max_current_a is not None
+                                                  else cur.max_current_a)
+        self.store_mode(cmd.evse_id, mode, target, cmd.source, cap)
         self.log.info("charging mode set", evse_id=cmd.evse_id, mode=mode.value, source=cmd.source,
-                      target=target.model_dump() if target else None, request_id=cmd.request_id)
+                      target=target.model_dump() if target else None, max_current_a=cap, request_id=cmd.request_id)
 
     def store_mode(self, evse_id: str, mode: p.ChargingModeName, target: p.SessionTarget | None,
-                   set_by: str | None) -> None:
+                   set_by: str | None, max_current_a: float | None = None) -> None:
         now = p.utcnow()
         try:
             self.rec.flush()
-            self.db.execute("INSERT OR REPLACE INTO modes (evse_id, mode, target, set_by, set_at) VALUES (?,?,?,?,?)",
+            self.db.execute("INSERT OR REPLACE INTO modes (evse_id, mode, target, set_by, set_at, max_current_a) "
+                            "VALUES (?,?,?,?,?,?)",
                             (evse_id, mode.value, json.dumps(target.model_dump()) if target else None, set_by,
-                             rec.iso(now)))
+                             rec.iso(now), max_current_a))
         except sqlite3.Error as e:
             self.ctx.counters["db_errors"] += 1
             self.log.error("storing the charging mode failed", evse_id=evse_id, error=str(e))
@@ -228,10 +239,11 @@ class History:
             bound_to = row.target.get("session_id")
             t = p.SessionTarget.model_validate(row.target)
             if bound_to is not None and (op is None or bound_to not in op.ids) and (evse_id in closed or op):
-                self.store_mode(evse_id, p.ChargingModeName(row.mode), None, "history (session ended)")
+                self.store_mode(evse_id, p.ChargingModeName(row.mode), None, "history (session ended)",
+                                row.max_current_a)
             elif bound_to is None and op is not None:
                 self.store_mode(evse_id, p.ChargingModeName(row.mode),
-                                t.model_copy(update={"session_id": op.session_id}), row.set_by)
+                                t.model_copy(update={"session_id": op.session_id}), row.set_by, row.max_current_a)
 
     # -- publishing ----------------------------------------------------------------------------------
     def publish_changes(self, force: bool = False) -> None:

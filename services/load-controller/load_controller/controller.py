@@ -542,6 +542,10 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
                 cap_w, wlab = el.power_w, src
             if el.phases == 1 and e.switching:
                 force1 = True
+        um = inputs.modes.get(e.id)  # the household's cap (Home Assistant's number, the web page): only lowers
+        if um is not None and um.max_current_a is not None and um.max_current_a < cap_a:
+            who = f" (set by {um.set_by})" if um.set_by else ""
+            cap_a, lab, det = um.max_current_a, "mode:max_current", f"maximum {um.max_current_a:g} A{who}"
         rc = outcome.caps.get(i)
         if rc is not None:
             cap_a, lab, det = 0.0, rc[0], rc[1]

@@ -257,7 +257,7 @@ class LoadController:
             return
         prev = self.inputs.modes.get(m.evse_id)
         self.inputs.modes[m.evse_id] = m
-        if prev is None or prev.mode != m.mode or prev.target != m.target:
+        if prev is None or prev.mode != m.mode or prev.target != m.target or prev.max_current_a != m.max_current_a:
             self.log.info("charging mode", evse_id=m.evse_id, mode=m.mode.value,
                           target=m.target.model_dump() if m.target else None)
             self.trigger("mode")

@@ -22,12 +22,13 @@ from chargegate.config.installation import Circuit, Evse, Meter, ModbusConnectio
 from chargegate.config.ocpp import Ocpp
 from chargegate.config.poller import Poller
 from chargegate.config.smgw import Smgw
+from chargegate.config.web import HomeAssistant, Web, WebUser
 from chargegate.topics import SERVICES, USERS, format_loc
 
 __all__ = [
     "Admin", "AdminClient", "AdminTls", "Broker", "Circuit", "Config", "ConfigError", "Controller", "Evse",
-    "History", "Logging", "Meter", "ModbusConnection", "Ocpp", "Poller", "Secret", "Site", "Smgw", "load", "loads",
-    "resolve_paths", "validate_data",
+    "History", "HomeAssistant", "Logging", "Meter", "ModbusConnection", "Ocpp", "Poller", "Secret", "Site", "Smgw",
+    "Web", "WebUser", "load", "loads", "resolve_paths", "validate_data",
 ]
 
 
@@ -156,6 +157,8 @@ class Config(Strict):
     poller: Poller = Field(default_factory=Poller)
     admin: Admin = Field(default_factory=Admin)
     history: History = Field(default_factory=History)
+    web: Web = Field(default_factory=Web)
+    homeassistant: HomeAssistant = Field(default_factory=HomeAssistant)
     services: list[Ident] = Field(default_factory=lambda: list(SERVICES),
                                   description="services `chargegate run` starts")
 

@@ -1,0 +1,3 @@
+from web.service import main
+
+main()
