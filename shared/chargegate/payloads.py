@@ -559,6 +559,15 @@ class ServiceCommand(Payload):
     config_version: str | None = None
 
 
+class ExtMessage(Payload):
+    """``ext/<service>/<topic>``: what an extra service container publishes (README "Adding a service");
+    its own content goes into ``data``. Only that service's broker account may write under ``ext/<service>/``."""
+
+    service: Ident
+    topic: Ident
+    data: JsonDict = Field(default_factory=dict)
+
+
 class LogRecord(Payload):
     """``service/<name>/log`` (not retained): a service's log events (info and above), so that
     recent logs can be read remotely. Secrets are redacted before they get here."""

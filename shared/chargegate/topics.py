@@ -105,6 +105,10 @@ SPECS: tuple[TopicSpec, ...] = (
     TopicSpec("service.command", "service/{service}/command", p.ServiceCommand, False, 1, ("smgw-link",),
               "reload/restart requests to a service (written by the admin account and smgw-link's admin API)",
               own_only=False),
+    # written by the extra services of broker.extra_services, each only under its own name (not retained
+    # unless the service says so); no built-in service writes it
+    TopicSpec("ext.message", "ext/{service}/{topic}", p.ExtMessage, False, 1, (),
+              "an extra service container's own messages (README: Adding a service); `data` is its content"),
 )
 
 

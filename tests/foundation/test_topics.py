@@ -44,6 +44,8 @@ SAMPLES: dict[str, tuple[dict[str, str], p.Payload]] = {
     "service.log": ({"service": "evse-poller"}, p.LogRecord(service="evse-poller", level="warning", event="x",
                                                           fields={"device": "wb1"})),
     "service.command": ({"service": "evse-poller"}, p.ServiceCommand(action="reload", request_id="x")),
+    "ext.message": ({"service": "my-service", "topic": "hello"}, p.ExtMessage(service="my-service", topic="hello",
+                                                                               data={"count": 3})),
 }
 
 

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -55,6 +55,10 @@ class BrokerTls(Strict):
     insecure: bool = False
 
 
+# an extra service's name: its broker account, its topics (ext/<name>/, service/<name>/) and its container
+ServiceName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,30}[a-z0-9]$")]
+
+
 class Broker(Strict):
     host: str | None = Field(default=None, description="external broker; omit to let chargegate run its own")
     port: Port = 1883
@@ -64,10 +68,20 @@ class Broker(Strict):
         default_factory=dict,
         description="password per account (services, observer, admin); missing ones are generated "
                     "into state_dir/broker/")
+    extra_services: list[ServiceName] = Field(
+        default_factory=list, max_length=32,
+        description="broker accounts for extra service containers (README: Adding a service): each reads "
+                    "the whole tree and writes only ext/<name>/# and its own service/<name>/health and log")
 
     @model_validator(mode="after")
     def _known_accounts(self) -> Broker:
-        allowed = {*SERVICES, "observer", "admin", "sim", *USERS}
+        builtin = {*SERVICES, "observer", "admin", "sim", *USERS}
+        taken = sorted(set(self.extra_services) & builtin)
+        if taken:
+            raise ValueError(f"extra_services: {taken} is the name of a built-in account")
+        if len(set(self.extra_services)) != len(self.extra_services):
+            raise ValueError("extra_services: a name is given twice")
+        allowed = builtin | set(self.extra_services)
         unknown = set(self.accounts) - allowed
         if unknown:
             raise ValueError(f"unknown broker account(s) {sorted(unknown)}; known: {sorted(allowed)}")

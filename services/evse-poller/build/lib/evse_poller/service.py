@@ -1,0 +1,115 @@
+"""The evse-poller service: bus in, Modbus out.
+
+Publishes ``evse/<id>/status`` for every Modbus EVSE and ``meter/<id>/reading`` for every meter;
+consumes ``evse/<id>/setpoint`` and ``evse/<id>/command`` (answering ``evse/<id>/command/result``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from chargegate import payloads as p
+from chargegate.bus import Bus, Message
+from chargegate.config import Config
+from chargegate.runtime import ServiceContext, run_service
+from evse_poller.poller import Poller
+
+NAME = "evse-poller"
+
+
+class BusPublisher:
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+
+    def evse_status(self, status: p.EvseStatus) -> None:
+        self.bus.publish("evse.status", status, evse_id=status.evse_id)
+
+    def meter_reading(self, reading: p.MeterReading) -> None:
+        self.bus.publish("meter.reading", reading, meter_id=reading.meter_id)
+
+    def command_result(self, result: p.EvseCommandResult) -> None:
+        self.bus.publish("evse.command_result", result, evse_id=result.evse_id)
+
+    def clear_evse(self, evse_id: str) -> None:
+        self.bus.clear("evse.status", evse_id=evse_id)  # removed from the configuration
+
+    def clear_meter(self, meter_id: str) -> None:
+        self.bus.clear("meter.reading", meter_id=meter_id)
+
+
+async def serve(ctx: ServiceContext) -> None:
+    holder: dict[str, Poller] = {}
+    runner: dict[str, asyncio.Task[None]] = {}
+
+    def start(config: Config) -> None:
+        poller = Poller(config, BusPublisher(ctx.bus), ctx.log, ctx.counters, tasks=ctx.tasks)
+        holder["poller"] = poller
+        runner["task"] = ctx.tasks.spawn("poller", poller.run)
+        ctx.log.info("polling", evses=len(poller.evses), meters=len(poller.meters), broken=len(poller.broken),
+                     links=len(poller.pool.links), interval_s=config.poller.poll_interval_s,
+                     event_loop=type(asyncio.get_running_loop()).__module__)
+
+    async def on_setpoint(msg: Message) -> None:
+        sp = msg.payload
+        assert isinstance(sp, p.Setpoint)
+        poller = holder.get("poller")
+        if poller is not None:
+            poller.set_setpoint(sp)
+
+    async def on_command(msg: Message) -> None:
+        cmd = msg.payload
+        assert isinstance(cmd, p.EvseCommand)
+        poller = holder.get("poller")
+        if poller is not None:
+            await poller.command(cmd)
+
+    async def on_reload(config: Config) -> None:
+        current = holder.get("poller")
+        if current is not None and await current.reconfigure(config):
+            return  # device by device: the others keep polling
+        ctx.log.info("poller settings changed: restarting every device")
+        old, task = holder.get("poller"), runner.get("task")
+        setpoints = {k: d.setpoint for k, d in old.evses.items()} if old else {}
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        start(config)
+        for sp in setpoints.values():
+            if sp is not None:
+                holder["poller"].set_setpoint(sp)
+
+    def on_connect() -> None:
+        poller = holder.get("poller")
+        if poller is not None:
+            poller.publish_broken()
+
+    start(ctx.config)
+    ctx.bus.subscribe("evse.setpoint", on_setpoint)
+    ctx.bus.subscribe("evse.command", on_command)
+    ctx.bus.on_connect(on_connect)
+    ctx.on_reload(on_reload)
+    try:
+        await asyncio.Event().wait()  # until cancelled
+    finally:
+        task = runner.get("task")
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+def use_fast_event_loop() -> bool:
+    """Run on uvloop when it is installed: it costs about half the CPU per Modbus request."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+def main() -> None:
+    use_fast_event_loop()
+    run_service(NAME, serve)

@@ -1,0 +1,3 @@
+from history.service import main
+
+main()

@@ -1,0 +1,1 @@
+"""chargegate load controller: decides every cycle how much current each EVSE may draw."""

@@ -1,0 +1,3 @@
+from load_controller.service import main
+
+main()

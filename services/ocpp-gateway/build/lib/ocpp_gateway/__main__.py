@@ -1,0 +1,3 @@
+from ocpp_gateway.service import main
+
+main()

@@ -1,0 +1,418 @@
+"""The durable transaction queue (SQLite, WAL, ``synchronous=FULL``).
+
+Every transaction message bound for the backend (StartTransaction, transaction MeterValues,
+StopTransaction, 2.0.1 TransactionEvent) is committed here *before* anything else happens to it
+(before the wallbox gets its answer, before a Modbus session is reported as started). A delivery
+loop per upstream charge point sends the oldest message of that charge point, waits for the
+answer and only then deletes it, so messages go out in order, at least once, and survive
+``kill -9``. Each message keeps the OCPP message id it was first sent with, so a message that is
+re-sent after a crash carries the same id (a backend can recognise the replay).
+
+1.6 backends assign the transaction id in the StartTransaction answer. Messages queued before that
+answer (offline sessions) are stored with the local transaction key; the backend's id is recorded
+in ``tx`` when it arrives and written into every queued message of that transaction.
+
+Bound and drop policy (``ocpp.queue.max_messages``): when the queue is full, intermediate meter
+values are dropped, oldest first, but never the first or the last one of a transaction (so each
+session keeps its start and end readings); Start and Stop (and TransactionEvent Started/Ended)
+are never dropped: when only those are left, the queue grows beyond its bound and says so in the
+log and counters. A message the backend refuses with a CALLERROR is retried with backoff; after
+``max_attempts`` it is moved to the ``dead`` table (kept for inspection, never silently lost) and
+delivery continues.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from chargegate.files import private_sqlite
+
+log = structlog.get_logger("ocpp_gateway.txqueue")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS msg (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    cp TEXT NOT NULL,
+    tx TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('start', 'update', 'stop')),
+    action TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    uid TEXT NOT NULL,
+    created REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_try REAL NOT NULL DEFAULT 0,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS msg_cp ON msg (cp, seq);
+CREATE INDEX IF NOT EXISTS msg_tx ON msg (tx, seq);
+CREATE TABLE IF NOT EXISTS dead (
+    seq INTEGER PRIMARY KEY,
+    cp TEXT NOT NULL, tx TEXT NOT NULL, kind TEXT NOT NULL, action TEXT NOT NULL,
+    payload TEXT NOT NULL, uid TEXT NOT NULL, created REAL NOT NULL, attempts INTEGER NOT NULL,
+    reason TEXT, died REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tx (
+    tx TEXT PRIMARY KEY,
+    cp TEXT NOT NULL,
+    evse_id TEXT NOT NULL,
+    version TEXT NOT NULL,
+    local_id TEXT,
+    backend_id TEXT,
+    id_tag TEXT,
+    meter_start REAL,
+    meter_last REAL,
+    started TEXT NOT NULL,
+    stopped TEXT,
+    seq_no INTEGER NOT NULL DEFAULT 0,
+    id_status TEXT,
+    last_ts TEXT,
+    local_seq INTEGER
+);
+CREATE INDEX IF NOT EXISTS tx_local ON tx (evse_id, local_id);
+CREATE INDEX IF NOT EXISTS tx_backend ON tx (cp, backend_id);
+CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+"""
+
+TX_ID_PLACEHOLDER = "__backend_transaction_id__"
+
+
+@dataclass(frozen=True)
+class Queued:
+    seq: int
+    cp: str
+    tx: str
+    kind: str
+    action: str
+    payload: dict[str, Any]
+    uid: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class TxRow:
+    tx: str
+    cp: str
+    evse_id: str
+    version: str
+    local_id: str | None
+    backend_id: str | None
+    id_tag: str | None
+    meter_start: float | None
+    meter_last: float | None
+    started: str
+    stopped: str | None
+    seq_no: int
+    last_ts: str | None
+    local_seq: int | None
+
+
+class TxQueue:
+    """One SQLite file for all upstream charge points. All calls are synchronous and short."""
+
+    def __init__(self, path: Path | str, max_messages: int = 100_000, max_attempts: int = 10) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_messages = max_messages
+        self.max_attempts = max_attempts
+        # idTags and meter values are personal data: the file (and SQLite's -wal/-shm, which take its mode)
+        # is 0600 whatever the umask
+        private_sqlite(self.path)
+        self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        private_sqlite(self.path)  # -wal/-shm an older version left wider
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self.db.executescript(SCHEMA)
+        self.dropped = 0
+        self.over_bound_logged = False
+        self._count = self.db.execute("SELECT COUNT(*) FROM msg").fetchone()[0]
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _begin(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def _commit(self) -> None:
+        self.db.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
+
+    def next_local_id(self) -> int:
+        """A transaction id for a local 1.6 wallbox, unique forever (persisted)."""
+        self._begin()
+        try:
+            row = self.db.execute("SELECT v FROM kv WHERE k = 'local_tx_id'").fetchone()
+            n = int(row[0]) + 1 if row else 1
+            self.db.execute("INSERT OR REPLACE INTO kv (k, v) VALUES ('local_tx_id', ?)", (str(n),))
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+        return n
+
+    def get_kv(self, key: str) -> str | None:
+        row = self.db.execute("SELECT v FROM kv WHERE k = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_kv(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO kv (k, v) VALUES (?, ?)", (key, value))
+
+    # -- enqueue -----------------------------------------------------------------------------
+    def begin_tx(self, *, cp: str, evse_id: str, version: str, action: str, payload: dict[str, Any],
+                 id_tag: str | None, meter_start: float | None, started: str, local_id: str | None = None,
+                 tx: str | None = None, backend_id: str | None = None, seq_no: int = 0,
+                 last_ts: str | None = None, local_seq: int | None = None) -> str:
+        """Record a new transaction and its start message in one commit. Returns the tx key."""
+        tx = tx or uuid.uuid4().hex
+        self._begin()
+        try:
+            self.db.execute(
+                "INSERT INTO tx (tx, cp, evse_id, version, local_id, backend_id, id_tag, meter_start, meter_last, "
+                "started, seq_no, last_ts, local_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (tx, cp, evse_id, version, local_id, backend_id, id_tag, meter_start, meter_start, started, seq_no,
+                 last_ts, local_seq))
+            self._insert(cp, tx, "start", action, payload)
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+        self._enforce_bound()
+        return tx
+
+    def add(self, tx: str, kind: str, action: str, payload: dict[str, Any], *, meter: float | None = None,
+            stopped: str | None = None, last_ts: str | None = None, local_seq: int | None = None) -> int:
+        """Queue an update or stop message of transaction ``tx``. Returns its sequence number."""
+        row = self.tx(tx)
+        if row is None:
+            raise KeyError(f"unknown transaction {tx}")
+        self._begin()
+        try:
+            seq = self._insert(row.cp, tx, kind, action, payload)
+            if meter is not None:
+                self.db.execute("UPDATE tx SET meter_last = ? WHERE tx = ?", (meter, tx))
+            if stopped is not None:
+                self.db.execute("UPDATE tx SET stopped = ? WHERE tx = ?", (stopped, tx))
+            if last_ts is not None:
+                self.db.execute("UPDATE tx SET last_ts = ? WHERE tx = ?", (last_ts, tx))
+            if local_seq is not None:
+                self.db.execute("UPDATE tx SET local_seq = ? WHERE tx = ?", (local_seq, tx))
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+        self._enforce_bound()
+        return seq
+
+    def add_seq_only(self, tx: str, local_seq: int) -> None:
+        """Remember a wallbox's TransactionEvent seqNo that carried nothing to forward (duplicate check)."""
+        self.db.execute("UPDATE tx SET local_seq = ? WHERE tx = ?", (local_seq, tx))
+
+    def mark_stopped(self, tx: str, stopped: str) -> None:
+        self.db.execute("UPDATE tx SET stopped = ? WHERE tx = ?", (stopped, tx))
+
+    def next_seq_no(self, tx: str) -> int:
+        """2.0.1 TransactionEvent seqNo, persisted per transaction."""
+        self._begin()
+        try:
+            row = self.db.execute("SELECT seq_no FROM tx WHERE tx = ?", (tx,)).fetchone()
+            n = int(row[0]) if row else 0
+            self.db.execute("UPDATE tx SET seq_no = ? WHERE tx = ?", (n + 1, tx))
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+        return n
+
+    def _insert(self, cp: str, tx: str, kind: str, action: str, payload: dict[str, Any]) -> int:
+        cur = self.db.execute(
+            "INSERT INTO msg (cp, tx, kind, action, payload, uid, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (cp, tx, kind, action, json.dumps(payload, separators=(",", ":")), str(uuid.uuid4()), time.time()))
+        self._count += 1
+        return int(cur.lastrowid or 0)
+
+    def _enforce_bound(self) -> None:
+        while self._count > self.max_messages:
+            # an intermediate update: not the first and not the last update of its transaction
+            row = self.db.execute(
+                "SELECT m.seq, m.tx FROM msg m WHERE m.kind = 'update' "
+                "AND EXISTS (SELECT 1 FROM msg a WHERE a.tx = m.tx AND a.kind = 'update' AND a.seq < m.seq) "
+                "AND EXISTS (SELECT 1 FROM msg b WHERE b.tx = m.tx AND b.kind = 'update' AND b.seq > m.seq) "
+                "ORDER BY m.seq LIMIT 1").fetchone()
+            if row is None:
+                # then any update that is not the last one of its transaction
+                row = self.db.execute(
+                    "SELECT m.seq, m.tx FROM msg m WHERE m.kind = 'update' "
+                    "AND EXISTS (SELECT 1 FROM msg b WHERE b.tx = m.tx AND b.kind = 'update' AND b.seq > m.seq) "
+                    "ORDER BY m.seq LIMIT 1").fetchone()
+            if row is None:
+                if not self.over_bound_logged:
+                    self.over_bound_logged = True
+                    log.error("transaction queue is over its bound with only start/stop messages left; "
+                              "keeping them all", queued=self._count, bound=self.max_messages)
+                return
+            self.db.execute("DELETE FROM msg WHERE seq = ?", (row[0],))
+            self._count -= 1
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("transaction queue full: dropped intermediate meter values", dropped_total=self.dropped,
+                            bound=self.max_messages)
+        self.over_bound_logged = False
+
+    # -- delivery ----------------------------------------------------------------------------
+    def head(self, cp: str) -> Queued | None:
+        row = self.db.execute(
+            "SELECT seq, cp, tx, kind, action, payload, uid, attempts FROM msg WHERE cp = ? ORDER BY seq LIMIT 1",
+            (cp,)).fetchone()
+        if row is None:
+            return None
+        return Queued(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7])
+
+    def due_in(self, seq: int) -> float:
+        row = self.db.execute("SELECT next_try FROM msg WHERE seq = ?", (seq,)).fetchone()
+        return max(0.0, (row[0] if row else 0.0) - time.time())
+
+    def delivered(self, seq: int, *, backend_id: str | None = None, id_status: str | None = None) -> None:
+        """The backend answered ``seq``: delete it (and record the backend's transaction id).
+
+        This commit is not fsynced on its own (``synchronous=NORMAL``; the next enqueue's FULL commit
+        syncs the WAL up to here): a process crash loses nothing, a power cut can at worst bring a
+        delivered message back, which is then sent again with its original message id - never a loss.
+        """
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            self._delivered(seq, backend_id, id_status)
+        finally:
+            self.db.execute("PRAGMA synchronous=FULL")
+
+    def _delivered(self, seq: int, backend_id: str | None, id_status: str | None) -> None:
+        self._begin()
+        try:
+            row = self.db.execute("SELECT tx FROM msg WHERE seq = ?", (seq,)).fetchone()
+            cur = self.db.execute("DELETE FROM msg WHERE seq = ?", (seq,))
+            if row is not None and backend_id is not None:
+                self.db.execute("UPDATE tx SET backend_id = ?, id_status = ? WHERE tx = ?",
+                                (backend_id, id_status, row[0]))
+                self._fill_backend_id(row[0], backend_id)
+            self._commit()
+            self._count -= cur.rowcount
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _fill_backend_id(self, tx: str, backend_id: str) -> None:
+        """Write the backend's transaction id into the messages queued before it was known."""
+        for seq, payload in self.db.execute("SELECT seq, payload FROM msg WHERE tx = ?", (tx,)).fetchall():
+            if TX_ID_PLACEHOLDER in payload:
+                data = json.loads(payload)
+                data = fill_transaction_id(data, backend_id)
+                self.db.execute("UPDATE msg SET payload = ? WHERE seq = ?",
+                                (json.dumps(data, separators=(",", ":")), seq))
+
+    def failed(self, seq: int, error: str, backoff_s: float) -> bool:
+        """The backend refused ``seq`` with a CALLERROR. Returns True when it was moved to ``dead``."""
+        row = self.db.execute("SELECT attempts FROM msg WHERE seq = ?", (seq,)).fetchone()
+        if row is None:
+            return False
+        attempts = row[0] + 1
+        if attempts >= self.max_attempts:
+            self._begin()
+            try:
+                self.db.execute(
+                    "INSERT INTO dead (seq, cp, tx, kind, action, payload, uid, created, attempts, reason, died) "
+                    "SELECT seq, cp, tx, kind, action, payload, uid, created, ?, ?, ? FROM msg WHERE seq = ?",
+                    (attempts, error[:500], time.time(), seq))
+                cur = self.db.execute("DELETE FROM msg WHERE seq = ?", (seq,))
+                self._commit()
+                self._count -= cur.rowcount
+            except BaseException:
+                self._rollback()
+                raise
+            return True
+        self.db.execute("UPDATE msg SET attempts = ?, next_try = ?, last_error = ? WHERE seq = ?",
+                        (attempts, time.time() + backoff_s * min(2 ** (attempts - 1), 32), error[:500], seq))
+        return False
+
+    def bury_tx(self, tx: str, reason: str) -> int:
+        """Move every queued message of ``tx`` to ``dead`` (its start was refused for good)."""
+        self._begin()
+        try:
+            self.db.execute(
+                "INSERT INTO dead (seq, cp, tx, kind, action, payload, uid, created, attempts, reason, died) "
+                "SELECT seq, cp, tx, kind, action, payload, uid, created, attempts, ?, ? FROM msg WHERE tx = ?",
+                (reason[:500], time.time(), tx))
+            cur = self.db.execute("DELETE FROM msg WHERE tx = ?", (tx,))
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+        self._count -= cur.rowcount
+        return cur.rowcount
+
+    # -- lookups -----------------------------------------------------------------------------
+    def count(self, cp: str | None = None) -> int:
+        if cp is None:
+            return self._count
+        return int(self.db.execute("SELECT COUNT(*) FROM msg WHERE cp = ?", (cp,)).fetchone()[0])
+
+    def dead_count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM dead").fetchone()[0])
+
+    _TX_COLS = ("tx, cp, evse_id, version, local_id, backend_id, id_tag, meter_start, meter_last, started, stopped, "
+                "seq_no, last_ts, local_seq")
+
+    def tx(self, tx: str) -> TxRow | None:
+        row = self.db.execute(f"SELECT {self._TX_COLS} FROM tx WHERE tx = ?", (tx,)).fetchone()
+        return TxRow(*row) if row else None
+
+    def tx_by_local(self, evse_id: str, local_id: str) -> TxRow | None:
+        row = self.db.execute(f"SELECT {self._TX_COLS} FROM tx WHERE evse_id = ? AND local_id = ? "
+                              "ORDER BY rowid DESC LIMIT 1", (evse_id, local_id)).fetchone()
+        return TxRow(*row) if row else None
+
+    def tx_by_local_any(self, evse_ids: list[str], local_id: str) -> TxRow | None:
+        if not evse_ids:
+            return None
+        marks = ",".join("?" * len(evse_ids))
+        row = self.db.execute(f"SELECT {self._TX_COLS} FROM tx WHERE local_id = ? AND evse_id IN ({marks}) "
+                              "ORDER BY rowid DESC LIMIT 1", (local_id, *evse_ids)).fetchone()
+        return TxRow(*row) if row else None
+
+    def tx_by_backend(self, cp: str, backend_id: str) -> TxRow | None:
+        row = self.db.execute(f"SELECT {self._TX_COLS} FROM tx WHERE cp = ? AND backend_id = ? "
+                              "ORDER BY rowid DESC LIMIT 1", (cp, backend_id)).fetchone()
+        return TxRow(*row) if row else None
+
+    def open_tx(self, evse_id: str) -> TxRow | None:
+        row = self.db.execute(f"SELECT {self._TX_COLS} FROM tx WHERE evse_id = ? AND stopped IS NULL "
+                              "ORDER BY rowid DESC LIMIT 1", (evse_id,)).fetchone()
+        return TxRow(*row) if row else None
+
+    def prune(self, keep_days: float = 60.0) -> None:
+        """Forget finished transactions whose messages are all delivered (id mapping no longer needed)."""
+        cutoff = time.time() - keep_days * 86400
+        self.db.execute(
+            "DELETE FROM tx WHERE stopped IS NOT NULL AND stopped < ? "
+            "AND NOT EXISTS (SELECT 1 FROM msg WHERE msg.tx = tx.tx)",
+            (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(cutoff)),))
+
+
+def fill_transaction_id(data: Any, backend_id: str) -> Any:
+    """Replace the placeholder with the backend's (integer, in 1.6) transaction id."""
+    value: Any = int(backend_id) if backend_id.lstrip("-").isdigit() else backend_id
+    if isinstance(data, dict):
+        return {k: (value if v == TX_ID_PLACEHOLDER else fill_transaction_id(v, backend_id)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [fill_transaction_id(v, backend_id) for v in data]
+    return data

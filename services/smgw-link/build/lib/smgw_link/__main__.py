@@ -1,0 +1,3 @@
+from smgw_link.service import main
+
+main()

@@ -1,0 +1,169 @@
+"""The ``chargegate`` command.
+
+Built-in subcommands: ``config check``, ``run``, ``demo``, ``status``, ``broker init``,
+``topics``. Services add their own (``cert``, ``sim``, ...) through the entry point group
+``chargegate.cli``: each entry is ``register(subparsers)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from chargegate import __version__
+from chargegate import config as cfgmod
+
+DEFAULT_CONFIG = os.environ.get("CHARGEGATE_CONFIG", "chargegate.yaml")
+
+
+def service_checks(cfg: cfgmod.Config) -> list[tuple[str, str]]:
+    """The services' own checks of a valid configuration (entry point group ``chargegate.config_checks``:
+    each entry is ``check(config) -> [(path, message), ...]``), e.g. the evse-poller's device profiles
+    and the current ranges each device accepts."""
+    errors: list[tuple[str, str]] = []
+    for ep in entry_points(group="chargegate.config_checks"):
+        try:
+            errors.extend(ep.load()(cfg))
+        except Exception as e:  # a broken check must not hide the others
+            errors.append(("", f"check {ep.name} failed: {type(e).__name__}: {e}"))
+    return errors
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    try:
+        cfg = cfgmod.load(args.file)
+        errors = service_checks(cfg)
+        if errors:
+            raise cfgmod.ConfigError(str(args.file), errors)
+    except cfgmod.ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(f"ok ({len(cfg.evses)} EVSEs, {len(cfg.meters)} meters, {len(cfg.all_circuits())} circuits, "
+          f"version {cfg.digest()})")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from chargegate.runner import run
+
+    return run(Path(args.config), services=args.services or None)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from chargegate.demo import demo
+
+    return demo(Path(args.dir), duration=args.duration, status=not args.no_status)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from chargegate.status_view import status
+
+    return status(Path(args.config), once=args.once, timeout=args.timeout)
+
+
+def _cmd_broker_init(args: argparse.Namespace) -> int:
+    from chargegate.broker import blocked_for, broker_user, write_broker_files
+
+    try:
+        cfg = cfgmod.load(args.config)
+    except cfgmod.ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    def owner(v: str | None) -> tuple[int, int] | None:
+        if not v:
+            return None
+        uid, _, gid = v.partition(":")
+        return int(uid), int(gid or uid)
+
+    run_as = None if args.paths_in else broker_user()
+    if run_as not in (None, "root"):
+        out.mkdir(parents=True, exist_ok=True)
+        blocked = blocked_for(run_as, out.resolve().parent)
+        if blocked is not None:
+            print(f"warning: {blocked} is closed to user {run_as}: mosquitto.conf says 'user root'", file=sys.stderr)
+            run_as = "root"
+    conf = write_broker_files(cfg, out, port=args.port, listen=args.listen,
+                              paths_in=Path(args.paths_in) if args.paths_in else None,
+                              broker_owner=owner(args.broker_owner), secrets_owner=owner(args.secrets_owner),
+                              run_as=run_as)
+    print(f"wrote {conf}, {out / 'passwd'} and {out / 'acl'}; account passwords are in "
+          f"{cfg.state_dir / 'broker' / 'secrets'}")
+    return 0
+
+
+def _cmd_topics(args: argparse.Namespace) -> int:
+    from chargegate.topics import Registry
+
+    for t in Registry(args.root).describe():
+        flags = ("retained" if t["retained"] else "command") + f", qos {t['qos']}"
+        print(f"{t['topic']:<44} {t['model']:<18} {flags:<20} writers: {', '.join(t['writers']) or 'admin'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="chargegate", description="EV charging manager behind a Smart Meter Gateway")
+    ap.add_argument("--version", action="version", version=f"chargegate {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("config", help="configuration tools")
+    csub = c.add_subparsers(dest="config_command", required=True)
+    chk = csub.add_parser("check", help="validate a configuration file; prints the errors or 'ok'")
+    chk.add_argument("file")
+    chk.set_defaults(func=_cmd_config_check)
+
+    r = sub.add_parser("run", help="start the services (and a local broker unless broker.host is set)")
+    r.add_argument("--config", "-c", default=DEFAULT_CONFIG)
+    r.add_argument("services", nargs="*", help="run only these services (default: all in the configuration)")
+    r.set_defaults(func=_cmd_run)
+
+    d = sub.add_parser("demo", help="run the whole system against built-in simulators")
+    d.add_argument("--dir", default="state/demo", help="where the demo writes its configuration and state")
+    d.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    d.add_argument("--no-status", action="store_true", help="do not show the live status view")
+    d.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("status", help="live view of the installation as the broker shows it")
+    s.add_argument("--config", "-c", default=DEFAULT_CONFIG)
+    s.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    s.add_argument("--timeout", type=float, default=3.0, help="with --once: how long to collect retained state")
+    s.set_defaults(func=_cmd_status)
+
+    b = sub.add_parser("broker", help="broker accounts and ACL")
+    bsub = b.add_subparsers(dest="broker_command", required=True)
+    bi = bsub.add_parser("init", help="write mosquitto.conf, password file and ACL for this configuration")
+    bi.add_argument("--config", "-c", default=DEFAULT_CONFIG)
+    bi.add_argument("--out", default="mosquitto/generated")
+    bi.add_argument("--port", type=int, default=None)
+    bi.add_argument("--listen", default=None)
+    bi.add_argument("--paths-in", default=None, help="directory where the broker will see the files")
+    bi.add_argument("--broker-owner", default=None, help="UID:GID to own the broker's files (containers)")
+    bi.add_argument("--secrets-owner", default=None, help="UID:GID to own the account passwords (containers)")
+    bi.set_defaults(func=_cmd_broker_init)
+
+    t = sub.add_parser("topics", help="list the topic contract")
+    t.add_argument("--root", default="chargegate")
+    t.set_defaults(func=_cmd_topics)
+
+    for ep in entry_points(group="chargegate.cli"):
+        try:
+            ep.load()(sub)
+        except Exception as e:  # a broken plugin must not take the whole CLI down
+            print(f"warning: CLI plugin {ep.name} failed to load: {e}", file=sys.stderr)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code or 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Common building blocks for configuration models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import ConfigDict, Field, SecretStr, model_validator
+
+from chargegate.strict_numbers import StrictNumbers, StrictNumbersInUnion
+
+Ident = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class Strict(StrictNumbers):
+    """Base for configuration sections: unknown keys are errors (typos must not pass); numbers are
+    numbers (no ``true`` or ``"35"`` for a current) and finite."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class StrictMember(StrictNumbersInUnion):
+    """:class:`Strict` for a member of a discriminated union (e.g. a charging rule with ``type``)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class Secret(Strict):
+    """A secret given inline, from an environment variable, or from a file (Docker secrets).
+
+    In YAML: ``password: {env: CG_BACKEND_PASSWORD}`` or ``{file: /run/secrets/x}`` or
+    ``{value: "..."}``; a plain string is taken as ``value``. Never logged or printed.
+    """
+
+    value: SecretStr | None = None
+    env: str | None = None
+    file: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain(cls, data: object) -> object:
+        if isinstance(data, str):
+            return {"value": data}
+        return data
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Secret:
+        given = [x for x in (self.value, self.env, self.file) if x is not None]
+        if len(given) != 1:
+            raise ValueError("a secret needs exactly one of value, env or file")
+        return self
+
+    def reveal(self) -> str:
+        if self.value is not None:
+            return self.value.get_secret_value()
+        if self.env is not None:
+            try:
+                return os.environ[self.env]
+            except KeyError:
+                raise LookupError(f"secret environment variable {self.env} is not set") from None
+        assert self.file is not None
+        try:
+            return self.file.read_text().strip()
+        except OSError as e:
+            raise LookupError(f"secret file {self.file} cannot be read: {e.strerror}") from None
+
+    def __repr__(self) -> str:
+        src = "value" if self.value is not None else (f"env:{self.env}" if self.env else f"file:{self.file}")
+        return f"Secret({src}, '**********')"
+
+    __str__ = __repr__

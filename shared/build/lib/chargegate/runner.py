@@ -1,0 +1,186 @@
+"""``chargegate run``: the services (and a local broker) as supervised processes.
+
+Each service is started as ``python -m <package> --config FILE``; the services are found
+through the entry point group ``chargegate.services`` (a new service registers itself there, the
+runner needs no change). A crashed process is restarted with exponential backoff (reset after it
+ran for a minute); the broker is restarted at once. SIGINT/SIGTERM stop everything cleanly:
+SIGTERM first, SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import BinaryIO
+
+import structlog
+
+from chargegate import config as cfgmod
+from chargegate import log as logsetup
+from chargegate.broker import BrokerError, LocalBroker
+from chargegate.files import open_private_append
+
+log = structlog.get_logger("chargegate.runner")
+
+BACKOFF_MIN_S = 0.5
+BACKOFF_MAX_S = 30.0
+STABLE_AFTER_S = 60.0
+GRACE_S = 8.0
+
+
+def available_services() -> dict[str, str]:
+    """Service name -> Python package to run with ``-m``."""
+    out = {}
+    for ep in entry_points(group="chargegate.services"):
+        out[ep.name] = ep.value.split(":")[0].split(".")[0]
+    return out
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    popen: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    backoff: float = BACKOFF_MIN_S
+    next_start: float = 0.0
+    restarts: int = 0
+    logfile: Path | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, **self.env}
+        out: BinaryIO | None = None
+        if self.logfile is not None:  # a service's log names wallboxes, idTags, addresses: 0600
+            out = open_private_append(self.logfile)
+        self.popen = subprocess.Popen(self.argv, env=env, stdout=out, stderr=out, start_new_session=True)
+        if out is not None:
+            out.close()
+        self.started_at = time.monotonic()
+        log.info("process started", process=self.name, pid=self.popen.pid)
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+
+class Supervisor:
+    """Starts processes, restarts crashed ones with backoff, stops them all cleanly."""
+
+    def __init__(self) -> None:
+        self.procs: list[Proc] = []
+        self.broker: LocalBroker | None = None
+        self._stop = False
+
+    def add(self, proc: Proc) -> None:
+        self.procs.append(proc)
+
+    def request_stop(self, *_: object) -> None:
+        self._stop = True
+
+    def start_all(self) -> None:
+        if self.broker is not None:
+            self.broker.start()
+            log.info("broker started", port=self.broker.port, pid=self.broker.proc.pid if self.broker.proc else None)
+        for p in self.procs:
+            p.start()
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if self.broker is not None and not self.broker.alive():
+            log.warning("broker died, restarting it")
+            try:
+                self.broker.start(timeout=5)
+                pid = self.broker.proc.pid if self.broker.proc else None
+                log.info("broker started", port=self.broker.port, pid=pid, restart=True)
+            except BrokerError as e:
+                log.error("broker restart failed", error=str(e))
+        for p in self.procs:
+            if p.alive():
+                if now - p.started_at > STABLE_AFTER_S:
+                    p.backoff = BACKOFF_MIN_S
+                continue
+            if p.popen is not None and p.next_start == 0.0:
+                code = p.popen.returncode
+                p.next_start = now + p.backoff
+                log.warning("process exited, restarting", process=p.name, exit_code=code,
+                            restart_in_s=round(p.backoff, 1))
+                p.backoff = min(p.backoff * 2, BACKOFF_MAX_S)
+            elif p.next_start and now >= p.next_start:
+                p.next_start = 0.0
+                p.restarts += 1
+                p.start()
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.alive():
+                assert p.popen is not None
+                p.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + GRACE_S
+        for p in self.procs:
+            if p.popen is None:
+                continue
+            try:
+                p.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("process did not stop in time, killing it", process=p.name)
+                p.popen.kill()
+                p.popen.wait(5)
+        if self.broker is not None:
+            self.broker.stop()
+        log.info("all processes stopped")
+
+    def run(self, until: Callable[[], bool] | None = None, on_tick: Callable[[], None] | None = None) -> None:
+        old_int = signal.signal(signal.SIGINT, self.request_stop)
+        old_term = signal.signal(signal.SIGTERM, self.request_stop)
+        try:
+            self.start_all()
+            while not self._stop and not (until and until()):
+                self.tick()
+                if on_tick:
+                    on_tick()
+                time.sleep(0.1)
+        finally:
+            self.stop_all()
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def build(config_path: Path, services: list[str] | None = None, logs_dir: Path | None = None) -> Supervisor:
+    """A supervisor for the configuration's services (and its own broker when broker.host is unset)."""
+    cfg = cfgmod.load(config_path)
+    known = available_services()
+    wanted = services or cfg.services
+    missing = [s for s in wanted if s not in known]
+    if missing:
+        raise SystemExit(f"unknown or not installed service(s): {', '.join(missing)}; "
+                         f"installed: {', '.join(sorted(known)) or 'none'}")
+    sup = Supervisor()
+    if cfg.broker.host is None:
+        sup.broker = LocalBroker.prepare(cfg)
+    for name in wanted:
+        sup.add(Proc(name, [sys.executable, "-m", known[name], "--config", str(config_path)],
+                     logfile=(logs_dir / f"{name}.log") if logs_dir else None))
+    return sup
+
+
+def run(config_path: Path, services: list[str] | None = None) -> int:
+    try:
+        cfg = cfgmod.load(config_path)
+    except cfgmod.ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    logsetup.setup("runner", cfg.logging.level, cfg.logging.format)
+    try:
+        sup = build(config_path, services)
+    except BrokerError as e:
+        print(f"chargegate: {e}", file=sys.stderr)
+        return 1
+    sup.run()
+    return 0
