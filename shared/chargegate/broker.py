@@ -53,6 +53,10 @@ class BrokerError(RuntimeError):
     pass
 
 
+class BrokerPortInUse(BrokerError):
+    """Another program listens on the broker's port."""
+
+
 def hash_password(password: str, salt: bytes | None = None, iterations: int = PBKDF2_ITERATIONS) -> str:
     """Mosquitto 2.x ``$7$`` (PBKDF2-SHA512) password hash, as mosquitto_passwd writes it."""
     salt = salt or os.urandom(12)
@@ -335,29 +339,52 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on ``host:port`` now. With ``SO_REUSEADDR`` as servers (Mosquitto,
+    asyncio) bind: a port whose last connections are in TIME-WAIT (a demo stopped a moment ago) is free,
+    a port another program listens on is not."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def port_in_use_message(port: int, host: str, config_path: str | Path | None = None) -> str:
+    where = f" in {config_path}" if config_path else ""
+    return (f"port {port} on {host} is in use by another program (another broker? `ss -ltnp 'sport = :{port}'` "
+            f"shows which): stop it, or set broker.port{where} to a free port (or broker.host to use that broker)")
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 for a server (simulators, tests, the demo).
 
     Chosen below the kernel's ephemeral range: a port from that range (what binding port 0
     gives) may be taken by one of the many outgoing connections before the server binds it.
-    A port is not handed out twice by the same process.
+    A port is not handed out twice by the same process. Probed as servers bind (``SO_REUSEADDR``).
     """
     lo, _ = _ephemeral_range()
     top = max(20001, min(lo, 32768))
     for _ in range(500):
         port = random.randrange(20000, top)
-        if port in _handed_out:
+        if port in _handed_out or not port_free(port):
             continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
         _handed_out.add(port)
         return port
     with socket.socket() as s:  # fall back to the kernel's choice
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def preferred_port(preferred: int | None) -> int:
+    """``preferred`` when it is free (and not handed out already by this process), else :func:`free_port`."""
+    if preferred and preferred not in _handed_out and port_free(preferred):
+        _handed_out.add(preferred)
+        return preferred
+    return free_port()
 
 
 def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
@@ -382,6 +409,7 @@ class LocalBroker:
     proc: subprocess.Popen[bytes] | None = None
     log_file: Path | None = None
     runtime_dir: Path | None = None  # its files outside state_dir (see :func:`placement`), removed by discard()
+    listen: str | None = None  # the address it listens on (default ``host``)
 
     @classmethod
     def prepare(cls, config: Config, port: int | None = None, persistence: bool = True) -> LocalBroker:
@@ -393,7 +421,7 @@ class LocalBroker:
                                   run_as=place.user)
         host = config.broker.listen if config.broker.listen not in ("0.0.0.0", "::") else "127.0.0.1"
         home = config.state_dir / "broker"
-        return cls(conf=conf, port=port, host=host, log_file=home / "mosquitto.log",
+        return cls(conf=conf, port=port, host=host, log_file=home / "mosquitto.log", listen=config.broker.listen,
                    runtime_dir=place.dir if place.dir != home else None)
 
     def discard(self) -> None:
@@ -403,19 +431,44 @@ class LocalBroker:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
     def start(self, timeout: float = 10.0) -> None:
+        """Start Mosquitto and wait until it listens. Refused at once (:class:`BrokerPortInUse`) when
+        another program listens on the port: a connection to it would look like our broker."""
         if self.proc is not None and self.proc.poll() is None:
             return
         assert self.log_file is not None
+        if not port_free(self.port, self.listen or self.host):
+            raise BrokerPortInUse(port_in_use_message(self.port, self.listen or self.host))
         logf = open_private_append(self.log_file)  # client names and addresses: 0600
+        start_at = self.log_file.stat().st_size
         self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)], stdout=logf, stderr=logf,
                                      start_new_session=True)
         logf.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                raise BrokerError(f"mosquitto exited at start (code {code}): {self._log_since(start_at)}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise BrokerError(f"mosquitto did not listen on port {self.port} within {timeout:g} s: "
+                                      f"{self._log_since(start_at)}") from None
+                time.sleep(0.02)
+
+    def _log_since(self, offset: int) -> str:
+        """What this start wrote to the broker's log (its last lines, bounded), or where the log is."""
+        assert self.log_file is not None
         try:
-            wait_port(self.host, self.port, timeout)
-        except BrokerError:
-            self.stop()
-            tail = self.log_file.read_text(errors="replace")[-800:] if self.log_file.exists() else ""
-            raise BrokerError(f"mosquitto did not start on port {self.port}: {tail}") from None
+            with self.log_file.open("rb") as f:
+                f.seek(offset)
+                text = f.read(4000).decode(errors="replace")
+        except OSError:
+            text = ""
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        return " / ".join(lines[-3:])[:500] + f" (log: {self.log_file})" if lines else f"see {self.log_file}"
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

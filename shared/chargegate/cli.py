@@ -19,30 +19,19 @@ from chargegate import config as cfgmod
 DEFAULT_CONFIG = os.environ.get("CHARGEGATE_CONFIG", "chargegate.yaml")
 
 
-def service_checks(cfg: cfgmod.Config) -> list[tuple[str, str]]:
-    """The services' own checks of a valid configuration (entry point group ``chargegate.config_checks``:
-    each entry is ``check(config) -> [(path, message), ...]``), e.g. the evse-poller's device profiles
-    and the current ranges each device accepts."""
-    errors: list[tuple[str, str]] = []
-    for ep in entry_points(group="chargegate.config_checks"):
-        try:
-            errors.extend(ep.load()(cfg))
-        except Exception as e:  # a broken check must not hide the others
-            errors.append(("", f"check {ep.name} failed: {type(e).__name__}: {e}"))
-    return errors
-
-
 def _cmd_config_check(args: argparse.Namespace) -> int:
+    from chargegate.preflight import problems
+
     try:
         cfg = cfgmod.load(args.file)
-        errors = service_checks(cfg)
+        errors = problems(cfg)
         if errors:
             raise cfgmod.ConfigError(str(args.file), errors)
     except cfgmod.ConfigError as e:
         print(e, file=sys.stderr)
         return 1
     print(f"ok ({len(cfg.evses)} EVSEs, {len(cfg.meters)} meters, {len(cfg.all_circuits())} circuits, "
-          f"version {cfg.digest()})")
+          f"version {cfg.digest()}; every secret, file and device profile found)")
     return 0
 
 

@@ -131,11 +131,17 @@ def small_tls_buffers(size: int = TLS_READ_BUFFER) -> None:
 
 def run_service(name: str, serve: Callable[[ServiceContext], Awaitable[None]],
                 argv: list[str] | None = None) -> None:
-    """Entry point of every service process. Exits 2 on a bad configuration."""
+    """Entry point of every service process. Exits 2 on a configuration it cannot use (invalid, or a
+    secret or file it needs is missing): ``chargegate run`` then waits for the file to change."""
     small_tls_buffers()
     args = _parse_args(name, argv)
     try:
         config = cfgmod.load(args.config)
+        from chargegate.preflight import service_problems
+
+        missing = service_problems(config, name)  # e.g. a secret's environment variable is not set
+        if missing:
+            raise cfgmod.ConfigError(str(args.config), missing)
     except cfgmod.ConfigError as e:
         logsetup.setup(name)
         print(f"{name}: configuration error\n{e}", file=sys.stderr)

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from chargegate.config.base import Ident, Port, Secret, Strict
+from chargegate.config.base import Ident, LocatedErrors, Port, Secret, Strict
 from chargegate.config.controller import Controller
 from chargegate.config.history import History
 from chargegate.config.installation import Circuit, Evse, Meter, ModbusConnection
@@ -38,7 +38,7 @@ class ConfigError(ValueError):
     def __init__(self, source: str, errors: list[tuple[str, str]]) -> None:
         self.source = source
         self.errors = errors
-        lines = [f"{source}: {path or '(document)'}: {msg}" for path, msg in errors]
+        lines = [f"{source}: {path}: {msg}" if path else f"{source}: {msg}" for path, msg in errors]
         super().__init__("\n".join(lines))
 
 
@@ -191,43 +191,50 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _references(self) -> Config:
-        errs: list[str] = []
+        """Cross-references, each error at the path of the entry that is wrong (``evses[3].id``)."""
+        errs: list[tuple[tuple[str | int, ...], str]] = []
+
+        def unique(items: list[tuple[tuple[str | int, ...], str]], what: str) -> None:
+            first: dict[str, tuple[str | int, ...]] = {}
+            for loc, value in items:
+                if value in first:
+                    errs.append((loc, f"{what} {value!r} is used twice (also at {format_loc(first[value])})"))
+                else:
+                    first[value] = loc
+
         circuits = self.all_circuits()
         cids = [c.id for c in circuits]
-        if len(set(cids)) != len(cids):
-            errs.append("circuit ids must be unique")
+        unique(list(_circuit_locs(self.circuits)), "circuit id")
         ids = [e.id for e in self.evses]
-        if len(set(ids)) != len(ids):
-            errs.append("evse ids must be unique")
+        unique([(("evses", i, "id"), e.id) for i, e in enumerate(self.evses)], "evse id")
         mids = [m.id for m in self.meters]
-        if len(set(mids)) != len(mids):
-            errs.append("meter ids must be unique")
+        unique([(("meters", i, "id"), m.id) for i, m in enumerate(self.meters)], "meter id")
         for i, e in enumerate(self.evses):
             if e.circuit not in cids:
-                errs.append(f"evses[{i}].circuit: unknown circuit {e.circuit!r}")
-        for c in circuits:
+                known = ", ".join(dict.fromkeys(cids))
+                errs.append((("evses", i, "circuit"), f"unknown circuit {e.circuit!r}; circuits: {known}"))
+        for loc, c in _circuit_locs(self.circuits, objects=True):
             if c.meter is not None and c.meter not in mids:
-                errs.append(f"circuit {c.id}: unknown meter {c.meter!r}")
-        boxes = [(e.ocpp.charge_box_id, e.ocpp.connector_id) for e in self.evses if e.ocpp]
-        if len(set(boxes)) != len(boxes):
-            errs.append("two EVSEs name the same OCPP charge_box_id and connector_id")
-        ups = [e.upstream.charge_box_id or e.id for e in self.evses if e.upstream and e.upstream.enabled]
-        if len(set(ups)) != len(ups):
-            errs.append("two EVSEs use the same upstream charge_box_id")
-        unknown_services = set(self.services) - set(SERVICES)
-        if unknown_services:
-            errs.append(f"services: unknown {sorted(unknown_services)}")
-        for r in self.controller.rules:
-            for ev in r.evses:
+                errs.append(((*loc[:-1], "meter"), f"unknown meter {c.meter!r}; meters: {', '.join(mids) or 'none'}"))
+        unique([(("evses", i, "ocpp", "charge_box_id"), f"{e.ocpp.charge_box_id} connector {e.ocpp.connector_id}")
+                for i, e in enumerate(self.evses) if e.ocpp], "OCPP charge_box_id and connector_id")
+        unique([(("evses", i, "upstream", "charge_box_id"), e.upstream.charge_box_id or e.id)
+                for i, e in enumerate(self.evses) if e.upstream and e.upstream.enabled], "upstream charge_box_id")
+        for i, svc in enumerate(self.services):
+            if svc not in SERVICES:
+                errs.append((("services", i), f"unknown service {svc!r}; services: {', '.join(SERVICES)}"))
+        for j, r in enumerate(self.controller.rules):
+            for k, ev in enumerate(r.evses):
                 if ev not in ids:
-                    errs.append(f"rule {r.id}: unknown evse {ev!r}")
+                    errs.append((("controller", "rules", j, "evses", k), f"rule {r.id}: unknown evse {ev!r}"))
             rule_meter = getattr(r, "meter", None)
             if rule_meter is not None and rule_meter not in mids:
-                errs.append(f"rule {r.id}: unknown meter {rule_meter!r}")
+                errs.append((("controller", "rules", j, "meter"), f"rule {r.id}: unknown meter {rule_meter!r}"))
             if r.type == "solar" and rule_meter is None and self.root_circuit.meter is None:
-                errs.append(f"rule {r.id}: a solar rule needs a meter (rule meter or the root circuit's)")
+                errs.append((("controller", "rules", j),
+                             f"rule {r.id}: a solar rule needs a meter (rule meter or the root circuit's)"))
         if errs:
-            raise ValueError("; ".join(errs))
+            raise LocatedErrors(errs)
         return self
 
     def digest(self) -> str:
@@ -238,6 +245,16 @@ class Config(Strict):
 
 
 _SECRET_KEYS = {"password", "token", "tokens", "value", "accounts", "secret"}
+
+
+def _circuit_locs(circuits: list[Circuit], prefix: tuple[str | int, ...] = ("circuits",),
+                  objects: bool = False) -> list[tuple[tuple[str | int, ...], Any]]:
+    """``(("circuits", 0, "children", 1, "id"), id or circuit)`` for every circuit of the tree."""
+    out: list[tuple[tuple[str | int, ...], Any]] = []
+    for i, c in enumerate(circuits):
+        out.append(((*prefix, i, "id"), c if objects else c.id))
+        out.extend(_circuit_locs(c.children, (*prefix, i, "children"), objects))
+    return out
 
 
 def _secretish(loc: tuple[Any, ...]) -> bool:
@@ -252,9 +269,16 @@ def validate_data(data: Any, source: str = "<config>") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        errors = []
+        errors: list[tuple[str, str]] = []
         for err in e.errors():
+            located = (err.get("ctx") or {}).get("error")
+            if isinstance(located, LocatedErrors):  # several problems, each at its own path
+                base = tuple(err.get("loc", ()))
+                errors.extend((format_loc((*base, *loc)), msg) for loc, msg in located.errors)
+                continue
             msg = err.get("msg", "invalid")
+            if err.get("type") == "value_error" and msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]  # a validator's own sentence
             inp = err.get("input")
             if err.get("type") in ("extra_forbidden",):
                 msg = "unknown key (not part of the configuration)"

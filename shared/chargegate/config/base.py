@@ -14,6 +14,16 @@ Ident = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
+class LocatedErrors(ValueError):
+    """Raised by a model validator that finds several problems, each at its own path (relative to the
+    model): :func:`chargegate.config.validate_data` reports each with its full path instead of one
+    message at the model's own path."""
+
+    def __init__(self, errors: list[tuple[tuple[str | int, ...], str]]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(msg for _, msg in errors))
+
+
 class Strict(StrictNumbers):
     """Base for configuration sections: unknown keys are errors (typos must not pass); numbers are
     numbers (no ``true`` or ``"35"`` for a current) and finite."""
