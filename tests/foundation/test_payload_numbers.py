@@ -40,8 +40,8 @@ FULL: dict[str, tuple[dict[str, str], p.Payload]] = {
                                                        request_id="r1")),
     "evse.command_result": ({"evse_id": "wb1"}, p.EvseCommandResult(evse_id="wb1", request_id="r1", accepted=True)),
     "evse.mode": ({"evse_id": "wb1"}, p.ChargingMode(evse_id="wb1", mode=p.ChargingModeName.SOLAR_MIN,
-                                                    target=p.SessionTarget(energy_wh=15000, by="07:00"))),
-    "evse.mode_set": ({"evse_id": "wb1"}, p.ModeCommand(evse_id="wb1", target=p.SessionTarget(energy_wh=9000,
+                                                    target=p.SessionTarget(energy_wh=15000, by="07:00"), max_current_a=10)),
+    "evse.mode_set": ({"evse_id": "wb1"}, p.ModeCommand(evse_id="wb1", max_current_a=10, target=p.SessionTarget(energy_wh=9000,
                                                                                              by="06:30"))),
     "history.session": ({"evse_id": "wb1"}, p.SessionRecord(
         evse_id="wb1", record_id=1, session_id="s1", started=NOW, energy_start_wh=10, energy_stop_wh=20,
@@ -52,6 +52,8 @@ FULL: dict[str, tuple[dict[str, str], p.Payload]] = {
     "meter.reading": ({"meter_id": "m1"}, p.MeterReading(
         meter_id="m1", current_a=[1, -2, 3], voltage_v=[230, 231, 229], power_w=-100, power_phase_w=[10, -20, 30],
         energy_import_wh=5, energy_export_wh=6)),
+    "ext.message": ({"service": "my-service", "topic": "hello"},
+                    p.ExtMessage(service="my-service", topic="hello", data={"text": "hi"})),
     "grid.limit": ({"source": "dso"}, p.GridLimit(source=p.LimitSource.DSO, active=True, power_w=4200,
                                                   current_a=[6, 6, 6], valid_until=LATER, failsafe_power_w=4200,
                                                   failsafe_duration_s=60)),
