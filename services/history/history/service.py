@@ -14,6 +14,7 @@ from chargegate import payloads as p
 from chargegate import record as rec
 from chargegate.bus import Message
 from chargegate.config import Config
+from chargegate.ratelog import LogLimiter
 from chargegate.runtime import ServiceContext, run_service
 from history.recorder import Recorder
 
@@ -95,6 +96,9 @@ class History:
         self.published_at: dict[str, float] = {}
         self.log = ctx.log
         self.degraded: str | None = None
+        # what the bus says about EVSEs and meters that are not configured is not recorded (it would open
+        # sessions and keep state per id for ever): counted, logged once per id and minute, a few a minute
+        self.unknown_log = LogLimiter(self.log)
 
     # -- writing safely ------------------------------------------------------------------------------
     def guarded(self, what: str, fn: Any, *args: Any) -> None:
@@ -142,15 +146,27 @@ class History:
         self.publish_changes()
 
     # -- bus handlers --------------------------------------------------------------------------------
+    def configured(self, kind: str, ident: str, what: str) -> bool:
+        ids = self.config.evses if kind == "evse" else self.config.meters
+        if any(x.id == ident for x in ids):
+            return True
+        self.ctx.counters[f"unknown_{kind}"] += 1
+        self.unknown_log.warning(f"{kind}:{ident}", f"{what} of an {kind.upper() if kind == 'evse' else kind} that "
+                                 "is not configured, not recorded", subject=f"{kind} ids", **{f"{kind}_id": ident})
+        return False
+
     def on_status(self, msg: Message) -> None:
         st = msg.payload
         assert isinstance(st, p.EvseStatus)
+        if not self.configured("evse", st.evse_id, "status"):
+            return
         self.guarded("status", self.rec.on_status, st, p.utcnow())
         self.after_sessions()
 
     def on_reading(self, msg: Message) -> None:
         assert isinstance(msg.payload, p.MeterReading)
-        self.rec.on_reading(msg.payload)
+        if self.configured("meter", msg.payload.meter_id, "reading"):
+            self.rec.on_reading(msg.payload)
 
     def on_grid_limit(self, msg: Message) -> None:
         assert isinstance(msg.payload, p.GridLimit)
@@ -158,6 +174,8 @@ class History:
 
     def on_evse_limit(self, msg: Message) -> None:
         assert isinstance(msg.payload, p.EvseLimit)
+        if not self.configured("evse", msg.payload.evse_id, "limit"):
+            return
         self.guarded("evse limit", self.rec.on_evse_limit, msg.payload, p.utcnow())
 
     def on_link(self, msg: Message) -> None:
@@ -190,7 +208,8 @@ class History:
         assert isinstance(cmd, p.ModeCommand)
         if cmd.evse_id not in {e.id for e in self.config.evses}:
             self.ctx.counters["mode_unknown_evse"] += 1
-            self.log.warning("charging mode for an unknown EVSE ignored", evse_id=cmd.evse_id, source=cmd.source)
+            self.unknown_log.warning(f"mode:{cmd.evse_id}", "charging mode for an unknown EVSE ignored",
+                                     subject="EVSE ids", evse_id=cmd.evse_id, source=cmd.source)
             return
         cur = self.mode_of(cmd.evse_id)
         if cmd.max_current_a is not None:
