@@ -176,12 +176,17 @@ async def limit_rounds(s: System, rounds: int, quick: bool = False) -> tuple[lis
                     hop[f"{kind}_{what}_p50_ms"] = round(statistics.median(xs) * 1000, 1)
                     hop[f"{kind}_{what}_max_ms"] = round(max(xs) * 1000, 1)
         hop["last"] = max(applied_at, key=lambda e: applied_at[e])
+        slow = sorted((e for e in applied_at if applied_at[e] - t_send > 1.0), key=lambda e: applied_at[e])
+        if slow:  # a few wallboxes late (one connection held up) or all of them (a process stalled)?
+            hop["slow_over_1s"] = len(slow)
+            hop["slow"] = [f"{e}:{round((applied_at[e] - t_send) * 1000)}" for e in slow[-8:]]
         details.append({"round": r, "watts": watts, "acks": sent.acks, "changed": len(final),
                         "applied_ms": round(t * 1000, 1), **hop})
         print(f"  limit round {r + 1:2d}: {watts} W, {len(final)} setpoints changed, all applied after "
               f"{t * 1000:7.1f} ms (on bus {hop['on_bus_ms']} ms, setpoints out {hop['setpoints_ms']} ms, "
               f"Modbus service/wallbox max {hop.get('modbus_acked_max_ms')}/{hop.get('modbus_applied_max_ms')} ms, "
-              f"OCPP {hop.get('ocpp_acked_max_ms')}/{hop.get('ocpp_applied_max_ms')} ms, last {hop['last']})",
+              f"OCPP {hop.get('ocpp_acked_max_ms')}/{hop.get('ocpp_applied_max_ms')} ms, last {hop['last']})"
+              + (f"; {hop['slow_over_1s']} over 1 s: {' '.join(hop['slow'])}" if slow else ""),  # type: ignore[arg-type]
               flush=True)
     return lat, details
 

@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import ocpp.messages
 from ocpp.charge_point import camel_to_snake_case, remove_nones, serialize_as_dict, snake_to_camel_case
 from ocpp.routing import on
 from ocpp.v16 import ChargePoint as CP16
@@ -47,6 +48,10 @@ from websockets.http11 import Request, Response
 from chargegate.files import private_sqlite
 
 logging.getLogger("ocpp").setLevel(logging.WARNING)
+# the library validates every message in the default thread pool (two hand-overs of the GIL per message, each
+# up to the 5 ms switch interval on a busy machine): 100 simulated wallboxes answering a burst of
+# SetChargingProfile took seconds, in order, one after the other. Validated inline it is the same check.
+ocpp.messages.ASYNC_VALIDATION = False
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import ocpp.messages
 from ocpp.charge_point import camel_to_snake_case, remove_nones, serialize_as_dict, snake_to_camel_case
 from ocpp.routing import on
 from ocpp.v16 import ChargePoint as CP16
@@ -38,6 +39,10 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 logging.getLogger("ocpp").setLevel(logging.WARNING)
+# the library validates every message in the default thread pool (two hand-overs of the GIL per message, each
+# up to the 5 ms switch interval on a busy machine): 100 simulated wallboxes answering a burst of
+# SetChargingProfile took seconds, in order, one after the other. Validated inline it is the same check.
+ocpp.messages.ASYNC_VALIDATION = False
 
 NOMINAL_V = 230.0
 IEC_MIN_A = 6.0
@@ -482,14 +487,19 @@ class WallboxSim:
         return "SuspendedEVSE" if limit < IEC_MIN_A else "SuspendedEV"
 
     def _changed(self, c: SimConnector) -> None:
-        new = self._status16(c)
-        if new != c.status:
-            c.status = new
-            self._spawn(self.send_status(c))
-            if self.version != "1.6" and c.tx_key is not None and new in ("Charging", "SuspendedEV", "SuspendedEVSE"):
-                self._charging_state_changed(c, new)
+        self._status_changed(c)
         if self.on_change is not None:
             self.on_change(c)
+
+    def _status_changed(self, c: SimConnector) -> bool:
+        new = self._status16(c)
+        if new == c.status:
+            return False
+        c.status = new
+        self._spawn(self.send_status(c))
+        if self.version != "1.6" and c.tx_key is not None and new in ("Charging", "SuspendedEV", "SuspendedEVSE"):
+            self._charging_state_changed(c, new)
+        return True
 
     # -- transaction messages (queued, in order) -------------------------------------------------
     def _queue(self, msg: _TxMsg) -> None:
@@ -651,10 +661,26 @@ class WallboxSim:
             c.energy_wh += sum(c.draw()) * NOMINAL_V * (now - last) / 3600.0
 
     async def _physics(self) -> None:
+        # every tick: the energy integrates and the status follows the car; the draw observers (on_change) hear
+        # of a tick only when what the wallbox offers may have changed (a profile ran out) or a second passed:
+        # commands (profiles, plug, availability) notify them at once themselves. Calling them every tick for
+        # 100 wallboxes cost the simulator process a fifth of a core, taken from the system it simulates for.
+        loop = asyncio.get_running_loop()
+        seen: dict[int, tuple[Any, float]] = {}
         while True:
+            now = datetime.now(UTC)
+            mono = loop.time()
             for c in self.connectors.values():
                 self._tick(c)
-                self._changed(c)
+                key = (c.limit_a(now), sum(1 for x in c.profiles if x.valid_to is None or now < x.valid_to),
+                       c.car.plugged, c.car.phases, c.car.max_current_a, c.tx_key, c.finishing, c.operative,
+                       self.connected.is_set())
+                last = seen.get(c.n)
+                if last is None or last[0] != key or mono - last[1] >= 1.0:
+                    seen[c.n] = (key, mono)
+                    self._changed(c)
+                elif self._status_changed(c) and self.on_change is not None:
+                    self.on_change(c)
             await asyncio.sleep(self.tick_s)
 
     async def _meter_loop(self) -> None:
