@@ -40,9 +40,11 @@ FULL: dict[str, tuple[dict[str, str], p.Payload]] = {
                                                        request_id="r1")),
     "evse.command_result": ({"evse_id": "wb1"}, p.EvseCommandResult(evse_id="wb1", request_id="r1", accepted=True)),
     "evse.mode": ({"evse_id": "wb1"}, p.ChargingMode(evse_id="wb1", mode=p.ChargingModeName.SOLAR_MIN,
-                                                    target=p.SessionTarget(energy_wh=15000, by="07:00"))),
+                                                    target=p.SessionTarget(energy_wh=15000, by="07:00"),
+                                                    max_current_a=10.0)),
     "evse.mode_set": ({"evse_id": "wb1"}, p.ModeCommand(evse_id="wb1", target=p.SessionTarget(energy_wh=9000,
-                                                                                             by="06:30"))),
+                                                                                             by="06:30"),
+                                                        max_current_a=12.0)),
     "history.session": ({"evse_id": "wb1"}, p.SessionRecord(
         evse_id="wb1", record_id=1, session_id="s1", started=NOW, energy_start_wh=10, energy_stop_wh=20,
         energy_wh=10, peak_power_w=11000, phases=3, cost=1.5, signed_values=2,
