@@ -45,6 +45,7 @@ bench-all: install mosquitto
 	$(PY) bench/curtail/run.py
 	$(PY) bench/admin/run.py
 	$(PY) bench/system/run.py
+	$(PY) bench/web/run.py
 
 clean:
 	rm -rf $(VENV) state test-artifacts

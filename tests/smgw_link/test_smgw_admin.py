@@ -210,11 +210,12 @@ async def test_change_reload_rollback(rig: AdminRig) -> None:
     v1 = body["version"]
     assert body["changed"] and body["previous_version"] == v0 and v1 != v0
     assert body["applied"] == {"smgw-link": True}  # the only service running here picked it up, no restart
-    assert set(body["reload_sent_to"]) == {"evse-poller", "ocpp-gateway", "load-controller", "smgw-link", "history"}
+    assert set(body["reload_sent_to"]) == {"evse-poller", "ocpp-gateway", "load-controller", "smgw-link", "history",
+                                           "web"}
     assert load(rig.path).root_circuit.fuse_a == 40 and load(rig.path).digest() == v1
-    await wait_for(lambda: len(rig.commands) >= n_cmd + 4, 5)
+    await wait_for(lambda: len(rig.commands) >= n_cmd + 5, 5)
     sent = {svc: c for svc, c in rig.commands[n_cmd:]}
-    assert set(sent) == {"evse-poller", "ocpp-gateway", "load-controller", "history"}  # smgw-link: itself at once
+    assert set(sent) == {"evse-poller", "ocpp-gateway", "load-controller", "history", "web"}  # smgw-link: at once
     assert all(c.action == "reload" and c.config_version == v1 for c in sent.values())
     assert rig.ctx.config.digest() == v1
     await wait_for(lambda: rig.health[-1].config_version == v1, 5)

@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.system,
                                         "(scripts/ensure-chromium.sh installs them as root)")]
 
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
@@ -128,12 +129,22 @@ def browser() -> Iterator[WebDriver]:
         d.quit()
 
 
-def card(d: WebDriver, evse: str) -> Any:
-    return d.find_element(By.ID, f"evse-{evse}")
+def fresh(fn: Callable[[], Any]) -> Any:
+    """``fn()`` again when a live update replaced the element it was reading."""
+    for _ in range(20):
+        try:
+            return fn()
+        except StaleElementReferenceException:
+            time.sleep(0.05)
+    return fn()
 
 
 def text_of(d: WebDriver, css: str) -> str:
-    return str(d.find_element(By.CSS_SELECTOR, css).text)
+    return str(fresh(lambda: d.find_element(By.CSS_SELECTOR, css).text))
+
+
+def attr(d: WebDriver, element_id: str, name: str) -> str | None:
+    return fresh(lambda: d.find_element(By.ID, element_id).get_attribute(name))  # type: ignore[no-any-return]
 
 
 def test_the_page_shows_the_demo_live(demo: Demo, browser: WebDriver) -> None:
@@ -150,23 +161,21 @@ def test_the_page_shows_the_demo_live(demo: Demo, browser: WebDriver) -> None:
     d.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
     wait("logged in and live", lambda: text_of(d, "#live") == "live", 20)
     assert d.current_url == base
-    wait("every wallbox with a status", lambda: all(card(d, e).get_attribute("data-state")
+    wait("every wallbox with a status", lambda: all(attr(d, f"evse-{e}", "data-state")
                                                     for e in ("alfen", "webasto", "charx", "ocpp-1")), 60)
 
     # the grid operator's 6 kW limit arrives through the SMGW; the controller raises it to the §14a floor
     wait("the operator's limit and the §14a floor on the page", lambda: (
-        d.find_element(By.ID, "limit-dso").get_attribute("data-active") == "yes"
-        and d.find_element(By.ID, "floor").get_attribute("data-applies") == "yes"), 120,
+        attr(d, "limit-dso", "data-active") == "yes" and attr(d, "floor", "data-applies") == "yes"), 120,
         lambda: text_of(d, "#sec-limits"))
     limit = text_of(d, "#limit-dso")
     assert "6.00 kW on the controllable devices (§14a)" in limit and "left)" in limit, limit
     assert "raised to the §14a minimum of 13.02 kW" in limit, limit
     assert "13.02 kW - applies now" in text_of(d, "#floor")
     assert any("§14a" in text_of(d, f"#evse-{e} .reason") for e in ("alfen", "webasto", "charx", "ocpp-1"))
-    assert d.find_element(By.ID, "link-state").get_attribute("data-state") == "up"
+    assert attr(d, "link-state", "data-state") == "up"
     assert "valid until" in text_of(d, "#cert-expiry")
-    wait("the limit marked in the plot", lambda: int(d.find_element(By.ID, "plot").get_attribute("data-actions")
-                                                     or 0) >= 1, 30)
+    wait("the limit marked in the plot", lambda: int(attr(d, "plot", "data-actions") or 0) >= 1, 30)
     assert d.find_elements(By.CSS_SELECTOR, "#plot svg rect.act")
     shot(d, "01-phone-operator-limit-and-floor.png")
     # no sideways scrolling on a phone
@@ -180,20 +189,24 @@ def test_the_page_shows_the_demo_live(demo: Demo, browser: WebDriver) -> None:
     # a car leaves and comes back: the page follows without a reload
     marker = d.execute_script("window.__same_page = 1; return 1")
     demo.cli("sim", "unplug", "charx")
-    wait("charx shown without a car", lambda: card(d, "charx").get_attribute("data-state") == "available"
+    wait("charx shown without a car", lambda: attr(d, "evse-charx", "data-state") == "available"
          and text_of(d, "#evse-charx .state") == "no car plugged in", 30, lambda: text_of(d, "#evse-charx"))
     demo.cli("sim", "plug", "charx", "--phases", "1")
-    wait("charx shown with the car plugged in", lambda: card(d, "charx").get_attribute("data-state")
+    wait("charx shown with the car plugged in", lambda: attr(d, "evse-charx", "data-state")
          in ("preparing", "charging", "suspended"), 30, lambda: text_of(d, "#evse-charx"))
     assert "car plugged in" in text_of(d, "#evse-charx .state") or text_of(d, "#evse-charx .state") == "charging"
     assert d.execute_script("return window.__same_page") == marker  # live, not reloaded
     shot(d, "03-phone-car-plugged-in.png")
 
     # switch a mode on the page: it goes through the history service, and the controller pauses the wallbox
-    form = d.find_element(By.CSS_SELECTOR, "#evse-alfen form.mode-form")
-    Select(form.find_element(By.NAME, "mode")).select_by_value("off")
-    form.find_element(By.CSS_SELECTOR, "button").click()
-    wait("the mode confirmed", lambda: card(d, "alfen").get_attribute("data-mode") == "off", 20,
+    # the section is re-rendered live while the user chooses: the choice survives it (the page keeps it)
+    fresh(lambda: Select(d.find_element(By.CSS_SELECTOR, "#evse-alfen select")).select_by_value("off"))
+    time.sleep(5.5)  # at least one re-render of the wallboxes in between
+    assert fresh(lambda: Select(d.find_element(By.CSS_SELECTOR, "#evse-alfen select"))
+                 .first_selected_option.get_attribute("value")) == "off"
+    fresh(lambda: d.find_element(By.CSS_SELECTOR, "#evse-alfen form.mode-form button").click())
+    wait("the answer", lambda: text_of(d, "#evse-alfen .result") == "set to off", 20)
+    wait("the mode confirmed", lambda: attr(d, "evse-alfen", "data-mode") == "off", 20,
          lambda: text_of(d, "#evse-alfen"))
     wait("alfen paused by its mode", lambda: text_of(d, "#evse-alfen .granted") == "0 A (paused)"
          and "charging mode off (set by web:household)" in text_of(d, "#evse-alfen .reason"), 30,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import secrets
 import socket
 import ssl
@@ -380,13 +381,20 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     return ctx
 
 
+def listen_host(config: Config) -> str:
+    """``web.host``, or ``CHARGEGATE_WEB_HOST`` (compose sets 0.0.0.0: inside a container the published port
+    arrives on the container's own interface)."""
+    return os.environ.get("CHARGEGATE_WEB_HOST") or config.web.host
+
+
 async def serve(app: Any, config: Config) -> HttpServer:
     w = config.web
     ctx = tls_context(config)
-    sock = socket.socket(socket.AF_INET6 if ":" in w.host else socket.AF_INET)
+    host = listen_host(config)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((w.host, w.port))
+        sock.bind((host, w.port))
         sock.listen(128)
     except OSError:
         sock.close()

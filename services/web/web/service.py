@@ -284,7 +284,7 @@ class WebService:
             self.publish_discovery("connected")
 
     async def run(self) -> None:
-        from web.app import make_app, serve
+        from web.app import listen_host, make_app, serve
 
         self.subscribe()
         self.bus.on_connect(self.on_connect)
@@ -297,7 +297,7 @@ class WebService:
             if self.config.web.enabled:
                 self.http = await serve(app, self.config)
                 scheme = "https" if self.config.web.tls else "http"
-                self.url = f"{scheme}://{self.config.web.host}:{self.http.port}/"
+                self.url = f"{scheme}://{listen_host(self.config)}:{self.http.port}/"
                 self.log.info("web page ready", url=self.url, tls=self.config.web.tls is not None,
                               view=self.config.web.view, accounts=len(self.config.web.users))
             await asyncio.Event().wait()

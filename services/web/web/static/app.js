@@ -46,13 +46,24 @@
       Object.keys(data).forEach(function (name) {
         var el = document.getElementById("sec-" + name);
         if (!el) return;
-        var keep = el.querySelector("form.mode-form .result:not(:empty)");
+        // what the user is doing in a form outlives the re-render: a choice not sent yet, the focus, the answer
+        var keep = {};
+        el.querySelectorAll("form.mode-form").forEach(function (f) {
+          var sel = f.querySelector("select"), res = f.querySelector(".result");
+          keep[f.getAttribute("action")] = {
+            value: sel && sel.getAttribute("data-touched") ? sel.value : null,
+            focus: sel !== null && sel === document.activeElement, result: res ? res.textContent : ""
+          };
+        });
         el.innerHTML = data[name];
         fillForms(el);
-        if (keep) {  // the answer to a mode change outlives the re-render
-          var form = el.querySelector('form[action="' + keep.closest("form").getAttribute("action") + '"] .result');
-          if (form) form.textContent = keep.textContent;
-        }
+        el.querySelectorAll("form.mode-form").forEach(function (f) {
+          var k = keep[f.getAttribute("action")], sel = f.querySelector("select"), res = f.querySelector(".result");
+          if (!k) return;
+          if (sel && k.value !== null) { sel.value = k.value; sel.setAttribute("data-touched", "1"); }
+          if (sel && k.focus) sel.focus();
+          if (res && k.result) res.textContent = k.result;
+        });
       });
       relTimes();
       document.body.setAttribute("data-updated", String(Date.now()));
@@ -66,23 +77,33 @@
   }
 
   // -- charging mode ------------------------------------------------------------------------------------
+  document.addEventListener("change", function (ev) {
+    if (ev.target.closest && ev.target.closest("form.mode-form")) ev.target.setAttribute("data-touched", "1");
+  });
   document.addEventListener("submit", function (ev) {
     var form = ev.target;
     if (!form.classList || !form.classList.contains("mode-form")) return;
     ev.preventDefault();
     var out = form.querySelector(".result");
     var body = new URLSearchParams(new FormData(form));
-    out.textContent = "sending…";
+    var sel = form.querySelector("select");
+    if (sel) sel.removeAttribute("data-touched");  // sent: the page shows what is in force from now on
+    var action = form.getAttribute("action");
+    var answer = function (text) {  // the form may have been re-rendered meanwhile: write into the current one
+      var f = document.querySelector('form.mode-form[action="' + action + '"] .result');
+      (f || out).textContent = text;
+    };
+    answer("sending…");
     fetch(form.getAttribute("action"), {
       method: "POST", credentials: "same-origin", body: body,
       headers: { "X-CSRF-Token": csrf, "Accept": "application/json" }
     }).then(function (r) {
       return r.json().then(function (j) { return { status: r.status, body: j }; });
     }).then(function (r) {
-      if (r.status === 200) out.textContent = "set to " + r.body.mode;
-      else if (r.status === 202) out.textContent = "sent, waiting for confirmation";
-      else out.textContent = "refused: " + (r.body.detail || r.status);
-    }).catch(function (e) { out.textContent = "failed: " + e; });
+      if (r.status === 200) answer("set to " + r.body.mode);
+      else if (r.status === 202) answer("sent, waiting for confirmation");
+      else answer("refused: " + (r.body.detail || r.status));
+    }).catch(function (e) { answer("failed: " + e); });
   });
 
   // -- the 24-hour plot ----------------------------------------------------------------------------------
@@ -153,12 +174,21 @@
     box.setAttribute("data-actions", String(d.actions.length));
   }
 
+  var lastPlot = null, resizeTimer = null;
+  window.addEventListener("resize", function () {  // the plot is drawn for the width it has
+    clearTimeout(resizeTimer);
+    resizeTimer = setTimeout(function () {
+      var box = document.getElementById("plot");
+      if (box && lastPlot) draw(box, lastPlot);
+    }, 150);
+  });
+
   function plot() {
     var box = document.getElementById("plot"), sel = document.getElementById("plot-node");
     if (!box || !sel) return;
     fetch("/api/series?hours=24&node=" + encodeURIComponent(sel.value), { credentials: "same-origin" })
       .then(function (r) { if (!r.ok) throw new Error("HTTP " + r.status); return r.json(); })
-      .then(function (d) { draw(box, d); })
+      .then(function (d) { lastPlot = d; draw(box, d); })
       .catch(function (e) { box.textContent = "plot not available: " + e.message; });
   }
 
