@@ -24,6 +24,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
+from datetime import date as Date
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -118,7 +119,7 @@ class Period(Strict):
     start: str = Field(description="HH:MM local time")
     end: str = Field(description="HH:MM local time; not later than start: the next day")
     days: list[Day] = Field(default_factory=lambda: list(ALL_DAYS))
-    date: date | None = Field(default=None, description="only on this day (then days is ignored)")
+    date: Date | None = Field(default=None, description="only on this day (then days is ignored)")
 
     _v_times = field_validator("start", "end")(classmethod(lambda cls, v: _hhmm(v)))
 
