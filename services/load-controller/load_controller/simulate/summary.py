@@ -232,6 +232,10 @@ def _f(x: float | None, unit: str = "", nd: int = 1) -> str:
     return f"{x:.{nd}f}{unit}"
 
 
+def _dur(minutes: float) -> str:
+    return f"{minutes * 60:.0f} s" if minutes < 1 else f"{minutes:.1f} min"
+
+
 def _paused(d: dict[str, float]) -> str:
     if not d:
         return "0 min"
@@ -243,7 +247,8 @@ def _paused(d: dict[str, float]) -> str:
 def rows(s: Summary) -> list[tuple[str, str]]:
     """(metric, value) pairs in reading order: the summary table of one run."""
     out: list[tuple[str, str]] = [
-        ("house load", s.house), ("simulated", f"{s.days:g} d from {s.start} ({s.steps} steps, {s.step_calls} computed)"),
+        ("house load", s.house),
+        ("simulated", f"{s.days:g} d from {s.start} ({s.steps} steps, {s.step_calls} computed)"),
         ("energy wanted / delivered", f"{s.wanted_kwh:.1f} / {s.delivered_kwh:.1f} kWh"),
         ("unmet need", f"{s.unmet_kwh:.1f} kWh"),
     ]
@@ -259,7 +264,7 @@ def rows(s: Summary) -> list[tuple[str, str]]:
         lim = "-" if nr.limit_a is None else f"{nr.limit_a:g}"
         val = f"{nr.peak_a:.1f} / {nr.p99_a:.1f} A of {lim} A"
         if nr.over_min > 0:
-            val += f"; over {nr.over_min:.1f} min (max +{nr.max_excess_a:.1f} A)"
+            val += f"; over it {_dur(nr.over_min)} (max +{nr.max_excess_a:.1f} A)"
         out.append((f"{nr.node} {nr.phase} peak / p99 vs fuse", val))
     out.append(("curtailed (operator limit or failsafe)",
                 f"{s.curtailed_min:.0f} min" + (f" ({', '.join(f'{k} {v:.0f}' for k, v in s.curtailed_by.items())})"
@@ -267,7 +272,7 @@ def rows(s: Summary) -> list[tuple[str, str]]:
     out.append(("at the §14a floor", f"{s.floor_min:.0f} min"))
     if s.operator_over_min > 0:
         out.append(("EVs above an operator limit (following late)",
-                    f"{s.operator_over_min:.1f} min (max +{s.operator_over_max_w:.0f} W)"))
+                    f"{_dur(s.operator_over_min)} (max +{s.operator_over_max_w:.0f} W)"))
     for t in s.tariffs:
         price = f" at {t.price_ct_per_kwh:g} ct" if t.price_ct_per_kwh is not None else ""
         out.append((f"energy {t.level}", f"{t.kwh:.1f} kWh{price} = {_f(t.cost, ' ' + s.currency, 2)}"))
@@ -300,9 +305,11 @@ def table(summaries: list[Summary], style: str = "text") -> str:
     vals: list[dict[str, str]] = []
     for s in summaries:
         d: dict[str, str] = {}
+        prev = -1
         for k, v in rows(s):
             if k not in keys:
-                keys.append(k)
+                keys.insert(prev + 1, k)  # after the row it follows in this run
+            prev = keys.index(k)
             d[k] = v
         vals.append(d)
     header = ["", *[s.label or f"run {i + 1}" for i, s in enumerate(summaries)]]
