@@ -32,7 +32,7 @@ class NodeRow:
     limit_a: float | None
     peak_a: float
     p99_a: float
-    over_min: float  # time drawn above the limit (cars following a cut late, a house load jump)
+    over_s: float  # time drawn above the limit (cars following a cut late, a house load jump)
     max_excess_a: float
 
 
@@ -62,7 +62,7 @@ class Summary:
     curtailed_by: dict[str, float]
     violations: dict[str, int]
     violation_examples: list[str]
-    operator_over_min: float
+    operator_over_s: float  # the EVs drew more than a binding operator limit (following it late)
     operator_over_max_w: float
     cars_without_evse: list[str] = field(default_factory=list)
     warnings: list[tuple[str, float]] = field(default_factory=list)  # most frequent controller warnings (minutes)
@@ -182,7 +182,7 @@ def summarize(res: Result, label: str = "") -> Summary:
             key = f"{nd.id}:{PHASE_NAMES[j]}"
             nodes.append(NodeRow(nd.id, PHASE_NAMES[j], None if lim == float("inf") else lim,
                                  round(max(vals, default=0.0), 2), round(weighted_quantile(vals, dur, 0.99), 2),
-                                 round(res.overload_steps.get(key, 0) * minutes, 2),
+                                 round(res.overload_steps.get(key, 0) * res.dt, 1),
                                  round(res.overload_max.get(key, 0.0), 2)))
     # -- tariffs ---------------------------------------------------------------------------------------------------
     per_level: dict[str, list[float | None]] = {}
@@ -217,7 +217,7 @@ def summarize(res: Result, label: str = "") -> Summary:
         curtailed_min=round(curt * minutes, 1), floor_min=round(floor * minutes, 1),
         curtailed_by={k: round(v * minutes, 1) for k, v in by_src.most_common()},
         violations=dict(res.violation_counts), violation_examples=examples,
-        operator_over_min=round(res.operator_over_steps * minutes, 2),
+        operator_over_s=round(res.operator_over_steps * res.dt, 1),
         operator_over_max_w=round(res.operator_over_max_w, 1),
         cars_without_evse=[c.id for c in res.plant.missing_evse],
         warnings=[(w, round(c * minutes, 1)) for w, c in res.warnings.most_common(5)])
@@ -232,8 +232,8 @@ def _f(x: float | None, unit: str = "", nd: int = 1) -> str:
     return f"{x:.{nd}f}{unit}"
 
 
-def _dur(minutes: float) -> str:
-    return f"{minutes * 60:.0f} s" if minutes < 1 else f"{minutes:.1f} min"
+def _dur(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
 
 
 def _paused(d: dict[str, float]) -> str:
@@ -263,16 +263,16 @@ def rows(s: Summary) -> list[tuple[str, str]]:
             continue
         lim = "-" if nr.limit_a is None else f"{nr.limit_a:g}"
         val = f"{nr.peak_a:.1f} / {nr.p99_a:.1f} A of {lim} A"
-        if nr.over_min > 0:
-            val += f"; over it {_dur(nr.over_min)} (max +{nr.max_excess_a:.1f} A)"
+        if nr.over_s > 0:
+            val += f"; over it {_dur(nr.over_s)} (max +{nr.max_excess_a:.1f} A)"
         out.append((f"{nr.node} {nr.phase} peak / p99 vs fuse", val))
     out.append(("curtailed (operator limit or failsafe)",
                 f"{s.curtailed_min:.0f} min" + (f" ({', '.join(f'{k} {v:.0f}' for k, v in s.curtailed_by.items())})"
                                                 if s.curtailed_by else "")))
     out.append(("at the §14a floor", f"{s.floor_min:.0f} min"))
-    if s.operator_over_min > 0:
+    if s.operator_over_s > 0:
         out.append(("EVs above an operator limit (following late)",
-                    f"{_dur(s.operator_over_min)} (max +{s.operator_over_max_w:.0f} W)"))
+                    f"{_dur(s.operator_over_s)} (max +{s.operator_over_max_w:.0f} W)"))
     for t in s.tariffs:
         price = f" at {t.price_ct_per_kwh:g} ct" if t.price_ct_per_kwh is not None else ""
         out.append((f"energy {t.level}", f"{t.kwh:.1f} kWh{price} = {_f(t.cost, ' ' + s.currency, 2)}"))
