@@ -93,6 +93,19 @@ def _cmd_topics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_simulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``chargegate simulate``: what-if runs of the real controller core (load_controller.simulate)."""
+    sp = sub.add_parser("simulate", help="what-if: the controller over a recorded or synthetic day, with plots")
+    try:
+        from load_controller.simulate.command import add_arguments, run
+    except ImportError as e:
+        sp.set_defaults(func=lambda _a: print(f"chargegate simulate needs the load-controller package: {e}",
+                                              file=sys.stderr) or 1)
+        return
+    add_arguments(sp)
+    sp.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="chargegate", description="EV charging manager behind a Smart Meter Gateway")
     ap.add_argument("--version", action="version", version=f"chargegate {__version__}")
@@ -136,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("topics", help="list the topic contract")
     t.add_argument("--root", default="chargegate")
     t.set_defaults(func=_cmd_topics)
+
+    _add_simulate(sub)
 
     for ep in entry_points(group="chargegate.cli"):
         try:
