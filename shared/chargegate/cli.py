@@ -99,7 +99,8 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     try:
         from load_controller.simulate.command import add_arguments, run
     except ImportError as e:
-        sp.set_defaults(func=lambda _a: print(f"chargegate simulate needs the load-controller package: {e}",
+        missing = str(e)
+        sp.set_defaults(func=lambda _a: print(f"chargegate simulate needs the load-controller package: {missing}",
                                               file=sys.stderr) or 1)
         return
     add_arguments(sp)

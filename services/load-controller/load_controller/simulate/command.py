@@ -11,7 +11,8 @@ import json
 import os
 import sys
 import time
-from datetime import date, datetime, time as dtime
+from datetime import date, datetime
+from datetime import time as dtime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -68,7 +69,7 @@ def apply_override(data: dict[str, Any], spec: str) -> None:
         if isinstance(node, list):
             try:
                 idx = int(part)
-                node[idx]  # noqa: B018 (bounds check)
+                node[idx]
             except (ValueError, IndexError):
                 raise ValueError(f"--set {key}: {where} is not an item of a list of {len(node)}") from None
             if last:

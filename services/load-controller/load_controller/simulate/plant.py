@@ -17,6 +17,7 @@ setpoint (a device that cannot switch ignores the phase count, as the evse-polle
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -28,8 +29,8 @@ from chargegate import payloads as p
 from chargegate.config import Config, ConfigError
 from chargegate.config.controller import ALL_DAYS
 from load_controller.controller import Inputs
-from load_controller.topology import EvseSpec, Topology
 from load_controller.simulate.scenario import CarSpec, LimitSpec, Period, Scenario, TariffSpec, hhmm_time
+from load_controller.topology import EvseSpec, Topology
 
 UNIT_A = 0.01  # energy is counted in units of UNIT_A x one step, per phase
 
@@ -123,7 +124,7 @@ def _expand(periods: list[Any], first_day: date, days: int, tz: ZoneInfo, to_ste
 
 
 def _no_overlap(ivs: list[Interval], what: str, source: str) -> None:
-    for a, b in zip(ivs, ivs[1:], strict=False):
+    for a, b in itertools.pairwise(ivs):
         if b.start < a.end:
             raise ConfigError(source, [(b.key, f"{what} overlaps {a.key} ({a.start_at.isoformat()} - "
                                                f"{a.end_at.isoformat()})")])
@@ -146,7 +147,7 @@ class SitePlant:
         self.now = start
         self.inputs = Inputs()
         first_day = start.astimezone(tz).date()
-        days = int(math.ceil(n_steps * self.dt / 86400)) + 1
+        days = math.ceil(n_steps * self.dt / 86400) + 1
         self.first_day = first_day
         # -- house load per node (as rows give it), inclusive of the sub-distributions -----------------
         nodes = {nd.id: nd.index for nd in topo.nodes}
@@ -198,13 +199,13 @@ class SitePlant:
                 ka, kd = self.to_step(arr), self.to_step(dep)
                 if kd <= 0 or ka >= n_steps or ka < 0:
                     continue  # a stay that began before the run is left out (its need is unknown)
-                need_units = int(math.ceil(car.need_kwh * 1000 * 3600 / (self.v * self.dt) / UNIT_A - 1e-9))
+                need_units = math.ceil(car.need_kwh * 1000 * 3600 / (self.v * self.dt) / UNIT_A - 1e-9)
                 st = Stay(0, car, e.index, ka, min(kd, n_steps + 1), need_units,
-                          max(1, int(math.ceil(car.delay_s / self.dt - 1e-9))), arr)
+                          max(1, math.ceil(car.delay_s / self.dt - 1e-9)), arr)
                 stays[e.index].append(st)
         for i, lst in stays.items():
             lst.sort(key=lambda s: s.arrive)
-            for a, b in zip(lst, lst[1:], strict=False):
+            for a, b in itertools.pairwise(lst):
                 if b.arrive < a.depart:
                     raise ConfigError("cars", [(f"cars.{b.car.id}", f"arrives at EVSE {evse_ids and topo.evses[i].id} "
                                                                     f"on {b.started.isoformat()} while {a.car.id} is "
@@ -239,7 +240,7 @@ class SitePlant:
     # -- time ---------------------------------------------------------------------------------------------------
     def to_step(self, ts: datetime) -> int:
         """The first step at or after ``ts``."""
-        return int(math.ceil((ts - self.start).total_seconds() / self.dt - 1e-9))
+        return math.ceil((ts - self.start).total_seconds() / self.dt - 1e-9)
 
     def at(self, k: int) -> datetime:
         return self.start + timedelta(seconds=k * self.dt)
@@ -329,7 +330,7 @@ class SitePlant:
             port.draw_c, port.used = 0, ()
             return
         a = min(port.applied_a, st.car.max_current_a, e.max_a)
-        port.draw_c = int(round(a / UNIT_A)) if a > 0 else 0
+        port.draw_c = round(a / UNIT_A) if a > 0 else 0
         one = e.phases == 1 or st.car.phases == 1 or (e.switching and port.applied_nph == 1)
         port.used = (0,) if one else (0, 1, 2)
         if port.draw_c <= 0:

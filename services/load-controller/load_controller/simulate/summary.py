@@ -195,7 +195,7 @@ def summarize(res: Result, label: str = "") -> Summary:
         if acc[2] != price:
             acc[2] = None  # several prices at one level: see the cost
     tariffs = [TariffRow(level, round(v[0] or 0.0, 3), v[2], None if v[1] is None else round(v[1], 2))
-               for level, v in sorted(per_level.items(), key=lambda x: (LEVELS + ("unknown",)).index(x[0]))]
+               for level, v in sorted(per_level.items(), key=lambda x: ((*LEVELS, "unknown")).index(x[0]))]
     # -- curtailment -----------------------------------------------------------------------------------------------
     curt = 0
     floor = 0
