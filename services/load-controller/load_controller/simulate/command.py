@@ -121,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
             cfg_b = _load_config(args.compare or args.config, args.overrides)
             runs.append(("", cfg_b))
         labels = (args.labels.split(",") if args.labels else
-                  [Path(args.config).stem, Path(args.compare).stem if args.compare else "with " + " ".join(args.overrides)])
+                  [Path(args.config).stem,
+                   Path(args.compare).stem if args.compare else "with " + " ".join(args.overrides)])
         if len(runs) == 2 and labels[0] == labels[1]:
             labels = [labels[0] + " (A)", labels[1] + " (B)"]
         tz = ZoneInfo(cfg_a.site.timezone)

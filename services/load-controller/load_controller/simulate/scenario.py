@@ -130,7 +130,8 @@ class LimitSpec(Period):
     source: Literal["dso", "supplier", "local"] = "dso"
     power_w: float | None = Field(default=None, gt=0, le=10_000_000)
     current_a: Annotated[list[Annotated[float, Field(ge=0, le=1000)]], Field(min_length=3, max_length=3)] | None = None
-    scope: Literal["grid", "controllable"] | None = Field(default=None, description="default: controller.grid_limit_scope")
+    scope: Literal["grid", "controllable"] | None = Field(default=None,
+                                                          description="default: controller.grid_limit_scope")
     ends: Literal["deactivate", "expire"] = Field(
         default="deactivate", description="deactivate: the operator ends it; expire: its publisher stops and it "
                                           "runs out (the controller's failsafe follows)")
@@ -325,7 +326,8 @@ def parse_profile(spec: str) -> Profile:
     return Profile(name, params)
 
 
-def synthetic_rows(profile: Profile, first_day: date, days: int, tz: ZoneInfo, voltage: float = 230.0) -> list[HouseRow]:
+def synthetic_rows(profile: Profile, first_day: date, days: int, tz: ZoneInfo,
+                   voltage: float = 230.0) -> list[HouseRow]:
     """Minute-by-minute rows (only where the value changes) at the grid connection for ``days`` days."""
     prm = {**PROFILE_PARAMS[profile.name], **profile.params}
     rows: list[HouseRow] = []
@@ -373,7 +375,7 @@ def synthetic_rows(profile: Profile, first_day: date, days: int, tz: ZoneInfo, v
                     for k in range(3):
                         watts[k][mm] -= prod / 3
         for mm in range(1440):
-            vals = (round(watts[0][mm] / voltage, 2), round(watts[1][mm] / voltage, 2), round(watts[2][mm] / voltage, 2))
+            vals = tuple(round(watts[k][mm] / voltage, 2) for k in range(3))
             if vals != last:
                 ts = datetime.combine(day, time(mm // 60, mm % 60), tzinfo=tz)
                 rows.append((ts, None, vals))

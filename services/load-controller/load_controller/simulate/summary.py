@@ -168,7 +168,8 @@ def summarize(res: Result, label: str = "") -> Summary:
             pc.update(paused[i])
         costs = [stay_cost[i] for i in idx]
         cost = None if any(c is None for c in costs) else sum(c for c in costs if c is not None)
-        cars.append(CarRow(car.id, car.evse, len(idx), round(wanted, 3), round(got, 3), round(max(0.0, wanted - got), 3),
+        cars.append(CarRow(car.id, car.evse, len(idx), round(wanted, 3), round(got, 3),
+                           round(max(0.0, wanted - got), 3),
                            sum(1 for i in idx if stays[i].delivered >= stays[i].need_units),
                            {k: round(v * minutes, 1) for k, v in pc.most_common()},
                            None if cost is None else round(cost, 2)))
