@@ -48,8 +48,15 @@ def entry_points() -> list[str]:
                   if 'if __name__ == "__main__":' in p.read_text())
 
 
+# benchmarks whose smoke run lives with their service's tests (they need a browser)
+OWN_SMOKE = {"web/run.py": "tests/web/test_web_bench_smoke.py"}
+
+
 def test_every_benchmark_has_a_smoke_run() -> None:
-    scripts = entry_points()
+    root = BENCH.parent
+    for script, test in OWN_SMOKE.items():
+        assert (root / test).exists() and f"bench/{script.split('/')[0]}" in (root / test).read_text(), (script, test)
+    scripts = [s for s in entry_points() if s not in OWN_SMOKE]
     assert scripts, "no benchmark found under bench/"
     assert sorted(FIGURES) == scripts, "every benchmark script needs a row in FIGURES (and a --smoke mode)"
     for s in scripts:
