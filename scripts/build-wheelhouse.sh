@@ -27,7 +27,10 @@ fi
 setuptools="$(grep -E '^setuptools==' requirements.lock)" || {
   echo "build-wheelhouse: requirements.lock pins no setuptools (the build backend the images use)" >&2; exit 1; }
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/wheelhouse.XXXXXX")"
-trap 'rm -rf "$tmp"' EXIT
+# setuptools leaves a build/ folder in each package it builds: remove the ones this run makes
+made=()
+for d in "${SRC[@]}"; do [ -e "$d/build" ] || made+=("$d/build"); done
+trap 'rm -rf "$tmp" "${made[@]}"' EXIT
 # the project's packages with every dependency, at the locked versions; then the build backend
 if ! { "$PY" -m pip wheel --disable-pip-version-check -c requirements.lock -w "$tmp/w" "${SRC[@]}" &&
        "$PY" -m pip wheel --disable-pip-version-check --no-deps -w "$tmp/w" "$setuptools"; } >"$tmp/log" 2>&1; then

@@ -1,4 +1,0 @@
-from evse_poller.service import main
-
-if __name__ == "__main__":
-    main()

@@ -1,3 +1,0 @@
-from history.service import main
-
-main()

@@ -1,1 +1,0 @@
-"""chargegate load controller: decides every cycle how much current each EVSE may draw."""

@@ -1,3 +1,0 @@
-from load_controller.service import main
-
-main()

@@ -1,3 +1,0 @@
-from ocpp_gateway.service import main
-
-main()

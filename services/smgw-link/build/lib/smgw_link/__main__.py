@@ -1,3 +1,0 @@
-from smgw_link.service import main
-
-main()
