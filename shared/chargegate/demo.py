@@ -15,7 +15,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import sys
 import threading
 import time
@@ -31,22 +30,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from chargegate import config as cfgmod
 from chargegate import log as logsetup
-from chargegate.broker import account_password, free_port, placement
+from chargegate.broker import account_password, free_port, placement, port_free
 from chargegate.config.store import atomic_write
 from chargegate.runner import Proc, Supervisor, available_services
 
 log = structlog.get_logger("chargegate.demo")
 
 DEMO_OBSERVER_PASSWORD = "demo"  # read-only account, documented in the README, for MQTT explorers
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def shown(path: Path) -> str:
@@ -83,7 +73,7 @@ class DemoPlan:
 
 def plan(dirpath: Path) -> DemoPlan:
     """The demo's configuration and simulator processes (free ports chosen now)."""
-    broker_port = 1883 if _port_free(1883) else (1884 if _port_free(1884) else free_port())
+    broker_port = 1883 if port_free(1883) else (1884 if port_free(1884) else free_port())
     services = available_services()
     notes: list[str] = []
     cfg: dict[str, Any] = {

@@ -9,12 +9,9 @@ own files only) and is not cached, except the static files.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import os
 import secrets
-import socket
 import ssl
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import structlog
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import (
@@ -40,6 +36,7 @@ from chargegate import payloads as p
 from chargegate import record as rec
 from chargegate import record_export as rx
 from chargegate.config import Config
+from chargegate.httpserve import HttpServer, listen, serve_http
 from web import render
 from web.auth import ANONYMOUS_LAN, PRE_COOKIE, SESSION_COOKIE, Principal, Session, check_password, on_lan, same_origin
 from web.hub import stream
@@ -346,31 +343,6 @@ def make_app(svc: WebService) -> Starlette:
     return Starlette(routes=routes, exception_handlers={404: not_found, 500: crash})
 
 
-class _Uvicorn(uvicorn.Server):
-    """uvicorn inside our loop: the service runtime owns the signals."""
-
-    @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[no-untyped-def]
-        yield
-
-
-@dataclass
-class HttpServer:
-    server: _Uvicorn
-    task: asyncio.Task[None]
-    sock: socket.socket
-
-    @property
-    def port(self) -> int:
-        return int(self.sock.getsockname()[1])
-
-    async def stop(self) -> None:
-        self.server.should_exit = True
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            await asyncio.wait_for(self.task, 5)
-        self.sock.close()
-
-
 def tls_context(config: Config) -> ssl.SSLContext | None:
     t = config.web.tls
     if t is None:
@@ -388,29 +360,5 @@ def listen_host(config: Config) -> str:
 
 
 async def serve(app: Any, config: Config) -> HttpServer:
-    w = config.web
-    ctx = tls_context(config)
-    host = listen_host(config)
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, w.port))
-        sock.listen(128)
-    except OSError:
-        sock.close()
-        raise
-    kwargs: dict[str, Any] = {}
-    if ctx is not None:
-        kwargs["ssl_context_factory"] = lambda _cfg, _default: ctx
-    ucfg = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=2,
-                          **kwargs)
-    server = _Uvicorn(ucfg)
-    task = asyncio.create_task(server.serve(sockets=[sock]), name="web.http")
-    for _ in range(500):
-        if server.started or task.done():
-            break
-        await asyncio.sleep(0.01)
-    if task.done() and task.exception() is not None:
-        sock.close()
-        raise task.exception()  # type: ignore[misc]
-    return HttpServer(server, task, sock)
+    return await serve_http(app, listen(listen_host(config), config.web.port, backlog=128), tls_context(config),
+                            name="web.http")

@@ -3,7 +3,6 @@ Assistant discovery on (the documents show up under ``homeassistant/`` for the `
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -11,19 +10,10 @@ DEMO_USER = "household"
 DEMO_PASSWORD = "demo"
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def demo_setup(dirpath: Path, cfg: dict[str, Any]) -> dict[str, Any]:
-    from chargegate.broker import free_port
+    from chargegate.broker import free_port, port_free
 
-    port = 8080 if _free(8080) else free_port()
+    port = 8080 if port_free(8080) else free_port()
     cfg["web"] = {"host": "127.0.0.1", "port": port,
                   "users": [{"name": DEMO_USER, "role": "admin", "password": DEMO_PASSWORD}]}
     cfg["homeassistant"] = {"enabled": True}
