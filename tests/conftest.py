@@ -102,12 +102,13 @@ async def service_ctx(broker: BrokerHandle) -> AsyncIterator[ServiceContext]:
         await stop_context(ctx)
 
 
-async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02) -> None:  # type: ignore[no-untyped-def]  # noqa: ASYNC109
+async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02, *,  # type: ignore[no-untyped-def]  # noqa: ASYNC109
+                   what: str = "condition") -> None:
     """Wait until ``predicate()`` is true (polling an in-memory condition, not a sleep-based test)."""
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met within timeout")
+            raise AssertionError(f"{what} not met within {timeout} s")
         await asyncio.sleep(interval)
 
 

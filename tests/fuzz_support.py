@@ -16,7 +16,7 @@ import copy
 import json
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import fields, is_dataclass
 from datetime import UTC, datetime, timedelta
@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
 from chargegate import payloads as p
+from conftest import wait_for
 
 
 def fuzz(max_examples: int) -> Any:
@@ -376,14 +377,6 @@ def largest(root: Any, skip: tuple[type, ...] = (), top: int = 5) -> list[tuple[
     return sorted(containers(root, skip), reverse=True)[:top]
 
 
-async def until(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:  # noqa: ASYNC109
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not pred():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        await asyncio.sleep(0.01)
-
-
 # -- the bus as an external interface --------------------------------------------------------------------------
 
 class _QuietRegistry:
@@ -475,8 +468,8 @@ class BusFuzz:
             self.expected_invalid += 1
         for pub in self.publishers.values():
             await pub.flush()
-        await until(lambda: self.invalid() >= self.expected_invalid, timeout,
-                    f"{self.ctx.name} counting {self.expected_invalid} refused messages (has {self.invalid()})")
+        await wait_for(lambda: self.invalid() >= self.expected_invalid, timeout,
+                       what=f"{self.ctx.name} counting {self.expected_invalid} refused messages (has {self.invalid()})")
         assert self.invalid() == self.expected_invalid, \
             f"{self.ctx.name} counted {self.invalid()} refused messages, {self.expected_invalid} were refused"
         return refused

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from chargegate import record as rec
 from chargegate.runtime import ServiceContext, start_context, stop_context
-from conftest import BrokerHandle, make_config
+from conftest import BrokerHandle, make_config, wait_for
 from fuzz_support import (
     BusFuzz,
     Logs,
@@ -28,7 +28,6 @@ from fuzz_support import (
     largest,
     messages,
     unknown_id_flood,
-    until,
     warning_summary,
 )
 from history.service import History
@@ -101,7 +100,7 @@ async def rig(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory) ->
         ctx = await start_context("history", cfg, None, connect_timeout=5)
         h = History(ctx)
         task = asyncio.create_task(h.run())
-        await until(lambda: h.bus.connected.is_set(), 5, "the history bus")
+        await wait_for(lambda: h.bus.connected.is_set(), 5, what="the history bus")
         r = Rig(ctx, h, task, BusFuzz(broker, ctx), Published(broker, ctx), logs, h.path)
         try:
             yield r

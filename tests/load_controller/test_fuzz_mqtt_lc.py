@@ -20,8 +20,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from chargegate.runtime import ServiceContext, start_context, stop_context
-from conftest import BrokerHandle, health_seen, make_config
-from fuzz_support import BusFuzz, Logs, Published, fuzz, largest, messages, template, until
+from conftest import BrokerHandle, health_seen, make_config, wait_for
+from fuzz_support import BusFuzz, Logs, Published, fuzz, largest, messages, template
 from load_controller.service import LoadController
 
 CONFIG = """
@@ -77,7 +77,7 @@ class Rig:
     async def alive(self) -> None:
         assert not self.task.done(), self.task
         cycles = self.ctl.counters["cycles"]
-        await until(lambda: self.ctl.counters["cycles"] > cycles, 5, "a control cycle")
+        await wait_for(lambda: self.ctl.counters["cycles"] > cycles, 5, what="a control cycle")
         assert dict(self.ctx.task_restarts) == {}
         assert self.ctl.counters["cycle_errors"] == 0
 
@@ -92,7 +92,7 @@ async def rig(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory) ->
         ctx = await start_context("load-controller", cfg, None, connect_timeout=5)
         ctl = LoadController(ctx)
         task = asyncio.create_task(ctl.run(settle_s=0.1, tune=False))
-        await until(lambda: ctl.started, 10, "the controller's first cycle")
+        await wait_for(lambda: ctl.started, 10, what="the controller's first cycle")
         r = Rig(ctx, ctl, task, BusFuzz(broker, ctx), Published(broker, ctx), logs, broker)
         try:
             yield r

@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from chargegate.runtime import ServiceContext, start_context, stop_context
-from conftest import BrokerHandle, make_config
+from conftest import BrokerHandle, make_config, wait_for
 from fuzz_support import (
     BusFuzz,
     Logs,
@@ -28,7 +28,6 @@ from fuzz_support import (
     messages,
     state_files,
     unknown_id_flood,
-    until,
     warning_summary,
 )
 from smgw_link.admin.busview import BusView
@@ -92,7 +91,7 @@ smgw:
     with logs.capture():
         ctx = await start_context("smgw-link", cfg, tmp / "chargegate.yaml", connect_timeout=5)
         task = asyncio.create_task(serve(ctx))
-        await until(lambda: not task.done() and _admin_up(port), 10, "the admin API")
+        await wait_for(lambda: not task.done() and _admin_up(port), 10, what="the admin API")
         r = Rig(ctx, task, BusFuzz(broker, ctx), logs, port)
         try:
             yield r
