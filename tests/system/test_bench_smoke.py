@@ -36,6 +36,8 @@ FIGURES: dict[str, list[str]] = {
     "admin/run.py": ["evses", "status_p50_ms", "status_p99_ms", "add_p50_ms", "boot_p50_ms", "remove_p50_ms"],
     "footprint/run.py": ["evse_poller_rss_mb", "load_controller_rss_mb", "ocpp_gateway_rss_mb", "smgw_link_rss_mb",
                          "history_rss_mb", "runtime_rss_mb", "services_total_rss_mb"],
+    "simulate/run.py": ["evses", "steps", "fast_s", "exact_s", "computed_fast", "computed_exact", "violations",
+                        "same_summary", "delivered_kwh"],
     "system/run.py": ["ready_s", "services_cpu_pct", "services_rss_mb", "limit_rounds_ms", "limit_p50_ms",
                       "limit_p99_ms", "status_p50_ms"],
 }
