@@ -46,6 +46,7 @@ bench-all: install mosquitto
 	$(PY) bench/admin/run.py
 	$(PY) bench/system/run.py
 	$(PY) bench/web/run.py
+	$(PY) bench/simulate/run.py
 
 clean:
 	rm -rf $(VENV) state test-artifacts
