@@ -61,6 +61,8 @@ async def serve(ctx: ServiceContext) -> None:
         poller = Poller(config.for_poller(instance), BusPublisher(ctx.bus), ctx.log, ctx.counters, tasks=ctx.tasks,
                         name=ctx.name)
         holder["poller"] = poller
+        ctx.counters["evses_polled"] = len(poller.evses)  # in the health: what this instance owns
+        ctx.counters["meters_polled"] = len(poller.meters)
         runner["task"] = ctx.tasks.spawn("poller", poller.run)
         ctx.log.info("polling", evses=len(poller.evses), meters=len(poller.meters), broken=len(poller.broken),
                      links=len(poller.pool.links), interval_s=config.poller.poll_interval_s,
