@@ -29,7 +29,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -379,11 +379,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def preferred_port(preferred: int | None) -> int:
-    """``preferred`` when it is free (and not handed out already by this process), else :func:`free_port`."""
-    if preferred and preferred not in _handed_out and port_free(preferred):
-        _handed_out.add(preferred)
-        return preferred
+def first_free(candidates: Iterable[int], host: str = "127.0.0.1") -> int:
+    """The first of ``candidates`` a server could listen on now (:func:`port_free`, ``SO_REUSEADDR``: a port
+    in TIME-WAIT after a stopped run counts as free), else :func:`free_port`. The demo's well-known ports
+    (broker 1883, web 8080, variables API 8090) stay the same from one run to the next when nobody else
+    holds them."""
+    for port in candidates:
+        if port_free(port, host):
+            return port
     return free_port()
 
 

@@ -50,7 +50,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from chargegate.status_view import status
 
-    return status(Path(args.config), once=args.once, timeout=args.timeout)
+    size = None
+    if args.size:
+        cols, _, lines = args.size.lower().partition("x")
+        try:
+            size = (int(cols), int(lines))
+        except ValueError:
+            print(f"chargegate status: --size {args.size!r}: give it as COLUMNSxLINES, e.g. 100x30", file=sys.stderr)
+            return 2
+    return status(Path(args.config), once=args.once, timeout=args.timeout, size=size, port=args.port)
 
 
 def _cmd_broker_init(args: argparse.Namespace) -> int:
@@ -133,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", "-c", default=DEFAULT_CONFIG)
     s.add_argument("--once", action="store_true", help="print one snapshot and exit")
     s.add_argument("--timeout", type=float, default=3.0, help="with --once: how long to collect retained state")
+    s.add_argument("--size", default=None, metavar="COLSxLINES",
+                   help="fit the view to this size, e.g. 100x30 (default: the terminal's; 100 wide into a pipe)")
+    s.add_argument("--port", default=None, metavar="NAME",
+                   help="print only this port and exit, e.g. `--port broker` (names: broker, web, variables_api, "
+                        "ocpp_local, ...; the demo's in state/demo/ports)")
     s.set_defaults(func=_cmd_status)
 
     b = sub.add_parser("broker", help="broker accounts and ACL")

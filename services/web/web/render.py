@@ -194,7 +194,7 @@ def evses_section(cfg: Config, st: LiveState, now: datetime, tz: tzinfo, aud: Au
             power = _kw(s.power_w, 2) if s.power_w is not None else "–"
         if g is not None:
             granted = f"{g.current_a:g} A × {g.phases}" if g.current_a > 0 else "0 A (paused)"
-            reason = w.reason_words(g.bound_by, g.detail, names)
+            reason = w.reason_words(g.bound_by, g.detail, names, tz)
         elif sp is not None and not sp.expired(now):
             granted = f"{sp.current_a:g} A × {sp.phases}"
             reason = w.reason_words(sp.reason, None, names)
