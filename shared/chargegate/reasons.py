@@ -143,3 +143,16 @@ def reason_text(bound_by: str | None, detail: str | None = None, names: dict[str
     if detail and detail not in text:
         return f"{text} - {detail}"
     return text
+
+
+USED_PHASE_A = 1.0  # a phase that carries at least this much is in use
+
+
+def phases_drawn(current_a: object, granted_phases: object) -> int | None:
+    """How many phases the car really draws on, from the measured currents, when that is fewer than it was
+    granted (a 1-phase car on a 3-phase wallbox that cannot switch: granted x3, draws on one). None when
+    it draws nothing or on every granted phase: nothing to tell."""
+    if not isinstance(current_a, list) or not isinstance(granted_phases, int):
+        return None
+    drawn = sum(1 for x in current_a if isinstance(x, int | float) and x >= USED_PHASE_A)
+    return drawn if 0 < drawn < granted_phases else None

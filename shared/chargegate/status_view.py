@@ -21,7 +21,7 @@ from rich.text import Text
 
 from chargegate import config as cfgmod
 from chargegate.broker import BrokerError, bus_settings
-from chargegate.reasons import reason_text
+from chargegate.reasons import phases_drawn, reason_text
 
 
 class Snapshot:
@@ -182,7 +182,7 @@ def grid_rows(snap: Snapshot) -> list[tuple[str, str, str]]:
             details.append(f"gateway {link['gateway']}")
         tls = ch.get("tls") or {}
         if tls.get("version"):
-            details.append(f"{tls['version']} {tls.get('cipher') or ''}".strip())
+            details.append(str(tls["version"]))  # the cipher is in the web page and on the bus
         if link.get("certificate"):
             details.append(f"cert {link['certificate']} ({_fmt(link.get('cert_days_left'), 0)} days left)")
         eps = [f"{name} {'open' if c.get('active') else ('off' if not c.get('enabled') else 'idle')}"
@@ -241,26 +241,12 @@ def ports_line(ports: dict[str, int], host: str = "127.0.0.1") -> str:
     return f"ports on {host}: " + " · ".join(parts) if parts else ""
 
 
-def phases_used(status: dict[str, Any] | None, granted_phases: Any) -> int | None:
-    """How many phases the car really draws on, from the measured currents (a 1-phase car on a 3-phase
-    wallbox that cannot switch draws on one): None when it draws nothing (nothing to tell)."""
-    if not status or not isinstance(status.get("current_a"), list):
-        return None
-    drawn = sum(1 for x in status["current_a"] if isinstance(x, int | float) and x >= USED_PHASE_A)
-    if drawn == 0 or not isinstance(granted_phases, int) or drawn >= granted_phases:
-        return None
-    return drawn
-
-
-USED_PHASE_A = 1.0  # a phase that carries at least this much is in use
-
-
 def granted_text(a: dict[str, Any] | None, status: dict[str, Any] | None) -> str:
     """``6.0 A x3``, or ``6.0 A x1 (of 3)`` when the car draws on fewer phases than it was granted."""
     if not a:
         return "-"
     text = f"{_fmt(a.get('current_a'))} A x{a.get('phases')}"
-    used = phases_used(status, a.get("phases"))
+    used = phases_drawn((status or {}).get("current_a"), a.get("phases"))
     if used is not None:
         text = f"{_fmt(a.get('current_a'))} A x{used} (of {a.get('phases')})"
     return text
