@@ -15,8 +15,15 @@ from pathlib import Path
 
 from chargegate import __version__
 from chargegate import config as cfgmod
+from chargegate.topics import SERVICES
 
 DEFAULT_CONFIG = os.environ.get("CHARGEGATE_CONFIG", "chargegate.yaml")
+
+
+def config_argument(parser: argparse.ArgumentParser, what: str = "the configuration file") -> None:
+    """``--config``/``-c`` with its default in the help (every subcommand that reads the configuration)."""
+    parser.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE",
+                        help=f"{what} (default: %(default)s; env CHARGEGATE_CONFIG sets the default)")
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
@@ -127,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     chk.set_defaults(func=_cmd_config_check)
 
     r = sub.add_parser("run", help="start the services (and a local broker unless broker.host is set)")
-    r.add_argument("--config", "-c", default=DEFAULT_CONFIG)
-    r.add_argument("services", nargs="*", help="run only these services (default: all in the configuration)")
+    config_argument(r)
+    r.add_argument("services", nargs="*", metavar="SERVICE",
+                   help=f"run only these services (default: all in the configuration's `services`): "
+                        f"{', '.join(SERVICES)}")
     r.set_defaults(func=_cmd_run)
 
     d = sub.add_parser("demo", help="run the whole system against built-in simulators")
@@ -138,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser("status", help="live view of the installation as the broker shows it")
-    s.add_argument("--config", "-c", default=DEFAULT_CONFIG)
+    config_argument(s)
     s.add_argument("--once", action="store_true", help="print one snapshot and exit")
     s.add_argument("--timeout", type=float, default=3.0, help="with --once: how long to collect retained state")
     s.add_argument("--size", default=None, metavar="COLSxLINES",
@@ -151,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("broker", help="broker accounts and ACL")
     bsub = b.add_subparsers(dest="broker_command", required=True)
     bi = bsub.add_parser("init", help="write mosquitto.conf, password file and ACL for this configuration")
-    bi.add_argument("--config", "-c", default=DEFAULT_CONFIG)
+    config_argument(bi)
     bi.add_argument("--out", default="mosquitto/generated")
     bi.add_argument("--port", type=int, default=None)
     bi.add_argument("--listen", default=None)

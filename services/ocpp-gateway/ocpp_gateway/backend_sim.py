@@ -464,7 +464,7 @@ class BackendSim:
                 body = [{"cp": c, "dir": d, "msg": m} for c, d, m in self.frames(q.get("cp"))]
             elif u.path == "/transactions":  # of one charge point (?cp=ID), else of every one, each with its cp
                 cps = [q["cp"]] if q.get("cp") else sorted({c for c, _, _ in self.frames()})
-                body = [{"cp": c, **s.__dict__} for c in cps for s in self.transactions(c)]
+                body = [s.__dict__ for c in cps for s in self.transactions(c)]
             elif u.path == "/call":
                 missing = [k for k in ("cp", "action") if not q.get(k)]
                 if missing:
