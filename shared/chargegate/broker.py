@@ -38,7 +38,7 @@ import structlog
 from chargegate.bus import BusSettings
 from chargegate.config import Config
 from chargegate.files import open_private_append, private_dir, write_private
-from chargegate.topics import SERVICES, SPECS, USERS, Registry
+from chargegate.topics import ACCOUNT_WRITERS, SERVICES, SPECS, USERS, Registry
 
 ACCOUNTS: tuple[str, ...] = (*SERVICES, "observer", "admin", "sim", *USERS)
 PBKDF2_ITERATIONS = 101
@@ -118,7 +118,9 @@ def render_acl(root: str, ha_prefix: str | None = None, ha_node: str | None = No
                 lines.append(f"topic write {root}/{spec.wildcard}")
         lines.append("")
     lines += ["user observer", f"topic read {root}/#", "topic read $SYS/#", ""]
-    lines += ["user admin", f"topic read {root}/#", f"topic write {root}/service/+/command", ""]
+    lines += ["user admin", f"topic read {root}/#"]
+    lines += [f"topic write {root}/{spec.wildcard}" for spec in SPECS if "admin" in ACCOUNT_WRITERS.get(spec.name, ())]
+    lines.append("")
     lines += ["user sim", f"topic readwrite {root}/sim/#", ""]
     for account in USERS:  # the household: reads the installation, writes only its commands (charging mode)
         lines += [f"user {account}", f"topic read {root}/#"]

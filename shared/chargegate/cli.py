@@ -102,9 +102,12 @@ def _cmd_broker_init(args: argparse.Namespace) -> int:
 def _cmd_topics(args: argparse.Namespace) -> int:
     from chargegate.topics import Registry
 
-    for t in Registry(args.root).describe():
-        flags = ("retained" if t["retained"] else "command") + f", qos {t['qos']}"
-        print(f"{t['topic']:<44} {t['model']:<18} {flags:<20} writers: {', '.join(t['writers']) or 'admin'}")
+    rows = [(t["topic"], t["model"], "yes" if t["retained"] else "no", str(t["qos"]), ", ".join(t["writers"]) or
+             "extra services (each its own)") for t in Registry(args.root).describe()]
+    head = ("topic", "model", "retained", "qos", "written by")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    for r in [head, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
     return 0
 
 
