@@ -243,8 +243,10 @@ def summary(snap: Any) -> dict[str, Any]:
         amps = "/".join(f"{x:g}" for x in st.get("current_a") or [])
         text = f"{st.get('state')} {amps} A"
         if ident in granted:
+            from chargegate.status_view import granted_text
+
             g = granted[ident]
-            text += f", granted {g.get('current_a')} A x{g.get('phases')} ({g.get('bound_by')})"
+            text += f", granted {granted_text(g, st)} ({g.get('bound_by')}: {g.get('reason_text') or '-'})"
         evses[ident] = text
     meters = {ident: f"{m.get('power_w')} W" for ident, m in snap.select("meter", "reading").items()}
     limits = {}

@@ -88,6 +88,9 @@ def _send(args: argparse.Namespace, command: dict[str, Any]) -> int:
         print(f"unknown simulated EVSE {args.evse_id!r}; the configuration's Modbus and OCPP EVSEs: "
               f"{', '.join(simulated) or 'none'}", file=sys.stderr)
         return 2
+    from chargegate import log as logsetup
+
+    logsetup.setup("sim", "warning")  # the answer is the one line printed; the bus's own info lines are noise
     return asyncio.run(_send_async(config, args.evse_id, command, args.timeout))
 
 
@@ -144,6 +147,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 2
+    from chargegate import log as logsetup
+
+    logsetup.setup("sim", "warning")
     return asyncio.run(_show(config, args.timeout))
 
 
