@@ -400,8 +400,13 @@ def status(config_path: Path, once: bool = False, timeout: float = 3.0, size: tu
     try:
         if once:
             wait_retained(snap, timeout)
+            if not snap.messages:
+                print(f"chargegate status: nothing from the broker at {settings.host}:{settings.port} within "
+                      f"{timeout:g} s (is the demo or `chargegate run` running? --timeout waits longer)",
+                      file=sys.stderr)
+                return 1
             console.print(view())
-            return 0 if snap.messages else 1
+            return 0
         with Live(view(), console=console, refresh_per_second=2) as live:
             while True:
                 time.sleep(0.5)

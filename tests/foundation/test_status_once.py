@@ -211,3 +211,12 @@ def test_grid_rows_expired_failsafe_and_link_down() -> None:
     assert rows["failsafe (controller)"][0] == ("4200 W active, applied 13020 W (§14a floor) - SMGW link down")
     assert "(in 120 min)" in rows["failsafe (controller)"][1] or "(in 119 min)" in rows["failsafe (controller)"][1]
     assert "tariff" not in rows
+
+
+def test_status_once_without_a_broker_says_so(broker: BrokerHandle) -> None:
+    from chargegate.broker import free_port
+
+    port = free_port()
+    r = _status_once(broker, "--timeout", "1", env={"CHARGEGATE_BROKER_PORT": str(port)})
+    assert r.returncode == 1 and r.stdout == "", r
+    assert f"nothing from the broker at 127.0.0.1:{port} within 1 s" in r.stderr
