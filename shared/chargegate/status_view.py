@@ -187,7 +187,9 @@ def grid_rows(snap: Snapshot) -> list[tuple[str, str, str]]:
             details.append(f"cert {link['certificate']} ({_fmt(link.get('cert_days_left'), 0)} days left)")
         eps = [f"{name} {'open' if c.get('active') else ('off' if not c.get('enabled') else 'idle')}"
                for name, c in ch.items() if isinstance(c, dict) and "target" in c]
-        if eps:
+        if eps and all(e.endswith(" open") for e in eps):
+            details.append(f"channels: {len(eps)} open")
+        elif eps:
             details.append("channels: " + ", ".join(eps))
         if isinstance(ch.get("clseedi"), dict):
             details.append("CLS.EEDI " + ("connected" if ch["clseedi"].get("connected") else "not connected"))
@@ -198,6 +200,9 @@ def grid_rows(snap: Snapshot) -> list[tuple[str, str, str]]:
         rows.append(("SMGW link", val, f"since {_until(link.get('since'))}" if link.get("since") else ""))
     if alloc:
         warnings = ((alloc.get("limits") or {}).get("warnings")) or []
+        # a limit raised to the §14a floor is on its own row ("applied ... (§14a floor)")
+        shown_floor = any(item.get("raised_to_floor") for item in applied.values())
+        warnings = [w for w in warnings if not (shown_floor and "raised to the §14a floor" in str(w))]
         binding = sorted({e.get("bound_by") for e in alloc.get("evses") or [] if e.get("bound_by")})
         val = f"cycle {alloc.get('cycle')}; bound by {', '.join(binding) or '-'}"
         if warnings:
