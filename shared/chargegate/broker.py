@@ -29,7 +29,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +38,7 @@ import structlog
 from chargegate.bus import BusSettings
 from chargegate.config import Config, instance_service, poller_accounts
 from chargegate.files import open_private_append, private_dir, write_private
-from chargegate.topics import SERVICES, SPECS, USERS, Registry
+from chargegate.topics import ACCOUNT_WRITERS, SERVICES, SPECS, USERS, Registry
 
 ACCOUNTS: tuple[str, ...] = (*SERVICES, "observer", "admin", "sim", *USERS)
 PBKDF2_ITERATIONS = 101
@@ -142,7 +142,9 @@ def render_acl(root: str, ha_prefix: str | None = None, ha_node: str | None = No
                 lines.append(f"topic write {reg.topic(name, **{param: ident})}")
         lines.append("")
     lines += ["user observer", f"topic read {root}/#", "topic read $SYS/#", ""]
-    lines += ["user admin", f"topic read {root}/#", f"topic write {root}/service/+/command", ""]
+    lines += ["user admin", f"topic read {root}/#"]
+    lines += [f"topic write {root}/{spec.wildcard}" for spec in SPECS if "admin" in ACCOUNT_WRITERS.get(spec.name, ())]
+    lines.append("")
     lines += ["user sim", f"topic readwrite {root}/sim/#", ""]
     for account in USERS:  # the household: reads the installation, writes only its commands (charging mode)
         lines += [f"user {account}", f"topic read {root}/#"]
@@ -404,11 +406,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def preferred_port(preferred: int | None) -> int:
-    """``preferred`` when it is free (and not handed out already by this process), else :func:`free_port`."""
-    if preferred and preferred not in _handed_out and port_free(preferred):
-        _handed_out.add(preferred)
-        return preferred
+def first_free(candidates: Iterable[int], host: str = "127.0.0.1") -> int:
+    """The first of ``candidates`` a server could listen on now (:func:`port_free`, ``SO_REUSEADDR``: a port
+    in TIME-WAIT after a stopped run counts as free), else :func:`free_port`. The demo's well-known ports
+    (broker 1883, web 8080, variables API 8090) stay the same from one run to the next when nobody else
+    holds them."""
+    for port in candidates:
+        if port_free(port, host):
+            return port
     return free_port()
 
 

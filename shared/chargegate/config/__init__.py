@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from chargegate.config.base import Ident, LocatedErrors, Port, Secret, Strict
+from chargegate.config.base import Ident, LocatedErrors, Port, Secret, Strict, twice
 from chargegate.config.controller import Controller
 from chargegate.config.history import History
 from chargegate.config.installation import Circuit, Evse, Meter, ModbusConnection
@@ -148,9 +148,11 @@ class Admin(Strict):
 
     @model_validator(mode="after")
     def _unique(self) -> Admin:
-        names = [t.name for t in self.tokens] + [c.name for c in self.clients]
-        if len(set(names)) != len(names):
-            raise ValueError("admin token and client names must be unique (they appear in the audit log)")
+        errs = twice([(("tokens", j, "name"), t.name) for j, t in enumerate(self.tokens)]
+                     + [(("clients", j, "name"), c.name) for j, c in enumerate(self.clients)],
+                     "admin token or client name (the audit log names them)")
+        if errs:
+            raise LocatedErrors(errs)
         if self.clients and (self.tls is None or self.tls.client_ca_file is None):
             raise ValueError("admin.clients need admin.tls with client_ca_file (the CA that issued the client "
                              "certificates; a sha256 then narrows it to one certificate)")
@@ -193,15 +195,10 @@ class Config(Strict):
     @model_validator(mode="after")
     def _references(self) -> Config:
         """Cross-references, each error at the path of the entry that is wrong (``evses[3].id``)."""
-        errs: list[tuple[tuple[str | int, ...], str]] = []
+        errs: list[tuple[Any, ...]] = []
 
         def unique(items: list[tuple[tuple[str | int, ...], str]], what: str) -> None:
-            first: dict[str, tuple[str | int, ...]] = {}
-            for loc, value in items:
-                if value in first:
-                    errs.append((loc, f"{what} {value!r} is used twice (also at {format_loc(first[value])})"))
-                else:
-                    first[value] = loc
+            errs.extend(twice(items, what))
 
         circuits = self.all_circuits()
         cids = [c.id for c in circuits]
@@ -311,8 +308,7 @@ def validate_data(data: Any, source: str = "<config>") -> Config:
         for err in e.errors():
             located = (err.get("ctx") or {}).get("error")
             if isinstance(located, LocatedErrors):  # several problems, each at its own path
-                base = tuple(err.get("loc", ()))
-                errors.extend((format_loc((*base, *loc)), msg) for loc, msg in located.errors)
+                errors.extend((format_loc(loc), msg) for loc, msg in located.located(tuple(err.get("loc", ()))))
                 continue
             msg = err.get("msg", "invalid")
             if err.get("type") == "value_error" and msg.startswith("Value error, "):
