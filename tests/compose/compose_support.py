@@ -82,7 +82,7 @@ class Engine:
 
     def _take_lock(self) -> None:
         CACHE.mkdir(parents=True, exist_ok=True)
-        self._lock = open(CACHE / "engine.lock", "w")  # noqa: SIM115 - held until stop()
+        self._lock = open(CACHE / "engine.lock", "w")
         deadline = time.monotonic() + LOCK_WAIT_S
         while True:
             try:
