@@ -149,7 +149,9 @@ def mutated(draw: st.DrawFn, template: dict[str, Any], max_changes: int = 3) -> 
             op = "replace"
         if op == "add" and not isinstance(_get(doc, path[:-1]) if path else doc, dict | list):
             op = "replace"
-        doc = _apply(doc, path, op, draw(values), draw(st.sampled_from(["x", "extra", "ts", "v", "evse_id"])))
+        # a copy: BOUNDARY's lists and dicts are shared, and a later "add" would grow them for every example
+        value = copy.deepcopy(draw(values))
+        doc = _apply(doc, path, op, value, draw(st.sampled_from(["x", "extra", "ts", "v", "evse_id"])))
     return dumps_raw(doc)
 
 
