@@ -423,6 +423,7 @@ class BusFuzz:
         self.expected_invalid = self.invalid()
         self.sent = 0
         self.refused = 0
+        self.topics_sent: set[str] = set()  # to tell the service's publishes from ours on topics we share
 
     def invalid(self) -> int:
         return sum(self.ctx.registry.invalid.values())
@@ -461,6 +462,7 @@ class BusFuzz:
             refused.append(bad)
             acct = self.account(name, params)
             self.publisher(acct).publish(topic, payload)
+            self.topics_sent.add(topic)
             self.sent += 1
             if bad:
                 self.expected_invalid += 1
@@ -553,3 +555,34 @@ def unknown_id_flood(ids: list[str], topics: Iterable[tuple[str, str]], refused_
 
 def warning_summary(entries: list[dict[str, Any]]) -> list[tuple[str, int]]:
     return collections.Counter(str(e.get("event"))[:80] for e in entries).most_common(8)
+
+
+# -- the three assertions every bus fuzz test makes ------------------------------------------------------------
+
+async def any_payload_round(bus: BusFuzz, logs: Logs, ctx: Any, task: asyncio.Task[Any],
+                            batch: list[Message]) -> None:
+    """``batch`` into the service: every refused payload counted (see :meth:`BusFuzz.send`), no error logged,
+    the service task alive and no task restarted."""
+    mark = logs.mark()
+    await bus.send(batch)
+    assert logs.errors(mark) == []
+    assert not task.done(), task
+    assert dict(ctx.task_restarts) == {}
+
+
+def refused_only(bus: BusFuzz, batch: list[Message]) -> list[Message]:
+    """The messages of ``batch`` the service has to refuse."""
+    return [msg for msg in batch if bus.oracle.refused(bus.oracle.topic(msg[0], **msg[1]), msg[2])]
+
+
+async def unknown_ids_round(bus: BusFuzz, logs: Logs, ctx: Any, ids: list[str], topics: Iterable[tuple[str, str]],
+                            refused_on: tuple[str, str] | None = None) -> None:
+    """A valid message per unknown id on each of ``topics`` and 1000 refused ones (see
+    :func:`unknown_id_flood`): every container of the service within 1024 entries, at most 30 warnings."""
+    mark = logs.mark()
+    flood = unknown_id_flood(ids, topics, refused_on=refused_on)
+    assert sum(await bus.send(flood, timeout=60)) == (1000 if refused_on else 0)
+    big = largest(ctx)
+    assert big[0][0] <= 1024, big
+    warnings = logs.since(mark)
+    assert len(warnings) <= 30, warning_summary(warnings)

@@ -53,7 +53,8 @@ class _StderrLogger:
     """Writes to whatever ``sys.stderr`` is at call time (test capture, redirection)."""
 
     def msg(self, message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+        # a lone surrogate from outside (a JSON "\\ud800" in an id) must not make the log line raise
+        print(message.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr, flush=True)
 
     log = debug = info = warning = warn = error = critical = exception = fatal = msg
 

@@ -22,13 +22,13 @@ from conftest import BrokerHandle, make_config, wait_for
 from fuzz_support import (
     BusFuzz,
     Logs,
+    any_payload_round,
     find,
     fuzz,
-    largest,
     messages,
+    refused_only,
     state_files,
-    unknown_id_flood,
-    warning_summary,
+    unknown_ids_round,
 )
 from smgw_link.admin.busview import BusView
 from smgw_link.service import SmgwLink, serve
@@ -127,17 +127,13 @@ def view(rig: Rig) -> str:
 @fuzz(50)
 @given(batch=st.lists(messages(TOPICS), min_size=1, max_size=6))
 async def test_any_payload_on_any_topic(rig: Rig, batch: list) -> None:
-    mark = rig.logs.mark()
-    await rig.fuzz.send(batch)
-    assert rig.logs.errors(mark) == []
-    assert not rig.task.done() and dict(rig.ctx.task_restarts) == {}
+    await any_payload_round(rig.fuzz, rig.logs, rig.ctx, rig.task, batch)
 
 
 @fuzz(20)
 @given(batch=st.lists(messages(TOPICS), min_size=1, max_size=6))
 async def test_refused_payloads_change_nothing(rig: Rig, batch: list) -> None:
-    oracle = rig.fuzz.oracle
-    refused = [m for m in batch if oracle.refused(oracle.topic(m[0], **m[1]), m[2])]
+    refused = refused_only(rig.fuzz, batch)
     files = state_files(rig.ctx.state_dir)
     before = view(rig)
     await rig.fuzz.send(refused)
@@ -147,13 +143,7 @@ async def test_refused_payloads_change_nothing(rig: Rig, batch: list) -> None:
 
 async def test_unknown_ids_stay_bounded_and_quiet(rig: Rig) -> None:
     ids = [f"fz{i}" for i in range(1100)]
-    mark = rig.logs.mark()
-    flood = unknown_id_flood(ids, (("evse.status", "evse_id"), ("meter.reading", "meter_id"),
-                                   ("evse.setpoint", "evse_id"), ("evse.limit", "evse_id")),
-                             refused_on=("evse.status", "evse_id"))
-    assert sum(await rig.fuzz.send(flood, timeout=60)) == 1000
+    await unknown_ids_round(rig.fuzz, rig.logs, rig.ctx, ids, (
+        ("evse.status", "evse_id"), ("meter.reading", "meter_id"), ("evse.setpoint", "evse_id"),
+        ("evse.limit", "evse_id")), refused_on=("evse.status", "evse_id"))
     await rig.alive()
-    big = largest(rig.ctx)
-    assert big[0][0] <= 1024, big
-    warnings = rig.logs.since(mark)
-    assert len(warnings) <= 30, warning_summary(warnings)

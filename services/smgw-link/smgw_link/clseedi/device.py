@@ -19,7 +19,6 @@ Decisions where the spec leaves room (documented in the README):
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime
@@ -27,6 +26,7 @@ from typing import Any
 
 import structlog
 
+from chargegate import strict_json
 from chargegate.config.smgw import Smgw
 from smgw_link.clseedi import messages as m
 from smgw_link.control import Notify, OperatorControl
@@ -61,8 +61,8 @@ class ClsEediDevice:
         """Process one message from the backend; returns the messages to send back."""
         self._count("clseedi_rx")
         try:
-            obj = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            obj = strict_json.loads(payload)  # NaN, 5000-digit integers, 100k-deep nesting: a ValueError
+        except ValueError as e:
             return [self._nack(None, m.SCHEMA_ERROR, f"not JSON: {e}")]
         if not isinstance(obj, dict):
             return [self._nack(None, m.SCHEMA_ERROR, f"a message must be a JSON object, not {type(obj).__name__}")]

@@ -1,0 +1,143 @@
+"""Fuzz: arbitrary payloads on every topic ocpp-gateway subscribes to (statuses and command results of its
+Modbus EVSEs, setpoints for its OCPP ones, its service commands), through the real broker, into the running
+service connected to a real OCPP backend (the backend simulator over WebSocket).
+
+Asserted: every refused payload is counted and nothing logs an error; no task restarts; refused payloads
+change no status the gateway bridges and send the backend nothing; 1100 unknown EVSE ids leave every
+structure bounded, the warnings few and nothing published for them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from ocppgw_helpers import gateway_config, share_broker_secrets
+
+from chargegate.runtime import ServiceContext, start_context, stop_context
+from conftest import BrokerHandle, wait_for
+from fuzz_support import (
+    BusFuzz,
+    Logs,
+    Published,
+    any_payload_round,
+    containers,
+    fuzz,
+    messages,
+    refused_only,
+    unknown_ids_round,
+)
+from ocpp_gateway.backend_sim import BackendSim
+from ocpp_gateway.service import Gateway, serve
+
+EVSES_YAML = """
+  - id: cp1
+    circuit: grid
+    ocpp: {charge_box_id: CB-FUZZ}
+  - id: mb1
+    circuit: grid
+    modbus: {profile: alfen-eve, host: 127.0.0.1, port: 1502}
+"""
+EVSES = ["cp1", "mb1", "ghost"]
+TOPICS: dict[str, dict[str, list[str]]] = {
+    "evse.status": {"evse_id": EVSES},
+    "evse.command_result": {"evse_id": EVSES},
+    "evse.setpoint": {"evse_id": EVSES},
+    "service.command": {"service": ["ocpp-gateway"]},
+}
+
+
+@dataclass
+class Rig:
+    ctx: ServiceContext
+    task: asyncio.Task[None]
+    backend: BackendSim
+    fuzz: BusFuzz
+    published: Published
+    logs: Logs
+
+    @property
+    def gw(self) -> Gateway:
+        gw = _gateway(self.ctx)
+        assert gw is not None
+        return gw
+
+    def backend_frames(self) -> list[str]:
+        """What the gateway sent the backend (its own Heartbeats left out: they come by the clock)."""
+        rows = self.backend.recorder.db.execute("SELECT raw FROM frames WHERE dir = 'in' ORDER BY id").fetchall()
+        return [r[0] for r in rows if '"Heartbeat"' not in r[0]]
+
+    def bridged(self) -> str:
+        return json.dumps({k: m.status.model_dump(mode="json") if m.status else None
+                           for k, m in self.gw.modbus.items()}, sort_keys=True)
+
+    async def alive(self) -> None:
+        assert not self.task.done(), self.task
+        assert dict(self.ctx.task_restarts) == {}
+        assert self.gw.upstreams["mb1"].booted.is_set()
+
+
+def _gateway(ctx: ServiceContext) -> Gateway | None:
+    objs: list[object] = []
+    containers(ctx, visited=objs)
+    found = [o for o in objs if isinstance(o, Gateway)]
+    return found[0] if len(found) == 1 else None
+
+
+@pytest.fixture(scope="module")
+async def rig(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Rig]:
+    tmp = tmp_path_factory.mktemp("ocppgw-fuzz")
+    backend = BackendSim(tmp / "backend.sqlite")
+    await backend.start()
+    cfg, path = gateway_config(tmp / "gw", broker.port, backend_url=backend.url, evses=EVSES_YAML)
+    share_broker_secrets(cfg, broker.config)
+    logs = Logs()
+    with logs.capture():
+        ctx = await start_context("ocpp-gateway", cfg, path, connect_timeout=5)
+        task = asyncio.create_task(serve(ctx))
+        await wait_for(lambda: (gw := _gateway(ctx)) is not None and "mb1" in gw.upstreams
+                       and gw.upstreams["mb1"].booted.is_set(), 10, what="mb1 booted at the backend")
+        r = Rig(ctx, task, backend, BusFuzz(broker, ctx), Published(broker, ctx), logs)
+        try:
+            yield r
+            await r.alive()
+        finally:
+            r.fuzz.close()
+            r.published.close()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await stop_context(ctx)
+            await backend.stop()
+
+
+@fuzz(150)
+@given(batch=st.lists(messages(TOPICS), min_size=1, max_size=6))
+async def test_any_payload_on_any_topic(rig: Rig, batch: list) -> None:
+    await any_payload_round(rig.fuzz, rig.logs, rig.ctx, rig.task, batch)
+
+
+@fuzz(20)
+@given(batch=st.lists(messages(TOPICS), min_size=1, max_size=6))
+async def test_refused_payloads_change_nothing(rig: Rig, batch: list) -> None:
+    refused = refused_only(rig.fuzz, batch)
+    await asyncio.sleep(0.1)  # what an earlier example sent the backend has arrived
+    before, frames, topics = rig.bridged(), len(rig.backend_frames()), len(rig.published.topics)
+    await rig.fuzz.send(refused)
+    await asyncio.sleep(0.1)
+    assert rig.bridged() == before
+    assert rig.backend_frames()[frames:] == []
+    assert [t for t in rig.published.topics[topics:] if t not in rig.fuzz.topics_sent] == []
+
+
+async def test_unknown_ids_stay_bounded_and_quiet(rig: Rig) -> None:
+    ids = [f"fz{i}" for i in range(1100)]
+    await unknown_ids_round(rig.fuzz, rig.logs, rig.ctx, ids, (
+        ("evse.status", "evse_id"), ("evse.setpoint", "evse_id"), ("evse.command_result", "evse_id")),
+        refused_on=("evse.status", "evse_id"))
+    await rig.alive()
+    await asyncio.sleep(0.2)
+    assert [t for t in rig.published.mentioning(ids) if t not in rig.fuzz.topics_sent] == []
