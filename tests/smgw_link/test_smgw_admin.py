@@ -5,6 +5,7 @@ real smgw-link service, real HTTP over TCP."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from admin_support import (
     listen_port,
     running_link,
 )
+from hypothesis import given
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from chargegate import payloads as p
@@ -29,6 +32,7 @@ from chargegate.bus import Bus
 from chargegate.config import load
 from chargegate.runtime import ServiceContext
 from conftest import BrokerHandle, connected_bus, make_config, wait_for
+from fuzz_support import fuzz
 
 
 @dataclass
@@ -430,3 +434,75 @@ async def test_meters_are_added_changed_and_removed(rig: AdminRig) -> None:
     # the id in the body must be the one in the path
     status, body = await rig.call("PUT", "/v1/config/meters/m1", ADMIN_TOKEN, {**meter, "id": "m2"})
     assert status == 422 and body["errors"][0]["path"] == "body.id"
+
+
+# -- raw HTTP fuzz (issue 14): request lines, headers and bodies as a clumsy or hostile client sends them ------
+
+_PATHS = ["/v1/status", "/v1/config", "/v1/config/check", "/v1/config/evses/wb1", "/v1/limits/dso", "/v1/audit",
+          "/v1/smgw/certificates/selected", "/v1/history/sessions", "/v1/evses/wb1/mode", "/v1/../etc/passwd",
+          "/v1/%00", "/v1/config?x=" + "a" * 300, "/" + "v" * 5000, "*", "http://evil/v1/status", ""]
+_TOKENS = [None, "", "wrong", VIEWER_TOKEN, OPERATOR_TOKEN, "x" * 10_000]  # never the admin's: nothing may change
+_CTYPES = ["application/json", "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+           "application/json; charset=latin-1", "", "\x01"]
+
+
+@st.composite
+def raw_requests(draw: st.DrawFn) -> bytes:
+    method = draw(st.sampled_from(["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE", "get",
+                                   "BREW", "GET GET", ""]))
+    path = draw(st.sampled_from(_PATHS) | st.text(max_size=20).map(lambda t: "/v1/" + t))
+    version = draw(st.sampled_from(["HTTP/1.1", "HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/9", ""]))
+    body = draw(st.sampled_from([b"", b"{}", b"{not json", b'{"site": {"name": 1}}', b"[]", b"null",
+                                 b'{"a": ' + b"[" * 3000 + b"]" * 3000 + b"}", b'{"v": ' + b"9" * 5000 + b"}"])
+                | st.binary(max_size=64))
+    head = [f"{method} {path} {version}".strip(), "Host: chargegate"]
+    tok = draw(st.sampled_from(_TOKENS))
+    if tok is not None:
+        head.append(draw(st.sampled_from([f"Authorization: Bearer {tok}", f"Authorization: Basic {tok}",
+                                          f"Authorization: {tok}"])))
+    head.append("Content-Type: " + draw(st.sampled_from(_CTYPES)))
+    length = draw(st.sampled_from(["ok", "ok", "none", "-1", "abc", "99999999999999999999", "2", "ok,ok",
+                                   "chunked"]))
+    if length == "ok":
+        head.append(f"Content-Length: {len(body)}")
+    elif length == "ok,ok":
+        head += [f"Content-Length: {len(body)}", f"Content-Length: {len(body) + 1}"]
+    elif length == "chunked":
+        head.append("Transfer-Encoding: chunked")
+        body = (f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n") if body else b"0\r\n\r\n"
+    elif length != "none":
+        head.append(f"Content-Length: {length}")
+    head += draw(st.lists(st.sampled_from(["X-Forwarded-For: 1.2.3.4", "Expect: 100-continue", "Origin: http://evil",
+                                           "Cookie: " + "c" * 9000, "Header-Without-Colon", " leading: space",
+                                           "Transfer-Encoding: gzip", "Connection: upgrade", "Upgrade: websocket"]),
+                          max_size=2))
+    head.append("Connection: close")
+    return ("\r\n".join(head) + "\r\n\r\n").encode("utf-8", "surrogateescape") + body
+
+
+async def _exchange(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        with contextlib.suppress(OSError):
+            writer.write_eof()  # a body shorter than its Content-Length ends here
+        return await asyncio.wait_for(reader.read(-1), 10)
+    finally:
+        writer.close()
+
+
+@fuzz(80)
+@given(data=raw_requests())
+async def test_any_raw_request_gets_an_answer_below_500_and_changes_nothing(rig: AdminRig, data: bytes) -> None:
+    before = rig.path.read_bytes()
+    answer = await _exchange(rig.port, data)
+    if answer:  # a request the HTTP parser cannot read may be closed without an answer
+        line = answer.split(b"\r\n", 1)[0]
+        assert line.startswith(b"HTTP/1."), answer[:200]
+        code = int(line.split(b" ")[1])
+        assert code < 500, (data[:300], answer[:300])
+        assert b"Traceback" not in answer and ADMIN_TOKEN.encode() not in answer
+    assert rig.path.read_bytes() == before  # no account that may change the configuration was used
+    status, _ = await rig.call("GET", "/v1/status", VIEWER_TOKEN)
+    assert status == 200  # the server answers the next client
