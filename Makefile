@@ -8,12 +8,12 @@ PY := $(VENV)/bin/python
 SERVICES := $(wildcard services/*/pyproject.toml)
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install lint bench-all clean mosquitto chromium
+.PHONY: demo test install lint bench-all clean mosquitto chromium docker wheelhouse local-images
 
 demo: install mosquitto
 	$(VENV)/bin/chargegate demo
 
-test: install mosquitto chromium
+test: install mosquitto chromium docker
 	$(PY) -m pytest
 
 install: $(STAMP)
@@ -33,6 +33,17 @@ mosquitto:
 chromium:
 	@scripts/ensure-chromium.sh
 
+# Debian's container engine, docker-compose and debootstrap for the compose stack test (apt-get as root; else skipped)
+docker:
+	@scripts/ensure-docker.sh
+
+# what docker-compose.local.yml builds on: the wheelhouse and the local base images (root; engine at DOCKER_HOST)
+wheelhouse: install
+	scripts/build-wheelhouse.sh
+
+local-images:
+	scripts/docker-local-images.sh
+
 lint: install
 	$(VENV)/bin/ruff check .
 
@@ -46,6 +57,7 @@ bench-all: install mosquitto
 	$(PY) bench/admin/run.py
 	$(PY) bench/system/run.py
 	$(PY) bench/web/run.py
+	$(PY) bench/simulate/run.py
 
 clean:
 	rm -rf $(VENV) state test-artifacts

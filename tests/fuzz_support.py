@@ -149,7 +149,8 @@ def mutated(draw: st.DrawFn, template: dict[str, Any], max_changes: int = 3) -> 
             op = "replace"
         if op == "add" and not isinstance(_get(doc, path[:-1]) if path else doc, dict | list):
             op = "replace"
-        # a copy: BOUNDARY's lists and dicts are shared, and a later "add" would grow them for every example
+        # a copy: BOUNDARY's lists and dicts are shared, and a later "add" would change them for every
+        # later example (hypothesis then reports the strategy as flaky)
         value = copy.deepcopy(draw(values))
         doc = _apply(doc, path, op, value, draw(st.sampled_from(["x", "extra", "ts", "v", "evse_id"])))
     return dumps_raw(doc)

@@ -1,9 +1,10 @@
 """bench/footprint: what each service costs before it does anything - its import-time memory.
 
-Each service's module (``python -m <package>`` runs ``<package>.service``) is imported in a fresh
-interpreter, several times; reported per service: the peak RSS after the import (median of the runs),
-the number of modules loaded, and which of the heavy libraries it pulled in (a web framework in a
-service that does not serve the admin API is memory for nothing). A bare interpreter with the shared
+Each service's entry point is loaded in a fresh interpreter as ``python -m <package>`` loads it (its
+``__main__`` module runs, up to the ``main()`` call that would start the service), several times;
+reported per service: the peak RSS after the import (median of the runs), the number of modules
+loaded, and which of the heavy libraries it pulled in (a web framework in a service that does not
+serve the admin API is memory for nothing). A bare interpreter with the shared
 ``chargegate`` runtime is the baseline.
 
     .venv/bin/python bench/footprint/run.py [--runs 5]
@@ -21,17 +22,23 @@ import statistics
 import subprocess
 import sys
 
-SERVICES = {"evse-poller": "evse_poller.service", "load-controller": "load_controller.service",
-            "ocpp-gateway": "ocpp_gateway.service", "smgw-link": "smgw_link.service",
-            "history": "history.service", "(runtime only)": "chargegate.runtime"}
-HEAVY = ["fastapi", "starlette", "uvicorn", "pydantic", "jsonschema", "ocpp", "pymodbus", "websockets",
+SERVICES = {"evse-poller": "evse_poller", "load-controller": "load_controller",
+            "ocpp-gateway": "ocpp_gateway", "smgw-link": "smgw_link",
+            "history": "history", "(runtime only)": "chargegate.runtime"}
+HEAVY = ["rich", "fastapi", "starlette", "uvicorn", "pydantic", "jsonschema", "ocpp", "pymodbus", "websockets",
          "cryptography", "paho", "yaml", "uvloop", "sqlite3", "referencing", "anyio", "h11", "email"]
 
 PROBE = """
-import importlib, json, resource, sys
-importlib.import_module(sys.argv[1])
-heavy = sorted({m.split('.')[0] for m in sys.modules} & set(json.loads(sys.argv[2])))
-print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "modules": len(sys.modules),
+import importlib, json, resource, runpy, sys
+if sys.argv[1].startswith("chargegate."):  # the baseline: the runtime as a service process has it
+    from chargegate.lean import service_process
+    service_process()
+    importlib.import_module(sys.argv[1])
+else:  # what `python -m <package>` imports (its __main__ with another name: main() is not called)
+    runpy.run_module(sys.argv[1], run_name="footprint", alter_sys=True)
+heavy = sorted({m.split('.')[0] for m, mod in sys.modules.items() if mod is not None} & set(json.loads(sys.argv[2])))
+loaded = sum(mod is not None for mod in sys.modules.values())  # kept out (None) is not loaded
+print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "modules": loaded,
                   "heavy": heavy}))
 """
 

@@ -121,6 +121,17 @@ async def steady_resources(s: System, seconds: float) -> dict[str, Any]:
     return out
 
 
+async def until_no_breach(s: System, within_s: float) -> None:
+    m = s.monitor
+    try:
+        await m.until(lambda: not m.open, within_s, "no breach open")
+    except TimeoutError:
+        with m.lock:
+            still = [f"{k}: {ep.detail}" for k, ep in list(m.open.items())[:8]]
+            n = len(m.open)
+        raise TimeoutError(f"{n} breaches still open after {within_s:g} s, e.g. {still}") from None
+
+
 async def limit_rounds(s: System, rounds: int, quick: bool = False) -> tuple[list[float], list[dict[str, Any]]]:
     m = s.monitor
     high, low = limits_for(s.plan)
@@ -130,7 +141,7 @@ async def limit_rounds(s: System, rounds: int, quick: bool = False) -> tuple[lis
     for r in range(rounds):
         rel = await s.operator_limit(high + r, retry_for_s=10)  # release to the higher value (not timed)
         await s.limit_applied(rel, 30)
-        await m.until(lambda: not m.open, 30, "no breach open")
+        await until_no_breach(s, 30)
         await asyncio.sleep(1.0 if quick else 2.5)  # increases are rate-limited: let the ramps finish
         watts = low - r  # a new value every round
         t_send = time.time()

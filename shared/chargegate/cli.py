@@ -15,8 +15,15 @@ from pathlib import Path
 
 from chargegate import __version__
 from chargegate import config as cfgmod
+from chargegate.topics import SERVICES
 
 DEFAULT_CONFIG = os.environ.get("CHARGEGATE_CONFIG", "chargegate.yaml")
+
+
+def config_argument(parser: argparse.ArgumentParser, what: str = "the configuration file") -> None:
+    """``--config``/``-c`` with its default in the help (every subcommand that reads the configuration)."""
+    parser.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE",
+                        help=f"{what} (default: %(default)s; env CHARGEGATE_CONFIG sets the default)")
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
@@ -50,7 +57,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from chargegate.status_view import status
 
-    return status(Path(args.config), once=args.once, timeout=args.timeout)
+    size = None
+    if args.size:
+        cols, _, lines = args.size.lower().partition("x")
+        try:
+            size = (int(cols), int(lines))
+        except ValueError:
+            print(f"chargegate status: --size {args.size!r}: give it as COLUMNSxLINES, e.g. 100x30", file=sys.stderr)
+            return 2
+    return status(Path(args.config), once=args.once, timeout=args.timeout, size=size, port=args.port)
 
 
 def _cmd_broker_init(args: argparse.Namespace) -> int:
@@ -87,9 +102,12 @@ def _cmd_broker_init(args: argparse.Namespace) -> int:
 def _cmd_topics(args: argparse.Namespace) -> int:
     from chargegate.topics import Registry
 
-    for t in Registry(args.root).describe():
-        flags = ("retained" if t["retained"] else "command") + f", qos {t['qos']}"
-        print(f"{t['topic']:<44} {t['model']:<18} {flags:<20} writers: {', '.join(t['writers']) or 'admin'}")
+    rows = [(t["topic"], t["model"], "yes" if t["retained"] else "no", str(t["qos"]), ", ".join(t["writers"]) or
+             "extra services (each its own)") for t in Registry(args.root).describe()]
+    head = ("topic", "model", "retained", "qos", "written by")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    for r in [head, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
     return 0
 
 
@@ -119,8 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     chk.set_defaults(func=_cmd_config_check)
 
     r = sub.add_parser("run", help="start the services (and a local broker unless broker.host is set)")
-    r.add_argument("--config", "-c", default=DEFAULT_CONFIG)
-    r.add_argument("services", nargs="*", help="run only these services (default: all in the configuration)")
+    config_argument(r)
+    r.add_argument("services", nargs="*", metavar="SERVICE",
+                   help=f"run only these services (default: all in the configuration's `services`): "
+                        f"{', '.join(SERVICES)}")
     r.set_defaults(func=_cmd_run)
 
     d = sub.add_parser("demo", help="run the whole system against built-in simulators")
@@ -130,15 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser("status", help="live view of the installation as the broker shows it")
-    s.add_argument("--config", "-c", default=DEFAULT_CONFIG)
+    config_argument(s)
     s.add_argument("--once", action="store_true", help="print one snapshot and exit")
     s.add_argument("--timeout", type=float, default=3.0, help="with --once: how long to collect retained state")
+    s.add_argument("--size", default=None, metavar="COLSxLINES",
+                   help="fit the view to this size, e.g. 100x30 (default: the terminal's; 100 wide into a pipe)")
+    s.add_argument("--port", default=None, metavar="NAME",
+                   help="print only this port and exit, e.g. `--port broker` (names: broker, web, variables_api, "
+                        "ocpp_local, ...; the demo's in state/demo/ports)")
     s.set_defaults(func=_cmd_status)
 
     b = sub.add_parser("broker", help="broker accounts and ACL")
     bsub = b.add_subparsers(dest="broker_command", required=True)
     bi = bsub.add_parser("init", help="write mosquitto.conf, password file and ACL for this configuration")
-    bi.add_argument("--config", "-c", default=DEFAULT_CONFIG)
+    config_argument(bi)
     bi.add_argument("--out", default="mosquitto/generated")
     bi.add_argument("--port", type=int, default=None)
     bi.add_argument("--listen", default=None)

@@ -30,7 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from chargegate import config as cfgmod
 from chargegate import log as logsetup
-from chargegate.broker import account_password, free_port, placement, port_free
+from chargegate.broker import account_password, first_free, free_port, placement
 from chargegate.config.store import atomic_write
 from chargegate.runner import Proc, Supervisor, available_services
 
@@ -69,11 +69,12 @@ class DemoPlan:
     sims: list[Proc]
     cars: list[dict[str, Any]]
     notes: list[str]
+    sim_ports: dict[str, int]  # the simulators' ports worth knowing (the rest is in the configuration)
 
 
 def plan(dirpath: Path) -> DemoPlan:
     """The demo's configuration and simulator processes (free ports chosen now)."""
-    broker_port = 1883 if port_free(1883) else (1884 if port_free(1884) else free_port())
+    broker_port = first_free((1883, 1884))  # the same ports on every run when they are free
     services = available_services()
     notes: list[str] = []
     cfg: dict[str, Any] = {
@@ -96,6 +97,7 @@ def plan(dirpath: Path) -> DemoPlan:
         "services": sorted(services),
     }
     sims: list[Proc] = []
+    sim_ports: dict[str, int] = {}
     backend_sim: Proc | None = None
     cars: list[dict[str, Any]] = []
     cfg_file = str(dirpath / "chargegate.yaml")
@@ -125,7 +127,9 @@ def plan(dirpath: Path) -> DemoPlan:
         cfg["circuits"][0].pop("meter")
 
     if "ocpp-gateway" in services and _has("ocpp_gateway.sim"):
-        local_port, backend_port, control_port = free_port(), free_port(), free_port()
+        local_port, backend_port = free_port(), free_port()
+        control_port = first_free(range(8095, 8100))  # the backend's record (curl .../status)
+        sim_ports |= {"ocpp_backend_sim": backend_port, "ocpp_backend_record": control_port}
         cfg["evses"].append({"id": "ocpp-1", "name": "OCPP wallbox (carport)", "circuit": "carport", "phases": 3,
                              "max_current_a": 16, "ocpp": {"charge_box_id": "DEMO-CB-1", "connector_id": 1}})
         cfg["ocpp"] = {
@@ -161,7 +165,10 @@ def plan(dirpath: Path) -> DemoPlan:
     if not cfg["evses"]:
         # a configuration needs nothing else, but make the demo visible: one Modbus EVSE as a placeholder
         notes.append("no wallbox simulators available; only service health flows")
-    return DemoPlan(cfg, sims, cars, notes)
+    smgw = next((s for s in sims if s.name == "sim-smgw"), None)
+    if smgw is not None and "--port" in smgw.argv:
+        sim_ports["smgw_sim"] = int(smgw.argv[smgw.argv.index("--port") + 1])
+    return DemoPlan(cfg, sims, cars, notes, sim_ports)
 
 
 class _CarDriver:
@@ -236,8 +243,10 @@ def summary(snap: Any) -> dict[str, Any]:
         amps = "/".join(f"{x:g}" for x in st.get("current_a") or [])
         text = f"{st.get('state')} {amps} A"
         if ident in granted:
+            from chargegate.status_view import granted_text
+
             g = granted[ident]
-            text += f", granted {g.get('current_a')} A x{g.get('phases')} ({g.get('bound_by')})"
+            text += f", granted {granted_text(g, st)} ({g.get('bound_by')}: {g.get('reason_text') or '-'})"
         evses[ident] = text
     meters = {ident: f"{m.get('power_w')} W" for ident, m in snap.select("meter", "reading").items()}
     limits = {}
@@ -300,6 +309,54 @@ def write_demo_config(path: Path, config: dict[str, Any]) -> None:
                  + yaml.safe_dump(config, sort_keys=False))
 
 
+def previous_run_files(dirpath: Path, cfg: cfgmod.Config) -> tuple[list[Path], list[Path]]:
+    """What an earlier demo in ``dirpath`` left that a new one must not continue: the operator backend's
+    and the OCPP queue's SQLite files (its transactions), the record, the operator's state, the broker's
+    retained messages, the logs. Returns ``(below dirpath: removed, elsewhere: kept)``: a state folder
+    outside the demo's folder (``CHARGEGATE_STATE_DIR``) may be a real installation's and is not touched."""
+    state = cfg.state_dir
+    candidates = [dirpath / "backend.sqlite", dirpath / "operator-record.jsonl", dirpath / "ports",
+                  cfg.ocpp.queue.path or state / "ocpp-queue.sqlite", cfg.history.db_path(state),
+                  state / "smgw" / "operator.json", state / "smgw" / "cert-switch.json",
+                  state / "evse-poller" / "control.json", cfg.admin.audit_file or state / "admin" / "audit.jsonl"]
+    found: list[Path] = []
+    for c in candidates:
+        found += [x for x in (c, c.with_name(c.name + "-wal"), c.with_name(c.name + "-shm"),
+                              c.with_name(c.name + "-journal")) if x.exists()]
+    if (dirpath / "logs").is_dir():
+        found += sorted((dirpath / "logs").glob("*.log"))
+    inside = [f for f in found if f.resolve().is_relative_to(dirpath.resolve())]
+    kept = [f for f in found if f not in inside]
+    data = placement(cfg).dir / "data"  # the broker's retained messages (perhaps under /run: this state's)
+    if data.exists():
+        inside.append(data)
+    return inside, kept
+
+
+def start_fresh(dirpath: Path, cfg: cfgmod.Config) -> list[str]:
+    """Remove what an earlier demo left in ``dirpath`` (:func:`previous_run_files`); the lines to print."""
+    removed, kept = previous_run_files(dirpath, cfg)
+    for f in removed:
+        if f.is_dir():
+            shutil.rmtree(f, ignore_errors=True)
+        else:
+            f.unlink(missing_ok=True)
+    lines = []
+    if removed:
+        lines.append(f"fresh start: removed {len(removed)} files of the previous run (transactions, queue, record, "
+                     f"logs, retained messages)")
+    if kept:
+        lines.append(f"RESUMING: the state outside {shown(dirpath)} is kept: " + ", ".join(str(k) for k in kept))
+    return lines
+
+
+def demo_ports(p: DemoPlan, cfg: cfgmod.Config) -> dict[str, int]:
+    """The ports worth knowing (``state/demo/ports``): the services' and the simulators' a user reaches."""
+    from chargegate.status_view import ports_of
+
+    return ports_of(cfg) | p.sim_ports
+
+
 def demo(dirpath: Path, duration: float | None = None, status: bool = True) -> int:
     dirpath = dirpath.resolve()
     dirpath.mkdir(parents=True, exist_ok=True)
@@ -307,8 +364,9 @@ def demo(dirpath: Path, duration: float | None = None, status: bool = True) -> i
     cfg_path = dirpath / "chargegate.yaml"
     write_demo_config(cfg_path, p.config)
     cfg = cfgmod.load(cfg_path)
-    # a demo starts from scratch: no retained state of an earlier run in the broker
-    shutil.rmtree(placement(cfg).dir / "data", ignore_errors=True)
+    fresh = start_fresh(dirpath, cfg)  # a demo starts from scratch: nothing of an earlier run carries over
+    ports = demo_ports(p, cfg)
+    atomic_write(dirpath / "ports", json.dumps(ports) + "\n", mode=0o644)
     logsetup.setup("demo", "info", "console" if sys.stderr.isatty() else "json")
     from chargegate.runner import build
 
@@ -320,7 +378,11 @@ def demo(dirpath: Path, duration: float | None = None, status: bool = True) -> i
     sup.procs[:0] = p.sims
     port = cfg.broker.port
     print("\nchargegate demo")
+    for line in fresh:
+        print(f"  {line}")
     print(f"  configuration: {cfg_path}")
+    print(f"  ports:         {json.dumps(ports)}  (in {shown(dirpath / 'ports')}; "
+          f"`chargegate status --port broker` prints one)")
     print(f"  broker:        127.0.0.1:{port}  (read-only account: observer / {DEMO_OBSERVER_PASSWORD})")
     print(f"  watch it:      mosquitto_sub -h 127.0.0.1 -p {port} -u observer -P {DEMO_OBSERVER_PASSWORD} "
           f"-t 'chargegate/#' -v")
@@ -349,7 +411,7 @@ def demo(dirpath: Path, duration: float | None = None, status: bool = True) -> i
         if driver is not None:
             driver()
         if ticker is None and time.monotonic() - started > 1.0:
-            ticker = _LiveView(cfg) if live_view else _Ticker(cfg, port)
+            ticker = _LiveView(cfg, ports) if live_view else _Ticker(cfg, port)
         if ticker is not None:
             ticker()
 
@@ -364,15 +426,15 @@ def demo(dirpath: Path, duration: float | None = None, status: bool = True) -> i
 
 
 class _LiveView:
-    def __init__(self, cfg: cfgmod.Config) -> None:
+    def __init__(self, cfg: cfgmod.Config, ports: dict[str, int]) -> None:
         from rich.live import Live
 
         from chargegate.status_view import Snapshot, connect_observer, render
 
         self.snap = Snapshot(cfg.site.topic_root)
         self.client = connect_observer(cfg, self.snap)
-        self.render = render
-        self.live = Live(render(self.snap), refresh_per_second=2)
+        self.render = lambda snap: render(snap, ports)
+        self.live = Live(self.render(self.snap), refresh_per_second=2)
         self.live.start()
         self.next = 0.0
 

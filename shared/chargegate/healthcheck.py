@@ -25,6 +25,8 @@ def main() -> int:
             cmdline = open("/proc/1/cmdline", "rb").read().split(b"\0")
             mod = cmdline[cmdline.index(b"-m") + 1].decode()
             service = mod.replace("_", "-")
+            if service == "evse-poller" and os.environ.get("CHARGEGATE_POLLER_INSTANCE"):
+                service = cfgmod.instance_service(os.environ["CHARGEGATE_POLLER_INSTANCE"])
         except (OSError, ValueError, IndexError):
             print("cannot tell which service this is; set CHARGEGATE_SERVICE", file=sys.stderr)
             return 1

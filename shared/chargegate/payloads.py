@@ -398,6 +398,7 @@ class EvseAllocation(Model):
     wanted: Flag = True
     bound_by: str  # the limit or rule that bound it, e.g. "node:garage:L2", "grid_limit:dso", "evse_max"
     detail: str | None = None
+    reason_text: str | None = None  # bound_by and detail in a sentence for people (chargegate.reasons)
     mode: str | None = None  # the charging mode in force (evse/<id>/mode), None: rules (the default)
 
 

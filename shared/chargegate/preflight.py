@@ -138,7 +138,9 @@ def problems(cfg: cfgmod.Config, services: list[str] | None = None, *, local_bro
     (default: the installed services' entry points)."""
     from chargegate.runner import available_services
 
-    wanted = list(services or cfg.services)
+    instances = {cfgmod.instance_service(i) for i in cfg.poller.instances}
+    # an evse-poller instance (evse-poller.<name>) is the evse-poller service
+    wanted = list(dict.fromkeys("evse-poller" if s in instances else s for s in (services or cfg.services)))
     known = installed if installed is not None else available_services()
     out: list[tuple[str, str]] = []
     for name in wanted:
@@ -167,9 +169,10 @@ def service_problems(cfg: cfgmod.Config, service: str) -> list[tuple[str, str]]:
     """What keeps the service ``service`` from starting with ``cfg``: the secrets and files of the parts it
     uses (of the broker accounts only its own). ``chargegate.runtime`` exits 2 with these."""
     out: list[tuple[str, str]] = []
+    base = service.split(".", 1)[0]  # an evse-poller instance (evse-poller.<name>) needs what evse-poller needs
     for loc, msg in [*secret_problems(cfg), *file_problems(cfg)]:
         if loc[:2] == ("broker", "accounts") and len(loc) > 2 and loc[2] != service:
             continue
-        if needed_by(loc) in (None, service):
+        if needed_by(loc) in (None, base):
             out.append((format_loc(loc), msg))
     return out

@@ -218,15 +218,24 @@ def build(config_path: Path, services: list[str] | None = None, logs_dir: Path |
     cfg = cfgmod.load(config_path)
     known = available_services()
     wanted = services or cfg.services
-    missing = [s for s in wanted if s not in known]
+    instances = {cfgmod.instance_service(i): i for i in cfg.poller.instances}
+    missing = [s for s in wanted if s not in known and s not in instances]
     if missing:
         raise SystemExit(f"unknown or not installed service(s): {', '.join(missing)}; "
                          f"installed: {', '.join(sorted(known)) or 'none'}")
     sup = Supervisor()
     if cfg.broker.host is None:
         sup.broker = LocalBroker.prepare(cfg)
+    procs: list[tuple[str, str, tuple[str, ...]]] = []  # (process name, package, extra arguments)
     for name in wanted:
-        sup.add(Proc(name, [sys.executable, "-m", known[name], "--config", str(config_path)],
+        if name == "evse-poller" and instances:  # one process per instance (poller.instances)
+            procs += [(n, known[name], ("--instance", i)) for n, i in instances.items()]
+        elif name in instances:
+            procs.append((name, known["evse-poller"], ("--instance", instances[name])))
+        else:
+            procs.append((name, known[name], ()))
+    for name, package, extra in dict.fromkeys(procs):
+        sup.add(Proc(name, [sys.executable, "-m", package, "--config", str(config_path), *extra],
                      logfile=(logs_dir / f"{name}.log") if logs_dir else None, config_file=Path(config_path)))
     return sup
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -12,12 +13,15 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from chargegate import config as cfgmod
 from chargegate.broker import BrokerError, bus_settings
+from chargegate.reasons import phases_drawn, reason_text
 
 
 class Snapshot:
@@ -178,12 +182,14 @@ def grid_rows(snap: Snapshot) -> list[tuple[str, str, str]]:
             details.append(f"gateway {link['gateway']}")
         tls = ch.get("tls") or {}
         if tls.get("version"):
-            details.append(f"{tls['version']} {tls.get('cipher') or ''}".strip())
+            details.append(str(tls["version"]))  # the cipher is in the web page and on the bus
         if link.get("certificate"):
             details.append(f"cert {link['certificate']} ({_fmt(link.get('cert_days_left'), 0)} days left)")
         eps = [f"{name} {'open' if c.get('active') else ('off' if not c.get('enabled') else 'idle')}"
                for name, c in ch.items() if isinstance(c, dict) and "target" in c]
-        if eps:
+        if eps and all(e.endswith(" open") for e in eps):
+            details.append(f"channels: {len(eps)} open")
+        elif eps:
             details.append("channels: " + ", ".join(eps))
         if isinstance(ch.get("clseedi"), dict):
             details.append("CLS.EEDI " + ("connected" if ch["clseedi"].get("connected") else "not connected"))
@@ -194,6 +200,9 @@ def grid_rows(snap: Snapshot) -> list[tuple[str, str, str]]:
         rows.append(("SMGW link", val, f"since {_until(link.get('since'))}" if link.get("since") else ""))
     if alloc:
         warnings = ((alloc.get("limits") or {}).get("warnings")) or []
+        # a limit raised to the §14a floor is on its own row ("applied ... (§14a floor)")
+        shown_floor = any(item.get("raised_to_floor") for item in applied.values())
+        warnings = [w for w in warnings if not (shown_floor and "raised to the §14a floor" in str(w))]
         binding = sorted({e.get("bound_by") for e in alloc.get("evses") or [] if e.get("bound_by")})
         val = f"cycle {alloc.get('cycle')}; bound by {', '.join(binding) or '-'}"
         if warnings:
@@ -202,54 +211,137 @@ def grid_rows(snap: Snapshot) -> list[tuple[str, str, str]]:
     return rows
 
 
-def render(snap: Snapshot) -> Group:
-    evses = Table(title="EVSEs", expand=True)
-    for col in ("id", "state", "IEC", "online", "phases", "current A (L1/L2/L3)", "power W", "energy Wh",
-                "setpoint", "allocated / bound by", "mode", "flags", "age"):
-        evses.add_column(col)
+PORT_NAMES: dict[str, str] = {  # key in state/demo/ports -> what the user looks for
+    "broker": "broker", "web": "web", "variables_api": "variables API", "admin_api": "admin API",
+    "ocpp_local": "OCPP wallboxes", "ocpp_backend_record": "OCPP backend record", "smgw_sim": "SMGW sim",
+}
+HIDDEN_PORTS = {"ocpp_backend_sim"}  # in the ports file, not worth the view's room
+
+
+def ports_of(cfg: cfgmod.Config, config_path: Path | None = None) -> dict[str, int]:
+    """The ports of this installation that a user connects to, from its configuration, and from a
+    ``ports`` file next to it (``chargegate demo`` writes one with its simulators' ports too)."""
+    ports: dict[str, int] = {"broker": cfg.broker.port}
+    if "web" in cfg.services and cfg.web.enabled:
+        ports["web"] = cfg.web.port
+    if "smgw-link" in cfg.services and cfg.smgw.enabled and cfg.smgw.http_api.enabled:
+        ports["variables_api"] = cfg.smgw.http_api.port
+    if "smgw-link" in cfg.services and cfg.admin.enabled:
+        ports["admin_api"] = cfg.admin.port
+    if "ocpp-gateway" in cfg.services and cfg.ocpp.local.enabled and any(e.ocpp for e in cfg.evses):
+        ports["ocpp_local"] = cfg.ocpp.local.port
+    if config_path is not None:
+        try:
+            written = json.loads((Path(config_path).parent / "ports").read_text())
+        except (OSError, ValueError):
+            written = {}
+        if isinstance(written, dict):
+            ports |= {k: v for k, v in written.items() if isinstance(k, str) and isinstance(v, int)
+                      and not isinstance(v, bool) and 0 < v < 65536}
+    return ports
+
+
+def ports_line(ports: dict[str, int], host: str = "127.0.0.1") -> str:
+    parts = [f"{PORT_NAMES.get(k, k)} {v}" for k, v in ports.items() if k not in HIDDEN_PORTS]
+    return f"ports on {host}: " + " · ".join(parts) if parts else ""
+
+
+def granted_text(a: dict[str, Any] | None, status: dict[str, Any] | None) -> str:
+    """``6.0 A x3``, or ``6.0 A x1 (of 3)`` when the car draws on fewer phases than it was granted."""
+    if not a:
+        return "-"
+    text = f"{_fmt(a.get('current_a'))} A x{a.get('phases')}"
+    used = phases_drawn((status or {}).get("current_a"), a.get("phases"))
+    if used is not None:
+        text = f"{_fmt(a.get('current_a'))} A x{used} (of {a.get('phases')})"
+    return text
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def render(snap: Snapshot, ports: dict[str, int] | None = None, host: str = "127.0.0.1") -> Group:
+    """The whole view; 4 wallboxes, a meter, the limits and the services fit 100 columns by 30 lines."""
+    head = f"chargegate · {datetime.now().astimezone():%H:%M:%S} · {snap.messages} messages seen"
+    parts: list[Any] = [Text(head, style="bold", no_wrap=True, overflow="ellipsis")]
+    if ports:
+        parts.append(Text(ports_line(ports, host)))
     setpoints = snap.select("evse", "setpoint")
     modes = snap.select("evse", "mode")
     alloc = snap.get("controller/allocation") or {}
     allocated = {e.get("evse_id"): e for e in alloc.get("evses") or [] if isinstance(e, dict)}
+    rows: list[tuple[str, str, str, str, str, str]] = []
     for ident, s in snap.select("evse", "status").items():
         cur = "/".join(_fmt(x) for x in s.get("current_a") or [])
-        sp = setpoints.get(ident)
-        applied = s.get("applied") or {}
-        spt = f"{_fmt(sp.get('current_a'))} A x{sp.get('phases')}" if sp else "-"
-        if applied:
-            spt += f" (applied {_fmt(applied.get('current_a'))}{' fallback' if applied.get('fallback') else ''})"
+        state = str(s.get("state")) if s.get("online") else "OFFLINE"
+        ts = _parse_ts(s.get("ts"))
+        if ts is not None and (datetime.now(UTC) - ts).total_seconds() > 30:
+            state += f" ({_age(s.get('ts'))} old)"
         a = allocated.get(ident)
-        alloc_txt = f"{_fmt(a.get('current_a'))} A x{a.get('phases')} {a.get('bound_by')}" if a else "-"
+        granted = granted_text(a, s)
+        sp = setpoints.get(ident) or {}
+        applied = s.get("applied") or {}
+        if applied and (applied.get("fallback") or (a and applied.get("current_a") != a.get("current_a"))):
+            granted += f" (applied {_fmt(applied.get('current_a'))}{' fallback' if applied.get('fallback') else ''})"
+        elif not a and sp:
+            granted = f"{_fmt(sp.get('current_a'))} A x{sp.get('phases')}"
+        why = "no decision yet"
+        if a:
+            why = str(a.get("reason_text") or reason_text(a.get("bound_by"), a.get("detail")))
         md = modes.get(ident) or {}
-        mode_txt = str(md.get("mode") or (a or {}).get("mode") or "rules")
-        target = md.get("target")
-        if isinstance(target, dict):
-            mode_txt += f", {_fmt((target.get('energy_wh') or 0) / 1000)} kWh by {target.get('by')}"
-        if a and str(a.get("bound_by", "")).startswith(("mode:", "rule:mode.")) and a.get("detail"):
-            mode_txt += f" ({a.get('detail')})"  # the reason in words
-        evses.add_row(ident, str(s.get("state")), str(s.get("iec_state") or "-"), "yes" if s.get("online") else "NO",
-                      str(s.get("phases_in_use")), cur, _fmt(s.get("power_w"), 0), _fmt(s.get("energy_wh"), 0),
-                      spt, alloc_txt, mode_txt, ",".join(s.get("flags") or []), _age(s.get("ts")))
-    meters = Table(title="Meters", expand=True)
-    for col in ("id", "online", "current A", "power W", "import Wh", "age"):
-        meters.add_column(col)
+        mode = str(md.get("mode") or (a or {}).get("mode") or "rules")
+        if mode != "rules":
+            target = md.get("target")
+            if isinstance(target, dict):
+                mode += f" {_fmt((target.get('energy_wh') or 0) / 1000)} kWh by {target.get('by')}"
+            why = f"mode {mode}: {why}"
+        if s.get("flags"):
+            why += "; flags " + ",".join(str(f) for f in s["flags"])
+        kw = s.get("power_w")
+        rows.append((ident, state, cur, f"{kw / 1000:.1f}" if isinstance(kw, int | float) else "-", granted, why))
+    if rows:
+        # one line of figures and one of words per EVSE: the reason gets the whole width
+        head_row = ("EVSE", "state", "drawn A", "kW", "granted", "")
+        widths = [max(len(r[i]) for r in [head_row, *rows]) for i in range(5)]
+
+        def line(r: tuple[str, ...]) -> str:
+            return "  ".join(c.rjust(w) if i == 3 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths,
+                                                                                                   strict=False)))
+        parts.append(Text(line(head_row).rstrip() + "  (why, below each)", style="bold", no_wrap=True,
+                          overflow="ellipsis"))
+        for r in rows:
+            parts.append(Text(line(r).rstrip(), no_wrap=True, overflow="ellipsis"))
+            parts.append(Text(f"  ↳ {r[5]}", style="dim" if r[5] == "no decision yet" else "",
+                              no_wrap=True, overflow="ellipsis"))
+    grid = Table(box=box.MINIMAL, show_edge=False, expand=True, pad_edge=False)
+    grid.add_column("grid and site", no_wrap=True, max_width=22, overflow="ellipsis")
+    grid.add_column("value", ratio=1, overflow="fold")
+    grid.add_column("until / since", no_wrap=True, max_width=22, overflow="ellipsis")
     for ident, m in snap.select("meter", "reading").items():
-        meters.add_row(ident, "yes" if m.get("online", True) else "NO",
-                       "/".join(_fmt(x) for x in m.get("current_a") or []), _fmt(m.get("power_w"), 0),
-                       _fmt(m.get("energy_import_wh"), 0), _age(m.get("ts")))
-    grid = Table(title="Grid limits, tariff, SMGW link, allocation", expand=True)
-    for col in ("what", "value", "valid until / since"):
-        grid.add_column(col)
+        val = f"{'/'.join(_fmt(x) for x in m.get('current_a') or [])} A, {_fmt(m.get('power_w'), 0)} W"
+        val += f", import {_fmt(m.get('energy_import_wh'), 0)} Wh" if m.get("energy_import_wh") is not None else ""
+        if not m.get("online", True):
+            val = "OFFLINE " + val
+        grid.add_row(f"meter {ident}", val, f"{_age(m.get('ts'))} old")
     for row in grid_rows(snap):
         grid.add_row(*row)
-    services = Table(title="Services", expand=True)
-    for col in ("service", "status", "version", "uptime s", "config", "invalid msgs", "detail"):
-        services.add_column(col)
-    for name, h in snap.select("service", "health").items():
-        services.add_row(name, str(h.get("status")), str(h.get("version")), _fmt(h.get("uptime_s"), 0),
-                         str(h.get("config_version")), str((h.get("counters") or {}).get("invalid_messages", 0)),
-                         str(h.get("detail") or ""))
-    return Group(evses, meters, grid, services)
+    parts.append(grid)
+    health = snap.select("service", "health")
+    if health:
+        bad = {n: h for n, h in health.items() if h.get("status") != "online"}
+        text = f"services: {len(health) - len(bad)} of {len(health)} online"
+        if bad:
+            text += "; " + "; ".join(f"{n} {h.get('status')}" + (f" ({h['detail']})" if h.get("detail") else "")
+                                     for n, h in bad.items())
+        else:
+            text += f" ({', '.join(health)})"
+        invalid = {n: (h.get("counters") or {}).get("invalid_messages", 0) for n, h in health.items()}
+        invalid = {n: c for n, c in invalid.items() if c}
+        if invalid:
+            text += "; invalid messages dropped: " + ", ".join(f"{n} {c}" for n, c in invalid.items())
+        parts.append(Text(text))
+    return Group(*parts)
 
 
 def connect_observer(cfg: cfgmod.Config, snap: Snapshot) -> mqtt.Client:
@@ -278,30 +370,52 @@ def wait_retained(snap: Snapshot, timeout: float, quiet: float = 0.5) -> None:
         time.sleep(0.05)
 
 
-def status(config_path: Path, once: bool = False, timeout: float = 3.0) -> int:
+def status(config_path: Path, once: bool = False, timeout: float = 3.0, size: tuple[int, int] | None = None,
+           port: str | None = None) -> int:
+    """The live view (``once``: one snapshot). ``size``: columns and lines to fit (else the terminal's, or
+    ``COLUMNS``/``LINES``; 100 x 30 for a pipe). ``port``: print only that port (e.g. ``broker``) and exit."""
     try:
         cfg = cfgmod.load(config_path)
     except cfgmod.ConfigError as e:
         print(e)
         return 1
-    snap = Snapshot(cfg.site.topic_root)
+    ports = ports_of(cfg, config_path)
+    if port is not None:
+        if port not in ports:
+            print(f"chargegate status: no port {port!r} here; known: {', '.join(ports)}", file=sys.stderr)
+            return 1
+        print(ports[port])
+        return 0
     try:
-        client = connect_observer(cfg, snap)
+        settings = bus_settings(cfg, "observer")
     except BrokerError as e:
         print(f"chargegate status: {e}")
         return 1
+    snap = Snapshot(cfg.site.topic_root)
+    client = connect_observer(cfg, snap)
     console = Console()
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(width=160)  # a pipe or a file: wide enough for every column
+    if size is not None:
+        console = Console(width=size[0], height=size[1])
+    elif not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=100)  # a pipe or a file: the width the view is made for
+    host = settings.host if settings.host not in ("localhost", "::1") else "127.0.0.1"
+
+    def view() -> Group:
+        return render(snap, ports, host)
     try:
         if once:
             wait_retained(snap, timeout)
-            console.print(render(snap))
-            return 0 if snap.messages else 1
-        with Live(render(snap), console=console, refresh_per_second=2) as live:
+            if not snap.messages:
+                print(f"chargegate status: nothing from the broker at {settings.host}:{settings.port} within "
+                      f"{timeout:g} s (is the demo or `chargegate run` running? --timeout waits longer)",
+                      file=sys.stderr)
+                return 1
+            console.print(view())
+            return 0
+        with Live(view(), console=console, refresh_per_second=2) as live:
             while True:
                 time.sleep(0.5)
-                live.update(render(snap))
+                live.update(view())
     except KeyboardInterrupt:
         return 0
     finally:

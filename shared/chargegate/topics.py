@@ -111,6 +111,17 @@ SPECS: tuple[TopicSpec, ...] = (
               "an extra service container's own messages (README: Adding a service); `data` is its content"),
 )
 
+# broker accounts that are no service but write a registered topic (the ACL grants them; see broker.render_acl)
+ACCOUNT_WRITERS: dict[str, tuple[str, ...]] = {"service.command": ("admin",)}
+
+# the simulators' topics (demo and tests, the `sim` account reads and writes sim/#): free JSON, no model
+SIM_TOPICS: tuple[dict[str, Any], ...] = (
+    {"pattern": "sim/{evse_id}/command", "model": "-", "retained": False, "qos": 1, "writers": ["sim"],
+     "doc": "plug or unplug a simulated car: {action: plug|unplug, phases, max_current_a} (chargegate sim)"},
+    {"pattern": "sim/{evse_id}/draw", "model": "-", "retained": True, "qos": 1, "writers": ["sim"],
+     "doc": "what the simulated car draws (state, currents per phase, energy), on every change and every second"},
+)
+
 
 class TopicError(ValueError):
     pass
@@ -205,12 +216,18 @@ class Registry:
         self._reject_log.warning(f"{topic[:200]}\n{error[:120]}", "invalid message dropped", subject="topics",
                                  topic=topic, error=error, dropped_total=sum(self.invalid.values()))
 
-    def describe(self) -> list[dict[str, Any]]:
-        return [
+    def describe(self, sim: bool = True) -> list[dict[str, Any]]:
+        """Every topic with its model, retained flag, QoS and writers (the services of the registry and the
+        accounts the ACL lets write it), and with ``sim`` the simulators' topics."""
+        out = [
             {"topic": f"{self.root}/{s.pattern}", "model": s.model.__name__, "retained": s.retained, "qos": s.qos,
-             "writers": list(s.writers), "doc": s.doc}
+             "writers": [*s.writers, *ACCOUNT_WRITERS.get(s.name, ())], "doc": s.doc}
             for s in self.specs.values()
         ]
+        if sim:
+            out += [{"topic": f"{self.root}/{t['pattern']}", **{k: v for k, v in t.items() if k != "pattern"}}
+                    for t in SIM_TOPICS]
+        return out
 
 
 def format_validation_error(e: ValidationError, limit: int = 5) -> str:

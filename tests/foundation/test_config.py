@@ -152,3 +152,22 @@ def test_cli_config_check(tmp_path: Path) -> None:
 def test_measurement_age_settings_are_checked(extra: str, path: str, words: str) -> None:
     errs = errors_of(BASE + extra)
     assert any(p == path and words in m for p, m in errs), errs
+
+
+@pytest.mark.parametrize(
+    ("extra", "path", "words"),
+    [
+        ("controller:\n  rules:\n    - {id: night, type: tariff, evses: [a], charge_in: [low]}\n"
+         "    - {id: night, type: tariff, evses: [b], charge_in: [low]}\n",
+         "controller.rules[1].id", "rule id 'night' is used twice (also at controller.rules[0].id)"),
+        ("web:\n  users: [{name: anna, password: x, role: admin}, {name: anna, password: y, role: viewer}]\n",
+         "web.users[1].name", "web user name 'anna' is used twice (also at web.users[0].name)"),
+        ("admin:\n  tokens: [{name: ops, token: abcdefghijklmnop, role: viewer},\n"
+         "           {name: ops, token: qrstuvwxyz012345, role: viewer}]\n",
+         "admin.tokens[1].name", "'ops' is used twice (also at admin.tokens[0].name)"),
+    ],
+)
+def test_a_duplicate_name_names_both_places(extra: str, path: str, words: str) -> None:
+    """Not "(document): ... must be unique": the path of the second one, the value, and where the first is."""
+    errs = errors_of(BASE + extra)
+    assert any(p == path and words in m for p, m in errs), errs

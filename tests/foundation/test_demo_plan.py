@@ -85,3 +85,84 @@ def test_demo_plan_starts_from_scratch(tmp_path: Path) -> None:
     plan(tmp_path)
     assert not stale.exists()
     plan(tmp_path)  # twice in the same folder: the certificate is replaced, not refused
+
+
+def test_second_demo_is_fresh_and_on_the_same_ports(tmp_path: Path) -> None:
+    """A demo started again in the same folder: the same well-known ports (a port of the previous run in
+    TIME-WAIT counts as free), and nothing of the previous run's transactions, queue, record, operator
+    state or logs is left; a state folder outside the demo's folder is kept and named (not a real
+    installation's state removed)."""
+    import json
+    import socket
+
+    from chargegate.demo import demo_ports, previous_run_files, start_fresh
+
+    first = plan(tmp_path)
+    cfg = _load(tmp_path, first.config)
+    ports1 = demo_ports(first, cfg)
+    # the previous run's files, as the backend simulator, the gateway, the history and the services leave them
+    state = cfg.state_dir
+    left = [tmp_path / "backend.sqlite", tmp_path / "backend.sqlite-wal", tmp_path / "operator-record.jsonl",
+            tmp_path / "logs" / "ocpp-gateway.log", state / "ocpp-queue.sqlite", state / "ocpp-queue.sqlite-shm",
+            state / "history" / "history.db", state / "smgw" / "operator.json", state / "evse-poller" / "control.json",
+            tmp_path / "ports"]
+    for f in left:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("previous run")
+    kept_cert = cfg.state_dir / "certs" / "selected"
+    assert kept_cert.exists()
+    lines = start_fresh(tmp_path, cfg)
+    assert [f for f in left if f.exists()] == [] and kept_cert.exists()
+    assert lines and lines[0].startswith(f"fresh start: removed {len(left)} files")
+    assert start_fresh(tmp_path, cfg) == []  # nothing left to say
+
+    # the web port in TIME-WAIT (a client connected, the server closed first), as after a stopped demo
+    web = ports1["web"]
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", web))
+    srv.listen()
+    cli = socket.create_connection(("127.0.0.1", web))
+    conn, _ = srv.accept()
+    conn.close()  # the server side closes first: its end goes to TIME-WAIT
+    cli.close()
+    srv.close()
+    second = plan(tmp_path)
+    ports2 = demo_ports(second, _load(tmp_path, second.config))
+    for name in ("broker", "web", "variables_api", "ocpp_backend_record"):
+        assert ports2[name] == ports1[name], (name, ports1, ports2)
+    assert ports1["variables_api"] in (8090, 8092, 8093, 8094) or ports1["variables_api"] >= 20000
+    json.dumps(ports2)  # what state/demo/ports holds
+
+    # the state folder elsewhere (CHARGEGATE_STATE_DIR): kept, and said so
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-real-state"
+    (elsewhere / "history").mkdir(parents=True)
+    (elsewhere / "history" / "history.db").write_text("a real installation's record")
+    cfg.state_dir = elsewhere
+    removed, kept = previous_run_files(tmp_path, cfg)
+    assert kept == [elsewhere / "history" / "history.db"] and all(f.is_relative_to(tmp_path) or "broker" in str(f)
+                                                                  for f in removed)
+    assert "RESUMING" in start_fresh(tmp_path, cfg)[-1] and kept[0].exists()
+
+
+def test_first_free_skips_a_listening_port_and_takes_a_time_wait_one() -> None:
+    import socket
+
+    from chargegate.broker import first_free, free_port
+
+    busy, wait = free_port(), free_port()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", busy))
+        listener.listen()
+        srv = socket.socket()
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("127.0.0.1", wait))
+        srv.listen()
+        cli = socket.create_connection(("127.0.0.1", wait))
+        conn, _ = srv.accept()
+        conn.close()
+        cli.close()
+        srv.close()
+        assert first_free((busy, wait)) == wait
+        other = first_free((busy,))
+        assert other not in (busy, wait) and other >= 20000  # none free: a free one

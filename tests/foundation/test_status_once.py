@@ -24,7 +24,11 @@ def _alloc(dso_w: float, effective_w: float) -> p.Allocation:
     return p.Allocation(cycle=47, solve_ms=0.7, evses=[
         p.EvseAllocation(evse_id="wb1", current_a=6.8, phases=3, bound_by="§14a_floor",
                          detail=f"dso limit {dso_w:.0f} W raised to the §14a floor {effective_w:.0f} W"),
-        p.EvseAllocation(evse_id="wb2", current_a=0, phases=1, bound_by="min_current"),
+        p.EvseAllocation(evse_id="wb2", current_a=0, phases=1, bound_by="min_current",
+                         detail="the minimum 6 A does not fit under §14a_floor"),
+        p.EvseAllocation(evse_id="wb3", current_a=6.0, phases=3, bound_by="§14a_floor",
+                         detail=f"dso limit {dso_w:.0f} W raised to the §14a floor {effective_w:.0f} W"),
+        p.EvseAllocation(evse_id="wb4", current_a=0, phases=3, bound_by="evse_offline"),
     ], limits={
         "grid_limits": [
             {"source": "dso", "scope": "controllable", "power_w": dso_w, "current_a": None,
@@ -63,6 +67,14 @@ async def retained(broker: BrokerHandle) -> dict[str, Any]:
         evse_id="wb1", online=True, state=p.EvseState.CHARGING, iec_state=p.IecState.C, phases_in_use=3,
         current_a=[6.8, 6.8, 6.8], power_w=4692, energy_wh=1234,
         applied=p.AppliedSetpoint(current_a=6.8, phases=3, seq=7)), evse_id="wb1")
+    # a 1-phase car on a 3-phase wallbox without phase switching: granted x3, draws on L1 only
+    poller.publish("evse.status", p.EvseStatus(
+        evse_id="wb3", online=True, state=p.EvseState.CHARGING, iec_state=p.IecState.C, phases_in_use=1,
+        current_a=[6.0, 0.0, 0.0], power_w=1380, energy_wh=99), evse_id="wb3")
+    poller.publish("evse.status", p.EvseStatus(evse_id="wb2", online=True, state=p.EvseState.SUSPENDED),
+                   evse_id="wb2")
+    poller.publish("evse.status", p.EvseStatus(evse_id="wb4", online=False, state=p.EvseState.OFFLINE,
+                                               reason="no answer"), evse_id="wb4")
     poller.publish("meter.reading", p.MeterReading(meter_id="grid-meter", current_a=[19.8, 13.8, 13.8],
                                                    power_w=10902, energy_import_wh=107.7), meter_id="grid-meter")
     ctl.publish("evse.setpoint", p.Setpoint(evse_id="wb1", current_a=6.8, phases=3,
@@ -85,27 +97,54 @@ async def retained(broker: BrokerHandle) -> dict[str, Any]:
     smgw.publish("link.smgw", _link())
     smgw.publish("service.health", p.Health(service="smgw-link", status=p.HealthStatus.ONLINE, version="0.1.0",
                                             uptime_s=80), service="smgw-link")
+    others = [await connected_bus(broker, name) for name in ("evse-poller", "load-controller", "history")]
+    for bus, name in zip(others, ("evse-poller", "load-controller", "history"), strict=True):
+        bus.publish("service.health", p.Health(service=name, status=p.HealthStatus.ONLINE, version="0.1.0",
+                                               uptime_s=80), service=name)
     await asyncio.sleep(0.3)  # QoS 1, retained: on the broker once acknowledged
-    for bus in (poller, ctl, smgw):
+    for bus in (poller, ctl, smgw, *others):
         await bus.stop()
     return {"low_end": low_end}
 
 
-def _status_once(broker: BrokerHandle) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "260"}
+def _status_once(broker: BrokerHandle, *extra: str, env: dict[str, str] | None = None
+                 ) -> subprocess.CompletedProcess[str]:
+    env = {**{k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}, **(env or {})}
     return subprocess.run([sys.executable, "-m", "chargegate.cli", "status", "--config", str(broker.config_path),
-                           "--once", "--timeout", "8"], capture_output=True, text=True, env=env, timeout=30)
+                           "--once", "--timeout", "8", *extra], capture_output=True, text=True, env=env, timeout=30)
+
+
+def _rows(out: str) -> dict[str, str]:
+    """The first word of each line -> the line (EVSE rows), and the first cell of the table (grid rows)."""
+    rows = {}
+    lines = out.splitlines()
+    key = ""
+    for i, line in enumerate(lines):
+        if line.count("│") >= 2:
+            first = line.split("│")[0].strip()
+            if first:
+                key = first
+                rows[key] = line
+            elif key:  # a value folded onto the next line
+                rows[key] += " " + line.split("│")[1].strip()
+        elif line and not line.startswith(" ") and i + 1 < len(lines) and lines[i + 1].startswith("  ↳ "):
+            rows[line.split()[0]] = line + "\n" + lines[i + 1]  # an EVSE: its figures and why
+    return rows
 
 
 async def test_status_once_shows_retained_state(broker: BrokerHandle, retained: dict[str, Any]) -> None:
-    r = await asyncio.get_running_loop().run_in_executor(None, _status_once, broker)
+    r = await asyncio.get_running_loop().run_in_executor(None, lambda: _status_once(broker, env={"COLUMNS": "200"}))
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
-    lines = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") >= 3}
-    # EVSE row: status, setpoint and allocation
-    assert "charging" in lines["wb1"] and "6.8/6.8/6.8" in lines["wb1"]
-    assert "6.8 A x3 (applied 6.8)" in lines["wb1"] and "6.8 A x3 §14a_floor" in lines["wb1"]
-    assert "19.8/13.8/13.8" in lines["grid-meter"] and "10902" in lines["grid-meter"]
+    lines = _rows(out)
+    # EVSE row: status, grant and why in words (the code's sentence)
+    assert "charging" in lines["wb1"] and "6.8/6.8/6.8" in lines["wb1"] and "6.8 A x3" in lines["wb1"]
+    assert "the grid operator's limit of 6000 W is below the §14a floor: raised to 13020 W" in lines["wb1"]
+    assert "waits: no room left for its minimum 6 A under the grid operator's limit (§14a floor)" in lines["wb2"]
+    # the 1-phase car on a 3-phase wallbox: the phase it really uses
+    assert "6.0/0.0/0.0" in lines["wb3"] and "6.0 A x1 (of 3)" in lines["wb3"]
+    assert "OFFLINE" in lines["wb4"] and "the wallbox is not reachable" in lines["wb4"]
+    assert "19.8/13.8/13.8" in lines["meter grid-meter"] and "10902" in lines["meter grid-meter"]
     # the DSO limit, as asked and as applied
     dso = lines["grid limit (dso)"]
     assert "6000 W active, scope controllable" in dso and "applied 13020 W (§14a floor)" in dso
@@ -116,14 +155,37 @@ async def test_status_once_shows_retained_state(broker: BrokerHandle, retained: 
     assert "normal (demo-normal)" in lines["next tariff"]
     # the SMGW link
     link = lines["SMGW link"]
-    assert link.split("│")[2].strip().startswith("up - gateway 127.0.0.1:7443")
+    assert link.split("│")[1].strip().startswith("up - gateway 127.0.0.1:7443")
     for part in ("TLSv1.2", "cert demo-cls (365 days left)", "operator-mqtt open", "operator-ocpp off",
                  "CLS.EEDI connected"):
         assert part in link, part
-    # the allocation names what binds, with the controller's warning
-    assert "bound by min_current, §14a_floor" in lines["allocation"]
-    assert "dso limit 6000 W raised to the §14a floor 13020 W" in lines["allocation"]
-    assert "online" in lines["smgw-link"]
+    # the allocation names what binds
+    assert "bound by evse_offline, min_current, §14a_floor" in lines["allocation"]
+    assert "services: 4 of 4 online (evse-poller, history, load-controller, smgw-link)" in out
+    # the ports, from the configuration
+    assert f"ports on 127.0.0.1: broker {broker.port}" in out
+
+
+async def test_status_fits_100_by_30_and_prints_ports(broker: BrokerHandle, retained: dict[str, Any]) -> None:
+    """4 wallboxes, a meter, limits, tariff, link, services: within 100 columns and 30 lines, by --size and
+    by COLUMNS/LINES; ``--port broker`` prints the port alone, from the ``ports`` file next to the config."""
+    loop = asyncio.get_running_loop()
+    for how in (("--size", "100x30"), ()):
+        r = await loop.run_in_executor(None, lambda how=how: _status_once(
+            broker, *how, env={} if how else {"COLUMNS": "100", "LINES": "30"}))
+        assert r.returncode == 0, r.stdout + r.stderr
+        lines = r.stdout.rstrip("\n").splitlines()
+        assert len(lines) <= 30 and max(len(x) for x in lines) <= 100, (len(lines), r.stdout)
+        assert "6.0 A x1 (of 3)" in r.stdout and "SMGW link" in r.stdout and "services: 4 of 4" in r.stdout
+    ports = broker.config_path.parent / "ports"
+    ports.write_text('{"broker": 1884, "web": 8080, "ocpp_backend_record": 8095, "bad": "x"}')
+    try:
+        got = await loop.run_in_executor(None, lambda: _status_once(broker, "--port", "ocpp_backend_record"))
+        assert got.returncode == 0 and got.stdout == "8095\n", got
+        missing = await loop.run_in_executor(None, lambda: _status_once(broker, "--port", "nope"))
+        assert missing.returncode == 1 and "known: broker, " in missing.stderr
+    finally:
+        ports.unlink()
 
 
 def test_grid_rows_expired_failsafe_and_link_down() -> None:
@@ -149,3 +211,12 @@ def test_grid_rows_expired_failsafe_and_link_down() -> None:
     assert rows["failsafe (controller)"][0] == ("4200 W active, applied 13020 W (§14a floor) - SMGW link down")
     assert "(in 120 min)" in rows["failsafe (controller)"][1] or "(in 119 min)" in rows["failsafe (controller)"][1]
     assert "tariff" not in rows
+
+
+def test_status_once_without_a_broker_says_so(broker: BrokerHandle) -> None:
+    from chargegate.broker import free_port
+
+    port = free_port()
+    r = _status_once(broker, "--timeout", "1", env={"CHARGEGATE_BROKER_PORT": str(port)})
+    assert r.returncode == 1 and r.stdout == "", r
+    assert f"nothing from the broker at 127.0.0.1:{port} within 1 s" in r.stderr

@@ -139,3 +139,37 @@ def test_parse_never_raises(name: str, payload: bytes) -> None:
     params = {k: "x1" for k in spec.params}
     result = reg.parse(reg.topic(name, **params), payload)
     assert result is None or isinstance(result[2], spec.model)
+
+
+def test_readme_topic_table_is_what_chargegate_topics_prints() -> None:
+    """Every topic of `chargegate topics` (the registry, the ACL's accounts, the simulators') is in the README's
+    table with the same writers and retained flag, and the table has no topic the registry does not know."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from chargegate.topics import SERVICES
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    documented: dict[str, tuple[str, set[str]]] = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or not cells[0].startswith("`") or cells[1] not in ("yes", "no"):
+            continue
+        writers = {w.strip() for w in cells[2].split(",")}
+        if writers == {"each service"}:
+            writers = set(SERVICES)
+        for topic in re.findall(r"`([^`]+)`", cells[0]):
+            documented[re.sub(r"<[a-z_]+>", "*", topic)] = (cells[1], writers)
+    out = subprocess.run([sys.executable, "-m", "chargegate.cli", "topics"], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out[0].split() == ["topic", "model", "retained", "qos", "written", "by"]
+    printed: dict[str, tuple[str, set[str]]] = {}
+    for line in out[1:]:
+        topic, _model, retained, _qos, writers = re.split(r"\s{2,}", line.strip(), maxsplit=4)
+        key = re.sub(r"\{[a-z_]+\}", "*", topic.removeprefix("chargegate/"))
+        printed[key] = (retained, {w.strip() for w in writers.split(",")} if not writers.startswith("extra")
+                        else {"extra services"})
+    assert "sim/*/command" in printed and "admin" in printed["service/*/command"][1]
+    assert printed == documented

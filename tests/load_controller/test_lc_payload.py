@@ -45,6 +45,10 @@ def test_allocation_json_is_a_valid_allocation() -> None:
     assert alloc.limits["grid_limits"][0]["raised_to_floor"] is True
     assert any("§14a floor" in w for w in alloc.limits["warnings"])
     assert alloc.solve_ms == 1.234 and alloc.cycle == decision.cycle
+    # next to each code, its sentence for people (chargegate.reasons), with the figures of its detail
+    wb1, wb2 = alloc.evses
+    assert wb1.reason_text is not None and "below the §14a floor: raised to" in wb1.reason_text, wb1
+    assert wb2.reason_text is not None and wb2.reason_text.startswith("waits: no room left for its minimum"), wb2
 
 
 def test_allocation_is_new_when_only_a_reason_or_the_limits_in_force_change() -> None:

@@ -336,6 +336,8 @@ async def test_backend_outage_queues_and_delivers_in_order(env: Env) -> None:
 
 async def test_backend_sim_http_control(env: Env, tmp_path: Path) -> None:
     import json as _json
+    import urllib.error
+    import urllib.parse
     import urllib.request
 
     from chargegate.broker import free_port
@@ -354,7 +356,14 @@ async def test_backend_sim_http_control(env: Env, tmp_path: Path) -> None:
                                      + urllib.parse.quote('{"key": ["NumberOfConnectors"]}'))
     assert res["configurationKey"][0]["value"] == "2"
     tx = await loop.run_in_executor(None, get, "/transactions?cp=wb16")
-    assert tx and all(s["problems"] == [] for s in tx)
+    assert tx and all(s["problems"] == [] for s in tx) and {s["cp"] for s in tx} == {"wb16"}
+    # without cp: the sessions of every charge point, each naming its cp (not a 400 "KeyError: 'cp'")
+    every = await loop.run_in_executor(None, get, "/transactions")
+    assert [s for s in every if s["cp"] == "wb16"] == tx
+    # /call without its parameters: a 400 that says which are missing
+    with pytest.raises(urllib.error.HTTPError) as bad:
+        await loop.run_in_executor(None, get, "/call?cp=wb16")
+    assert bad.value.code == 400 and "needs the query parameters action" in bad.value.read().decode()
     assert (await loop.run_in_executor(None, get, "/down")) == {"listening": False}
     await until(lambda: not env.gw.upstreams["wb16"].booted.is_set(), what="gateway noticed the backend left")
     assert (await loop.run_in_executor(None, get, "/up")) == {"listening": True}

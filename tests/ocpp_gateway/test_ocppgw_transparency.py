@@ -140,7 +140,14 @@ class Backend:
         fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self.pending[uid] = fut
         await self.conns[cp].send(json.dumps([2, uid, action, payload]))
-        return await asyncio.wait_for(fut, WAIT_S)
+        m = await asyncio.wait_for(fut, WAIT_S)
+        if m[0] == 3:  # a strict peer: the gateway's answer must be schema-valid too
+            version = "1.6" if self.conns[cp].subprotocol == "ocpp1.6" else "2.0.1"
+            try:
+                validate(version, action, "response", m[2])  # type: ignore[arg-type]
+            except Exception as e:
+                self.bad.append(f"{cp} answer to {action}: {e}")
+        return m
 
 
 class Wallbox:
@@ -156,6 +163,13 @@ class Wallbox:
         self.pending: dict[str, asyncio.Future[list[Any]]] = {}
         self.reader: asyncio.Task[None] | None = None
         self.n = 0
+        self.bad: list[str] = []  # what the gateway sent that its schema does not allow
+
+    def check(self, action: str, kind: str, payload: Any) -> None:
+        try:
+            validate(self.version, action, kind, payload)  # type: ignore[arg-type]
+        except Exception as e:
+            self.bad.append(f"{action} {kind}: {e}")
 
     async def connect(self) -> None:
         self.ws = await connect(self.url, subprotocols=[f"ocpp{self.version}"], proxy=None, open_timeout=5)  # type: ignore[list-item]
@@ -175,6 +189,7 @@ class Wallbox:
             m = json.loads(raw)
             if m[0] == 2:
                 _, uid, action, payload = m
+                self.check(action, "request", payload)
                 self.got.append((action, payload))
                 q = self.answers.get(action)
                 ans = q.popleft() if q else [3, default_answer(self.version, action, [0])]
@@ -191,6 +206,7 @@ class Wallbox:
         await self.ws.send(json.dumps([2, uid, action, payload]))
         m = await asyncio.wait_for(fut, WAIT_S)
         assert m[0] == 3, f"{action}: the gateway answered {m}"
+        self.check(action, "response", m[2])
         return dict(m[2])
 
 
@@ -356,7 +372,7 @@ async def test_16_wallbox_messages_reach_the_backend_unchanged(env: Env, data: s
     same([{**m, "transactionId": backend_tid} for m in meter_values], with_tx,
          "transaction MeterValues (transactionId: the backend's)")
     same([live], [m for m in got_mv if "transactionId" not in m], "MeterValues without a transaction")
-    assert not be.bad, be.bad
+    assert not be.bad and not wb.bad, (be.bad, wb.bad)  # strict peers: every message schema-valid
     if os.environ.get("OCPPGW_TRANSPARENCY_TIMING"):
         print(f"example {time.monotonic() - t0:.3f} s")
 
@@ -425,7 +441,7 @@ async def test_201_wallbox_messages_reach_the_backend_unchanged(env: Env, data: 
     same(mv, (await arrives(env, cp, "MeterValues", before, 1))[-1], "MeterValues")
     got = await arrives(env, cp, "TransactionEvent", tx_mark, len(events))
     same(events, got, "TransactionEvents")
-    assert not be.bad, be.bad
+    assert not be.bad and not wb.bad, (be.bad, wb.bad)  # strict peers: every message schema-valid
 
 
 # -- backend -> wallbox ----------------------------------------------------------------------------------
@@ -528,6 +544,7 @@ async def backend_calls_reach_the_wallbox_unchanged(env: Env, version: str, data
     else:
         assert res[0] == 3, res
         same(answer[1], res[2], f"the wallbox's {action} answer")
+    assert not be.bad and not wb.bad, (be.bad, wb.bad)  # strict peers: every message schema-valid
 
 
 @SETTINGS

@@ -174,3 +174,16 @@ def test_comparison_table_has_both_columns() -> None:
     assert b.cars[0].delivered_kwh == pytest.approx(wh(RAMP_AS + 16 * 3594) / 1000, abs=1e-3)
     md = table([a, b], "markdown")
     assert md.splitlines()[0].startswith("| ") and "| 35 A | 50 A |" in md.splitlines()[0]
+
+
+def test_a_car_of_an_evse_only_one_configuration_has_gets_one_row() -> None:
+    two = site([{"id": "grid", "fuse_a": 35, "meter": "grid-meter"}],
+               [{"id": "wb", "circuit": "grid"}, {"id": "wb2", "circuit": "grid"}])
+    c = cars(car(arrive="18:00", depart="19:00", need_kwh=5),
+             car(id="guest", evse="wb2", arrive="18:00", depart="19:00", need_kwh=5))
+    a = summarize(run(one_wallbox(35), flat(5, 5, 5), c), "one")
+    b = summarize(run(two, flat(5, 5, 5), c), "two")
+    assert a.cars_without_evse == ["guest"]
+    lines = [ln for ln in table([a, b]).splitlines() if "guest" in ln]
+    assert len(lines) == 2, lines  # delivered/wanted and paused, no third "no such EVSE" row
+    assert "no such EVSE in this configuration" in lines[0] and "5.0 / 5.0 kWh" in lines[0]

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,12 +15,15 @@ from typing import Any
 
 import pytest
 from admin_support import running_link
+from hypothesis import given
+from hypothesis import strategies as st
 
 from chargegate import payloads as p
 from chargegate.broker import free_port
 from chargegate.bus import Bus
 from chargegate.runtime import ServiceContext
 from conftest import BrokerHandle, connected_bus, make_config, wait_for
+from fuzz_support import fuzz, scalars
 from smgw_link.certstore import CertStore
 from smgw_link.clseedi import messages as m
 from smgw_link.pki import Pki, make_pki
@@ -308,3 +313,53 @@ async def test_inbound_operator_commands_need_the_function_switch(tmp_path: Path
     finally:
         for s in servers:
             await s.stop()
+
+
+# -- fuzz of the variables API (issue 14): any name and value, both ways in ------------------------------------
+
+_RANGE = {"AVAIL": lambda x: 0 <= x <= 100, "TARIF": lambda x: x in (0, 1)}
+_VALS = st.one_of(st.sampled_from(["50", "0", "100", "-1", "101", "1e999", "nan", "inf", "-inf", "true", "50.5",
+                                   "0x10", " 50", "5e1", "1_0", "", "1,5", "1" * 40, "-0", "1e-320"]),
+                  st.integers(-200, 200).map(str), st.floats(allow_nan=True, allow_infinity=True).map(repr),
+                  st.text(max_size=12))
+_NAMES = st.one_of(st.sampled_from(["AVAIL", "TARIF", "avail", "NOPE", "", "../AVAIL", "AVAIL "]), st.text(max_size=8))
+
+
+def _number(text: str) -> float | None:
+    try:
+        x = float(text)
+    except ValueError:
+        return None
+    return x if math.isfinite(x) else None
+
+
+@fuzz(80)
+@given(via=st.sampled_from(["cnf", "put"]), name=_NAMES, val=_VALS,
+       json_value=st.one_of(scalars, st.lists(scalars, max_size=2), st.dictionaries(st.text(max_size=3), scalars,
+                                                                                    max_size=2)),
+       extra=st.booleans())
+async def test_variables_api_with_any_name_and_value(rig: Rig, via: str, name: str, val: str, json_value: Any,
+                                                     extra: bool) -> None:
+    """A known variable with a number in its range is set (and said back); anything else is a 4xx with a reason
+    and sets nothing; the service answers the next request."""
+    before = (await rig.http("GET", "/cnf?cmd=get_cm_vars"))[1]
+    if via == "cnf":
+        status, body = await rig.http("GET", "/cnf?cmd=set_cm_vars&name=" + urllib.parse.quote(name, safe="")
+                                      + "&val=" + urllib.parse.quote(val, safe=""))
+        x = _number(val) if len(val) <= 32 else None
+    else:
+        doc = {"value": json_value, **({"x": 1} if extra else {})}
+        status, body = await rig.http("PUT", "/api/variables/" + urllib.parse.quote(name, safe=""), doc)
+        ok_type = isinstance(json_value, int | float) and not isinstance(json_value, bool)
+        x = float(json_value) if ok_type and math.isfinite(json_value) and not extra else None
+    valid = len(name) <= 32 and name in _RANGE and x is not None and _RANGE[name](x)
+    if valid:
+        assert status == 200, (via, name, val, json_value, status, body)
+        said = body.get(name) if via == "cnf" else body["value"]
+        assert said == x
+        # back to the defaults (no limit, normal tariff) for the next example
+        assert (await rig.http("PUT", f"/api/variables/{name}", {"value": 100 if name == "AVAIL" else 0}))[0] == 200
+    else:
+        assert 400 <= status < 500, (via, name, val, json_value, status, body)
+        assert isinstance(body, dict) and body.get("detail"), body  # says what was wrong
+        assert (await rig.http("GET", "/cnf?cmd=get_cm_vars"))[1] == before  # nothing set

@@ -25,10 +25,8 @@ import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
-from chargegate import config as cfgmod
 from chargegate import record as rec
 from chargegate import record_export as rx
-from chargegate.broker import account_password
 from chargegate.runner import available_services
 
 pytestmark = pytest.mark.system
@@ -144,9 +142,28 @@ def _demo_processes(demo: Demo) -> dict[int, str]:
     return out
 
 
+STALE_TAG = "STALE-RUN"  # the idTag of a transaction a previous demo in the same folder left
+
+
+def _leave_a_previous_run(folder: Path) -> None:
+    """What a stopped demo leaves: an open transaction in the backend simulator's record, a log."""
+    from ocpp_gateway.backend_sim import Recorder
+
+    rec16 = Recorder(folder / "backend.sqlite")
+    rec16.frame("ocpp-1", "1.6", "in", json.dumps([2, "stale-1", "StartTransaction", {
+        "connectorId": 1, "idTag": STALE_TAG, "meterStart": 75, "timestamp": "2026-01-01T00:00:00Z"}]))
+    rec16.frame("ocpp-1", "1.6", "out", json.dumps([3, "stale-1", {"transactionId": 999,
+                                                                   "idTagInfo": {"status": "Accepted"}}]))
+    rec16.db.close()
+    (folder / "logs").mkdir()
+    (folder / "logs" / "ocpp-gateway.log").write_text('{"event": "from the previous run"}\n')
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
-    d = Demo(tmp_path_factory.mktemp("demo"))
+    folder = tmp_path_factory.mktemp("demo")
+    _leave_a_previous_run(folder)
+    d = Demo(folder)
     try:
         yield d
     finally:
@@ -215,6 +232,11 @@ def test_demo_whole_product(demo: Demo) -> None:
     port = int(demo.wait_line(r"broker:\s+127\.0\.0\.1:(\d+)", 30).group(1))
     control = int(demo.wait_line(r"curl http://127\.0\.0\.1:(\d+)/status", 5).group(1))
     demo.wait_line(r"SMGW simulator: 127\.0\.0\.1:\d+ \(brainpoolP256r1, TLS 1\.2, SOCKS5", 5)
+    # a fresh start: the previous run's backend record and logs are gone, the ports are written down
+    demo.wait_line(r"fresh start: removed \d+ files of the previous run", 5)
+    ports = json.loads((demo.dir / "ports").read_text())
+    assert ports["broker"] == port and ports["ocpp_backend_record"] == control, ports
+    assert "from the previous run" not in (demo.dir / "logs" / "ocpp-gateway.log").read_text()
     cfg = yaml.safe_load((demo.dir / "chargegate.yaml").read_text())
     evses = [e["id"] for e in cfg["evses"]]
     assert {"alfen", "webasto", "charx", "ocpp-1"} <= set(evses)
@@ -237,6 +259,8 @@ def test_demo_whole_product(demo: Demo) -> None:
             return {f["cp"] for f in frames if isinstance(f["msg"], list) and f["msg"][0] == 2
                     and f["msg"][2] == "BootNotification"}
         _wait("BootNotification of every EVSE at the backend", lambda: set(evses) <= booted(), 30, booted)
+        with urllib.request.urlopen(f"http://127.0.0.1:{control}/transactions", timeout=5) as r:
+            assert not [t for t in json.load(r) if t["id_tag"] == STALE_TAG]  # not continued from the last run
         link = _wait("SMGW link up with the OCPP channel used", lambda: (
             (lk := watch.latest("chargegate/link/smgw")) and lk["state"] == "up"
             and lk["channels"]["operator-ocpp"]["opened"] >= 1 and lk), 20,
@@ -334,7 +358,6 @@ def test_demo_whole_product(demo: Demo) -> None:
         # finished sessions of a Modbus and of the OCPP wallbox: the record's energy is the wallbox's
         # register difference, its tariff parts add up to it, its cost is energy x the configured price of
         # each part's tariff level, and the OCPP one is what the operator's backend bills (meterStop - meterStart)
-        conf = cfgmod.load(demo.dir / "chargegate.yaml")
         prices = {"low": 22.0, "normal": 34.0, "high": 45.0, "unknown": 34.0}  # the demo's (unknown: normal)
         modbus = next(e for e in ("alfen", "webasto", "charx") if e in charging)
         def alloc_of(e: str) -> list[dict[str, Any]]:
@@ -350,16 +373,11 @@ def test_demo_whole_product(demo: Demo) -> None:
         # floor of 4.2 kW fits one 3-phase car at 6 A): its record must then say 0 Wh, as the backend does
         _wait(f"{modbus} charging", lambda: charged(modbus), 40,
               lambda: (watch.latest(f"chargegate/sim/{modbus}/draw"), alloc_of(modbus)))
-        sim = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-sim-{time.monotonic_ns()}")
-        sim.username_pw_set("sim", account_password(conf, "sim"))
-        sim.connect("127.0.0.1", port)
-        sim.loop_start()
-        try:
-            for e in (modbus, "ocpp-1"):
-                sim.publish(f"chargegate/sim/{e}/command", json.dumps({"action": "unplug"}), qos=1).wait_for_publish(5)
-        finally:
-            sim.loop_stop()
-            sim.disconnect()
+        # unplugged as the README shows it: `chargegate sim unplug`, for the OCPP simulator as for a Modbus one
+        for e in (modbus, "ocpp-1"):
+            r = subprocess.run([sys.executable, "-m", "chargegate.cli", "sim", "unplug", e, "--config",
+                                str(demo.dir / "chargegate.yaml")], capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0 and r.stdout.strip() == f"{e}: car unplugged", (r.stdout, r.stderr)
 
         def finished(e: str) -> dict[str, Any] | None:
             return next((r for r in exported("sessions") if r["evse_id"] == e and r["stopped"]), None)

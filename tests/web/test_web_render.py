@@ -80,11 +80,11 @@ def test_reasons_in_words() -> None:
     assert w.reason_words("grid_limit:dso") == "the grid operator's limit applies"
     assert "§14a minimum" in w.reason_words("§14a_floor")
     assert w.reason_words("mode:off", "charging mode off (set by x)") == "charging mode off (set by x)"
-    assert w.reason_words("min_current", "6 A do not fit") == "not enough room for the minimum charging current - " \
-                                                              "6 A do not fit"
+    assert w.reason_words("min_current", "6 A do not fit") == ("not enough room for the minimum charging current "
+                                                               "(min_current_a) - 6 A do not fit")
     assert w.reason_words("stale_meter") == "a meter is silent, so charging below it is paused"
     assert w.reason_words("rule:mode.solar.a") == "solar mode: only what the house exports"
-    assert w.reason_words("evse_state:suspended") == "the wallbox is car plugged in, paused"
+    assert w.reason_words("evse_state:suspended") == "the car has paused charging (full, or its own timer)"
     assert w.reason_words("something_new") == "something_new"  # an unknown label is shown as it is
     assert w.time_left(NOW + timedelta(seconds=95), NOW) == "95 s left"
     assert w.time_left(NOW - timedelta(minutes=5), NOW) == "ended 5 min ago"
@@ -111,7 +111,7 @@ def test_wallbox_card_says_what_it_draws_what_it_gets_and_why() -> None:
     html = render.evses_section(cfg(), live(), NOW, TZ, aud)
     card = html.split('id="evse-a"', 1)[1].split("</article>", 1)[0]
     assert ">charging<" in card and "10.0 / 10.0 / 10.0 A" in card and "6.90 kW" in card
-    assert "10 A × 3" in card and "raised to the §14a minimum" in card
+    assert "10 A × 3" in card and "limit of 6000 W is below the §14a floor: raised to 8400 W" in card
     b = html.split('id="evse-b"', 1)[1].split("</article>", 1)[0]
     assert "car plugged in, waiting" in b and "0 A (paused)" in b and "charging mode off" in b
     assert b.count("<option") == 5 and 'name="csrf" value="tok"' in b

@@ -135,7 +135,7 @@ async def test_the_live_page_follows_the_bus(rig: Rig) -> None:
             and 'data-applies="yes"' in s.get("limits", "") and 'data-state="charging"' in s.get("evses", "") and s))
         assert "4.00 kW on the controllable devices" in secs["limits"] and "6.72 kW" in secs["limits"]
         card = secs["evses"].split('id="evse-w1"', 1)[1].split("</article>", 1)[0]
-        assert "9.5 / 9.4 / 9.6 A" in card and "9.5 A × 3" in card and "raised to the §14a floor" in card
+        assert "9.5 / 9.4 / 9.6 A" in card and "9.5 A × 3" in card and "below the §14a floor: raised to 6720 W" in card
         assert "<form" not in card  # ben is a viewer: no mode form
         # the circuit tree shows the garage's phases from what the wallbox draws
         assert 'data-phase="L1" data-load="9.50"' in secs["circuits"].split('id="node-garage"', 1)[1]

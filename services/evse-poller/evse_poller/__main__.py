@@ -1,4 +1,8 @@
-from evse_poller.service import main
+from chargegate.lean import service_process
+
+service_process()  # before the service's imports: rich stays out of the process
+
+from evse_poller.service import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from chargegate import config as cfgmod
+from chargegate.cli import config_argument
 
 DEFAULT_CONFIG = os.environ.get("CHARGEGATE_CONFIG", "chargegate.yaml")
 
@@ -27,14 +28,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     sub = sim.add_subparsers(dest="sim_command", required=True)
 
     r = sub.add_parser("run", help="start simulators for every Modbus EVSE and meter of the configuration")
-    r.add_argument("--config", "-c", default=DEFAULT_CONFIG)
+    config_argument(r)
     r.add_argument("--log-format", choices=["auto", "json", "console"], default=None)
     add_arguments(r)
     r.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("plug", help="plug a car into a simulated EVSE")
     p.add_argument("evse_id")
-    p.add_argument("--config", "-c", default=DEFAULT_CONFIG)
+    config_argument(p)
     p.add_argument("--phases", type=int, choices=[1, 2, 3], default=3, help="phases the car charges on")
     p.add_argument("--max-current-a", type=float, default=16.0, help="the car's own maximum current per phase")
     p.add_argument("--timeout", type=float, default=5.0, help="how long to wait for the simulator's answer")
@@ -42,12 +43,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
     u = sub.add_parser("unplug", help="unplug the car from a simulated EVSE")
     u.add_argument("evse_id")
-    u.add_argument("--config", "-c", default=DEFAULT_CONFIG)
+    config_argument(u)
     u.add_argument("--timeout", type=float, default=5.0)
     u.set_defaults(func=_cmd_unplug)
 
     s = sub.add_parser("show", help="what every simulated car draws now")
-    s.add_argument("--config", "-c", default=DEFAULT_CONFIG)
+    config_argument(s)
     s.add_argument("--timeout", type=float, default=2.0)
     s.set_defaults(func=_cmd_show)
 
@@ -81,11 +82,15 @@ def _send(args: argparse.Namespace, command: dict[str, Any]) -> int:
     config = _load(args.config)
     if config is None:
         return 2
-    modbus_ids = [e.id for e in config.evses if e.modbus is not None]
-    if args.evse_id not in modbus_ids:
-        print(f"unknown simulated EVSE {args.evse_id!r}; Modbus EVSEs: {', '.join(modbus_ids) or 'none'}",
-              file=sys.stderr)
+    # the Modbus simulators (sim run) and the OCPP wallbox simulators (ocpp-sim) answer on the same topics
+    simulated = [e.id for e in config.evses if e.modbus is not None or e.ocpp is not None]
+    if args.evse_id not in simulated:
+        print(f"unknown simulated EVSE {args.evse_id!r}; the configuration's Modbus and OCPP EVSEs: "
+              f"{', '.join(simulated) or 'none'}", file=sys.stderr)
         return 2
+    from chargegate import log as logsetup
+
+    logsetup.setup("sim", "warning")  # the answer is the one line printed; the bus's own info lines are noise
     return asyncio.run(_send_async(config, args.evse_id, command, args.timeout))
 
 
@@ -117,7 +122,7 @@ async def _send_async(config: cfgmod.Config, evse_id: str, command: dict[str, An
             left = deadline - asyncio.get_running_loop().time()
             if left <= 0:
                 print(f"no simulator answered for {evse_id} within {wait_s:g} s "
-                      "(is `chargegate sim run` or the demo running?)", file=sys.stderr)
+                      "(is the demo, `chargegate sim run` or `chargegate ocpp-sim` running?)", file=sys.stderr)
                 return 1
             try:
                 draw = await asyncio.wait_for(seen.get(), left)
@@ -142,6 +147,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 2
+    from chargegate import log as logsetup
+
+    logsetup.setup("sim", "warning")
     return asyncio.run(_show(config, args.timeout))
 
 

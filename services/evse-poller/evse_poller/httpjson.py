@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from evse_poller.profile import Profile
+from evse_poller.resolve import resolve
 from evse_poller.transport import DeviceRejected, Endpoint, LinkError
 
 Value = float | int | str | None
@@ -78,7 +79,8 @@ class HttpLink:
             try:
                 async with asyncio.timeout(timeout_s):
                     try:
-                        reader, writer = await asyncio.open_connection(self.endpoint.host, self.endpoint.port)
+                        addr = await resolve(self.endpoint.host, self.endpoint.port, timeout_s)
+                        reader, writer = await asyncio.open_connection(addr, self.endpoint.port)
                     except OSError as e:
                         self.failures += 1
                         raise self._failed_connect(f"{type(e).__name__}: {e.strerror or e}") from None

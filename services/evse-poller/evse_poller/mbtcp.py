@@ -19,6 +19,8 @@ import asyncio
 import struct
 from typing import Literal, cast
 
+from evse_poller.resolve import resolve
+
 Table = Literal["holding", "input", "coil", "discrete"]
 
 READ_FC: dict[str, int] = {"coil": 1, "discrete": 2, "holding": 3, "input": 4}
@@ -121,7 +123,8 @@ class ModbusTcpClient:
         """Open the connection (raises OSError or TimeoutError)."""
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self.connect_timeout_s):
-            _, proto = await loop.create_connection(_Protocol, self.host, self.port)
+            addr = await resolve(self.host, self.port, self.connect_timeout_s)
+            _, proto = await loop.create_connection(_Protocol, addr, self.port)
         self._proto = proto
 
     def close(self) -> None:

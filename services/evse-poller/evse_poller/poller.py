@@ -76,7 +76,7 @@ class MemoryPublisher:
 class Poller:
     def __init__(self, config: Config, publisher: Publisher, log: Any = None,
                  counters: Counter[str] | None = None, state_dir: Path | None = None,
-                 tasks: Tasks | None = None) -> None:
+                 tasks: Tasks | None = None, name: str = "evse-poller") -> None:
         self.config = config
         self.tasks = tasks or Tasks(log=log)
         self.settings = config.poller
@@ -91,7 +91,7 @@ class Poller:
         self._apply_tasks: set[asyncio.Task[None]] = set()
         self._published: dict[str, object] = {}
         self._published_at: dict[str, float] = {}  # EVSE id -> monotonic time of its last published status
-        self._control_file = (state_dir or config.state_dir) / "evse-poller" / "control.json"
+        self._control_file = (state_dir or config.state_dir) / name / "control.json"  # per instance
         self._running = False
         self.polls = 0  # device polls so far (benchmark)
         self._device_tasks: dict[str, asyncio.Task[None]] = {}  # "evse:<id>" / "meter:<id>"

@@ -2,16 +2,25 @@
 
 Publishes ``evse/<id>/status`` for every Modbus EVSE and ``meter/<id>/reading`` for every meter;
 consumes ``evse/<id>/setpoint`` and ``evse/<id>/command`` (answering ``evse/<id>/command/result``).
+
+With ``poller.instances`` the Modbus devices are split over several processes: ``python -m evse_poller
+--instance garage`` (or ``CHARGEGATE_POLLER_INSTANCE=garage``) polls only the devices whose
+``modbus.instance`` is ``garage``, as the service ``evse-poller.garage``: its own broker account (whose
+ACL lets it write only those devices' topics), health topic and state folder.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import os
+import sys
 
+from chargegate import config as cfgmod
 from chargegate import payloads as p
 from chargegate.bus import Bus, Message
-from chargegate.config import Config
+from chargegate.config import Config, instance_service
 from chargegate.runtime import ServiceContext, run_service
 from evse_poller.poller import Poller
 
@@ -38,13 +47,22 @@ class BusPublisher:
         self.bus.clear("meter.reading", meter_id=meter_id)
 
 
+def instance_of(service: str) -> str | None:
+    """``evse-poller.garage`` -> ``garage``; the single ``evse-poller`` -> None."""
+    return service.split(".", 1)[1] if service.startswith(NAME + ".") else None
+
+
 async def serve(ctx: ServiceContext) -> None:
     holder: dict[str, Poller] = {}
     runner: dict[str, asyncio.Task[None]] = {}
+    instance = instance_of(ctx.name)
 
     def start(config: Config) -> None:
-        poller = Poller(config, BusPublisher(ctx.bus), ctx.log, ctx.counters, tasks=ctx.tasks)
+        poller = Poller(config.for_poller(instance), BusPublisher(ctx.bus), ctx.log, ctx.counters, tasks=ctx.tasks,
+                        name=ctx.name)
         holder["poller"] = poller
+        ctx.counters["evses_polled"] = len(poller.evses)  # in the health: what this instance owns
+        ctx.counters["meters_polled"] = len(poller.meters)
         runner["task"] = ctx.tasks.spawn("poller", poller.run)
         ctx.log.info("polling", evses=len(poller.evses), meters=len(poller.meters), broken=len(poller.broken),
                      links=len(poller.pool.links), interval_s=config.poller.poll_interval_s,
@@ -66,7 +84,7 @@ async def serve(ctx: ServiceContext) -> None:
 
     async def on_reload(config: Config) -> None:
         current = holder.get("poller")
-        if current is not None and await current.reconfigure(config):
+        if current is not None and await current.reconfigure(config.for_poller(instance)):
             return  # device by device: the others keep polling
         ctx.log.info("poller settings changed: restarting every device")
         old, task = holder.get("poller"), runner.get("task")
@@ -110,6 +128,34 @@ def use_fast_event_loop() -> bool:
     return True
 
 
-def main() -> None:
+def instance_problem(config: Config, instance: str | None) -> str | None:
+    """Why this configuration cannot be polled by ``instance`` (None: it can)."""
+    known = config.poller.instances
+    if instance is None and known:
+        return (f"poller.instances is given ({', '.join(known)}): start each instance with --instance NAME "
+                f"(`chargegate run` does)")
+    if instance is not None and instance not in known:
+        return f"--instance {instance}: not one of poller.instances ({', '.join(known) or 'none'})"
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--instance", default=os.environ.get("CHARGEGATE_POLLER_INSTANCE") or None)
+    ap.add_argument("--config", "-c", default=os.environ.get("CHARGEGATE_CONFIG", "chargegate.yaml"))
+    args, _ = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
+    rest = [a for a in (sys.argv[1:] if argv is None else argv)]
+    if "--instance" in rest:  # run_service does not know it
+        i = rest.index("--instance")
+        del rest[i:i + 2]
+    rest = [a for a in rest if not a.startswith("--instance=")]
+    name = instance_service(args.instance)
+    try:
+        why = instance_problem(cfgmod.load(args.config), args.instance)
+    except cfgmod.ConfigError:
+        why = None  # run_service reports it
+    if why is not None:
+        print(f"{name}: configuration error\n{why}", file=sys.stderr)
+        sys.exit(2)  # a configuration error: `chargegate run` waits for the file to change
     use_fast_event_loop()
-    run_service(NAME, serve)
+    run_service(name, serve, rest)

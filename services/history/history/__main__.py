@@ -1,3 +1,8 @@
-from history.service import main
+from chargegate.lean import service_process
 
-main()
+service_process()  # before the service's imports: rich stays out of the process
+
+from history.service import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()

@@ -14,6 +14,7 @@ from chargegate import config as cfgmod
 from chargegate import payloads as p
 from chargegate import record as rec
 from chargegate import record_export as rx
+from chargegate.cli import config_argument
 from chargegate.files import write_private
 
 DEFAULT_CONFIG = "chargegate.yaml"
@@ -129,7 +130,7 @@ def cmd_mode(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     h = sub.add_parser("history", help="export the record: sessions, control actions, monthly summary, house load")
     h.add_argument("what", choices=rx.KINDS)
-    h.add_argument("--config", "-c", default=DEFAULT_CONFIG)
+    config_argument(h)
     h.add_argument("--from", dest="start", help="2026-03, 2026-03-01 or an ISO time (site time zone)")
     h.add_argument("--to", dest="end", help="inclusive month or day, or an exclusive ISO time")
     h.add_argument("--evse")
@@ -147,6 +148,6 @@ def register(sub: Any) -> None:
     m.add_argument("--target-kwh", type=float, help="a session target: this much energy ...")
     m.add_argument("--by", help="... by this local time (HH:MM)")
     m.add_argument("--clear-target", action="store_true")
-    m.add_argument("--config", "-c", default=DEFAULT_CONFIG)
+    config_argument(m)
     m.add_argument("--timeout", type=float, default=5.0)
     m.set_defaults(func=cmd_mode)

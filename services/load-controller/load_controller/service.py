@@ -19,7 +19,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from json.encoder import encode_basestring as _json_str
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -28,6 +28,7 @@ from chargegate import payloads as p
 from chargegate.bus import Bus, Message
 from chargegate.config import Config
 from chargegate.ratelog import LogLimiter
+from chargegate.reasons import reason_text
 from chargegate.runtime import ServiceContext, run_service
 from load_controller.controller import Decision, EvseDecision, Inputs, Memory, step, wants_power
 from load_controller.solver import INF
@@ -85,6 +86,7 @@ class LoadController:
         old = getattr(self, "topo", None)
         self.config = config
         self.topo = Topology(config)
+        self.circuit_names = {c.id: c.name for c in config.all_circuits() if c.name}
         try:
             self.tz = ZoneInfo(config.site.timezone)
         except (ZoneInfoNotFoundError, ValueError):
@@ -380,7 +382,8 @@ class LoadController:
             return
         spec = self.ctx.registry.spec("controller.allocation")
         self.bus.publish_raw(self.ctx.registry.topic("controller.allocation"),
-                             allocation_json(decision, solve_ms, p.utcnow().isoformat()), spec.qos, spec.retained)
+                             allocation_json(decision, solve_ms, p.utcnow().isoformat(), self.circuit_names, self.tz),
+                             spec.qos, spec.retained)
         self.last_alloc_key = key
         self.last_alloc_at = mono
         self.counters["allocations_published"] += 1
@@ -505,13 +508,17 @@ def allocation_key(decision: Decision) -> tuple[object, ...]:
                        sort_keys=True, default=str))
 
 
-def allocation_json(decision: Decision, solve_ms: float, ts: str) -> bytes:
-    """The ``Allocation`` payload, serialised directly (the tests check it validates)."""
+def allocation_json(decision: Decision, solve_ms: float, ts: str, names: dict[str, str] | None = None,
+                    tz: tzinfo | None = None) -> bytes:
+    """The ``Allocation`` payload, serialised directly (the tests check it validates). ``reason_text``: the
+    code and detail in a sentence (:mod:`chargegate.reasons`); ``names``: circuit id -> name for it."""
     return json.dumps({
         "v": p.SCHEMA_VERSION, "ts": ts, "cycle": decision.cycle, "solve_ms": round(solve_ms, 3),
         "limits": decision.limits,
         "evses": [{"evse_id": d.evse_id, "current_a": d.current, "phases": d.phases, "wanted": d.wanted,
-                   "bound_by": d.bound_by, "detail": d.detail, "mode": d.mode} for d in decision.evses],
+                   "bound_by": d.bound_by, "detail": d.detail,
+                   "reason_text": reason_text(d.bound_by, d.detail, names, tz), "mode": d.mode}
+                  for d in decision.evses],
     }, separators=(",", ":"), ensure_ascii=False, default=str).encode()
 
 

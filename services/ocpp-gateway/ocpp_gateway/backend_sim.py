@@ -11,7 +11,8 @@
 
 Run: ``python -m ocpp_gateway.backend_sim --port 9000 --db backend.sqlite [--control-port 9001]``.
 The control port answers plain HTTP GET: ``/status``, ``/down``, ``/up``, ``/messages?cp=ID``,
-``/transactions?cp=ID``, ``/call?cp=ID&action=RemoteStartTransaction&payload={"idTag":"x","connectorId":1}``.
+``/transactions?cp=ID`` (without ``cp``: of every charge point),
+``/call?cp=ID&action=RemoteStartTransaction&payload={"idTag":"x","connectorId":1}``.
 """
 
 from __future__ import annotations
@@ -461,9 +462,14 @@ class BackendSim:
                 body = {"listening": True}
             elif u.path == "/messages":
                 body = [{"cp": c, "dir": d, "msg": m} for c, d, m in self.frames(q.get("cp"))]
-            elif u.path == "/transactions":
-                body = [s.__dict__ for s in self.transactions(q["cp"])]
+            elif u.path == "/transactions":  # of one charge point (?cp=ID), else of every one, each with its cp
+                cps = [q["cp"]] if q.get("cp") else sorted({c for c, _, _ in self.frames()})
+                body = [s.__dict__ for c in cps for s in self.transactions(c)]
             elif u.path == "/call":
+                missing = [k for k in ("cp", "action") if not q.get(k)]
+                if missing:
+                    return conn.respond(400, f"/call needs the query parameters {' and '.join(missing)}, e.g. "
+                                             "/call?cp=ID&action=RemoteStartTransaction&payload={...}\n")
                 body = await self.call(q["cp"], q["action"], json.loads(q.get("payload", "{}")))
             else:
                 return conn.respond(404, "unknown path\n")

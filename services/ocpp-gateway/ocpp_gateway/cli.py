@@ -8,14 +8,16 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from chargegate.cli import config_argument
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     q = subparsers.add_parser("ocpp-queue", help="show the OCPP gateway's durable transaction queue")
-    q.add_argument("--config", "-c", default="chargegate.yaml")
+    config_argument(q)
     q.add_argument("--dead", action="store_true", help="list the messages the backend refused for good")
     q.set_defaults(func=_queue)
     s = subparsers.add_parser("ocpp-sim", help="run the OCPP wallbox simulators of a configuration")
-    s.add_argument("--config", "-c", default="chargegate.yaml")
+    config_argument(s)
     s.set_defaults(func=_sim)
     b = subparsers.add_parser("ocpp-backend-sim", help="run the OCPP backend simulator")
     b.add_argument("--port", type=int, default=9000)

@@ -107,6 +107,7 @@ class Connector:
         # the wallbox has told its status since the gateway started or it (re)connected: until then the status
         # on the bus says not reachable, so the load controller assumes it draws what it was last allowed
         self.confirmed = False
+        self.status_reported_at = 0.0  # monotonic time of the wallbox's last own StatusNotification
         self.drawing = False  # MeterValues since the last StatusNotification show a car drawing current
         self.info: str | None = None
         self.charging_state: str | None = None  # 2.0.1
@@ -225,6 +226,8 @@ class Connector:
         of the same version); ``derived``: worked out here (from a 2.0.1 chargingState, a connector 0
         status): it goes up only to a backend of the other version, which needs it translated."""
         self.confirmed = True
+        if raw is not None:
+            self.status_reported_at = time.monotonic()
         self.drawing = False
         if status16 != "Charging":
             self.current_a = [0.0, 0.0, 0.0]  # no energy flows; the next MeterValues tells when it does again
@@ -552,6 +555,7 @@ class Connector:
 
 
 DRAWING_A = 1.0  # a phase current from this on: a car is drawing
+STATUS_TRIGGER_RETRY_S = 2.0  # after a reconnect: the status trigger is repeated once when no status came
 
 
 def _trigger_payload(version: Version, what: str, n: int) -> dict[str, Any]:
@@ -647,9 +651,12 @@ class WallboxSession:
         for c in self.box.connectors.values():
             c.reapply()
         # what the gateway knew before (a restart, a reconnect) is not confirmed: ask at once
+        asked_at = time.monotonic()
+        asked = []
         for c in self.box.connectors.values():
             if not c.confirmed:
                 self.csms.counters["status_triggered_on_connect"] += 1
+                asked.append(c)
                 answer = await c.trigger("StatusNotification")
                 if answer != "Accepted" and not c.confirmed:
                     self.csms.log_once(f"status-trigger:{self.cbid}", "wallbox does not send its status on request: "
@@ -659,6 +666,14 @@ class WallboxSession:
                 await c.trigger("MeterValues")
         with contextlib.suppress(ConnectionClosed):
             await self.configure_sampling()
+        # a wallbox that accepted the trigger but sent no StatusNotification (it lost it, e.g. while still
+        # booting; MeterValues may have confirmed the state here, but the backend needs the wallbox's own
+        # status): asked once more
+        await asyncio.sleep(STATUS_TRIGGER_RETRY_S)
+        for c in asked:
+            if c.status_reported_at < asked_at and self.box.session is self:
+                self.csms.counters["status_trigger_repeated"] += 1
+                await c.trigger("StatusNotification")
 
     async def configure_sampling(self) -> dict[str, str]:
         """Ask the wallbox for MeterValues with the phase currents every ``meter_values_interval_s``.

@@ -269,8 +269,9 @@ class OcppRpc:
             self.on_frame("in", raw)
         try:
             msg = json.loads(raw)
-        except ValueError:
-            self._bad("frame", f"not JSON: {raw[:80]!r}")
+        except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than the parser goes
+            what = "nested too deep" if isinstance(e, RecursionError) else "not JSON"
+            self._bad("frame", f"{what}: {raw[:80]!r}")
             code = "FormationViolation" if self.version == "1.6" else "RpcFrameworkError"
             await self._reply_error("-1", code, "message is not valid JSON")
             return

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from chargegate import config as cfgmod
+from chargegate.cli import config_argument
 from smgw_link.certstore import (
     REQUEST_CURVES,
     CertInfo,
@@ -139,7 +140,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     sub = c.add_subparsers(dest="cert_command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", "-c", default=DEFAULT_CONFIG)
+        config_argument(p)
         p.add_argument("--store", default=None, help="certificate store directory (default: from the config)")
 
     i = sub.add_parser("import", help="import a PEM (certificate [+chain] [+key]) or PKCS#12 file")

@@ -37,7 +37,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
-from chargegate.broker import free_port, mosquitto_binary
+from chargegate.broker import first_free, free_port, mosquitto_binary
 from chargegate.files import open_private_append
 from smgw_link.clseedi import messages as m
 
@@ -49,17 +49,6 @@ OCPP_HOST, OCPP_PORT = "ocpp.operator.test", 443
 GATEWAY_GROUPS = "brainpoolP256r1"  # a brainpool-only gateway: TLS 1.2 with brainpool key exchange
 LIMIT_W, LIMIT_S = 6000, 120
 LIMIT_AFTER_S, TARIFF_AFTER_S, TARIFF_START_IN_S, TARIFF_MINUTES = 15.0, 8.0, 10.0, 30.0
-
-
-def _port(preferred: int) -> int:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", preferred))
-            return preferred
-        except OSError:
-            return free_port()
 
 
 def operator_broker_conf(dirpath: Path, port: int, cert: Path, key: Path) -> Path:
@@ -100,7 +89,7 @@ def demo_setup(dirpath: Path, cfg: dict[str, Any]) -> dict[str, Any]:
 
     smgw_port, op_port, inbound_port = free_port(), free_port(), free_port()
     fwd_mqtt, fwd_ocpp = free_port(), free_port()
-    http_port = _port(8090)
+    http_port = first_free((8090, 8092, 8093, 8094))  # the same port on every run when it is free (8091: admin)
     routes = [f"{MQTT_HOST}:{MQTT_PORT}=127.0.0.1:{op_port}"]
     notes: list[str] = []
     backend_args: list[str] = []

@@ -85,7 +85,8 @@ class ApiState:
 
 def make_app(state: ApiState, origin: Origin) -> FastAPI:
     app = FastAPI(title=f"chargegate variables API ({origin})", version="1",
-                  description=__doc__ or "", docs_url="/docs", redoc_url=None)
+                  description=__doc__ or "", docs_url="/docs", redoc_url=None,
+                  redirect_slashes=False)  # a client that gets the path wrong gets a 404, not a redirect
 
     def count(key: str) -> None:
         state.counters[key] = state.counters.get(key, 0) + 1

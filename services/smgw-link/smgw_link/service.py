@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chargegate import payloads as p
 from chargegate.bus import Message
@@ -24,13 +24,28 @@ from smgw_link.channel import HanConnector, InboundServer, Link, Streams
 from smgw_link.clseedi.client import ClsEediClient
 from smgw_link.clseedi.device import ClsEediDevice
 from smgw_link.control import OperatorControl, same_limit
-from smgw_link.httpapi import ApiState, make_app
-from smgw_link.httpserve import _HttpServer, _Uvicorn, serve_http
 from smgw_link.measurements import Measurements
 from smgw_link.tlsconf import LinkError
 
-_serve_http = serve_http  # the name the tests use
-__all__ = ["SmgwLink", "_HttpServer", "_Uvicorn", "_serve_http", "main", "serve"]
+if TYPE_CHECKING:  # the web framework is imported only where an HTTP API is served (bench/footprint)
+    from smgw_link.httpapi import ApiState
+    from smgw_link.httpserve import _HttpServer
+
+__all__ = ["SmgwLink", "_serve_http", "main", "serve"]
+
+
+async def _serve_http(app: Any, sock: socket.socket, ssl_context: Any = None) -> _HttpServer:
+    """:func:`smgw_link.httpserve.serve_http`, imported on first use (uvicorn stays out of an smgw-link
+    that serves no HTTP API)."""
+    from smgw_link.httpserve import serve_http
+
+    return await serve_http(app, sock, ssl_context)
+
+
+def _variables_api(state: ApiState, origin: Any) -> Any:
+    from smgw_link.httpapi import make_app
+
+    return make_app(state, origin)
 
 STATUS_REFRESH_S = 10.0
 CERT_CHECK_S = 30.0
@@ -325,8 +340,13 @@ class SmgwLink:
         if cfg.failsafe_duration_s < 7200 or cfg.failsafe_duration_s > 86400:
             self.log.warning("failsafe_duration_s is outside the LPC range 2 h .. 24 h",
                              failsafe_duration_s=cfg.failsafe_duration_s)
-        api = ApiState(cfg, self.control, self.changed, utcnow, self.ctx.counters)
+        api: ApiState | None = None
+        if cfg.http_api.enabled or (cfg.enabled and cfg.inbound.enabled):
+            from smgw_link.httpapi import ApiState
+
+            api = ApiState(cfg, self.control, self.changed, utcnow, self.ctx.counters)
         if cfg.http_api.enabled:
+            assert api is not None
             if not cfg.http_api.tokens:
                 self.log.warning("http_api has no tokens: every request will be refused")
             sock = socket.socket(socket.AF_INET6 if ":" in cfg.http_api.host else socket.AF_INET)
@@ -334,7 +354,7 @@ class SmgwLink:
             try:
                 sock.bind((cfg.http_api.host, cfg.http_api.port))
                 sock.listen(64)
-                self.http.append(await _serve_http(make_app(api, "local"), sock))
+                self.http.append(await _serve_http(_variables_api(api, "local"), sock))
                 self.log.info("variables API ready", listen=f"{cfg.http_api.host}:{cfg.http_api.port}")
             except OSError as e:
                 sock.close()
@@ -346,6 +366,7 @@ class SmgwLink:
             await self.link.start_forwarders()
             self._tasks.append(self.ctx.tasks.spawn("smgw-probe", self.link.run))
             if cfg.inbound.enabled:
+                assert api is not None
                 await self.start_inbound(api)
             if cfg.clseedi.enabled:
                 await self.start_clseedi()
@@ -361,7 +382,7 @@ class SmgwLink:
         os.chmod(path, 0o600)
         usock.listen(64)
         self.inbound_sock_path = path
-        inbound_app = make_app(api, "inbound")
+        inbound_app = _variables_api(api, "inbound")
         if self.inbound_wrap is not None:
             inbound_app = self.inbound_wrap(inbound_app)
         self.http.append(await _serve_http(inbound_app, usock))

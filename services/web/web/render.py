@@ -11,6 +11,7 @@ from typing import Any
 from chargegate import payloads as p
 from chargegate import record as rec
 from chargegate.config import Circuit, Config
+from chargegate.reasons import phases_drawn
 from web import words as w
 from web.state import SECTIONS, LiveState
 
@@ -193,8 +194,11 @@ def evses_section(cfg: Config, st: LiveState, now: datetime, tz: tzinfo, aud: Au
             drawn = " / ".join(f"{a:.1f}" for a in s.current_a[:n]) + " A"
             power = _kw(s.power_w, 2) if s.power_w is not None else "–"
         if g is not None:
+            used = phases_drawn(s.current_a, g.phases) if s is not None else None
             granted = f"{g.current_a:g} A × {g.phases}" if g.current_a > 0 else "0 A (paused)"
-            reason = w.reason_words(g.bound_by, g.detail, names)
+            if used is not None and g.current_a > 0:  # the car draws on fewer phases than it may
+                granted = f"{g.current_a:g} A × {used} (of {g.phases})"
+            reason = w.reason_words(g.bound_by, g.detail, names, tz)
         elif sp is not None and not sp.expired(now):
             granted = f"{sp.current_a:g} A × {sp.phases}"
             reason = w.reason_words(sp.reason, None, names)

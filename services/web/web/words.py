@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, tzinfo
 
 from chargegate import payloads as p
+from chargegate.reasons import STATE_WORDS, reason_text
 
-STATE_WORDS: dict[str, str] = {
-    "available": "no car plugged in",
-    "preparing": "car plugged in, waiting",
-    "charging": "charging",
-    "suspended": "car plugged in, paused",
-    "finishing": "session ending",
-    "faulted": "fault",
-    "unavailable": "out of service",
-    "offline": "not reachable",
-}
+__all__ = ["STATE_WORDS", "reason_words"]
 
 MODE_WORDS: dict[str, str] = {
     "off": "off: does not charge",
@@ -36,72 +28,11 @@ def state_words(status: p.EvseStatus | None) -> str:
     return STATE_WORDS.get(status.state.value, status.state.value)
 
 
-def _phase(label: str) -> str:
-    return {"L1": "phase L1", "L2": "phase L2", "L3": "phase L3", "power": "power"}.get(label, label)
-
-
-def reason_words(bound_by: str | None, detail: str | None = None, names: dict[str, str] | None = None) -> str:
-    """``bound_by`` of ``controller/allocation`` (and its ``detail``) in words. ``names``: circuit id -> name."""
-    names = names or {}
-    if not bound_by:
-        return "no decision yet"
-    b = bound_by
-    text: str
-    if b.startswith("node:"):
-        _, node, what = [*b.split(":", 2), "", ""][:3]
-        text = f"the fuse of {names.get(node, node)} ({_phase(what)}) is fully used"
-    elif b.startswith("grid_limit:"):
-        src = b.split(":", 1)[1]
-        text = {"dso": "the grid operator's limit", "supplier": "the energy supplier's limit",
-                "local": "the local limit (house power)", "failsafe": "the failsafe limit"}.get(src, f"the {src} limit")
-        text += " applies"
-    elif b == "§14a_floor":
-        text = "the grid operator's limit applies, raised to the §14a minimum"
-    elif b == "evse_max":
-        text = "at the wallbox's maximum"
-    elif b.startswith("evse_limit:"):
-        text = "a limit from the supplier's backend for this wallbox"
-    elif b.startswith("rule:mode.solar+min."):
-        text = "solar + minimum mode: the minimum from the grid, the rest from surplus"
-    elif b.startswith("rule:mode.solar."):
-        text = "solar mode: only what the house exports"
-    elif b.startswith("rule:mode.target."):
-        text = "the session target"
-    elif b.startswith("rule:"):
-        text = f"charging rule {b.split(':', 1)[1]}"
-    elif b == "mode:off":
-        text = "charging mode off"
-    elif b == "mode:max_current":
-        text = "the maximum current set for this wallbox"
-    elif b == "ramp":
-        text = "ramping up step by step"
-    elif b == "reclaim":
-        text = "the car draws less, so the rest is given to others"
-    elif b == "phase_imbalance":
-        text = "the phases would be too unbalanced"
-    elif b == "overdraw_penalty":
-        text = "held back: something drew more than it was granted"
-    elif b == "stale_meter":
-        text = "a meter is silent, so charging below it is paused"
-    elif b == "min_current":
-        text = "not enough room for the minimum charging current"
-    elif b == "min_pause":
-        text = "a short pause before charging again"
-    elif b == "not_connected":
-        text = "no car plugged in"
-    elif b.startswith("evse_state:"):
-        text = f"the wallbox is {STATE_WORDS.get(b.split(':', 1)[1], b.split(':', 1)[1])}"
-    elif b == "evse_offline":
-        text = "the wallbox is not reachable"
-    elif b == "settling":
-        text = "waiting for another wallbox to follow a cut"
-    else:
-        text = b
-    if detail and detail.startswith(text):
-        text = detail
-    elif detail and detail not in text:
-        text += f" - {detail}"
-    return text
+def reason_words(bound_by: str | None, detail: str | None = None, names: dict[str, str] | None = None,
+                 tz: tzinfo | None = None) -> str:
+    """``bound_by`` of ``controller/allocation`` (and its ``detail``) in words (the shared table in
+    :mod:`chargegate.reasons`, as the controller's ``reason_text``). ``names``: circuit id -> name."""
+    return reason_text(bound_by, detail, names, tz)
 
 
 def amount(seconds: float) -> str:

@@ -15,12 +15,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from chargegate.config.base import Ident, LocatedErrors, Port, Secret, Strict
+from chargegate.config.base import Ident, LocatedErrors, Port, Secret, Strict, twice
 from chargegate.config.controller import Controller
 from chargegate.config.history import History
 from chargegate.config.installation import Circuit, Evse, Meter, ModbusConnection
 from chargegate.config.ocpp import Ocpp
-from chargegate.config.poller import Poller
+from chargegate.config.poller import POLLER, Poller, instance_service
 from chargegate.config.smgw import Smgw
 from chargegate.config.web import HomeAssistant, Web, WebUser
 from chargegate.topics import SERVICES, USERS, format_loc
@@ -28,7 +28,7 @@ from chargegate.topics import SERVICES, USERS, format_loc
 __all__ = [
     "Admin", "AdminClient", "AdminTls", "Broker", "Circuit", "Config", "ConfigError", "Controller", "Evse",
     "History", "HomeAssistant", "Logging", "Meter", "ModbusConnection", "Ocpp", "Poller", "Secret", "Site", "Smgw",
-    "Web", "WebUser", "load", "loads", "resolve_paths", "validate_data",
+    "Web", "WebUser", "instance_service", "load", "loads", "poller_accounts", "resolve_paths", "validate_data",
 ]
 
 
@@ -76,13 +76,14 @@ class Broker(Strict):
     @model_validator(mode="after")
     def _known_accounts(self) -> Broker:
         builtin = {*SERVICES, "observer", "admin", "sim", *USERS}
-        taken = sorted(set(self.extra_services) & builtin)
+        taken = sorted({s for s in self.extra_services if s in builtin or s.startswith(POLLER + ".")})
         if taken:
             raise ValueError(f"extra_services: {taken} is the name of a built-in account")
         if len(set(self.extra_services)) != len(self.extra_services):
             raise ValueError("extra_services: a name is given twice")
         allowed = builtin | set(self.extra_services)
-        unknown = set(self.accounts) - allowed
+        # evse-poller.<instance>: checked against poller.instances by Config
+        unknown = {a for a in set(self.accounts) - allowed if not a.startswith(POLLER + ".")}
         if unknown:
             raise ValueError(f"unknown broker account(s) {sorted(unknown)}; known: {sorted(allowed)}")
         return self
@@ -147,9 +148,11 @@ class Admin(Strict):
 
     @model_validator(mode="after")
     def _unique(self) -> Admin:
-        names = [t.name for t in self.tokens] + [c.name for c in self.clients]
-        if len(set(names)) != len(names):
-            raise ValueError("admin token and client names must be unique (they appear in the audit log)")
+        errs = twice([(("tokens", j, "name"), t.name) for j, t in enumerate(self.tokens)]
+                     + [(("clients", j, "name"), c.name) for j, c in enumerate(self.clients)],
+                     "admin token or client name (the audit log names them)")
+        if errs:
+            raise LocatedErrors(errs)
         if self.clients and (self.tls is None or self.tls.client_ca_file is None):
             raise ValueError("admin.clients need admin.tls with client_ca_file (the CA that issued the client "
                              "certificates; a sha256 then narrows it to one certificate)")
@@ -192,15 +195,10 @@ class Config(Strict):
     @model_validator(mode="after")
     def _references(self) -> Config:
         """Cross-references, each error at the path of the entry that is wrong (``evses[3].id``)."""
-        errs: list[tuple[tuple[str | int, ...], str]] = []
+        errs: list[tuple[Any, ...]] = []
 
         def unique(items: list[tuple[tuple[str | int, ...], str]], what: str) -> None:
-            first: dict[str, tuple[str | int, ...]] = {}
-            for loc, value in items:
-                if value in first:
-                    errs.append((loc, f"{what} {value!r} is used twice (also at {format_loc(first[value])})"))
-                else:
-                    first[value] = loc
+            errs.extend(twice(items, what))
 
         circuits = self.all_circuits()
         cids = [c.id for c in circuits]
@@ -220,6 +218,23 @@ class Config(Strict):
                 for i, e in enumerate(self.evses) if e.ocpp], "OCPP charge_box_id and connector_id")
         unique([(("evses", i, "upstream", "charge_box_id"), e.upstream.charge_box_id or e.id)
                 for i, e in enumerate(self.evses) if e.upstream and e.upstream.enabled], "upstream charge_box_id")
+        instances = self.poller.instances
+        for kind, items in (("evses", self.evses), ("meters", self.meters)):
+            for i, dev in enumerate(items):
+                inst = dev.modbus.instance if dev.modbus is not None else None
+                if dev.modbus is None:
+                    continue
+                if instances and inst is None:
+                    errs.append(((kind, i, "modbus", "instance"), f"{dev.id}: poller.instances is given: name the "
+                                                                  f"instance that polls it ({', '.join(instances)})"))
+                elif inst is not None and inst not in instances:
+                    errs.append(((kind, i, "modbus", "instance"),
+                                 f"{dev.id}: unknown evse-poller instance {inst!r}; "
+                                 f"poller.instances: {', '.join(instances) or 'none'}"))
+        for account in self.broker.accounts:
+            if account.startswith(POLLER + ".") and account[len(POLLER) + 1:] not in instances:
+                errs.append((("broker", "accounts", account), f"unknown broker account {account!r}: not one of "
+                                                             f"poller.instances ({', '.join(instances) or 'none'})"))
         for i, svc in enumerate(self.services):
             if svc not in SERVICES:
                 errs.append((("services", i), f"unknown service {svc!r}; services: {', '.join(SERVICES)}"))
@@ -237,11 +252,31 @@ class Config(Strict):
             raise LocatedErrors(errs)
         return self
 
+    def poller_devices(self, instance: str | None) -> tuple[list[str], list[str]]:
+        """The EVSE and meter ids the evse-poller ``instance`` polls (None: the single evse-poller)."""
+        return ([e.id for e in self.evses if e.modbus is not None and e.modbus.instance == instance],
+                [m.id for m in self.meters if m.modbus.instance == instance])
+
+    def for_poller(self, instance: str | None) -> Config:
+        """This configuration as the evse-poller ``instance`` sees it: its own Modbus EVSEs and meters only
+        (the other instances' devices are left out; OCPP EVSEs stay). Not validated again (a subset of a
+        valid configuration)."""
+        if instance is None and not self.poller.instances:
+            return self
+        evses = [e for e in self.evses if e.modbus is None or e.modbus.instance == instance]
+        meters = [m for m in self.meters if m.modbus.instance == instance]
+        return self.model_copy(update={"evses": evses, "meters": meters})
+
     def digest(self) -> str:
         """A short version id of this configuration (stable over key order; secrets by reference)."""
         data = self.model_dump(mode="json")
         blob = json.dumps(data, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def poller_accounts(config: Config) -> tuple[str, ...]:
+    """The broker accounts of the evse-poller instances (``evse-poller.<name>``), none without instances."""
+    return tuple(instance_service(i) for i in config.poller.instances)
 
 
 _SECRET_KEYS = {"password", "token", "tokens", "value", "accounts", "secret"}
@@ -273,8 +308,7 @@ def validate_data(data: Any, source: str = "<config>") -> Config:
         for err in e.errors():
             located = (err.get("ctx") or {}).get("error")
             if isinstance(located, LocatedErrors):  # several problems, each at its own path
-                base = tuple(err.get("loc", ()))
-                errors.extend((format_loc((*base, *loc)), msg) for loc, msg in located.errors)
+                errors.extend((format_loc(loc), msg) for loc, msg in located.located(tuple(err.get("loc", ()))))
                 continue
             msg = err.get("msg", "invalid")
             if err.get("type") == "value_error" and msg.startswith("Value error, "):

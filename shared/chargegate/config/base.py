@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, SecretStr, model_validator
 
@@ -14,14 +14,39 @@ Ident = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
+Loc = tuple[str | int, ...]
+
+
 class LocatedErrors(ValueError):
     """Raised by a model validator that finds several problems, each at its own path (relative to the
     model): :func:`chargegate.config.validate_data` reports each with its full path instead of one
-    message at the model's own path."""
+    message at the model's own path. An error may name a second place (``(path, message, also)``: "used
+    twice (also at ...)"), given relative to the model too."""
 
-    def __init__(self, errors: list[tuple[tuple[str | int, ...], str]]) -> None:
-        self.errors = errors
-        super().__init__("; ".join(msg for _, msg in errors))
+    def __init__(self, errors: list[tuple[Loc, str]] | list[tuple[Loc, str, Loc]]) -> None:
+        self.items: list[tuple[Any, ...]] = list(errors)
+        self.errors = self.located(())
+        super().__init__("; ".join(msg for _, msg in self.errors))
+
+    def located(self, base: Loc) -> list[tuple[Loc, str]]:
+        """The errors with full paths, for a model found at ``base`` in the document."""
+        from chargegate.topics import format_loc
+
+        return [((*base, *e[0]), e[1] if len(e) == 2 else f"{e[1]} (also at {format_loc((*base, *e[2]))})")
+                for e in self.items]
+
+
+def twice(items: list[tuple[Loc, str]], what: str) -> list[tuple[Loc, str, Loc]]:
+    """``(path, message, first path)`` for each value of ``(path, value)`` that an earlier item has already
+    (for :class:`LocatedErrors`: ``rule id 'night' is used twice (also at controller.rules[0].id)``)."""
+    first: dict[str, Loc] = {}
+    errs = []
+    for loc, value in items:
+        if value in first:
+            errs.append((loc, f"{what} {value!r} is used twice", first[value]))
+        else:
+            first[value] = loc
+    return errs
 
 
 class Strict(StrictNumbers):

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
-from chargegate.config.base import Ident, Strict, StrictMember
+from chargegate.config.base import Ident, LocatedErrors, Strict, StrictMember, twice
 
 _HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
@@ -170,7 +170,7 @@ class Controller(Strict):
 
     @model_validator(mode="after")
     def _unique_rule_ids(self) -> Controller:
-        ids = [r.id for r in self.rules]
-        if len(set(ids)) != len(ids):
-            raise ValueError("rule ids must be unique")
+        errs = twice([(("rules", j, "id"), r.id) for j, r in enumerate(self.rules)], "rule id")
+        if errs:
+            raise LocatedErrors(errs)
         return self

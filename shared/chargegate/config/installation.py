@@ -69,6 +69,9 @@ class ModbusConnection(Strict):
     retries: int = Field(default=2, ge=0, le=10)
     poll_interval_s: float | None = Field(default=None, ge=0.1, le=60,
                                           description="overrides poller.poll_interval_s for this device")
+    instance: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9-]{0,30}$",
+                                 description="the evse-poller instance that polls this device (one of "
+                                             "poller.instances; required when those are given)")
 
     @model_validator(mode="after")
     def _where(self) -> ModbusConnection:

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from chargegate.config.base import Port, Secret, Strict
+from chargegate.config.base import LocatedErrors, Port, Secret, Strict, twice
 
 Role = Literal["admin", "operator", "viewer"]
 
@@ -63,9 +63,9 @@ class Web(Strict):
 
     @model_validator(mode="after")
     def _unique(self) -> Web:
-        names = [u.name for u in self.users]
-        if len(set(names)) != len(names):
-            raise ValueError("web user names must be unique")
+        errs = twice([(("users", j, "name"), u.name) for j, u in enumerate(self.users)], "web user name")
+        if errs:
+            raise LocatedErrors(errs)
         return self
 
 

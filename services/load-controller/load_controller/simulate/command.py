@@ -22,8 +22,8 @@ DEFAULT_HOUR = dtime(12, 0)  # a day runs from noon to noon: the evening and the
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--config", "-c", default=os.environ.get("CHARGEGATE_CONFIG", "chargegate.yaml"),
-                    help="the site configuration (the services' own format)")
+    ap.add_argument("--config", "-c", default=os.environ.get("CHARGEGATE_CONFIG", "chargegate.yaml"), metavar="FILE",
+                    help="the site configuration (the services' own format; default: %(default)s)")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--load", metavar="CSV", help="house load per node and phase (chargegate history house-load)")
     src.add_argument("--profile", metavar="SPEC", default=None,

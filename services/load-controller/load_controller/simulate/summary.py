@@ -313,6 +313,14 @@ def table(summaries: list[Summary], style: str = "text") -> str:
             prev = keys.index(k)
             d[k] = v
         vals.append(d)
+    # a car whose EVSE only one configuration has: its row says so in the other column (no row of its own)
+    for s, d in zip(summaries, vals, strict=True):
+        for name in s.cars_without_evse:
+            own = [k for k in keys if k.startswith(f"car {name} @ ")]
+            if own:
+                d.pop(f"car {name}")
+                d[own[0]] = "no such EVSE in this configuration"
+    keys = [k for k in keys if any(k in d for d in vals)]
     header = ["", *[s.label or f"run {i + 1}" for i, s in enumerate(summaries)]]
     body = [[k, *[d.get(k, "-") for d in vals]] for k in keys]
     return markdown_table(header, body) if style == "markdown" else text_table(header, body)

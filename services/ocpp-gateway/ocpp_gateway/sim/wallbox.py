@@ -457,7 +457,11 @@ class WallboxSim:
         self.sent.append((action, payload, answer))
         return answer
 
-    async def send_status(self, c: SimConnector) -> None:
+    async def send_status(self, c: SimConnector, *, after_boot: bool = False) -> None:
+        """Send connector ``c``'s status (once booted; ``after_boot``: wait up to 10 s for the boot)."""
+        if after_boot and not self.booted.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.booted.wait(), 10.0)
         status = self._status16(c)
         c.status = status
         if not self.booted.is_set():
@@ -769,8 +773,10 @@ class WallboxSim:
         targets = [self.connectors[n]] if n in self.connectors else list(self.connectors.values())
         loop = asyncio.get_running_loop()
         if what == "StatusNotification":
+            # an accepted trigger is always followed by the message (OCPP 1.6 TriggerMessage, 2.0.1 F06), also when
+            # it arrives before this side has read the answer to its own BootNotification
             for c in targets:
-                loop.call_soon(lambda c=c: self._spawn(self.send_status(c)))
+                loop.call_soon(lambda c=c: self._spawn(self.send_status(c, after_boot=True)))
             return "Accepted"
         if what == "MeterValues":
             if not self.triggers:

@@ -1,7 +1,10 @@
 """Where the admin API is served: the local listener (``admin.host:port``, TLS with client
 certificates when ``admin.tls`` is set) and, behind the SMGW's inbound channel, every path under
 ``/v1`` of the connection that the inbound TLS server hands to the local HTTP API
-(:meth:`AdminServer.inbound_app`: the one place that routes by path)."""
+(:meth:`AdminServer.inbound_app`: the one place that routes by path).
+
+The web framework (FastAPI, starlette, uvicorn) is imported when the admin API is first served or asked
+for, not with the service: an smgw-link without ``admin.enabled`` never loads it (bench/footprint)."""
 
 from __future__ import annotations
 
@@ -9,15 +12,17 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from chargegate.config import Config
 from chargegate.runtime import ServiceContext
-from smgw_link.admin.app import Audited, Receive, Scope, Send, make_app
 from smgw_link.admin.core import AdminService, LinkService
-from smgw_link.httpserve import _HttpServer, listen, serve_http
+
+if TYPE_CHECKING:
+    from smgw_link.admin.app import Audited, Receive, Scope, Send
+    from smgw_link.httpserve import _HttpServer
 
 log = structlog.get_logger("smgw_link.admin")
 
@@ -45,12 +50,31 @@ class AdminServer:
     def __init__(self, ctx: ServiceContext, link_of: Callable[[], LinkService | None]) -> None:
         self.ctx = ctx
         self.service = AdminService(ctx, link_of)
-        self.app = make_app(self.service)
-        self.local_app = Audited(self.app, self.service, "local")
-        self.inbound_admin = Audited(self.app, self.service, "inbound")
+        self._apps: tuple[Any, Audited, Audited] | None = None
         self.http: _HttpServer | None = None
         self._listen_key: tuple[Any, ...] | None = None
         self._restart: asyncio.Task[None] | None = None
+
+    def _built(self) -> tuple[Any, Audited, Audited]:
+        if self._apps is None:  # the first time the admin API is served: FastAPI is imported here
+            from smgw_link.admin.app import Audited, make_app
+
+            app = make_app(self.service)
+            self._apps = (app, Audited(app, self.service, "local"), Audited(app, self.service, "inbound"))
+        return self._apps
+
+    @property
+    def app(self) -> Any:
+        """The admin API's FastAPI application."""
+        return self._built()[0]
+
+    @property
+    def local_app(self) -> Audited:
+        return self._built()[1]
+
+    @property
+    def inbound_admin(self) -> Audited:
+        return self._built()[2]
 
     @property
     def port(self) -> int | None:
@@ -97,6 +121,8 @@ class AdminServer:
             return
         if not a.tokens and not a.clients:
             log.warning("admin API has no tokens or client certificates: every request will be refused")
+        from smgw_link.httpserve import listen, serve_http
+
         try:
             ctx = tls_context(config)
             sock = listen(a.host, a.port)
