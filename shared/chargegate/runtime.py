@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import asyncio.sslproto
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -237,3 +238,14 @@ async def _heartbeat(ctx: ServiceContext) -> None:
         await asyncio.sleep(HEALTH_INTERVAL_S)
         if ctx.bus.connected.is_set():
             ctx.publish_health()
+
+
+def tune_gc() -> None:
+    """For a long-running asyncio service once it is up: its many short-lived objects (messages, frames,
+    rows) are freed by reference counting, yet they trigger the cyclic collector, whose full passes over
+    everything alive (tens of ms with a few hundred connections) showed up as the p99 of forwarding and
+    of a control cycle. Move what is alive after start-up out of its reach (``gc.freeze``) and let it run
+    less often; cyclic garbage is still collected, only later."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)

@@ -14,7 +14,6 @@ overdraw.
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import math
 import time
@@ -29,7 +28,7 @@ from chargegate.bus import Bus, Message
 from chargegate.config import Config
 from chargegate.ratelog import LogLimiter
 from chargegate.reasons import reason_text
-from chargegate.runtime import ServiceContext, run_service
+from chargegate.runtime import ServiceContext, run_service, tune_gc
 from load_controller.controller import Decision, EvseDecision, Inputs, Memory, step, wants_power
 from load_controller.solver import INF
 from load_controller.topology import Topology
@@ -477,15 +476,6 @@ class LoadController:
 
 async def serve(ctx: ServiceContext) -> None:
     await LoadController(ctx).run()
-
-
-def tune_gc() -> None:
-    """A cycle allocates many short-lived objects that reference counting frees (no cycles), yet they
-    trigger the cyclic collector, whose pauses showed up as the p99 of a cycle. Move everything alive
-    after start-up out of its reach and let it run less often."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
 
 
 def publish_order(decision: Decision, published: dict[str, Published]) -> list[EvseDecision]:
