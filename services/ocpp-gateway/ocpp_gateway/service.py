@@ -221,6 +221,7 @@ class Gateway:
                     with contextlib.suppress(Exception):
                         await sess.ws.close(1012, "configuration changed")
             if clear:
+                self.local.flush_statuses()  # a status still waiting for the end of the turn goes first
                 self.ctx.bus.clear("evse.status", evse_id=evse.id)  # nobody reports this EVSE any more
             else:
                 conn.applied = None

@@ -68,7 +68,24 @@ async def run(config: Config, *, meter_interval_s: float = 10.0, ca_file: str | 
         if prev is not None and prev[1] == key and now - prev[0] < 1.0:
             return
         last[c.evse_id] = (now, key)
-        bus.publish_raw(f"{root}/sim/{c.evse_id}/draw", json.dumps(state).encode(), qos=1, retain=True)
+        # handed to the MQTT client at the end of this turn of the event loop, with the others of the turn
+        # (one wake-up of its network thread instead of one per wallbox: a burst of SetChargingProfile to 100
+        # wallboxes answered one after the other behind those GIL hand-overs); the state and its ts are now's
+        outbox.append((f"{root}/sim/{c.evse_id}/draw", json.dumps(state).encode()))
+        if len(outbox) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(flush)
+            except RuntimeError:  # no event loop running: at once
+                flush()
+
+    outbox: list[tuple[str, bytes]] = []
+
+    def flush() -> None:
+        out = outbox[:]
+        outbox.clear()
+        with bus.batch():
+            for topic, data in out:
+                bus.publish_raw(topic, data, qos=1, retain=True)
 
     for sim in sims:
         for c in sim.connectors.values():
