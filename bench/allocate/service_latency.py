@@ -44,18 +44,28 @@ from chargegate.topics import Registry
 LOG_LEVEL = os.environ.get("LC_BENCH_LOG_LEVEL", "warning")
 
 
+ROOT_MAX_W = 10_000_000  # the largest grid connection the configuration takes (max_power_w)
+
+
+def evse_max_a(n: int) -> float:
+    """16 A per EVSE up to 250 EVSEs (a 4000 A connection); beyond, what a 10 MW connection gives each (1000:
+    14 A), so that every EVSE can reach its maximum before the sweeps."""
+    return 16.0 if n <= 250 else float(min(16, int(ROOT_MAX_W / (n * 3 * 230))))
+
+
 def write_config(tmp: Path, port: int, n: int) -> Path:
+    root = "    fuse_a: 4000" if n <= 250 else f"    max_power_w: {ROOT_MAX_W}"
     lines = [
         "site: {name: latency-bench}",
         f"broker: {{port: {port}}}",
         f"logging: {{level: {LOG_LEVEL}, format: json}}",
         "circuits:",
         "  - id: grid",
-        "    fuse_a: 4000",
+        root,
         "evses:",
     ]
     for i in range(n):
-        lines += [f"  - id: e{i:03d}", "    circuit: grid", "    max_current_a: 16",
+        lines += [f"  - id: e{i:03d}", "    circuit: grid", f"    max_current_a: {evse_max_a(n):g}",
                   f"    modbus: {{profile: sim, host: 127.0.0.1, port: {20000 + i}}}"]
     lines += ["controller:", "  cycle_s: 1", "  ramp_step_a: 20", "  reclaim: false"]
     path = tmp / "chargegate.yaml"
@@ -118,15 +128,18 @@ async def bench(args: argparse.Namespace) -> None:
         def all_at(value: float) -> bool:
             return all(latest.get(eid) == value for eid in ids)
 
-        if not await until(lambda: all_at(16.0), 30):
-            raise SystemExit(f"the service did not bring all EVSEs to 16 A: {sorted(set(latest.values()))}")
+        top = evse_max_a(args.evses)
+        if not await until(lambda: all_at(top), 30):
+            raise SystemExit(f"the service did not bring all EVSEs to {top:g} A: {sorted(set(latest.values()))}")
         samples: list[float] = []
         c_samples: list[float] = []
         for sweep in range(args.sweeps):
-            # scaled to the EVSE count (200 EVSEs: 2 MW down to 0.9 MW in 25 kW steps, 45 changes)
+            # scaled to the EVSE count (200 EVSEs: 2 MW down to 0.9 MW in 25 kW steps, 45 changes); per EVSE
+            # from 10 kW of its 11 kW at 16 A (in proportion below 16 A) down to 4.5 kW
             n = args.evses
-            watts = 10_000.0 * n
-            while watts >= 4_500 * n:
+            scale = top / 16.0
+            watts = 10_000.0 * n * scale
+            while watts >= 4_500 * n:  # 6.5 A each at the bottom: above every minimum, so every setpoint moves
                 t_before = {eid: arrivals.get(eid, 0.0) for eid in ids}
                 # keep the EVSEs fresh as a poller would (status every second)
                 if round(watts / (125 * n)) % 8 == 0:
@@ -147,7 +160,7 @@ async def bench(args: argparse.Namespace) -> None:
                 if sub is not None and await until(
                         lambda c_before=c_before: all(c_arrivals.get(e, 0.0) > c_before[e] for e in ids), 2):
                     c_samples.append((max(c_arrivals[e] for e in ids) - t0) * 1000)
-                watts -= 125 * n
+                watts -= 125 * n * scale
                 await asyncio.sleep(0.02)
             # lift the limit and wait until every EVSE is back at its maximum (increases are ramped)
             smgw.publish("grid.limit", p.GridLimit(source="local", active=False,
@@ -155,8 +168,8 @@ async def bench(args: argparse.Namespace) -> None:
             for eid in ids:
                 poller.publish("evse.status", p.EvseStatus(evse_id=eid, online=True, state="charging",
                                                            iec_state="C"), evse_id=eid)
-            if not await until(lambda: all_at(16.0), 30):
-                raise SystemExit("EVSEs did not return to 16 A after the limit was lifted")
+            if not await until(lambda: all_at(top), 30):
+                raise SystemExit(f"EVSEs did not return to {top:g} A after the limit was lifted")
             print(f"  sweep {sweep + 1}: {len(samples)} samples so far")
         print(f"service latency, grid/limit -> all {args.evses} setpoints received "
               f"({len(samples)} limit changes, each changing every setpoint; load average "
