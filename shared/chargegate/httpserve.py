@@ -41,6 +41,14 @@ class HttpServer:
         self.sock.close()
 
 
+def server_tls(cert_file: object, key_file: object) -> ssl.SSLContext:
+    """A TLS server context (TLS 1.2 and newer) with the service's certificate chain and key."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cert_file), str(key_file))
+    return ctx
+
+
 def listen(host: str, port: int, backlog: int = 64) -> socket.socket:
     """A listening TCP socket on ``host:port`` (IPv6 when the host has a colon), bound as servers bind."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)

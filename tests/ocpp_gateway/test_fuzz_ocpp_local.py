@@ -25,7 +25,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from jsonschema import Draft4Validator
 from ocpp_schema_strategies import payloads, schema_path
-from ocppgw_helpers import InProcessGateway, gateway_config, share_broker_secrets
+from ocppgw_helpers import gateway_config, running_gateway, share_broker_secrets
 from websockets.asyncio.client import ClientConnection, connect
 
 from conftest import BrokerHandle
@@ -82,12 +82,8 @@ async def gw(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory) -> 
     cfg, path = gateway_config(tmp, broker.port, backend_url=None, evses=EVSES,
                                ocpp_extra="    max_messages_per_s: 10000\n")
     share_broker_secrets(cfg, broker.config)
-    g = InProcessGateway(cfg, path)
-    gateway = await g.start()
-    try:
+    async with running_gateway(cfg, path) as gateway:
         yield gateway, cfg.ocpp.local.port
-    finally:
-        await g.stop()
 
 
 _conns: dict[str, ClientConnection] = {}

@@ -173,23 +173,21 @@ def _component_down(n: int) -> Any:
     return fn
 
 
-def answer_up(version: str, action: str, payload: dict[str, Any], n: int) -> dict[str, Any]:
-    """The wallbox's answer to a forwarded call, for the backend: the wallbox's connector ``n`` is 1."""
-    paths = ANSWER_UP[version].get(action, ())
+def _map_up(paths: tuple[str, ...], payload: dict[str, Any], n: int) -> dict[str, Any]:
+    """``payload`` with the wallbox's connector / EVSE id ``n`` as 1 at ``paths`` (a copy; as it is for 1)."""
     if not paths or n == 1:
         return payload
     out = copy.deepcopy(payload)
     for path in paths:
         _walk(out, path.split("."), _up_id(n))
     return out
+
+
+def answer_up(version: str, action: str, payload: dict[str, Any], n: int) -> dict[str, Any]:
+    """The wallbox's answer to a forwarded call, for the backend: the wallbox's connector ``n`` is 1."""
+    return _map_up(ANSWER_UP[version].get(action, ()), payload, n)
 
 
 def up(version: str, action: str, payload: dict[str, Any], n: int) -> dict[str, Any]:
     """A wallbox call for the backend: the wallbox's connector / EVSE ``n`` is 1 at its upstream charge point."""
-    paths = UP[version].get(action, ())
-    if not paths or n == 1:
-        return payload
-    out = copy.deepcopy(payload)
-    for path in paths:
-        _walk(out, path.split("."), _up_id(n))
-    return out
+    return _map_up(UP[version].get(action, ()), payload, n)

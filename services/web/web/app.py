@@ -36,7 +36,7 @@ from chargegate import payloads as p
 from chargegate import record as rec
 from chargegate import record_export as rx
 from chargegate.config import Config
-from chargegate.httpserve import HttpServer, listen, serve_http
+from chargegate.httpserve import HttpServer, listen, serve_http, server_tls
 from web import render
 from web.auth import ANONYMOUS_LAN, PRE_COOKIE, SESSION_COOKIE, Principal, Session, check_password, on_lan, same_origin
 from web.hub import stream
@@ -345,12 +345,7 @@ def make_app(svc: WebService) -> Starlette:
 
 def tls_context(config: Config) -> ssl.SSLContext | None:
     t = config.web.tls
-    if t is None:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(t.cert_file), str(t.key_file))
-    return ctx
+    return None if t is None else server_tls(t.cert_file, t.key_file)
 
 
 def listen_host(config: Config) -> str:

@@ -99,6 +99,15 @@ class Interval:
     key: str
 
 
+def daily_span(day: date, start: str, end: str, tz: ZoneInfo) -> tuple[datetime, datetime]:
+    """``start`` to ``end`` (HH:MM local) on ``day``; an ``end`` not later than ``start`` is the next day's."""
+    s = datetime.combine(day, hhmm_time(start), tzinfo=tz)
+    e = datetime.combine(day, hhmm_time(end), tzinfo=tz)
+    if e <= s:
+        e = datetime.combine(day + timedelta(days=1), hhmm_time(end), tzinfo=tz)
+    return s, e
+
+
 def _expand(periods: list[Any], first_day: date, days: int, tz: ZoneInfo, to_step: Any, what: str,
             n_steps: int) -> list[Interval]:
     out: list[Interval] = []
@@ -111,10 +120,7 @@ def _expand(periods: list[Any], first_day: date, days: int, tz: ZoneInfo, to_ste
                     continue
             elif ALL_DAYS[day.weekday()] not in per_.days:
                 continue
-            s = datetime.combine(day, hhmm_time(per_.start), tzinfo=tz)
-            e = datetime.combine(day, hhmm_time(per_.end), tzinfo=tz)
-            if e <= s:
-                e = datetime.combine(day + timedelta(days=1), hhmm_time(per_.end), tzinfo=tz)
+            s, e = daily_span(day, per_.start, per_.end, tz)
             ks, ke = to_step(s), to_step(e)
             if ke <= 0 or ks >= n_steps:
                 continue
@@ -192,10 +198,7 @@ class SitePlant:
                 day = first_day + timedelta(days=d)
                 if ALL_DAYS[day.weekday()] not in car.days:
                     continue
-                arr = datetime.combine(day, hhmm_time(car.arrive), tzinfo=tz)
-                dep = datetime.combine(day, hhmm_time(car.depart), tzinfo=tz)
-                if dep <= arr:
-                    dep = datetime.combine(day + timedelta(days=1), hhmm_time(car.depart), tzinfo=tz)
+                arr, dep = daily_span(day, car.arrive, car.depart, tz)
                 ka, kd = self.to_step(arr), self.to_step(dep)
                 if kd <= 0 or ka >= n_steps or ka < 0:
                     continue  # a stay that began before the run is left out (its need is unknown)

@@ -37,9 +37,9 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     t = config.admin.tls
     if t is None:
         return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(t.cert_file), str(t.key_file))
+    from chargegate.httpserve import server_tls  # uvicorn only where an HTTP API is served
+
+    ctx = server_tls(t.cert_file, t.key_file)
     if t.client_ca_file is not None:
         ctx.load_verify_locations(str(t.client_ca_file))
         ctx.verify_mode = ssl.CERT_OPTIONAL  # token users come without a certificate
