@@ -1,14 +1,25 @@
-"""Fuzz of the local OCPP port (issue 14): what a clumsy or hostile wallbox sends over a real WebSocket -
-garbage text and bytes, JSON that is no RPC frame, unknown message types and actions, answers to nothing,
-and CALLs of every wallbox-initiated action of 1.6J and 2.0.1 with schema-valid payloads mutated deep in
-their structure (fuzz_support.mutated) - gets the CALLERROR OCPP-J prescribes, and the connection, the
-gateway and its bounded structures survive.
+"""Fuzz of the local OCPP port (issue 14): what a clumsy or hostile wallbox sends over a real WebSocket
+(1.6J and 2.0.1) - garbage text and bytes, JSON nested deeper than any parser goes, JSON that is no RPC
+frame, wrong message type ids, unknown actions, central-system actions sent the wrong way, answers to
+nothing, and CALLs of every wallbox-initiated action with schema-valid payloads mutated deep in their
+structure (fuzz_support.mutated) - gets the answer OCPP-J prescribes, and the connection, the gateway and
+its bounded structures survive.
 
-The oracle is the official schema (tests/ocpp_gateway/schemas, validated here with jsonschema directly,
-not with the gateway's code): a payload it refuses must get a schema error code (Formation/Format,
-Occurrence, Type, Property constraint violation); an unknown action NotImplemented; a frame that is not
-JSON or no [type, id, ...] array FormationViolation (1.6) / RpcFrameworkError (2.0.1) with the message id
-"-1" when none can be read; a CALLRESULT/CALLERROR for no CALL of the gateway no answer at all.
+The oracle is the specifications and the official schemas (the tests' own copies in
+tests/ocpp_gateway/schemas, validated here with jsonschema directly, not with the gateway's code):
+
+* a frame that is not JSON or no ``[type, id, ...]`` array: FormationViolation (1.6J section 4.2.3) /
+  RpcFrameworkError (2.0.1 part 4 section 4.3), with the message id "-1" when none can be read;
+* an unknown message type: FormationViolation / MessageTypeNotSupported;
+* an unknown action: NotImplemented; an action only the central system sends: some CALLERROR;
+* a payload against its schema: the code of one of its violations (a wrong type TypeConstraintViolation, a
+  missing field or too many/few items the occurrence code, an unknown property the format code, anything
+  else PropertyConstraintViolation), with a description saying why;
+* a schema-valid payload: a CALLRESULT, or a CALLERROR that is not a schema code;
+* a CALLRESULT/CALLERROR for no CALL of the gateway: no answer at all.
+
+Asserted too: every refusal is counted, no internal or handler error, a Heartbeat is answered after each
+batch on the same connection, and the per-connection structures stay bounded after 1500 bad calls.
 """
 
 from __future__ import annotations
@@ -17,19 +28,19 @@ import asyncio
 import decimal
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from jsonschema import Draft4Validator
-from ocpp_schema_strategies import payloads, schema_path
+from ocpp_schema_strategies import load, payloads
 from ocppgw_helpers import gateway_config, running_gateway, share_broker_secrets
 from websockets.asyncio.client import ClientConnection, connect
 
 from conftest import BrokerHandle
-from fuzz_support import fuzz, mutated
+from fuzz_support import fuzz, largest, mutated
 from ocpp_gateway.service import Gateway
 
 EVSES = """
@@ -54,114 +65,42 @@ WALLBOX_ACTIONS = {
               "NotifyEvent", "NotifyReport", "ReportChargingProfiles", "ReservationStatusUpdate",
               "SecurityEventNotification", "StatusNotification", "TransactionEvent"],
 }
-SCHEMA_CODES = {
-    "1.6": {"FormationViolation", "OccurenceConstraintViolation", "TypeConstraintViolation",
-            "PropertyConstraintViolation"},
-    "2.0.1": {"FormatViolation", "OccurrenceConstraintViolation", "TypeConstraintViolation",
-              "PropertyConstraintViolation"},
-}
-FRAME_CODE = {"1.6": "FormationViolation", "2.0.1": "RpcFrameworkError"}
+WRONG_WAY = {"1.6": "RemoteStartTransaction", "2.0.1": "RequestStartTransaction"}
+FRAME = {"1.6": "FormationViolation", "2.0.1": "RpcFrameworkError"}
+MTYPE = {"1.6": "FormationViolation", "2.0.1": "MessageTypeNotSupported"}
+FORMAT = {"1.6": "FormationViolation", "2.0.1": "FormatViolation"}
+OCCURRENCE = {"1.6": "OccurenceConstraintViolation", "2.0.1": "OccurrenceConstraintViolation"}  # 1.6 spells it so
+SCHEMA_CODES = {v: {FORMAT[v], OCCURRENCE[v], "TypeConstraintViolation", "PropertyConstraintViolation"}
+                for v in ("1.6", "2.0.1")}
 
 
-def schema_valid(version: str, action: str, text: str) -> bool:
-    """The official schema's verdict on a CALL payload (1.6 numbers as decimals, as the spec's JSON has them)."""
-    schema = json.loads(schema_path(version, action, "request").read_text(encoding="utf-8-sig"))
-    schema.pop("$id", None)
-    try:
-        doc = json.loads(text, parse_float=decimal.Decimal if version == "1.6" else float)
-    except (ValueError, RecursionError):
-        return False
+@dataclass(frozen=True)
+class Expect:
+    """What the gateway must answer to one frame: ``uid`` None means no answer at all; ``codes`` None a
+    CALLRESULT or a CALLERROR that is no schema code; ``ANY`` any CALLERROR."""
+
+    uid: str | None
+    codes: frozenset[str] | None
+
+
+ANY = frozenset({"*"})
+
+
+def spec_codes(version: str, action: str, text: str) -> frozenset[str] | None:
+    """The codes the schema allows for a CALL payload (None: the payload is valid). 1.6 numbers are read
+    as decimals, as the specification's JSON has them."""
+    doc = json.loads(text, parse_float=decimal.Decimal if version == "1.6" else float)
     if not isinstance(doc, dict):
-        return False
-    return Draft4Validator(schema).is_valid(doc)
-
-
-@pytest.fixture(scope="module")
-async def gw(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[Gateway, int]]:
-    tmp: Path = tmp_path_factory.mktemp("ocppgw-fuzz")
-    cfg, path = gateway_config(tmp, broker.port, backend_url=None, evses=EVSES,
-                               ocpp_extra="    max_messages_per_s: 10000\n")
-    share_broker_secrets(cfg, broker.config)
-    async with running_gateway(cfg, path) as gateway:
-        yield gateway, cfg.ocpp.local.port
-
-
-_conns: dict[str, ClientConnection] = {}
-
-
-async def wallbox(port: int, version: str) -> ClientConnection:
-    """One connection per version for the whole module (a dropped one would fail the survival check)."""
-    ws = _conns.get(version)
-    if ws is None:
-        ws = _conns[version] = await connect(f"ws://127.0.0.1:{port}/ocpp/{CBID[version]}",
-                                             subprotocols=[PROTO[version]], proxy=None, open_timeout=5,  # type: ignore[list-item]
-                                             max_size=2**22)
-    return ws
-
-
-async def answer_to(ws: ClientConnection, uid: str, wait_s: float = 5.0) -> list[Any]:
-    """The gateway's answer with message id ``uid`` (its own CALLs to the wallbox are answered plainly)."""
-    async with asyncio.timeout(wait_s):
-        while True:
-            m = json.loads(await ws.recv())
-            if m[0] == 2:  # the gateway asks something (profiles, triggers): a wallbox that says yes
-                await ws.send(json.dumps([3, m[1], {"status": "Accepted"} if m[2] != "GetConfiguration"
-                                          else {"configurationKey": []}]))
-                continue
-            if m[1] == uid:
-                return list(m)
-
-
-async def alive(ws: ClientConnection, version: str, n: int) -> None:
-    uid = f"alive-{n}"
-    await ws.send(json.dumps([2, uid, "Heartbeat", {}]))
-    got = await answer_to(ws, uid)
-    assert got[0] == 3 and "currentTime" in got[2], got
-
-
-def frames(version: str) -> st.SearchStrategy[tuple[str, str | bytes, str | None]]:
-    """(kind, frame, message id the answer must carry or None for no answer)."""
-
-    @st.composite
-    def call(draw: st.DrawFn) -> tuple[str, str | bytes, str | None]:
-        uid = "c" + str(draw(st.integers(0, 10**9)))
-        if draw(st.integers(0, 9)) == 0:
-            action = draw(st.sampled_from(["FooBar", "", "heartbeat", "Heartbeat ", "../x"]))
-            return "unknown", json.dumps([2, uid, action, {}]), uid
-        if draw(st.integers(0, 19)) == 0:  # a central-system action sent by the wallbox: refused, any code
-            action = "RemoteStartTransaction" if version == "1.6" else "RequestStartTransaction"
-            return "wrong_direction", json.dumps([2, uid, action, {}]), uid
-        action = draw(st.sampled_from(WALLBOX_ACTIONS[version]))
-        valid = draw(payloads(version, action))
-        if draw(st.integers(0, 4)) == 0:
-            text = json.dumps(valid)
-        else:
-            text = draw(mutated(valid, max_changes=2)).decode()
-        return f"call:{action}", f'[2, "{uid}", "{action}", {text}]', uid
-
-    junk = st.one_of(
-        st.text(max_size=40).filter(lambda t: not t.lstrip().startswith("[")).map(lambda t: ("junk", t, "-1")),
-        st.sampled_from([("junk", "[]", "-1"), ("junk", "[2]", "-1"), ("junk", '[2, ""]', "-1"),
-                         ("junk", '{"a": [2, "x"]}', "-1"), ("junk", "null", "-1"), ("junk", "[" * 3000, "-1")]),
-        st.binary(min_size=1, max_size=16).filter(lambda b: not _utf8(b)).map(lambda b: ("binary", b, "-1")),
-    )
-    wrong = st.integers(0, 10**6).flatmap(lambda n: st.sampled_from([
-        ("short_call", f'[2, "w{n}", "Heartbeat"]', f"w{n}"),
-        ("payload_list", f'[2, "w{n}", "Heartbeat", []]', f"w{n}"),
-        ("type", f'[7, "w{n}", {{}}]', f"w{n}"),
-        ("type", f'["2", "w{n}", "Heartbeat", {{}}]', f"w{n}"),
-        ("stray_result", f'[3, "w{n}", {{}}]', None),
-        ("stray_error", f'[4, "w{n}", "GenericError", "", {{}}]', None),
-    ]))
-    return st.one_of(call(), call(), call(), junk, wrong)
-
-
-def parses(text: str) -> bool:
-    try:
-        json.loads(text)
-    except (ValueError, RecursionError):
-        return False
-    return True
+        return frozenset({FORMAT[version]})
+    schema = load(version, action, "request")
+    schema.pop("$id", None)
+    codes = set()
+    for err in Draft4Validator(schema).iter_errors(doc):
+        kw = err.validator
+        codes.add("TypeConstraintViolation" if kw == "type" else FORMAT[version] if kw == "additionalProperties"
+                  else OCCURRENCE[version] if kw in ("required", "minItems", "maxItems") else
+                  "PropertyConstraintViolation")
+    return frozenset(codes) or None
 
 
 def _utf8(b: bytes) -> bool:
@@ -172,70 +111,155 @@ def _utf8(b: bytes) -> bool:
     return True
 
 
-_seen = {"n": 0}
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
-async def check(gw: tuple[Gateway, int], version: str, batch: list[tuple[str, str | bytes, str | None]]) -> None:
-    port = gw[1]
-    ws = await wallbox(port, version)
-    for kind, frame, uid in batch:
-        await ws.send(frame)
-        if uid is None:
-            continue
-        if isinstance(frame, str) and uid != "-1" and not parses(frame):
-            kind, uid = "junk", "-1"  # e.g. a 5000-digit number: no message id can be read
-        try:
-            got = await answer_to(ws, uid)
-        except TimeoutError:
-            raise AssertionError(f"no answer to {str(frame)[:300]}") from None
-        if kind == "unknown":
-            assert got[:3] == [4, uid, "NotImplemented"], (frame, got)
-        elif kind == "wrong_direction":
-            assert got[0] == 4, (frame, got)
-        elif kind.startswith("call:"):
-            action = kind.split(":", 1)[1]
-            body = frame[frame.index(",", frame.index(action)) + 1:-1]  # type: ignore[union-attr, arg-type]
-            if not schema_valid(version, action, body):
-                assert got[0] == 4 and got[2] in SCHEMA_CODES[version], (frame, got)
-                assert isinstance(got[3], str) and got[3], got  # the description names what was wrong
-            else:
-                assert got[0] in (3, 4), got
-                if got[0] == 4:  # a valid message refused by the gateway: never as a schema violation
-                    assert got[2] not in ("FormationViolation", "FormatViolation", "TypeConstraintViolation",
-                                          "OccurenceConstraintViolation", "OccurrenceConstraintViolation") \
-                        or action in ("StopTransaction", "TransactionEvent"), (frame, got)
-        else:
-            assert got[0] == 4 and got[1] == uid, (frame, got)
-            # a payload that is no object: FormationViolation (1.6) / FormatViolation (2.0.1: "payload for
-            # action is syntactically incorrect"); an unknown message type: 2.0.1 MessageTypeNotSupported
-            assert got[2] in (FRAME_CODE[version], "MessageTypeNotSupported", "FormatViolation"), (frame, got)
-    _seen["n"] += 1
-    await alive(ws, version, _seen["n"])
-    assert ws.close_code is None
+@st.composite
+def frames(draw: st.DrawFn, version: str) -> tuple[str | bytes, Expect]:
+    uid = draw(st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=36))
+    frame_err = Expect("-1", frozenset({FRAME[version]}))
+    kind = draw(st.sampled_from(["garbage", "binary", "shape", "mtype", "unknown", "wrong_way", "stray",
+                                 "action", "action", "action", "action"]))
+    if kind == "garbage":
+        text = draw(st.sampled_from(["", "[", "{}", "null", "42", '"x"', "[2]", "[]", "NaN", "[" * 3000,
+                                     '{"a": [2, "x"]}']) |
+                    st.text(max_size=40).filter(lambda t: not t.strip().startswith("[")))
+        return text, frame_err
+    if kind == "binary":
+        return draw(st.binary(min_size=1, max_size=20).filter(lambda b: not _utf8(b))), frame_err
+    if kind == "shape":  # a list, but no [type, id, action, {payload}]
+        text = draw(st.sampled_from([json.dumps([2, uid]), json.dumps([2, 5, "Heartbeat", {}]),
+                                     json.dumps([2, "", "Heartbeat", {}]), json.dumps([2, "x" * 37, "Heartbeat", {}]),
+                                     json.dumps([2, uid, "Heartbeat"]), json.dumps([2, uid, "Heartbeat", []])]))
+        msg = json.loads(text)
+        mid = msg[1] if isinstance(msg[1], str) and msg[1] else "-1"
+        return text, Expect(mid, frozenset({FRAME[version], FORMAT[version]}))
+    if kind == "mtype":
+        mtype = draw(st.sampled_from([0, 1, 5, 7, 9, -1, 2.5, "2", None, True]))
+        return json.dumps([mtype, uid, {}]), Expect(uid, frozenset({MTYPE[version], FRAME[version]}))
+    if kind == "unknown":
+        action = draw(st.sampled_from(["FooBar", "heartbeat", "Heartbeat ", "", "../x", "RemoteStartTransactionX"]))
+        return json.dumps([2, uid, action, {}]), Expect(uid, frozenset({"NotImplemented"}))
+    if kind == "wrong_way":
+        return json.dumps([2, uid, WRONG_WAY[version], {}]), Expect(uid, ANY)
+    if kind == "stray":  # an answer to a CALL the gateway never made
+        text = draw(st.sampled_from([json.dumps([3, uid, {}]), json.dumps([4, uid, "GenericError", "", {}])]))
+        return text, Expect(None, None)
+    action = draw(st.sampled_from(WALLBOX_ACTIONS[version]))
+    valid = draw(payloads(version, action))
+    text = draw(st.one_of(mutated(valid, 2), st.just(json.dumps(valid).encode()))).decode()
+    frame = f'[2, {json.dumps(uid)}, "{action}", {text}]'
+    if not _parses(text):  # e.g. a raw token or a 5000-digit number: no message id can be read
+        return frame, frame_err
+    return frame, Expect(uid, spec_codes(version, action, text))
 
 
-@fuzz(60)
-@given(batch=st.lists(frames("1.6"), min_size=1, max_size=5))
-async def test_a_16_wallbox_sending_anything(gw: tuple[Gateway, int], batch: list) -> None:
-    await check(gw, "1.6", batch)
+@dataclass
+class Rig:
+    gw: Gateway
+    port: int
+
+    def counter(self, name: str) -> int:
+        return int(self.gw.ctx.counters.get(name, 0))  # type: ignore[attr-defined]
+
+    def bad(self) -> int:
+        return sum(v for k, v in self.gw.ctx.counters.items() if k.startswith("ocpp_bad_"))  # type: ignore[attr-defined]
 
 
-@fuzz(60)
-@given(batch=st.lists(frames("2.0.1"), min_size=1, max_size=5))
-async def test_a_201_wallbox_sending_anything(gw: tuple[Gateway, int], batch: list) -> None:
-    await check(gw, "2.0.1", batch)
+@pytest.fixture(scope="module")
+async def rig(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Rig]:
+    cfg, path = gateway_config(tmp_path_factory.mktemp("ocppgw-fuzz"), broker.port, backend_url=None,
+                               evses=EVSES, ocpp_extra="    max_messages_per_s: 100000\n")
+    share_broker_secrets(cfg, broker.config)
+    async with running_gateway(cfg, path) as gateway:
+        yield Rig(gateway, cfg.ocpp.local.port)
 
 
-async def test_bad_messages_were_counted_and_logs_stay_bounded(gw: tuple[Gateway, int]) -> None:
-    """After the fuzz: the gateway counted what it refused, kept its per-connection structures bounded and
-    still serves a wallbox that behaves."""
-    g, port = gw
-    counters = g.ctx.counters
-    bad = {k: v for k, v in counters.items() if k.startswith("ocpp_bad_")}
-    assert bad.get("ocpp_bad_frame", 0) > 0 and bad.get("ocpp_bad_schema", 0) > 0, bad
+@pytest.fixture(scope="module")
+async def sockets(rig: Rig) -> AsyncIterator[dict[str, ClientConnection]]:
+    """One connection per version for the whole module (a dropped one fails the survival check)."""
+    out = {}
     for version in ("1.6", "2.0.1"):
-        ws = await wallbox(port, version)
-        await alive(ws, version, 10**6)
-    for ws in _conns.values():
-        await ws.close()
-    _conns.clear()
+        out[version] = await connect(f"ws://127.0.0.1:{rig.port}/ocpp/{CBID[version]}",
+                                     subprotocols=[PROTO[version]],  # type: ignore[list-item]
+                                     proxy=None, open_timeout=5, max_size=2**22)
+    try:
+        yield out
+    finally:
+        for ws in out.values():
+            await ws.close()
+
+
+async def answer_to(ws: ClientConnection, uid: str, frame: str | bytes, wait_s: float = 5.0) -> list[Any]:
+    """The gateway's answer with message id ``uid``. Its own CALLs in between (after a boot or a status it
+    configures the wallbox) get a plain answer; any other answer is one the gateway must not have sent
+    (e.g. to a stray CALLRESULT)."""
+    try:
+        async with asyncio.timeout(wait_s):
+            while True:
+                m = list(json.loads(await ws.recv()))
+                if m[0] == 2:
+                    await ws.send(json.dumps([3, m[1], {"status": "Accepted"} if m[2] != "GetConfiguration"
+                                              else {"configurationKey": []}]))
+                    continue
+                assert m[1] == uid[:36], f"answer {m} while waiting for {uid!r} (after {str(frame)[:200]})"
+                return m
+    except TimeoutError:
+        raise AssertionError(f"no answer to {str(frame)[:300]}") from None
+
+
+async def check(rig: Rig, ws: ClientConnection, version: str, batch: list[tuple[str | bytes, Expect]]) -> None:
+    bad, refused = rig.bad(), 0
+    for frame, expect in batch:
+        await ws.send(frame)
+        if expect.uid is None:
+            continue
+        got = await answer_to(ws, expect.uid, frame)
+        if expect.codes is None:
+            assert got[0] in (3, 4), (frame, got)
+            if got[0] == 4:  # valid by the schema, refused by the gateway for what it says
+                assert got[2] not in SCHEMA_CODES[version] | {FRAME[version], "InternalError"}, (frame, got)
+            continue
+        assert got[0] == 4, (frame, got)
+        assert isinstance(got[3], str) and got[3], got  # the description says why
+        if expect.codes is not ANY:
+            assert got[2] in expect.codes, (frame, expect.codes, got)
+            refused += 1
+    assert rig.bad() >= bad + refused  # every refusal counted
+    await ws.send(json.dumps([2, "hb", "Heartbeat", {}]))
+    hb = await answer_to(ws, "hb", "Heartbeat")
+    assert hb[0] == 3 and "currentTime" in hb[2], hb  # the connection survives
+    assert ws.close_code is None
+    assert rig.counter("ocpp_internal_errors") == 0
+    assert rig.counter("ocpp_handler_errors") == 0
+
+
+@pytest.mark.parametrize("version", ["1.6", "2.0.1"])
+@fuzz(100)
+@given(data=st.data())
+async def test_every_frame_gets_the_specified_answer(rig: Rig, sockets: dict[str, ClientConnection],
+                                                     version: str, data: st.DataObject) -> None:
+    batch = data.draw(st.lists(frames(version), min_size=1, max_size=5))
+    await check(rig, sockets[version], version, batch)
+
+
+async def test_refusals_counted_and_memory_bounded(rig: Rig, sockets: dict[str, ClientConnection]) -> None:
+    """After the fuzz: the gateway counted what it refused by kind, kept its per-connection structures
+    bounded under 1500 bad calls, and still serves both wallboxes."""
+    ws = sockets["1.6"]
+    for i in range(1500):
+        await ws.send(json.dumps([2, f"m{i}", "FooBar", {}]))
+    for _ in range(1500):
+        await asyncio.wait_for(ws.recv(), 5)
+    big = largest(rig.gw)
+    assert big[0][0] <= 1024, big
+    await check(rig, ws, "1.6", [("[", Expect("-1", frozenset({FRAME["1.6"]}))),  # on its own too
+                                 ('[2, "b", "BootNotification", {}]', Expect("b", frozenset({OCCURRENCE["1.6"]})))])
+    assert rig.counter("ocpp_bad_frame") > 0 and rig.counter("ocpp_bad_schema") > 0, rig.gw.ctx.counters  # type: ignore[attr-defined]
+    for version, w in sockets.items():
+        await check(rig, w, version, [])
