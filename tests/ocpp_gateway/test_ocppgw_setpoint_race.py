@@ -97,3 +97,69 @@ async def test_setpoint_during_a_slow_profile_install_is_applied(broker: BrokerH
     finally:
         await ctl.stop()
         await g.stop()
+
+
+def _plain_answer(msg: list[Any]) -> str:
+    """A simple wallbox's answer to a CALL of the gateway other than SetChargingProfile."""
+    res: dict[str, Any] = {"configurationKey": [], "unknownKey": []} if msg[2] == "GetConfiguration" else \
+        {"status": "Rejected" if msg[2] == "TriggerMessage" else "Accepted"}
+    return json.dumps([3, msg[1], res])
+
+
+async def _boot(ws: Any, cbid: str) -> None:
+    """BootNotification and a Preparing status (what the gateway asks meanwhile gets a plain answer)."""
+    for uid, action, body in (("b1", "BootNotification", {"chargePointVendor": "test", "chargePointModel": cbid}),
+                              ("s1", "StatusNotification", {"connectorId": 1, "status": "Preparing",
+                                                            "errorCode": "NoError", "timestamp": TS})):
+        await ws.send(json.dumps([2, uid, action, body]))
+        while True:
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            if msg[0] == 3 and msg[1] == uid:
+                break
+            if msg[0] == 2:
+                await ws.send(_plain_answer(msg))
+
+
+async def test_a_wallbox_gone_during_the_install_is_no_task_failure(broker: BrokerHandle, tmp_path: Path) -> None:
+    """The wallbox drops its connection while the gateway waits for its SetChargingProfile answer: that is
+    no failure of the gateway (no task restart, no apply failure counted); on its next connection it gets
+    the setpoint in force."""
+    cfg, path = gateway_config(tmp_path, broker.port, backend_url=None, evses=EVSES)
+    share_broker_secrets(cfg, broker.config)
+    g = InProcessGateway(cfg, path)
+    gw = await g.start()
+    ctl = await connected_bus(broker, "load-controller")
+    url = f"ws://127.0.0.1:{cfg.ocpp.local.port}/ocpp/CB-SLOW"
+    try:
+        ctl.publish("evse.setpoint", p.Setpoint(evse_id="slow1", current_a=11.0, phases=3,
+                                                valid_until=p.utcnow() + timedelta(seconds=30), seq=1),
+                    evse_id="slow1")
+        async with connect(url, subprotocols=["ocpp1.6"], proxy=None, open_timeout=5) as ws:  # type: ignore[list-item]
+            await _boot(ws, "gone")
+            while True:  # the first SetChargingProfile: hang up instead of answering
+                msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                if msg[0] == 2 and msg[2] == "SetChargingProfile":
+                    break
+                if msg[0] == 2:
+                    await ws.send(_plain_answer(msg))
+        await until(lambda: not gw.local.boxes["CB-SLOW"].session, 5, what="the session ended")  # type: ignore[union-attr]
+        limits: list[float] = []
+        async with connect(url, subprotocols=["ocpp1.6"], proxy=None, open_timeout=5) as ws:  # type: ignore[list-item]
+            await _boot(ws, "back")
+            async with asyncio.timeout(10):
+                while 11.0 not in limits:
+                    msg = json.loads(await ws.recv())
+                    if msg[0] != 2:
+                        continue
+                    if msg[2] == "SetChargingProfile":
+                        limits += [per["limit"] for per in
+                                   msg[3]["csChargingProfiles"]["chargingSchedule"]["chargingSchedulePeriod"]]
+                        await ws.send(json.dumps([3, msg[1], {"status": "Accepted"}]))
+                    else:
+                        await ws.send(_plain_answer(msg))
+        assert g.ctx is not None
+        assert not {k: v for k, v in g.ctx.task_restarts.items() if k.startswith("apply:")}, g.ctx.task_restarts
+        assert gw.ctx.counters.get("setpoint_apply_failed", 0) == 0, gw.ctx.counters  # type: ignore[attr-defined]
+    finally:
+        await ctl.stop()
+        await g.stop()

@@ -360,8 +360,13 @@ class Connector:
                 continue
             try:
                 await self._apply(sess)
-            except (ConnectionClosed, asyncio.CancelledError):
+            except asyncio.CancelledError:
                 raise
+            except ConnectionClosed:
+                # the wallbox went away while its profile was being installed: nothing failed here, the
+                # next connection gets the setpoint in force (installed is reset when a session starts)
+                self.log.info("wallbox disconnected while its setpoint was applied")
+                continue
             except Exception as e:  # logged, retried on the next round
                 self.csms.counters["setpoint_apply_failed"] += 1
                 if not self._reject_logged:
