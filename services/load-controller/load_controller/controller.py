@@ -8,6 +8,7 @@ and returns per EVSE the current, the phase count and the constraint or rule tha
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -139,6 +140,35 @@ def meter_currents(r: p.MeterReading, voltage: float) -> list[float] | None:
     return None
 
 
+_OFF_TEXT: dict[tuple[p.EvseState, p.IecState | None], tuple[str, str]] = {}
+
+
+def _off_text(state: p.EvseState, iec: p.IecState | None) -> tuple[str, str]:
+    """bound_by and detail of an EVSE that does not want power (the same few texts every cycle: made once)."""
+    got = _OFF_TEXT.get((state, iec))
+    if got is None:
+        if state in DEAD_STATES:
+            label = f"evse_state:{state.value}"
+        elif iec in (p.IecState.E, p.IecState.F):
+            label = f"evse_state:{iec.value}"  # type: ignore[union-attr]
+        else:
+            label = "not_connected"
+        got = _OFF_TEXT[(state, iec)] = (label, f"state {state.value}" + (f", IEC {iec.value}" if iec else ""))
+    return got
+
+
+_LABELS: weakref.WeakKeyDictionary[Topology, list[tuple[str, str, str, str]]] = weakref.WeakKeyDictionary()
+
+
+def _node_labels(topo: Topology) -> list[tuple[str, str, str, str]]:
+    """The constraint labels of each node (node:<id>:L1..L3, node:<id>:power), made once per topology."""
+    got = _LABELS.get(topo)
+    if got is None:
+        got = _LABELS[topo] = [(f"node:{nd.id}:L1", f"node:{nd.id}:L2", f"node:{nd.id}:L3", f"node:{nd.id}:power")
+                               for nd in topo.nodes]
+    return got
+
+
 def _age(now: datetime, ts: datetime) -> float:
     return (now - ts).total_seconds()
 
@@ -201,30 +231,37 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
     live_sources = {name for name, h in inputs.services.items()
                     if name in cfg.event_driven_sources and h.status != p.HealthStatus.OFFLINE
                     and _age(now, h.ts) <= cfg.publisher_timeout_s}
+    evse_timeout_s = cfg.evse_timeout_s
+    offline_state = p.EvseState.OFFLINE
     for e in evses:
-        st = statuses[e.index]
+        i = e.index
+        st = statuses[i]
         if st is None:
             continue
-        recent[e.index] = _age(now, st.ts) <= cfg.evse_timeout_s
-        ok = st.online and st.state != p.EvseState.OFFLINE and (recent[e.index] or st.source in live_sources)
-        fresh[e.index] = ok
+        rec = recent[i] = (now - st.ts).total_seconds() <= evse_timeout_s
+        ok = st.online and st.state != offline_state and (rec or st.source in live_sources)
+        fresh[i] = ok
         if not ok:
             continue
-        wants[e.index] = wants_power(st)
+        wants[i] = wants_power(st)
         if st.plausible:
             cur = st.current_a
-            if st.applied is not None:
+            applied = st.applied
+            if applied is not None:
                 # a car draws at most what its EVSE allows now: a higher measurement predates the setpoint (an
                 # OCPP wallbox's currents come with its MeterValues, up to a sample interval old) and would
                 # understate the non-EV load behind the meter
-                cur = [min(a, st.applied.current_a) for a in cur]
+                a_max = applied.current_a
+                cur = [min(a, a_max) for a in cur]
             g = [0.0, 0.0, 0.0]
+            rot = e.rotation
             if e.phases == 3:
-                for k in range(3):
-                    g[e.rotation[k]] += cur[k]
+                g[rot[0]] += cur[0]
+                g[rot[1]] += cur[1]
+                g[rot[2]] += cur[2]
             else:
-                g[e.rotation[0]] += cur[0]
-            meas[e.index] = g
+                g[rot[0]] += cur[0]
+            meas[i] = g
 
     # -- how old each EV measurement is: an OCPP wallbox's currents come with its MeterValues -------------
     # (``measured_at``), a polled EVSE's are as of its status (age 0 while it is fresh). Beyond
@@ -315,16 +352,25 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
     reserve = cfg.reserve_a
     allow = cfg.unmetered_allowance_a
     nodes: list[Node] = []
+    node_labels = _node_labels(topo)
+    penalties = new.penalties
     for nd in topo.nodes:
         n = nd.index
         stale = n in non_ev and non_ev[n] is None
         ne = non_ev.get(n) or [0.0, 0.0, 0.0]
-        labels = [f"node:{nd.id}:{ph}" for ph in PHASE_NAMES] + [f"node:{nd.id}:power"]
+        if not stale and nd.max_power_w == INF and (not penalties or not any((n, k) in penalties for k in range(4))):
+            # the common case: no meter trouble, no penalty, no power limit
+            lim = nd.limits
+            caps = [INF if lim[k] == INF else max(0.0, lim[k] - reserve - ne[k]) for k in range(3)]
+            nodes.append(Node(nd.id, nd.parent, caps, INF, list(node_labels[n]), [None, None, None, None]))
+            continue
+        labels = list(node_labels[n])
         details: list[str | None] = [None, None, None, None]
-        caps: list[float] = []
-        unknown = (f"meter {nd.meter} unknown (silent, offline or never heard): node:{nd.id} is taken as fully "
-                   f"used; " + (f"the EVSEs below share the unmetered allowance of {allow:g} A per phase"
-                                if allow > 0 else "charging below it is paused (unmetered_allowance_a is 0)"))
+        caps = []
+        unknown = "" if not stale else (
+            f"meter {nd.meter} unknown (silent, offline or never heard): node:{nd.id} is taken as fully "
+            f"used; " + (f"the EVSEs below share the unmetered allowance of {allow:g} A per phase"
+                         if allow > 0 else "charging below it is paused (unmetered_allowance_a is 0)"))
         for k in range(3):
             lim = nd.limits[k]
             if lim == INF and not stale:
@@ -474,6 +520,7 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
     offline_assumed: dict[int, float] = {}
     settling: dict[int, float] = {}  # EVSE index -> what it may still draw (a cut it has not followed yet)
     step_a = cfg.ramp_step_a
+    ramp_detail = f"rising by at most {step_a:g} A per cycle"
     min_gap = 0.9 * cfg.cycle_s
     for e in evses:
         i = e.index
@@ -492,21 +539,14 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
                                                        f"status older than {cfg.evse_timeout_s:g} s"
                                                        + (f" and {st.source} is gone" if st.source in
                                                           cfg.event_driven_sources else ""))
-            demands.append(Demand(e.id, e.node, e.min_a, [], order=i, off_label="evse_offline",
-                                  off_detail=f"{why}: assumed to draw {assumed:g} A"))
+            demands.append(Demand(e.id, e.node, e.min_a, [], 0, False, False, i, (), "evse_offline",
+                                  f"{why}: assumed to draw {assumed:g} A"))
             continue
         assert st is not None
         if not wants[i]:
-            new_mems.append(EvseMemory(nph=e.phases))
-            if st.state in DEAD_STATES:
-                label = f"evse_state:{st.state.value}"
-            elif st.iec_state in (p.IecState.E, p.IecState.F):
-                label = f"evse_state:{st.iec_state.value}"
-            else:
-                label = "not_connected"
-            demands.append(Demand(e.id, e.node, e.min_a, [], order=i, off_label=label,
-                                  off_detail=f"state {st.state.value}"
-                                             + (f", IEC {st.iec_state.value}" if st.iec_state else "")))
+            new_mems.append(EvseMemory(0.0, e.phases))
+            label, off_detail = _off_text(st.state, st.iec_state)
+            demands.append(Demand(e.id, e.node, e.min_a, [], 0, False, False, i, (), label, off_detail))
             continue
         nm = m.copy()
         nm.offline_assumed = None
@@ -558,22 +598,26 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
                 nm.settle_from = nm.settle_since = None
             else:
                 settling[i] = nm.settle_from
-        can_raise = m.raised_at is None or _age(now, m.raised_at) >= min_gap
+        can_raise = m.raised_at is None or (now - m.raised_at).total_seconds() >= min_gap
+        # what every mode of this EVSE starts from: the cap, a power limit, the ramp from its grant
+        if m.granted > 0:
+            ramp_to = m.granted + (step_a if can_raise else 0.0)
+            ramp_nph = m.nph
+        else:
+            ramp_to = e.min_a
+            ramp_nph = 0
 
         def mode(nph: int, phases: tuple[int, ...], asym: tuple[int, ...] | None = None, carry: bool = False,
-                 e: EvseSpec = e, m: EvseMemory = m, cap_a: float = cap_a, lab: str = lab, det: str | None = det,
-                 cap_w: float = cap_w, wlab: str = wlab, can_raise: bool = can_raise) -> Mode:
+                 e: EvseSpec = e, cap_a: float = cap_a, lab: str = lab, det: str | None = det,
+                 cap_w: float = cap_w, wlab: str = wlab, ramp_to: float = ramp_to, ramp_nph: int = ramp_nph) -> Mode:
             hi, hl, hd = cap_a, lab, det
             if cap_w < INF:
                 w = cap_w / (v * len(phases))
                 if w < hi:
                     hi, hl, hd = w, wlab, f"limit {cap_w:.0f} W"
-            if m.granted > 0 and (m.nph == nph or carry):
-                r = m.granted + (step_a if can_raise else 0.0)
-            else:
-                r = e.min_a
+            r = ramp_to if ramp_nph and (ramp_nph == nph or carry) else e.min_a
             if r < hi - 1e-9:
-                hi, hl, hd = r, "ramp", f"rising by at most {step_a:g} A per cycle"
+                hi, hl, hd = r, "ramp", ramp_detail
             return Mode(nph, phases, hi, hl, hd, asym)
 
         one = (e.rotation[0],)
@@ -611,10 +655,12 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
             modes = [mode(3, three, asym3)]
         else:
             modes = [mode(1, one)]
-        protected = m.granted > 0 and m.on_since is not None and _age(now, m.on_since) < cfg.min_charge_time_s
-        demands.append(Demand(e.id, e.node, e.min_a, modes, priority=e.priority, protected=protected,
-                              charging=m.granted > 0, order=i, groups=gtuple, three_phases=three_track,
-                              hold=hold, hold_detail=hold_detail, one_phases=one_probe))
+        charging = m.granted > 0
+        protected = (charging and m.on_since is not None
+                     and (now - m.on_since).total_seconds() < cfg.min_charge_time_s)
+        # positional (the order of Demand's fields): much cheaper than keywords, 1000 times a cycle
+        demands.append(Demand(e.id, e.node, e.min_a, modes, e.priority, protected, charging, i, gtuple,
+                              "not_connected", None, three_track, one_probe, hold, hold_detail))
 
     # -- solve ------------------------------------------------------------------------------------------------
     problem = Problem(nodes=nodes, demands=demands, groups=groups, fixed=fixed,
@@ -643,10 +689,10 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
             detail = g.detail if not cut else f"{g.detail}; overcommitted under {cut}: told to pause"
             nph = m.nph if m.granted > 0 else e.phases
             nm.granted = cur
-            out.append(EvseDecision(e.id, cur, nph, "evse_offline", detail, wanted=False, online=False))
+            out.append(EvseDecision(e.id, cur, nph, "evse_offline", detail, False, False))
             continue
         if not wants[i]:
-            out.append(EvseDecision(e.id, 0.0, e.phases, g.bound_by, g.detail, wanted=False, online=True))
+            out.append(EvseDecision(e.id, 0.0, e.phases, g.bound_by, g.detail, False, True))
             continue
         cur = g.current
         nph = g.nph
@@ -685,7 +731,7 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
         if st is not None and recent[i] and mage[i] <= cfg.ev_current_max_age_s:  # only on a recent measurement
             _reclaim(cfg, e, m, nm, st, now)
             _detect_phases(cfg, e, m, nm, st)
-        out.append(EvseDecision(e.id, cur, nph, g.bound_by, detail, wanted=True, online=True))
+        out.append(EvseDecision(e.id, cur, nph, g.bound_by, detail, True, True))
     new.evses = {e.id: new_mems[e.index] for e in evses}
     if by_mode.names:
         for d in out:
