@@ -775,18 +775,27 @@ def _hold_raises(topo: Topology, sol: Solution, nodes: list[Node], fixed: list[F
     if not may_draw:
         return
     held: set[int] = set()
+    # per node: what the EVSEs below it may draw beyond their new grants (summed in EVSE order, as ``below``)
+    extras: dict[int, list[float]] = {}
+    for i in sorted(may_draw):
+        d = may_draw[i]
+        g = sol.grants[i]
+        if d > g.current:
+            e = topo.evses[i]
+            for n in topo.nodes[e.node].chain:
+                extra = extras.get(n)
+                if extra is None:
+                    extra = extras[n] = [0.0, 0.0, 0.0]
+                for k in e.grid_phases:
+                    extra[k] += d - g.current
+    if not extras:
+        return
     for nd in topo.nodes:  # root first
         n = nd.index
-        below = topo.below[n]
-        extra = [0.0, 0.0, 0.0]
-        for i in below:
-            d = may_draw.get(i)
-            g = sol.grants[i]
-            if d is not None and d > g.current:
-                for k in topo.evses[i].grid_phases:
-                    extra[k] += d - g.current
-        if max(extra) <= 1e-9:
+        extra = extras.get(n)
+        if extra is None or max(extra) <= 1e-9:
             continue
+        below = topo.below[n]
         used = [0.0, 0.0, 0.0]
         below_set = set(below)
         for i in below:
@@ -802,19 +811,22 @@ def _hold_raises(topo: Topology, sol: Solution, nodes: list[Node], fixed: list[F
             nodes[n].total < INF and sum(used) + sum(extra) > nodes[n].total + 1e-6)
         if not over:
             continue
+        detail: str | None = None
         for i in below:
             g = sol.grants[i]
             m = mems[i]
             if i in held or g.current <= m.granted + 1e-9 or i in may_draw:
                 continue
             held.add(i)
-            cut_ids = ", ".join(topo.evses[j].id for j in below if j in may_draw)
+            if detail is None:  # the same for every EVSE held at this node
+                cut_ids = ", ".join(topo.evses[j].id for j in below if j in may_draw)
+                detail = (f"waits until {cut_ids} follow{'s' if ',' not in cut_ids else ''} a cut "
+                          f"(node:{nd.id}; at most decrease_settle_s)")
             g.current = m.granted
             if m.granted > 0:
                 g.nph, g.phases = m.nph, m.phases or g.phases
             g.bound_by = "settling"
-            g.detail = (f"waits until {cut_ids} follow{'s' if ',' not in cut_ids else ''} a cut "
-                        f"(node:{nd.id}; at most decrease_settle_s)")
+            g.detail = detail
 
 
 def _ev_floor(cfg: Controller, topo: Topology, n: int, cur: list[float], meter_age: float,
