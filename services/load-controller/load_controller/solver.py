@@ -345,24 +345,31 @@ def _solve_once(problem: Problem, space: _Space) -> tuple[list[Grant], list[floa
     admitted_mode: dict[int, Mode] = {}
     admitted_coefs: dict[int, list[tuple[int, float]]] = {}
 
+    known = space._cache
+
     def try_admit(i: int) -> None:
         d = demands[i]
         g = grants[i]
+        lo = d.lo
         blocked_label: str | None = None
         blocked_detail: str | None = None
         for m in d.modes:
-            if m.hi < d.lo - 1e-9:
+            if m.hi < lo - 1e-9:
                 if blocked_label is None:
                     blocked_label, blocked_detail = m.hi_label, m.hi_detail
                 continue
-            coefs = space.coefs(d.node, m.phases, d.groups, m.asym)
-            k = _fits(used, cap, coefs, d.lo)
+            coefs = known.get((d.node, m.phases, d.groups, m.asym)) or space.coefs(d.node, m.phases, d.groups, m.asym)
+            k = -1  # _fits, inline: the first constraint that blocks lo
+            for kk, a in coefs:
+                if used[kk] + a * lo > cap[kk] + 1e-7:
+                    k = kk
+                    break
             if k < 0 and d.hold is not None:
                 g.bound_by, g.detail = d.hold, d.hold_detail
                 return
             if k < 0:
                 for kk, a in coefs:
-                    used[kk] += a * d.lo
+                    used[kk] += a * lo
                 admitted_mode[i] = m
                 admitted_coefs[i] = coefs
                 g.nph, g.phases, g.current, g.asym = m.nph, m.phases, d.lo, m.asym
