@@ -169,12 +169,39 @@ def _node_labels(topo: Topology) -> list[tuple[str, str, str, str]]:
     return got
 
 
-def _age(now: datetime, ts: datetime) -> float:
-    return (now - ts).total_seconds()
+def _mode(ctx: tuple[Any, ...], nph: int, phases: tuple[int, ...], asym: tuple[int, ...] | None = None,
+          carry: bool = False) -> Mode:
+    """One way the EVSE of ``ctx`` (made in ``step``) can charge: its cap (the EVSE, its limits, a power
+    limit per phase count) and the ramp from its grant (``carry``: the grant carries over to ``nph``)."""
+    cap_a, lab, det, cap_w, wlab, ramp_to, ramp_nph, min_a, v, ramp_detail = ctx
+    hi, hl, hd = cap_a, lab, det
+    if cap_w < INF:
+        w = cap_w / (v * len(phases))
+        if w < hi:
+            hi, hl, hd = w, wlab, f"limit {cap_w:.0f} W"
+    r = ramp_to if ramp_nph and (ramp_nph == nph or carry) else min_a
+    if r < hi - 1e-9:
+        hi, hl, hd = r, "ramp", ramp_detail
+    return Mode(nph, phases, hi, hl, hd, asym)
+
+
+_FMT: dict[tuple[datetime, timedelta | None], str] = {}
 
 
 def _fmt(ts: datetime) -> str:
-    return ts.isoformat(timespec="seconds")
+    """ISO 8601 to the second; the same few instants (pauses, limits, penalties) every cycle: kept (by the
+    instant and its UTC offset: equal instants in other offsets are written differently)."""
+    key = (ts, ts.utcoffset())
+    got = _FMT.get(key)
+    if got is None:
+        if len(_FMT) > 4096:
+            _FMT.clear()
+        got = _FMT[key] = ts.isoformat(timespec="seconds")
+    return got
+
+
+def _age(now: datetime, ts: datetime) -> float:
+    return (now - ts).total_seconds()
 
 
 def initial_memory(e: EvseSpec, sp: p.Setpoint | None, st: p.EvseStatus | None = None,
@@ -607,18 +634,7 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
             ramp_to = e.min_a
             ramp_nph = 0
 
-        def mode(nph: int, phases: tuple[int, ...], asym: tuple[int, ...] | None = None, carry: bool = False,
-                 e: EvseSpec = e, cap_a: float = cap_a, lab: str = lab, det: str | None = det,
-                 cap_w: float = cap_w, wlab: str = wlab, ramp_to: float = ramp_to, ramp_nph: int = ramp_nph) -> Mode:
-            hi, hl, hd = cap_a, lab, det
-            if cap_w < INF:
-                w = cap_w / (v * len(phases))
-                if w < hi:
-                    hi, hl, hd = w, wlab, f"limit {cap_w:.0f} W"
-            r = ramp_to if ramp_nph and (ramp_nph == nph or carry) else e.min_a
-            if r < hi - 1e-9:
-                hi, hl, hd = r, "ramp", ramp_detail
-            return Mode(nph, phases, hi, hl, hd, asym)
+        mctx = (cap_a, lab, det, cap_w, wlab, ramp_to, ramp_nph, e.min_a, v, ramp_detail)
 
         one = (e.rotation[0],)
         # Phase detection never frees a phase the car could use: a 3-phase EVSE is budgeted on all its
@@ -633,28 +649,28 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
             # 1 phase: on L1 once confirmed, else on all phases (counted on L1 for the imbalance, as commanded)
             one_b, one_asym = (one, None) if confirmed1 else (e.grid_phases, one)
             if force1:
-                modes = [mode(1, one_b, one_asym)]
+                modes = [_mode(mctx, 1, one_b, one_asym)]
             elif nm.one_phase_car:
                 # a 1-phase car: 1 phase for the rest of the session (no flapping back to 3); the switch itself
                 # keeps its current (the car drew it on L1 already)
-                modes = [mode(1, one_b, one_asym, carry=m.nph == 3)]
+                modes = [_mode(mctx, 1, one_b, one_asym, carry=m.nph == 3)]
             elif resume1:
-                modes = [mode(1, one)]  # paused to switch, the EVSE has switched: go on on L1
+                modes = [_mode(mctx, 1, one)]  # paused to switch, the EVSE has switched: go on on L1
             elif m.granted > 0 and m.nph == 1:
                 waited = m.three_fit_since is not None and _age(now, m.three_fit_since) >= cfg.phase_switch_delay_s
                 if waited:
-                    modes = [mode(3, three), mode(1, one_b, one_asym)]
+                    modes = [_mode(mctx, 3, three), _mode(mctx, 1, one_b, one_asym)]
                 else:
-                    modes = [mode(1, one_b, one_asym)]
+                    modes = [_mode(mctx, 1, one_b, one_asym)]
                     three_track = e.grid_phases
             else:
-                modes = [mode(3, three, asym3), mode(1, one_b, one_asym)]
+                modes = [_mode(mctx, 3, three, asym3), _mode(mctx, 1, one_b, one_asym)]
                 if not confirmed1:
                     one_probe = one  # paused: would its minimum fit on L1 once switched?
         elif e.phases == 3:
-            modes = [mode(3, three, asym3)]
+            modes = [_mode(mctx, 3, three, asym3)]
         else:
-            modes = [mode(1, one)]
+            modes = [_mode(mctx, 1, one)]
         charging = m.granted > 0
         protected = (charging and m.on_since is not None
                      and (now - m.on_since).total_seconds() < cfg.min_charge_time_s)

@@ -396,8 +396,10 @@ def _solve_once(problem: Problem, space: _Space) -> tuple[list[Grant], list[floa
         if d.one_phases is not None:
             g.one_fits = _fits(used, cap, space.coefs(d.node, d.one_phases, d.groups), d.lo) < 0
 
-    order = sorted((i for i, d in enumerate(demands) if d.modes),
-                   key=lambda i: (-demands[i].priority, not demands[i].charging, demands[i].order))
+    # by priority, the ones charging first, configuration order (the index last: a stable sort's tie-break)
+    keyed = [(-d.priority, not d.charging, d.order, i) for i, d in enumerate(demands) if d.modes]
+    keyed.sort()
+    order = [t[3] for t in keyed]
     for i in order:
         if demands[i].protected:
             try_admit(i)
