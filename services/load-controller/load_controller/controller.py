@@ -145,7 +145,8 @@ _OFF_TEXT: dict[tuple[p.EvseState, p.IecState | None], tuple[str, str]] = {}
 
 def _off_text(state: p.EvseState, iec: p.IecState | None) -> tuple[str, str]:
     """bound_by and detail of an EVSE that does not want power (the same few texts every cycle: made once)."""
-    got = _OFF_TEXT.get((state, iec))
+    key = (state, iec)
+    got = _OFF_TEXT.get(key)
     if got is None:
         if state in DEAD_STATES:
             label = f"evse_state:{state.value}"
@@ -153,7 +154,7 @@ def _off_text(state: p.EvseState, iec: p.IecState | None) -> tuple[str, str]:
             label = f"evse_state:{iec.value}"  # type: ignore[union-attr]
         else:
             label = "not_connected"
-        got = _OFF_TEXT[(state, iec)] = (label, f"state {state.value}" + (f", IEC {iec.value}" if iec else ""))
+        got = _OFF_TEXT[key] = (label, f"state {state.value}" + (f", IEC {iec.value}" if iec else ""))
     return got
 
 
@@ -692,12 +693,15 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
 
     # -- decisions and the next memory -------------------------------------------------------------------------
     out: list[EvseDecision] = []
+    grants = sol.grants
+    max_age = cfg.ev_current_max_age_s
+    new_evses: dict[str, EvseMemory] = {}
     for e in evses:
         i = e.index
-        g = sol.grants[i]
+        g = grants[i]
         m = mems[i]
         nm = new_mems[i]
-        st = statuses[i]
+        new_evses[e.id] = nm
         if i in offline_assumed:
             assumed = offline_assumed[i]
             cut = sol.fixed_cut.get(e.id)
@@ -710,9 +714,12 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
         if not wants[i]:
             out.append(EvseDecision(e.id, 0.0, e.phases, g.bound_by, g.detail, False, True))
             continue
+        st = statuses[i]
         cur = g.current
         nph = g.nph
         detail = g.detail
+        was = m.granted
+        was_nph = m.nph
         if cur <= 0 and g.one_fits:
             # 3 phases do not fit but 1 would: paused and told 1 phase, resumes on L1 once the EVSE confirms it
             nph = 1
@@ -722,33 +729,33 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
         nm.nph = nph
         nm.phases = g.phases
         # a pause to switch to 1 phase does not end the charging session (minimum charging time, rules)
-        if cur > 0 and m.granted <= 0:
+        if cur > 0 and was <= 0:
             if not (m.switch_pause and nph == 1 and m.on_since is not None):
                 nm.on_since = now
             nm.off_since = None
-        elif cur <= 0 and m.granted > 0:
+        elif cur <= 0 and was > 0:
             if not nm.switch_pause:
                 nm.on_since = None
             nm.off_since = now
-        if cur < m.granted - 1e-9:  # a cut: it may draw the old grant until it is seen following
-            nm.settle_from = max(nm.settle_from or 0.0, m.granted)
+        if cur < was - 1e-9:  # a cut: it may draw the old grant until it is seen following
+            nm.settle_from = max(nm.settle_from or 0.0, was)
             nm.settle_since = now
-        if abs(cur - m.granted) > 1e-9 or nph != m.nph:
+        if abs(cur - was) > 1e-9 or nph != was_nph:
             nm.changed_at = now
-        if cur > m.granted + 1e-9:
+        if cur > was + 1e-9:
             nm.raised_at = now
-        if nph != m.nph:
+        if nph != was_nph:
             nm.used_phases = None
             nm.reclaim_cap = None
         if e.switching and nph == 1 and cur > 0:
             nm.three_fit_since = (m.three_fit_since or now) if g.three_fits else None
         else:
             nm.three_fit_since = None
-        if st is not None and recent[i] and mage[i] <= cfg.ev_current_max_age_s:  # only on a recent measurement
+        if st is not None and recent[i] and mage[i] <= max_age:  # only on a recent measurement
             _reclaim(cfg, e, m, nm, st, now)
             _detect_phases(cfg, e, m, nm, st)
         out.append(EvseDecision(e.id, cur, nph, g.bound_by, detail, True, True))
-    new.evses = {e.id: new_mems[e.index] for e in evses}
+    new.evses = new_evses
     if by_mode.names:
         for d in out:
             d.mode = by_mode.names.get(d.evse_id)
