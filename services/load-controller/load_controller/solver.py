@@ -437,8 +437,10 @@ def _fill(members: list[int], demands: list[Demand], modes: dict[int, Mode],
     active = [hi[j] > lo[j] + EPS for j in range(n)]
     val = lo[:]
     bound: list[int] = [-1] * n
-    base: dict[int, float] = {}
-    act_lo: dict[int, float] = {}
+    # per constraint index (lists: cheaper than dicts in the inner loops; only the constraints in cm are used)
+    nk = len(cap)
+    base: list[float] = [0.0] * nk
+    act_lo: list[float] = [0.0] * nk
     events: dict[int, list[tuple[float, float, int]]] = {}
     for k, mem in cm.items():
         al = 0.0
@@ -472,7 +474,7 @@ def _fill(members: list[int], demands: list[Demand], modes: dict[int, Mode],
             slope += da
         return INF
 
-    version = dict.fromkeys(cm, 0)
+    version = [0] * nk
     heap = [(crossing(k, 0.0), k, 0) for k in cm]
     heapq.heapify(heap)
     level = 0.0
