@@ -296,12 +296,15 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
     # ev_current_max_age_s a measurement is not subtracted from a meter: the car may draw less by now
     mage = [0.0] * n_e
     sub: list[list[float] | None] = list(meas)  # what is subtracted from the meters above each EVSE
+    timed = False  # some EVSE's subtracted current has its own measurement time (only they fix a floor)
     for e in evses:
         st = statuses[e.index]
         if meas[e.index] is None or st is None or st.measured_at is None:
             continue
         mage[e.index] = _age(now, st.measured_at)
-        if mage[e.index] > cfg.ev_current_max_age_s:
+        if mage[e.index] <= cfg.ev_current_max_age_s:
+            timed = True
+        else:
             sub[e.index] = None
             if max(meas[e.index] or (0.0,)) > 0.0:
                 warnings.append(f"evse {e.id}: its current was measured {mage[e.index]:.0f} s ago (more than "
@@ -329,7 +332,7 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
                 evs[1] += mi[1]
                 evs[2] += mi[2]
         ne = [max(0.0, cur[k] - evs[k]) for k in range(3)]
-        floor = _ev_floor(cfg, topo, n, cur, _age(now, r.ts), sub, mage, statuses, memory, new)
+        floor = _ev_floor(cfg, topo, n, cur, _age(now, r.ts), sub, mage, statuses, memory, new) if timed else None
         if floor is not None:
             ne = [max(ne[k], floor[k]) for k in range(3)]
         seen = memory.meter_seen.get(mid)
