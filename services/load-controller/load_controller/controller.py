@@ -8,6 +8,7 @@ and returns per EVSE the current, the phase count and the constraint or rule tha
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -139,12 +140,69 @@ def meter_currents(r: p.MeterReading, voltage: float) -> list[float] | None:
     return None
 
 
-def _age(now: datetime, ts: datetime) -> float:
-    return (now - ts).total_seconds()
+_OFF_TEXT: dict[tuple[p.EvseState, p.IecState | None], tuple[str, str]] = {}
+
+
+def _off_text(state: p.EvseState, iec: p.IecState | None) -> tuple[str, str]:
+    """bound_by and detail of an EVSE that does not want power (the same few texts every cycle: made once)."""
+    key = (state, iec)
+    got = _OFF_TEXT.get(key)
+    if got is None:
+        if state in DEAD_STATES:
+            label = f"evse_state:{state.value}"
+        elif iec in (p.IecState.E, p.IecState.F):
+            label = f"evse_state:{iec.value}"  # type: ignore[union-attr]
+        else:
+            label = "not_connected"
+        got = _OFF_TEXT[key] = (label, f"state {state.value}" + (f", IEC {iec.value}" if iec else ""))
+    return got
+
+
+_LABELS: weakref.WeakKeyDictionary[Topology, list[tuple[str, str, str, str]]] = weakref.WeakKeyDictionary()
+
+
+def _node_labels(topo: Topology) -> list[tuple[str, str, str, str]]:
+    """The constraint labels of each node (node:<id>:L1..L3, node:<id>:power), made once per topology."""
+    got = _LABELS.get(topo)
+    if got is None:
+        got = _LABELS[topo] = [(f"node:{nd.id}:L1", f"node:{nd.id}:L2", f"node:{nd.id}:L3", f"node:{nd.id}:power")
+                               for nd in topo.nodes]
+    return got
+
+
+def _mode(ctx: tuple[Any, ...], nph: int, phases: tuple[int, ...], asym: tuple[int, ...] | None = None,
+          carry: bool = False) -> Mode:
+    """One way the EVSE of ``ctx`` (made in ``step``) can charge: its cap (the EVSE, its limits, a power
+    limit per phase count) and the ramp from its grant (``carry``: the grant carries over to ``nph``)."""
+    cap_a, lab, det, cap_w, wlab, ramp_to, ramp_nph, min_a, v, ramp_detail = ctx
+    hi, hl, hd = cap_a, lab, det
+    if cap_w < INF:
+        w = cap_w / (v * len(phases))
+        if w < hi:
+            hi, hl, hd = w, wlab, f"limit {cap_w:.0f} W"
+    r = ramp_to if ramp_nph and (ramp_nph == nph or carry) else min_a
+    if r < hi - 1e-9:
+        hi, hl, hd = r, "ramp", ramp_detail
+    return Mode(nph, phases, hi, hl, hd, asym)
+
+
+_FMT: dict[tuple[datetime, timedelta | None], str] = {}
 
 
 def _fmt(ts: datetime) -> str:
-    return ts.isoformat(timespec="seconds")
+    """ISO 8601 to the second; the same few instants (pauses, limits, penalties) every cycle: kept (by the
+    instant and its UTC offset: equal instants in other offsets are written differently)."""
+    key = (ts, ts.utcoffset())
+    got = _FMT.get(key)
+    if got is None:
+        if len(_FMT) > 4096:
+            _FMT.clear()
+        got = _FMT[key] = ts.isoformat(timespec="seconds")
+    return got
+
+
+def _age(now: datetime, ts: datetime) -> float:
+    return (now - ts).total_seconds()
 
 
 def initial_memory(e: EvseSpec, sp: p.Setpoint | None, st: p.EvseStatus | None = None,
@@ -201,42 +259,52 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
     live_sources = {name for name, h in inputs.services.items()
                     if name in cfg.event_driven_sources and h.status != p.HealthStatus.OFFLINE
                     and _age(now, h.ts) <= cfg.publisher_timeout_s}
+    evse_timeout_s = cfg.evse_timeout_s
+    offline_state = p.EvseState.OFFLINE
     for e in evses:
-        st = statuses[e.index]
+        i = e.index
+        st = statuses[i]
         if st is None:
             continue
-        recent[e.index] = _age(now, st.ts) <= cfg.evse_timeout_s
-        ok = st.online and st.state != p.EvseState.OFFLINE and (recent[e.index] or st.source in live_sources)
-        fresh[e.index] = ok
+        rec = recent[i] = (now - st.ts).total_seconds() <= evse_timeout_s
+        ok = st.online and st.state != offline_state and (rec or st.source in live_sources)
+        fresh[i] = ok
         if not ok:
             continue
-        wants[e.index] = wants_power(st)
+        wants[i] = wants_power(st)
         if st.plausible:
             cur = st.current_a
-            if st.applied is not None:
+            applied = st.applied
+            if applied is not None:
                 # a car draws at most what its EVSE allows now: a higher measurement predates the setpoint (an
                 # OCPP wallbox's currents come with its MeterValues, up to a sample interval old) and would
                 # understate the non-EV load behind the meter
-                cur = [min(a, st.applied.current_a) for a in cur]
+                a_max = applied.current_a
+                cur = [min(a, a_max) for a in cur]
             g = [0.0, 0.0, 0.0]
+            rot = e.rotation
             if e.phases == 3:
-                for k in range(3):
-                    g[e.rotation[k]] += cur[k]
+                g[rot[0]] += cur[0]
+                g[rot[1]] += cur[1]
+                g[rot[2]] += cur[2]
             else:
-                g[e.rotation[0]] += cur[0]
-            meas[e.index] = g
+                g[rot[0]] += cur[0]
+            meas[i] = g
 
     # -- how old each EV measurement is: an OCPP wallbox's currents come with its MeterValues -------------
     # (``measured_at``), a polled EVSE's are as of its status (age 0 while it is fresh). Beyond
     # ev_current_max_age_s a measurement is not subtracted from a meter: the car may draw less by now
     mage = [0.0] * n_e
     sub: list[list[float] | None] = list(meas)  # what is subtracted from the meters above each EVSE
+    timed = False  # some EVSE's subtracted current has its own measurement time (only they fix a floor)
     for e in evses:
         st = statuses[e.index]
         if meas[e.index] is None or st is None or st.measured_at is None:
             continue
         mage[e.index] = _age(now, st.measured_at)
-        if mage[e.index] > cfg.ev_current_max_age_s:
+        if mage[e.index] <= cfg.ev_current_max_age_s:
+            timed = True
+        else:
             sub[e.index] = None
             if max(meas[e.index] or (0.0,)) > 0.0:
                 warnings.append(f"evse {e.id}: its current was measured {mage[e.index]:.0f} s ago (more than "
@@ -264,7 +332,7 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
                 evs[1] += mi[1]
                 evs[2] += mi[2]
         ne = [max(0.0, cur[k] - evs[k]) for k in range(3)]
-        floor = _ev_floor(cfg, topo, n, cur, _age(now, r.ts), sub, mage, statuses, memory, new)
+        floor = _ev_floor(cfg, topo, n, cur, _age(now, r.ts), sub, mage, statuses, memory, new) if timed else None
         if floor is not None:
             ne = [max(ne[k], floor[k]) for k in range(3)]
         seen = memory.meter_seen.get(mid)
@@ -315,16 +383,25 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
     reserve = cfg.reserve_a
     allow = cfg.unmetered_allowance_a
     nodes: list[Node] = []
+    node_labels = _node_labels(topo)
+    penalties = new.penalties
     for nd in topo.nodes:
         n = nd.index
         stale = n in non_ev and non_ev[n] is None
         ne = non_ev.get(n) or [0.0, 0.0, 0.0]
-        labels = [f"node:{nd.id}:{ph}" for ph in PHASE_NAMES] + [f"node:{nd.id}:power"]
+        if not stale and nd.max_power_w == INF and (not penalties or not any((n, k) in penalties for k in range(4))):
+            # the common case: no meter trouble, no penalty, no power limit
+            lim = nd.limits
+            caps = [INF if lim[k] == INF else max(0.0, lim[k] - reserve - ne[k]) for k in range(3)]
+            nodes.append(Node(nd.id, nd.parent, caps, INF, list(node_labels[n]), [None, None, None, None]))
+            continue
+        labels = list(node_labels[n])
         details: list[str | None] = [None, None, None, None]
-        caps: list[float] = []
-        unknown = (f"meter {nd.meter} unknown (silent, offline or never heard): node:{nd.id} is taken as fully "
-                   f"used; " + (f"the EVSEs below share the unmetered allowance of {allow:g} A per phase"
-                                if allow > 0 else "charging below it is paused (unmetered_allowance_a is 0)"))
+        caps = []
+        unknown = "" if not stale else (
+            f"meter {nd.meter} unknown (silent, offline or never heard): node:{nd.id} is taken as fully "
+            f"used; " + (f"the EVSEs below share the unmetered allowance of {allow:g} A per phase"
+                         if allow > 0 else "charging below it is paused (unmetered_allowance_a is 0)"))
         for k in range(3):
             lim = nd.limits[k]
             if lim == INF and not stale:
@@ -474,6 +551,7 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
     offline_assumed: dict[int, float] = {}
     settling: dict[int, float] = {}  # EVSE index -> what it may still draw (a cut it has not followed yet)
     step_a = cfg.ramp_step_a
+    ramp_detail = f"rising by at most {step_a:g} A per cycle"
     min_gap = 0.9 * cfg.cycle_s
     for e in evses:
         i = e.index
@@ -492,21 +570,14 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
                                                        f"status older than {cfg.evse_timeout_s:g} s"
                                                        + (f" and {st.source} is gone" if st.source in
                                                           cfg.event_driven_sources else ""))
-            demands.append(Demand(e.id, e.node, e.min_a, [], order=i, off_label="evse_offline",
-                                  off_detail=f"{why}: assumed to draw {assumed:g} A"))
+            demands.append(Demand(e.id, e.node, e.min_a, [], 0, False, False, i, (), "evse_offline",
+                                  f"{why}: assumed to draw {assumed:g} A"))
             continue
         assert st is not None
         if not wants[i]:
-            new_mems.append(EvseMemory(nph=e.phases))
-            if st.state in DEAD_STATES:
-                label = f"evse_state:{st.state.value}"
-            elif st.iec_state in (p.IecState.E, p.IecState.F):
-                label = f"evse_state:{st.iec_state.value}"
-            else:
-                label = "not_connected"
-            demands.append(Demand(e.id, e.node, e.min_a, [], order=i, off_label=label,
-                                  off_detail=f"state {st.state.value}"
-                                             + (f", IEC {st.iec_state.value}" if st.iec_state else "")))
+            new_mems.append(EvseMemory(0.0, e.phases))
+            label, off_detail = _off_text(st.state, st.iec_state)
+            demands.append(Demand(e.id, e.node, e.min_a, [], 0, False, False, i, (), label, off_detail))
             continue
         nm = m.copy()
         nm.offline_assumed = None
@@ -558,23 +629,16 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
                 nm.settle_from = nm.settle_since = None
             else:
                 settling[i] = nm.settle_from
-        can_raise = m.raised_at is None or _age(now, m.raised_at) >= min_gap
+        can_raise = m.raised_at is None or (now - m.raised_at).total_seconds() >= min_gap
+        # what every mode of this EVSE starts from: the cap, a power limit, the ramp from its grant
+        if m.granted > 0:
+            ramp_to = m.granted + (step_a if can_raise else 0.0)
+            ramp_nph = m.nph
+        else:
+            ramp_to = e.min_a
+            ramp_nph = 0
 
-        def mode(nph: int, phases: tuple[int, ...], asym: tuple[int, ...] | None = None, carry: bool = False,
-                 e: EvseSpec = e, m: EvseMemory = m, cap_a: float = cap_a, lab: str = lab, det: str | None = det,
-                 cap_w: float = cap_w, wlab: str = wlab, can_raise: bool = can_raise) -> Mode:
-            hi, hl, hd = cap_a, lab, det
-            if cap_w < INF:
-                w = cap_w / (v * len(phases))
-                if w < hi:
-                    hi, hl, hd = w, wlab, f"limit {cap_w:.0f} W"
-            if m.granted > 0 and (m.nph == nph or carry):
-                r = m.granted + (step_a if can_raise else 0.0)
-            else:
-                r = e.min_a
-            if r < hi - 1e-9:
-                hi, hl, hd = r, "ramp", f"rising by at most {step_a:g} A per cycle"
-            return Mode(nph, phases, hi, hl, hd, asym)
+        mctx = (cap_a, lab, det, cap_w, wlab, ramp_to, ramp_nph, e.min_a, v, ramp_detail)
 
         one = (e.rotation[0],)
         # Phase detection never frees a phase the car could use: a 3-phase EVSE is budgeted on all its
@@ -589,32 +653,34 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
             # 1 phase: on L1 once confirmed, else on all phases (counted on L1 for the imbalance, as commanded)
             one_b, one_asym = (one, None) if confirmed1 else (e.grid_phases, one)
             if force1:
-                modes = [mode(1, one_b, one_asym)]
+                modes = [_mode(mctx, 1, one_b, one_asym)]
             elif nm.one_phase_car:
                 # a 1-phase car: 1 phase for the rest of the session (no flapping back to 3); the switch itself
                 # keeps its current (the car drew it on L1 already)
-                modes = [mode(1, one_b, one_asym, carry=m.nph == 3)]
+                modes = [_mode(mctx, 1, one_b, one_asym, carry=m.nph == 3)]
             elif resume1:
-                modes = [mode(1, one)]  # paused to switch, the EVSE has switched: go on on L1
+                modes = [_mode(mctx, 1, one)]  # paused to switch, the EVSE has switched: go on on L1
             elif m.granted > 0 and m.nph == 1:
                 waited = m.three_fit_since is not None and _age(now, m.three_fit_since) >= cfg.phase_switch_delay_s
                 if waited:
-                    modes = [mode(3, three), mode(1, one_b, one_asym)]
+                    modes = [_mode(mctx, 3, three), _mode(mctx, 1, one_b, one_asym)]
                 else:
-                    modes = [mode(1, one_b, one_asym)]
+                    modes = [_mode(mctx, 1, one_b, one_asym)]
                     three_track = e.grid_phases
             else:
-                modes = [mode(3, three, asym3), mode(1, one_b, one_asym)]
+                modes = [_mode(mctx, 3, three, asym3), _mode(mctx, 1, one_b, one_asym)]
                 if not confirmed1:
                     one_probe = one  # paused: would its minimum fit on L1 once switched?
         elif e.phases == 3:
-            modes = [mode(3, three, asym3)]
+            modes = [_mode(mctx, 3, three, asym3)]
         else:
-            modes = [mode(1, one)]
-        protected = m.granted > 0 and m.on_since is not None and _age(now, m.on_since) < cfg.min_charge_time_s
-        demands.append(Demand(e.id, e.node, e.min_a, modes, priority=e.priority, protected=protected,
-                              charging=m.granted > 0, order=i, groups=gtuple, three_phases=three_track,
-                              hold=hold, hold_detail=hold_detail, one_phases=one_probe))
+            modes = [_mode(mctx, 1, one)]
+        charging = m.granted > 0
+        protected = (charging and m.on_since is not None
+                     and (now - m.on_since).total_seconds() < cfg.min_charge_time_s)
+        # positional (the order of Demand's fields): much cheaper than keywords, 1000 times a cycle
+        demands.append(Demand(e.id, e.node, e.min_a, modes, e.priority, protected, charging, i, gtuple,
+                              "not_connected", None, three_track, one_probe, hold, hold_detail))
 
     # -- solve ------------------------------------------------------------------------------------------------
     problem = Problem(nodes=nodes, demands=demands, groups=groups, fixed=fixed,
@@ -630,12 +696,15 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
 
     # -- decisions and the next memory -------------------------------------------------------------------------
     out: list[EvseDecision] = []
+    grants = sol.grants
+    max_age = cfg.ev_current_max_age_s
+    new_evses: dict[str, EvseMemory] = {}
     for e in evses:
         i = e.index
-        g = sol.grants[i]
+        g = grants[i]
         m = mems[i]
         nm = new_mems[i]
-        st = statuses[i]
+        new_evses[e.id] = nm
         if i in offline_assumed:
             assumed = offline_assumed[i]
             cut = sol.fixed_cut.get(e.id)
@@ -643,14 +712,17 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
             detail = g.detail if not cut else f"{g.detail}; overcommitted under {cut}: told to pause"
             nph = m.nph if m.granted > 0 else e.phases
             nm.granted = cur
-            out.append(EvseDecision(e.id, cur, nph, "evse_offline", detail, wanted=False, online=False))
+            out.append(EvseDecision(e.id, cur, nph, "evse_offline", detail, False, False))
             continue
         if not wants[i]:
-            out.append(EvseDecision(e.id, 0.0, e.phases, g.bound_by, g.detail, wanted=False, online=True))
+            out.append(EvseDecision(e.id, 0.0, e.phases, g.bound_by, g.detail, False, True))
             continue
+        st = statuses[i]
         cur = g.current
         nph = g.nph
         detail = g.detail
+        was = m.granted
+        was_nph = m.nph
         if cur <= 0 and g.one_fits:
             # 3 phases do not fit but 1 would: paused and told 1 phase, resumes on L1 once the EVSE confirms it
             nph = 1
@@ -660,33 +732,33 @@ def step(topo: Topology, cfg: Controller, tz: ZoneInfo, inputs: Inputs, memory: 
         nm.nph = nph
         nm.phases = g.phases
         # a pause to switch to 1 phase does not end the charging session (minimum charging time, rules)
-        if cur > 0 and m.granted <= 0:
+        if cur > 0 and was <= 0:
             if not (m.switch_pause and nph == 1 and m.on_since is not None):
                 nm.on_since = now
             nm.off_since = None
-        elif cur <= 0 and m.granted > 0:
+        elif cur <= 0 and was > 0:
             if not nm.switch_pause:
                 nm.on_since = None
             nm.off_since = now
-        if cur < m.granted - 1e-9:  # a cut: it may draw the old grant until it is seen following
-            nm.settle_from = max(nm.settle_from or 0.0, m.granted)
+        if cur < was - 1e-9:  # a cut: it may draw the old grant until it is seen following
+            nm.settle_from = max(nm.settle_from or 0.0, was)
             nm.settle_since = now
-        if abs(cur - m.granted) > 1e-9 or nph != m.nph:
+        if abs(cur - was) > 1e-9 or nph != was_nph:
             nm.changed_at = now
-        if cur > m.granted + 1e-9:
+        if cur > was + 1e-9:
             nm.raised_at = now
-        if nph != m.nph:
+        if nph != was_nph:
             nm.used_phases = None
             nm.reclaim_cap = None
         if e.switching and nph == 1 and cur > 0:
             nm.three_fit_since = (m.three_fit_since or now) if g.three_fits else None
         else:
             nm.three_fit_since = None
-        if st is not None and recent[i] and mage[i] <= cfg.ev_current_max_age_s:  # only on a recent measurement
+        if st is not None and recent[i] and mage[i] <= max_age:  # only on a recent measurement
             _reclaim(cfg, e, m, nm, st, now)
             _detect_phases(cfg, e, m, nm, st)
-        out.append(EvseDecision(e.id, cur, nph, g.bound_by, detail, wanted=True, online=True))
-    new.evses = {e.id: new_mems[e.index] for e in evses}
+        out.append(EvseDecision(e.id, cur, nph, g.bound_by, detail, True, True))
+    new.evses = new_evses
     if by_mode.names:
         for d in out:
             d.mode = by_mode.names.get(d.evse_id)
@@ -729,18 +801,27 @@ def _hold_raises(topo: Topology, sol: Solution, nodes: list[Node], fixed: list[F
     if not may_draw:
         return
     held: set[int] = set()
+    # per node: what the EVSEs below it may draw beyond their new grants (summed in EVSE order, as ``below``)
+    extras: dict[int, list[float]] = {}
+    for i in sorted(may_draw):
+        d = may_draw[i]
+        g = sol.grants[i]
+        if d > g.current:
+            e = topo.evses[i]
+            for n in topo.nodes[e.node].chain:
+                extra = extras.get(n)
+                if extra is None:
+                    extra = extras[n] = [0.0, 0.0, 0.0]
+                for k in e.grid_phases:
+                    extra[k] += d - g.current
+    if not extras:
+        return
     for nd in topo.nodes:  # root first
         n = nd.index
-        below = topo.below[n]
-        extra = [0.0, 0.0, 0.0]
-        for i in below:
-            d = may_draw.get(i)
-            g = sol.grants[i]
-            if d is not None and d > g.current:
-                for k in topo.evses[i].grid_phases:
-                    extra[k] += d - g.current
-        if max(extra) <= 1e-9:
+        extra = extras.get(n)
+        if extra is None or max(extra) <= 1e-9:
             continue
+        below = topo.below[n]
         used = [0.0, 0.0, 0.0]
         below_set = set(below)
         for i in below:
@@ -756,19 +837,22 @@ def _hold_raises(topo: Topology, sol: Solution, nodes: list[Node], fixed: list[F
             nodes[n].total < INF and sum(used) + sum(extra) > nodes[n].total + 1e-6)
         if not over:
             continue
+        detail: str | None = None
         for i in below:
             g = sol.grants[i]
             m = mems[i]
             if i in held or g.current <= m.granted + 1e-9 or i in may_draw:
                 continue
             held.add(i)
-            cut_ids = ", ".join(topo.evses[j].id for j in below if j in may_draw)
+            if detail is None:  # the same for every EVSE held at this node
+                cut_ids = ", ".join(topo.evses[j].id for j in below if j in may_draw)
+                detail = (f"waits until {cut_ids} follow{'s' if ',' not in cut_ids else ''} a cut "
+                          f"(node:{nd.id}; at most decrease_settle_s)")
             g.current = m.granted
             if m.granted > 0:
                 g.nph, g.phases = m.nph, m.phases or g.phases
             g.bound_by = "settling"
-            g.detail = (f"waits until {cut_ids} follow{'s' if ',' not in cut_ids else ''} a cut "
-                        f"(node:{nd.id}; at most decrease_settle_s)")
+            g.detail = detail
 
 
 def _ev_floor(cfg: Controller, topo: Topology, n: int, cur: list[float], meter_age: float,

@@ -141,6 +141,24 @@ class Solution:
     imbalance_bound: bool = False  # the imbalance limit bound a grant
 
 
+_Key = tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...] | None]
+
+
+@dataclass(slots=True)
+class _Shape:
+    """What a constraint space derives from the problem's structure alone (the tree, which constraints are
+    finite, the groups' kinds and names): the same from cycle to cycle while the installation and the kinds
+    of limits in force stay the same, so it is kept across solves (see ``_SHAPES``)."""
+
+    chains: list[tuple[int, ...]]
+    names: list[str]
+    coefs: dict[_Key, list[tuple[int, float]]]
+
+
+_SHAPES: dict[tuple[object, ...], _Shape] = {}
+_SHAPES_MAX = 16
+
+
 class _Space:
     """Flat constraint arrays: node i uses 4i..4i+3, group g uses 4(N+g)..4(N+g)+3."""
 
@@ -151,20 +169,32 @@ class _Space:
         n = len(nodes)
         self.cap: list[float] = []
         self.labels: list[str] = []  # bound_by label per constraint
-        self.names: list[str] = []  # unique name per constraint (for reports)
         self.details: list[str | None] = []
         for nd in nodes:
             self.cap.extend((nd.cap[0], nd.cap[1], nd.cap[2], nd.total))
             self.labels.extend(nd.labels)
-            self.names.extend([f"node:{nd.id}:{p}" for p in PHASE_NAMES] + [f"node:{nd.id}:power"])
             self.details.extend(nd.details)
         for g in groups:
             self.cap.extend((g.cap[0], g.cap[1], g.cap[2], g.total))
             self.labels.extend((g.label,) * 4)
-            self.names.extend([f"{g.label}:{p}" for p in PHASE_NAMES] + [f"{g.label}:total"])
             self.details.extend((g.detail,) * 4)
         self.k = len(self.cap)
         self.n_nodes = n
+        self.all_groups = tuple(i for i, g in enumerate(groups) if g.all_members)
+        sig = (tuple([nd.id for nd in nodes]), tuple([nd.parent for nd in nodes]),
+               tuple([(g.label, g.asym_only, g.all_members) for g in groups]), tuple([c < INF for c in self.cap]))
+        shape = _SHAPES.get(sig)
+        if shape is None:
+            if len(_SHAPES) >= _SHAPES_MAX:
+                _SHAPES.clear()
+            shape = _SHAPES[sig] = _Shape(self._chains(nodes), self._names(nodes, groups), {})
+        self.chains = shape.chains
+        self.names: list[str] = shape.names  # unique name per constraint (for reports)
+        self._cache = shape.coefs
+
+    @staticmethod
+    def _chains(nodes: list[Node]) -> list[tuple[int, ...]]:
+        n = len(nodes)
         chains: list[tuple[int, ...]] = []
         for i in range(n):
             chain = []
@@ -175,10 +205,16 @@ class _Space:
                 j = nodes[j].parent
                 guard += 1
             chains.append(tuple(chain))
-        self.chains = chains
-        self.all_groups = tuple(i for i, g in enumerate(groups) if g.all_members)
-        self._cache: dict[tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...] | None],
-                          list[tuple[int, float]]] = {}
+        return chains
+
+    @staticmethod
+    def _names(nodes: list[Node], groups: list[Group]) -> list[str]:
+        names: list[str] = []
+        for nd in nodes:
+            names.extend([f"node:{nd.id}:{p}" for p in PHASE_NAMES] + [f"node:{nd.id}:power"])
+        for g in groups:
+            names.extend([f"{g.label}:{p}" for p in PHASE_NAMES] + [f"{g.label}:total"])
+        return names
 
     def coefs(self, node: int, phases: tuple[int, ...], groups: tuple[int, ...],
               asym: tuple[int, ...] | None = None) -> list[tuple[int, float]]:
@@ -265,10 +301,11 @@ def solve(problem: Problem) -> Solution:
                 _force_imbalance(problem, grants, imbalance)
                 _round(grants, problem)
             imbalance, _, _ = _imbalance(problem, grants)
-    repairs = _verify(problem, space, grants)
+    repairs, checked_used = _verify(problem, space, grants)
     usage: dict[str, float] = {}
     capacity: dict[str, float] = {}
-    final_used = _usage(problem, space, grants)
+    # what the check summed, unless it cut a grant (then summed anew, as the check's own sums went down by steps)
+    final_used = checked_used if not repairs else _usage(problem, space, grants)
     for k in range(space.k):
         if space.cap[k] < INF:
             usage[space.names[k]] = final_used[k]
@@ -308,24 +345,31 @@ def _solve_once(problem: Problem, space: _Space) -> tuple[list[Grant], list[floa
     admitted_mode: dict[int, Mode] = {}
     admitted_coefs: dict[int, list[tuple[int, float]]] = {}
 
+    known = space._cache
+
     def try_admit(i: int) -> None:
         d = demands[i]
         g = grants[i]
+        lo = d.lo
         blocked_label: str | None = None
         blocked_detail: str | None = None
         for m in d.modes:
-            if m.hi < d.lo - 1e-9:
+            if m.hi < lo - 1e-9:
                 if blocked_label is None:
                     blocked_label, blocked_detail = m.hi_label, m.hi_detail
                 continue
-            coefs = space.coefs(d.node, m.phases, d.groups, m.asym)
-            k = _fits(used, cap, coefs, d.lo)
+            coefs = known.get((d.node, m.phases, d.groups, m.asym)) or space.coefs(d.node, m.phases, d.groups, m.asym)
+            k = -1  # _fits, inline: the first constraint that blocks lo
+            for kk, a in coefs:
+                if used[kk] + a * lo > cap[kk] + 1e-7:
+                    k = kk
+                    break
             if k < 0 and d.hold is not None:
                 g.bound_by, g.detail = d.hold, d.hold_detail
                 return
             if k < 0:
                 for kk, a in coefs:
-                    used[kk] += a * d.lo
+                    used[kk] += a * lo
                 admitted_mode[i] = m
                 admitted_coefs[i] = coefs
                 g.nph, g.phases, g.current, g.asym = m.nph, m.phases, d.lo, m.asym
@@ -352,8 +396,10 @@ def _solve_once(problem: Problem, space: _Space) -> tuple[list[Grant], list[floa
         if d.one_phases is not None:
             g.one_fits = _fits(used, cap, space.coefs(d.node, d.one_phases, d.groups), d.lo) < 0
 
-    order = sorted((i for i, d in enumerate(demands) if d.modes),
-                   key=lambda i: (-demands[i].priority, not demands[i].charging, demands[i].order))
+    # by priority, the ones charging first, configuration order (the index last: a stable sort's tie-break)
+    keyed = [(-d.priority, not d.charging, d.order, i) for i, d in enumerate(demands) if d.modes]
+    keyed.sort()
+    order = [t[3] for t in keyed]
     for i in order:
         if demands[i].protected:
             try_admit(i)
@@ -391,8 +437,10 @@ def _fill(members: list[int], demands: list[Demand], modes: dict[int, Mode],
     active = [hi[j] > lo[j] + EPS for j in range(n)]
     val = lo[:]
     bound: list[int] = [-1] * n
-    base: dict[int, float] = {}
-    act_lo: dict[int, float] = {}
+    # per constraint index (lists: cheaper than dicts in the inner loops; only the constraints in cm are used)
+    nk = len(cap)
+    base: list[float] = [0.0] * nk
+    act_lo: list[float] = [0.0] * nk
     events: dict[int, list[tuple[float, float, int]]] = {}
     for k, mem in cm.items():
         al = 0.0
@@ -426,7 +474,7 @@ def _fill(members: list[int], demands: list[Demand], modes: dict[int, Mode],
             slope += da
         return INF
 
-    version = dict.fromkeys(cm, 0)
+    version = [0] * nk
     heap = [(crossing(k, 0.0), k, 0) for k in cm]
     heapq.heapify(heap)
     level = 0.0
@@ -543,8 +591,9 @@ def _usage(problem: Problem, space: _Space, grants: list[Grant]) -> list[float]:
     return used
 
 
-def _verify(problem: Problem, space: _Space, grants: list[Grant]) -> list[str]:
-    """Check every constraint; should one be exceeded (a bug), pause EVSEs until it holds."""
+def _verify(problem: Problem, space: _Space, grants: list[Grant]) -> tuple[list[str], list[float]]:
+    """Check every constraint; should one be exceeded (a bug), pause EVSEs until it holds. Returns the
+    repairs and the usage per constraint (``_usage`` of the grants; only meaningful when nothing was repaired)."""
     repairs: list[str] = []
     used = _usage(problem, space, grants)
     fixed_only = [0.0] * space.k
@@ -570,4 +619,4 @@ def _verify(problem: Problem, space: _Space, grants: list[Grant]) -> list[str]:
             g.current = 0.0
             g.bound_by = space.labels[k]
             g.detail = "paused by the final safety check"
-    return repairs
+    return repairs, used

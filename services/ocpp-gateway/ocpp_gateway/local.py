@@ -1246,7 +1246,9 @@ class LocalCsms:
                                   process_request=self._process_request, select_subprotocol=self._select,
                                   subprotocols=["ocpp1.6", "ocpp2.0.1"],  # type: ignore[list-item]
                                   ping_interval=60, ping_timeout=60, max_size=2**20, max_queue=32,
-                                  server_header="chargegate-ocpp-gateway")
+                                  # no permessage-deflate on the local network: its zlib state is about 40 KB
+                                  # per wallbox (bench/footprint), for OCPP messages of a few hundred bytes
+                                  compression=None, server_header="chargegate-ocpp-gateway")
         log.info("local OCPP central system listening", host=lc.host, port=self.port, tls=lc.tls,
                  wallboxes=len(self.boxes))
 
