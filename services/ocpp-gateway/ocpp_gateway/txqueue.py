@@ -111,6 +111,10 @@ class Queued:
     payload: dict[str, Any]
     uid: str
     attempts: int
+    next_try: float = 0.0  # time.time() of the next attempt after a refusal
+
+    def due_in(self) -> float:
+        return max(0.0, self.next_try - time.time())
 
 
 @dataclass(frozen=True)
@@ -297,20 +301,18 @@ class TxQueue:
     def add(self, tx: str, kind: str, action: str, payload: dict[str, Any], *, meter: float | None = None,
             stopped: str | None = None, last_ts: str | None = None, local_seq: int | None = None) -> int:
         """Queue an update or stop message of transaction ``tx``. Returns its sequence number."""
-        row = self.tx(tx)
+        row = self.db.execute("SELECT cp FROM tx WHERE tx = ?", (tx,)).fetchone()
         if row is None:
             raise KeyError(f"unknown transaction {tx}")
         self._begin()
         try:
-            seq = self._insert(row.cp, tx, kind, action, payload)
-            if meter is not None:
-                self.db.execute("UPDATE tx SET meter_last = ? WHERE tx = ?", (meter, tx))
-            if stopped is not None:
-                self.db.execute("UPDATE tx SET stopped = ? WHERE tx = ?", (stopped, tx))
-            if last_ts is not None:
-                self.db.execute("UPDATE tx SET last_ts = ? WHERE tx = ?", (last_ts, tx))
-            if local_seq is not None:
-                self.db.execute("UPDATE tx SET local_seq = ? WHERE tx = ?", (local_seq, tx))
+            seq = self._insert(row[0], tx, kind, action, payload)
+            if meter is not None or stopped is not None or last_ts is not None or local_seq is not None:
+                # one statement for what is given (None: left as it is)
+                self.db.execute(
+                    "UPDATE tx SET meter_last = coalesce(?, meter_last), stopped = coalesce(?, stopped), "
+                    "last_ts = coalesce(?, last_ts), local_seq = coalesce(?, local_seq) WHERE tx = ?",
+                    (meter, stopped, last_ts, local_seq, tx))
             self._commit()
         except BaseException:
             self._rollback()
@@ -376,11 +378,11 @@ class TxQueue:
     # -- delivery ----------------------------------------------------------------------------
     def head(self, cp: str) -> Queued | None:
         row = self.db.execute(
-            "SELECT seq, cp, tx, kind, action, payload, uid, attempts FROM msg WHERE cp = ? ORDER BY seq LIMIT 1",
-            (cp,)).fetchone()
+            "SELECT seq, cp, tx, kind, action, payload, uid, attempts, next_try FROM msg WHERE cp = ? "
+            "ORDER BY seq LIMIT 1", (cp,)).fetchone()
         if row is None:
             return None
-        return Queued(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7])
+        return Queued(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7], row[8])
 
     def due_in(self, seq: int) -> float:
         row = self.db.execute("SELECT next_try FROM msg WHERE seq = ?", (seq,)).fetchone()

@@ -587,7 +587,7 @@ class UpstreamCP:
                 if m is None:
                     await self._wake.wait()
                     continue
-            wait = self.queue.due_in(m.seq)
+            wait = m.due_in()
             if wait > 0:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
