@@ -15,7 +15,7 @@ from typing import Any
 from chargegate import config as cfgmod
 from chargegate.broker import free_port
 from chargegate.runtime import ServiceContext, start_context, stop_context
-from ocpp_gateway.service import Gateway
+from ocpp_gateway.service import Gateway, subscribe
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,11 +72,8 @@ class InProcessGateway:
 
     async def start(self) -> Gateway:
         self.ctx = await start_context("ocpp-gateway", self.cfg, self.path, connect_timeout=5)
-        self.gw = Gateway(self.ctx, self.cfg)
-        ctx = self.ctx
-        ctx.bus.subscribe("evse.status", lambda m: self.gw.on_status(m))  # type: ignore[union-attr]
-        ctx.bus.subscribe("evse.command_result", lambda m: self.gw.on_result(m))  # type: ignore[union-attr]
-        ctx.bus.subscribe("evse.setpoint", lambda m: self.gw.on_setpoint(m))  # type: ignore[union-attr]
+        watch = subscribe(self.ctx, lambda: self.gw)  # type: ignore[arg-type,return-value]
+        self.gw = Gateway(self.ctx, self.cfg, watch)  # the service's own subscriptions
         await self.gw.start()
         return self.gw
 

@@ -1,10 +1,11 @@
 """Fuzz: arbitrary payloads on every topic ocpp-gateway subscribes to (statuses and command results of its
-Modbus EVSEs, setpoints for its OCPP ones, its service commands), through the real broker, into the running
-service connected to a real OCPP backend (the backend simulator over WebSocket).
+Modbus EVSEs, setpoints, its service commands), through the real broker, into the running service connected
+to a real OCPP backend (the backend simulator over WebSocket).
 
 Asserted: every refused payload is counted and nothing logs an error; no task restarts; refused payloads
 change no status the gateway bridges and send the backend nothing; 1100 unknown EVSE ids leave every
-structure bounded, the warnings few and nothing published for them."""
+structure bounded, the warnings few and nothing published for them; statuses and command results of EVSEs
+that are not its Modbus ones (its own OCPP wallboxes', unknown ones) do not even reach it."""
 
 from __future__ import annotations
 
@@ -44,8 +45,8 @@ EVSES_YAML = """
 """
 EVSES = ["cp1", "mb1", "ghost"]
 TOPICS: dict[str, dict[str, list[str]]] = {
-    "evse.status": {"evse_id": EVSES},
-    "evse.command_result": {"evse_id": EVSES},
+    "evse.status": {"evse_id": ["mb1"]},  # the evse-poller's, for the Modbus EVSEs only
+    "evse.command_result": {"evse_id": ["mb1"]},
     "evse.setpoint": {"evse_id": EVSES},
     "service.command": {"service": ["ocpp-gateway"]},
 }
@@ -135,9 +136,26 @@ async def test_refused_payloads_change_nothing(rig: Rig, batch: list) -> None:
 
 async def test_unknown_ids_stay_bounded_and_quiet(rig: Rig) -> None:
     ids = [f"fz{i}" for i in range(1100)]
-    await unknown_ids_round(rig.fuzz, rig.logs, rig.ctx, ids, (
-        ("evse.status", "evse_id"), ("evse.setpoint", "evse_id"), ("evse.command_result", "evse_id")),
-        refused_on=("evse.status", "evse_id"))
+    await unknown_ids_round(rig.fuzz, rig.logs, rig.ctx, ids, (("evse.setpoint", "evse_id"),),
+                            refused_on=("evse.setpoint", "evse_id"))
     await rig.alive()
     await asyncio.sleep(0.2)
     assert [t for t in rig.published.mentioning(ids) if t not in rig.fuzz.topics_sent] == []
+
+
+async def test_only_the_modbus_evses_statuses_reach_it(rig: Rig) -> None:
+    """Payloads it would refuse, on the status and result topics of its OCPP wallbox and of an unknown EVSE,
+    are not counted: it is not subscribed to them (a wildcard brought back every status it publishes itself,
+    one per MeterValues). The same on the Modbus EVSE's topics are counted."""
+    before = rig.fuzz.invalid()
+    pub = rig.fuzz.publisher("evse-poller")
+    for evse_id in ("cp1", "ghost", "fz1"):
+        for name in ("evse.status", "evse.command_result"):
+            pub.publish(rig.fuzz.oracle.topic(name, evse_id=evse_id), b"refused")
+    for name in ("evse.status", "evse.command_result"):
+        pub.publish(rig.fuzz.oracle.topic(name, evse_id="mb1"), b"refused")
+    await pub.flush()
+    await wait_for(lambda: rig.fuzz.invalid() >= before + 2, 10, what="the Modbus EVSE's two refused payloads")
+    await asyncio.sleep(0.2)
+    assert rig.fuzz.invalid() == before + 2
+    rig.fuzz.expected_invalid += 2

@@ -372,6 +372,7 @@ async def test_backend_sim_http_control(env: Env, tmp_path: Path) -> None:
 
 async def test_201_backend_commands_to_16_wallbox(env: Env) -> None:
     b, w = env.backend, env.wbup
+    await b.wait_connected("UP-201")  # back after the outage test (it waits for wb16's queue only)
     res = await b.call("UP-201", "RequestStartTransaction", {"idToken": {"idToken": "R-201", "type": "Central"},
                                                              "remoteStartId": 7})
     assert res["status"] == "Accepted"

@@ -774,6 +774,17 @@ class WallboxSession:
         return c
 
     async def handle(self, action: str, d: dict[str, Any]) -> dict[str, Any]:
+        """The answer to the wallbox's ``action``. What it queued is on disk before the answer goes: its
+        commits are fsynced by ``sync`` in a thread (with those of the other wallboxes waiting at the same
+        time), not one by one on the event loop (:meth:`TxQueue.deferred_sync`)."""
+        queue = self.csms.queue
+        with queue.deferred_sync() as ticket:
+            res = await self._dispatch(action, d)
+        if ticket.written:
+            await queue.sync()
+        return res
+
+    async def _dispatch(self, action: str, d: dict[str, Any]) -> dict[str, Any]:
         self.csms.counters[f"local_{action}"] += 1
         if action in passthrough.NOTIFY[self.version]:
             up = self._up_for(d)

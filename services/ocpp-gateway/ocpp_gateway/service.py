@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 from chargegate import payloads as p
@@ -21,9 +22,10 @@ NAME = "ocpp-gateway"
 class Gateway:
     """Everything the service runs for one configuration."""
 
-    def __init__(self, ctx: ServiceContext, config: Config) -> None:
+    def __init__(self, ctx: ServiceContext, config: Config, watch: Callable[[str], None] | None = None) -> None:
         self.ctx = ctx
         self.config = config
+        self.watch = watch  # subscribes a Modbus EVSE's status and command results (see subscribe)
         qpath = config.ocpp.queue.path or (config.state_dir / "ocpp-queue.sqlite")
         self.queue = TxQueue(qpath, max_messages=config.ocpp.queue.max_messages)
         self.local: LocalCsms | None = None
@@ -66,6 +68,8 @@ class Gateway:
         for evse in cfg.evses:
             if evse.modbus is not None:
                 self.modbus[evse.id] = ModbusEvse(evse, cfg, ctx.bus, ctx.counters, ctx.tasks)
+                if self.watch is not None:
+                    self.watch(evse.id)
             self._connect_upstream(evse)
         if self.local is not None and cfg.ocpp.local.enabled:
             await self.local.start()
@@ -161,6 +165,8 @@ class Gateway:
             evse = now[evse_id]
             if evse.modbus is not None:
                 self.modbus[evse_id] = ModbusEvse(evse, new, self.ctx.bus, self.ctx.counters, self.ctx.tasks)
+                if self.watch is not None:
+                    self.watch(evse_id)
             self._connect_upstream(evse)
         if self.local is not None:
             if started_local and new.ocpp.local.enabled:
@@ -243,22 +249,38 @@ class Gateway:
         self.queue.close()
 
 
+def subscribe(ctx: ServiceContext, current: Callable[[], Gateway]) -> Callable[[str], None]:
+    """The gateway's bus subscriptions, each dispatching to the ``current()`` gateway: the setpoints of every
+    EVSE, and - through the function returned, called once a Modbus EVSE is there - that EVSE's status and
+    command results (the evse-poller's). Not a wildcard for those: it would bring back every status the
+    gateway publishes for its own OCPP wallboxes, one MQTT message in, parsed and dropped, per MeterValues
+    forwarded (bench/ocpp)."""
+    ctx.bus.subscribe("evse.setpoint", lambda m: current().on_setpoint(m))
+    watched: set[str] = set()
+
+    def watch(evse_id: str) -> None:
+        if evse_id in watched:
+            return
+        watched.add(evse_id)
+        ctx.bus.subscribe("evse.status", lambda m: current().on_status(m), evse_id=evse_id)
+        ctx.bus.subscribe("evse.command_result", lambda m: current().on_result(m), evse_id=evse_id)
+
+    return watch
+
+
 async def serve(ctx: ServiceContext, tune: bool = False) -> None:
     """``tune``: GC tuning once up (as its own process; off in tests that share the process)."""
-    gw = Gateway(ctx, ctx.config)
-    holder = {"gw": gw}
-
+    holder: dict[str, Gateway] = {}
     # the subscriptions are registered once and dispatch to the current gateway
-    ctx.bus.subscribe("evse.status", lambda m: holder["gw"].on_status(m))
-    ctx.bus.subscribe("evse.command_result", lambda m: holder["gw"].on_result(m))
-    ctx.bus.subscribe("evse.setpoint", lambda m: holder["gw"].on_setpoint(m))
+    watch = subscribe(ctx, lambda: holder["gw"])
+    gw = holder["gw"] = Gateway(ctx, ctx.config, watch)
 
     async def reload(new: Config) -> None:
         if await holder["gw"].reconfigure(new):
             return
         ctx.log.info("restarting the gateway with the new configuration (ocpp or smgw settings changed)")
         await holder["gw"].stop()
-        holder["gw"] = Gateway(ctx, new)
+        holder["gw"] = Gateway(ctx, new, watch)
         await holder["gw"].start()
 
     ctx.on_reload(reload)

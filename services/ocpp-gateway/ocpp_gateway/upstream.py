@@ -587,7 +587,7 @@ class UpstreamCP:
                 if m is None:
                     await self._wake.wait()
                     continue
-            wait = self.queue.due_in(m.seq)
+            wait = m.due_in()
             if wait > 0:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -604,6 +604,8 @@ class UpstreamCP:
                     continue
                 from ocpp_gateway.txqueue import fill_transaction_id
                 payload = fill_transaction_id(payload, row.backend_id)
+            if self.queue.unsynced:
+                await self.queue.sync()  # nothing leaves the gateway before it is on disk here
             t0 = asyncio.get_running_loop().time()
             try:
                 res = await rpc.call(m.action, payload, unique_id=m.uid)
