@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sqlite3
 import statistics
 import sys
@@ -261,10 +262,32 @@ async def state_changes(s: System, n: int, quick: bool = False) -> tuple[list[fl
     return lat, by_kind, missing
 
 
+def profile_under_yappi(s: System, names: list[str]) -> dict[str, Path]:
+    """Run the named processes under bench/system/profiled.py (yappi, switched on by SIGUSR1, written
+    by SIGUSR2): ``{name: pstat file}``."""
+    out: dict[str, Path] = {}
+    wrapper = str(Path(__file__).with_name("profiled.py"))
+    for name in names:
+        pr = s.procs.get(name)
+        if pr is None or pr.argv[1:2] != ["-m"]:
+            raise SystemExit(f"--profile: no process {name!r} started with -m (have {sorted(s.procs)})")
+        out[name] = s.dir / f"{name}.pstat"
+        pr.argv = [pr.argv[0], wrapper, str(out[name]), *pr.argv[1:]]
+    return out
+
+
+def profile_signal(s: System, names: dict[str, Path], sig: int) -> None:
+    for name in names:
+        pr = s.procs[name]
+        if pr.popen is not None and pr.alive():
+            pr.popen.send_signal(sig)
+
+
 async def main(args: argparse.Namespace) -> int:
     tmp = Path(args.dir or tempfile.mkdtemp(prefix="bench-system-"))
     plan = bench_plan(tmp, args.modbus, args.ocpp)
     s = System(plan, monitor_period_s=0.5)
+    profiled = profile_under_yappi(s, [n for n in (args.profile or "").split(",") if n])
     print(f"bench/system: {args.modbus} Modbus + {args.ocpp} OCPP wallboxes, {len(SERVICES)} services, dir {tmp}",
           flush=True)
     result: dict[str, Any] = {"modbus_wallboxes": args.modbus, "ocpp_wallboxes": args.ocpp, "cpus": os.cpu_count()}
@@ -282,11 +305,20 @@ async def main(args: argparse.Namespace) -> int:
         await asyncio.sleep(args.settle_s)
         print(f"steady state: every car charging, {m.controllable_w() / 1000:.0f} kW; measuring {args.steady_s:g} s",
               flush=True)
+        if args.profile_phase == "steady":
+            profile_signal(s, profiled, signal.SIGUSR1)
         res = await steady_resources(s, args.steady_s)
+        if args.profile_phase == "steady":
+            profile_signal(s, profiled, signal.SIGUSR2)
         result["steady"] = res
         for name, v in res.items():
             print(f"  {name:22s} {v}", flush=True)
+        if args.profile_phase == "limits":
+            profile_signal(s, profiled, signal.SIGUSR1)
         lat, details = await limit_rounds(s, args.rounds, args.smoke)
+        if args.profile_phase == "limits":
+            profile_signal(s, profiled, signal.SIGUSR2)
+            print("profiles: " + " ".join(str(x) for x in profiled.values()), flush=True)
         result["limit_rounds"] = details
         if lat:
             result["limit_to_applied_ms"] = {"p50": round(statistics.median(lat) * 1000, 1),
@@ -335,6 +367,10 @@ if __name__ == "__main__":
     ap.add_argument("--steady-s", type=float, default=30.0, help="CPU measurement window")
     ap.add_argument("--settle-s", type=float, default=10.0, help="wait before measuring")
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--profile", default="", help="processes to profile with yappi (comma separated, e.g. "
+                    "ocpp-gateway,sim-ocpp; pip install yappi into the venv first): <dir>/<name>.pstat")
+    ap.add_argument("--profile-phase", choices=("steady", "limits"), default="steady",
+                    help="the window profiled: the steady-state measurement or the limit rounds")
     ap.add_argument("--smoke", action="store_true", help="tiny run for the test suite: 3 Modbus + 2 OCPP wallboxes")
     a = ap.parse_args()
     if a.smoke:
