@@ -2,8 +2,9 @@
 
     python bench/system/profiled.py OUT.pstat -m <module> [args ...]
 
-SIGUSR1 starts profiling, SIGUSR2 stops it and writes ``OUT.pstat`` (pstats format: read it with
-``python -m pstats`` or ``pstats.Stats``); at exit a running profile is written too. Used by
+SIGUSR1 starts profiling (built-in functions too with PROFILE_BUILTINS=1), SIGUSR2 stops it and writes
+``OUT.pstat`` (pstats format: read it with ``python -m pstats`` or ``pstats.Stats``); at exit a running
+profile is written too. Used by
 ``bench/system/run.py --profile <process,...>`` to profile a window of the run (steady state or the
 limit rounds), the paho network thread included (cProfile sees only the thread that enabled it).
 yappi is not a dependency of chargegate: ``.venv/bin/pip install yappi`` first.
@@ -12,6 +13,7 @@ yappi is not a dependency of chargegate: ``.venv/bin/pip install yappi`` first.
 from __future__ import annotations
 
 import atexit
+import os
 import runpy
 import signal
 import sys
@@ -30,7 +32,7 @@ def main() -> None:
         if not yappi.is_running():
             yappi.clear_stats()
             yappi.set_clock_type("cpu")
-            yappi.start(builtins=True)
+            yappi.start(builtins=os.environ.get("PROFILE_BUILTINS") == "1")
 
     def stop(*_: Any) -> None:
         if yappi.is_running():

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -36,6 +37,7 @@ import sqlite3
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -122,6 +124,55 @@ async def steady_resources(s: System, seconds: float) -> dict[str, Any]:
     return out
 
 
+class CpuSampler:
+    """CPU time of every process of the system, sampled every ``period_s`` in a thread while running:
+    ``used(t0, t1)`` gives each process's CPU ms between two wall-clock times (which process worked
+    while a limit was being applied)."""
+
+    def __init__(self, s: System, period_s: float = 0.01) -> None:
+        self.procs = {name: psutil.Process(pr.popen.pid) for name, pr in s.procs.items()
+                      if pr.popen is not None and pr.alive()}
+        self.procs["bench process"] = psutil.Process(os.getpid())
+        self.period_s = period_s
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        out: dict[str, float] = {}
+        for name, pr in self.procs.items():
+            with contextlib.suppress(psutil.Error):
+                c = pr.cpu_times()
+                out[name] = c.user + c.system
+        self.samples.append((time.time(), out))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self._sample()
+
+    def __enter__(self) -> CpuSampler:
+        self.samples.clear()
+        self._stop.clear()
+        self._sample()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(1)
+
+    def used(self, t0: float, t1: float) -> dict[str, float]:
+        """CPU ms per process between the last sample at or before t0 and the first at or after t1."""
+        before = [x for t, x in self.samples if t <= t0]
+        after = [x for t, x in self.samples if t >= t1]
+        if not before or not after:
+            return {}
+        a, b = before[-1], after[0]
+        return {n: round((b[n] - a[n]) * 1000) for n in a if n in b}
+
+
 async def until_no_breach(s: System, within_s: float) -> None:
     m = s.monitor
     try:
@@ -145,10 +196,14 @@ async def limit_rounds(s: System, rounds: int, quick: bool = False) -> tuple[lis
         await until_no_breach(s, 30)
         await asyncio.sleep(1.0 if quick else 2.5)  # increases are rate-limited: let the ramps finish
         watts = low - r  # a new value every round
-        t_send = time.time()
-        sent = await s.operator_limit(watts, retry_for_s=10)
-        await s.limit_applied(sent, 30)
-        await asyncio.sleep(1.0 if quick else 2.0)  # later corrections of the same decision count as well
+        with CpuSampler(s) as cpu:
+            await asyncio.sleep(0.05)
+            with m.lock:  # the logs only grow: what this round needs comes after these (not the whole run's)
+                from_status, from_draw = len(m.status_log), len(m.draw_log)
+            t_send = time.time()
+            sent = await s.operator_limit(watts, retry_for_s=10)
+            await s.limit_applied(sent, 30)
+            await asyncio.sleep(1.0 if quick else 2.0)  # later corrections of the same decision count as well
         with m.lock:
             final: dict[str, float] = {}  # the EVSEs whose setpoint the limit changed, and their new value
             sp_at: dict[str, float] = {}  # when the controller issued that new setpoint (its ts)
@@ -159,13 +214,13 @@ async def limit_rounds(s: System, rounds: int, quick: bool = False) -> tuple[lis
                     final[e] = float(sps[-1]["current_a"])
                     sp_at[e] = next(ts_of(d) for d in sps if abs(float(d["current_a"]) - final[e]) <= 1e-9)
             acked_at: dict[str, float] = {}  # the service's status saying it applied it (after the write/answer)
-            for _t, e, d in m.status_log:
+            for _t, e, d in m.status_log[from_status:]:
                 ap = d.get("applied") or {}
                 if e in final and e not in acked_at and d.get("ts") and ts_of(d) >= t_send \
                         and abs(float(ap.get("current_a") or 0) - final[e]) <= 0.11:
                     acked_at[e] = ts_of(d)
             applied_at: dict[str, float] = {}
-            for _t, e, d in m.draw_log:
+            for _t, e, d in m.draw_log[from_draw:]:
                 if e in final and e not in applied_at and ts_of(d) >= t_send \
                         and abs(float(d.get("limit_a") or 0) - final[e]) <= 0.11:
                     applied_at[e] = ts_of(d)
@@ -188,6 +243,8 @@ async def limit_rounds(s: System, rounds: int, quick: bool = False) -> tuple[lis
                     hop[f"{kind}_{what}_p50_ms"] = round(statistics.median(xs) * 1000, 1)
                     hop[f"{kind}_{what}_max_ms"] = round(max(xs) * 1000, 1)
         hop["last"] = max(applied_at, key=lambda e: applied_at[e])
+        # CPU ms each process used until the last wallbox held its new value (0 and the idle ones left out)
+        hop["cpu_ms"] = {n: v for n, v in sorted(cpu.used(t_send, t_send + t).items(), key=lambda x: -x[1]) if v}
         slow = sorted((e for e in applied_at if applied_at[e] - t_send > 1.0), key=lambda e: applied_at[e])
         if slow:  # a few wallboxes late (one connection held up) or all of them (a process stalled)?
             hop["slow_over_1s"] = len(slow)
@@ -198,6 +255,7 @@ async def limit_rounds(s: System, rounds: int, quick: bool = False) -> tuple[lis
               f"{t * 1000:7.1f} ms (on bus {hop['on_bus_ms']} ms, setpoints out {hop['setpoints_ms']} ms, "
               f"Modbus service/wallbox max {hop.get('modbus_acked_max_ms')}/{hop.get('modbus_applied_max_ms')} ms, "
               f"OCPP {hop.get('ocpp_acked_max_ms')}/{hop.get('ocpp_applied_max_ms')} ms, last {hop['last']})"
+              + f"\n    CPU ms until then: {hop['cpu_ms']}"
               + (f"; {hop['slow_over_1s']} over 1 s: {' '.join(hop['slow'])}" if slow else ""),  # type: ignore[arg-type]
               flush=True)
     return lat, details
