@@ -129,7 +129,7 @@ class CpuSampler:
     ``used(t0, t1)`` gives each process's CPU ms between two wall-clock times (which process worked
     while a limit was being applied)."""
 
-    def __init__(self, s: System, period_s: float = 0.01) -> None:
+    def __init__(self, s: System, period_s: float = 0.025) -> None:
         self.procs = {name: psutil.Process(pr.popen.pid) for name, pr in s.procs.items()
                       if pr.popen is not None and pr.alive()}
         self.procs["bench process"] = psutil.Process(os.getpid())
@@ -326,6 +326,9 @@ def profile_under_yappi(s: System, names: list[str]) -> dict[str, Path]:
     out: dict[str, Path] = {}
     wrapper = str(Path(__file__).with_name("profiled.py"))
     for name in names:
+        if name == "bench":  # this process (the invariant monitor, the operator), profiled in place
+            out[name] = s.dir / "bench.pstat"
+            continue
         pr = s.procs.get(name)
         if pr is None or pr.argv[1:2] != ["-m"]:
             raise SystemExit(f"--profile: no process {name!r} started with -m (have {sorted(s.procs)})")
@@ -335,7 +338,18 @@ def profile_under_yappi(s: System, names: list[str]) -> dict[str, Path]:
 
 
 def profile_signal(s: System, names: dict[str, Path], sig: int) -> None:
-    for name in names:
+    for name, path in names.items():
+        if name == "bench":
+            import yappi
+
+            if sig == signal.SIGUSR1:
+                yappi.clear_stats()
+                yappi.set_clock_type("cpu")
+                yappi.start()
+            else:
+                yappi.stop()
+                yappi.get_func_stats().save(str(path), type="pstat")
+            continue
         pr = s.procs[name]
         if pr.popen is not None and pr.alive():
             pr.popen.send_signal(sig)
@@ -426,7 +440,8 @@ if __name__ == "__main__":
     ap.add_argument("--settle-s", type=float, default=10.0, help="wait before measuring")
     ap.add_argument("--dir", default=None)
     ap.add_argument("--profile", default="", help="processes to profile with yappi (comma separated, e.g. "
-                    "ocpp-gateway,sim-ocpp; pip install yappi into the venv first): <dir>/<name>.pstat")
+                    "ocpp-gateway,sim-ocpp; bench: this process; pip install yappi into the venv first): "
+                    "<dir>/<name>.pstat")
     ap.add_argument("--profile-phase", choices=("steady", "limits"), default="steady",
                     help="the window profiled: the steady-state measurement or the limit rounds")
     ap.add_argument("--smoke", action="store_true", help="tiny run for the test suite: 3 Modbus + 2 OCPP wallboxes")
