@@ -1,6 +1,6 @@
 """Run a module under yappi (CPU clock, every thread), switched on and off by signals.
 
-    python bench/system/profiled.py OUT.pstat -m <module> [args ...]
+    python -c "import profiled; profiled.main()" OUT.pstat -m <module> [args ...]   (bench/system on sys.path)
 
 SIGUSR1 starts profiling (built-in functions too with PROFILE_BUILTINS=1), SIGUSR2 stops it and writes
 ``OUT.pstat`` (pstats format: read it with ``python -m pstats`` or ``pstats.Stats``); at exit a running
@@ -44,7 +44,3 @@ def main() -> None:
     atexit.register(stop)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a module that handles SIGTERM itself replaces this
     runpy.run_module(module, run_name="__main__", alter_sys=True)
-
-
-if __name__ == "__main__":
-    main()

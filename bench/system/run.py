@@ -329,7 +329,8 @@ def profile_under_yappi(s: System, names: list[str]) -> dict[str, Path]:
     """Run the named processes under bench/system/profiled.py (yappi, switched on by SIGUSR1, written
     by SIGUSR2): ``{name: pstat file}``."""
     out: dict[str, Path] = {}
-    wrapper = str(Path(__file__).with_name("profiled.py"))
+    here = str(Path(__file__).parent)
+    wrapper = ["-c", f"import sys; sys.path.insert(0, {here!r}); import profiled; profiled.main()"]
     for name in names:
         if name == "bench":  # this process (the invariant monitor, the operator), profiled in place
             out[name] = s.dir / "bench.pstat"
@@ -338,7 +339,7 @@ def profile_under_yappi(s: System, names: list[str]) -> dict[str, Path]:
         if pr is None or pr.argv[1:2] != ["-m"]:
             raise SystemExit(f"--profile: no process {name!r} started with -m (have {sorted(s.procs)})")
         out[name] = s.dir / f"{name}.pstat"
-        pr.argv = [pr.argv[0], wrapper, str(out[name]), *pr.argv[1:]]
+        pr.argv = [pr.argv[0], *wrapper, str(out[name]), *pr.argv[1:]]
     return out
 
 
