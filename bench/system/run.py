@@ -57,31 +57,43 @@ def pct(values: list[float], q: float) -> float:
     return s[k]
 
 
+FUSE_A = 4000.0  # the largest grid connection a configuration takes (circuits[0].fuse_a)
+
+
+def car_phases(n: int) -> int:
+    """Three-phase cars while every car at the high limit (about 10 A) and every wallbox at its safe current
+    fit the fuse (up to 360 wallboxes); beyond, one-phase cars spread evenly over L1..L3 (a third of them
+    per phase): 1000 three-phase cars need 10000 A per phase, and even their safe 6 A (6000 A) is above the
+    largest fuse - the controller paused a third of them and a paused wallbox whose profile ran out fell
+    back to its 6 A, overloading the fuse (a plan whose failsafe does not fit its fuse)."""
+    return 3 if n * 11.0 + 100 <= FUSE_A else 1
+
+
 def bench_plan(tmp: Path, n_modbus: int, n_ocpp: int) -> Plan:
+    ph = car_phases(n_modbus + n_ocpp)
     boxes = [Wallbox(f"mb{i:03d}", "modbus", "grid", rotation=[[1, 2, 3], [2, 3, 1], [3, 1, 2]][i % 3],
-                     profile="alfen-eve") for i in range(n_modbus)]
+                     profile="alfen-eve", car_phases=ph) for i in range(n_modbus)]
     boxes += [Wallbox(f"oc{i:03d}", "ocpp", "grid", rotation=[[1, 2, 3], [2, 3, 1], [3, 1, 2]][i % 3],
-                      version="1.6" if i % 2 == 0 else "2.0.1") for i in range(n_ocpp)]
+                      version="1.6" if i % 2 == 0 else "2.0.1", car_phases=ph) for i in range(n_ocpp)]
     # production timings (the defaults of the configuration), a connection that does not bind
     tuning = Tuning(setpoint_validity_s=10.0, evse_timeout_s=10.0, meter_timeout_s=10.0, watchdog_timeout_s=15.0,
                     link_loss_grace_s=120.0, meter_values_interval_s=60.0, health_interval_s=10.0,
                     log_level="warning", min_charge_time_s=60.0, min_pause_s=60.0)
     # no grid meter: 200 cars draw more than the bus's meter reading can carry (1000 A per phase); the
     # operator's limit on the controllable devices is what binds
-    # the fuse holds every car at the high limit (about 10 A each) and every wallbox at its safe current (6 A):
-    # 4000 A for up to 360 wallboxes, more beyond. With 4000 A for 1000 the controller paused a third of the
-    # cars to keep the fuse, and a paused wallbox whose profile ran out fell back to its 6 A: the fallback
-    # alone overloaded the fuse (a plan no installation may have: its failsafe must fit its fuse)
-    fuse_a = max(4000.0, 11.0 * len(boxes) + 100.0)
-    return Plan(dir=tmp, circuits=[Circuit("grid", fuse_a)], wallboxes=boxes, base_load_a=(20.0, 20.0, 20.0),
+    return Plan(dir=tmp, circuits=[Circuit("grid", FUSE_A)], wallboxes=boxes, base_load_a=(20.0, 20.0, 20.0),
                 tuning=tuning, grid_meter=False)
 
 
 def limits_for(plan: Plan) -> tuple[int, int]:
     """A high and a low limit in W: both above the §14a floor, both binding, every car above 6 A."""
     n = len(plan.wallboxes)
-    high = int(n * 3 * 10.0 * 230)  # about 10 A per phase each
-    low = int(n * 3 * 7.5 * 230)  # about 7.5 A each
+    ph = car_phases(n)
+    # about 10 A and 7.5 A per car; one-phase cars (a third of them per phase) 11 A and 8.5 A: the low limit
+    # stays above the §14a floor (1.89 MW for 1000 devices), the high one below the fuse (3690 A per phase)
+    high_a, low_a = (10.0, 7.5) if ph == 3 else (11.0, 8.5)
+    high = int(n * ph * high_a * 230)
+    low = int(n * ph * low_a * 230)
     assert low > plan.floor_w, (low, plan.floor_w)
     return high, low
 
