@@ -29,12 +29,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import sqlite3
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -54,26 +57,43 @@ def pct(values: list[float], q: float) -> float:
     return s[k]
 
 
+FUSE_A = 4000.0  # the largest grid connection a configuration takes (circuits[0].fuse_a)
+
+
+def car_phases(n: int) -> int:
+    """Three-phase cars while every car at the high limit (about 10 A) and every wallbox at its safe current
+    fit the fuse (up to 360 wallboxes); beyond, one-phase cars spread evenly over L1..L3 (a third of them
+    per phase): 1000 three-phase cars need 10000 A per phase, and even their safe 6 A (6000 A) is above the
+    largest fuse - the controller paused a third of them and a paused wallbox whose profile ran out fell
+    back to its 6 A, overloading the fuse (a plan whose failsafe does not fit its fuse)."""
+    return 3 if n * 11.0 + 100 <= FUSE_A else 1
+
+
 def bench_plan(tmp: Path, n_modbus: int, n_ocpp: int) -> Plan:
+    ph = car_phases(n_modbus + n_ocpp)
     boxes = [Wallbox(f"mb{i:03d}", "modbus", "grid", rotation=[[1, 2, 3], [2, 3, 1], [3, 1, 2]][i % 3],
-                     profile="alfen-eve") for i in range(n_modbus)]
+                     profile="alfen-eve", car_phases=ph) for i in range(n_modbus)]
     boxes += [Wallbox(f"oc{i:03d}", "ocpp", "grid", rotation=[[1, 2, 3], [2, 3, 1], [3, 1, 2]][i % 3],
-                      version="1.6" if i % 2 == 0 else "2.0.1") for i in range(n_ocpp)]
+                      version="1.6" if i % 2 == 0 else "2.0.1", car_phases=ph) for i in range(n_ocpp)]
     # production timings (the defaults of the configuration), a connection that does not bind
     tuning = Tuning(setpoint_validity_s=10.0, evse_timeout_s=10.0, meter_timeout_s=10.0, watchdog_timeout_s=15.0,
                     link_loss_grace_s=120.0, meter_values_interval_s=60.0, health_interval_s=10.0,
                     log_level="warning", min_charge_time_s=60.0, min_pause_s=60.0)
     # no grid meter: 200 cars draw more than the bus's meter reading can carry (1000 A per phase); the
     # operator's limit on the controllable devices is what binds
-    return Plan(dir=tmp, circuits=[Circuit("grid", 4000.0)], wallboxes=boxes, base_load_a=(20.0, 20.0, 20.0),
+    return Plan(dir=tmp, circuits=[Circuit("grid", FUSE_A)], wallboxes=boxes, base_load_a=(20.0, 20.0, 20.0),
                 tuning=tuning, grid_meter=False)
 
 
 def limits_for(plan: Plan) -> tuple[int, int]:
     """A high and a low limit in W: both above the §14a floor, both binding, every car above 6 A."""
     n = len(plan.wallboxes)
-    high = int(n * 3 * 10.0 * 230)  # about 10 A per phase each
-    low = int(n * 3 * 7.5 * 230)  # about 7.5 A each
+    ph = car_phases(n)
+    # about 10 A and 7.5 A per car; one-phase cars (a third of them per phase) 11 A and 8.5 A: the low limit
+    # stays above the §14a floor (1.89 MW for 1000 devices), the high one below the fuse (3690 A per phase)
+    high_a, low_a = (10.0, 7.5) if ph == 3 else (11.0, 8.5)
+    high = int(n * ph * high_a * 230)
+    low = int(n * ph * low_a * 230)
     assert low > plan.floor_w, (low, plan.floor_w)
     return high, low
 
@@ -121,6 +141,55 @@ async def steady_resources(s: System, seconds: float) -> dict[str, Any]:
     return out
 
 
+class CpuSampler:
+    """CPU time of every process of the system, sampled every ``period_s`` in a thread while running:
+    ``used(t0, t1)`` gives each process's CPU ms between two wall-clock times (which process worked
+    while a limit was being applied)."""
+
+    def __init__(self, s: System, period_s: float = 0.025) -> None:
+        self.procs = {name: psutil.Process(pr.popen.pid) for name, pr in s.procs.items()
+                      if pr.popen is not None and pr.alive()}
+        self.procs["bench process"] = psutil.Process(os.getpid())
+        self.period_s = period_s
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        out: dict[str, float] = {}
+        for name, pr in self.procs.items():
+            with contextlib.suppress(psutil.Error):
+                c = pr.cpu_times()
+                out[name] = c.user + c.system
+        self.samples.append((time.time(), out))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self._sample()
+
+    def __enter__(self) -> CpuSampler:
+        self.samples.clear()
+        self._stop.clear()
+        self._sample()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(1)
+
+    def used(self, t0: float, t1: float) -> dict[str, float]:
+        """CPU ms per process between the last sample at or before t0 and the first at or after t1."""
+        before = [x for t, x in self.samples if t <= t0]
+        after = [x for t, x in self.samples if t >= t1]
+        if not before or not after:
+            return {}
+        a, b = before[-1], after[0]
+        return {n: round((b[n] - a[n]) * 1000) for n in a if n in b}
+
+
 async def until_no_breach(s: System, within_s: float) -> None:
     m = s.monitor
     try:
@@ -144,10 +213,14 @@ async def limit_rounds(s: System, rounds: int, quick: bool = False) -> tuple[lis
         await until_no_breach(s, 30)
         await asyncio.sleep(1.0 if quick else 2.5)  # increases are rate-limited: let the ramps finish
         watts = low - r  # a new value every round
-        t_send = time.time()
-        sent = await s.operator_limit(watts, retry_for_s=10)
-        await s.limit_applied(sent, 30)
-        await asyncio.sleep(1.0 if quick else 2.0)  # later corrections of the same decision count as well
+        with CpuSampler(s) as cpu:
+            await asyncio.sleep(0.05)
+            with m.lock:  # the logs only grow: what this round needs comes after these (not the whole run's)
+                from_status, from_draw = len(m.status_log), len(m.draw_log)
+            t_send = time.time()
+            sent = await s.operator_limit(watts, retry_for_s=10)
+            await s.limit_applied(sent, 30)
+            await asyncio.sleep(1.0 if quick else 2.0)  # later corrections of the same decision count as well
         with m.lock:
             final: dict[str, float] = {}  # the EVSEs whose setpoint the limit changed, and their new value
             sp_at: dict[str, float] = {}  # when the controller issued that new setpoint (its ts)
@@ -158,13 +231,13 @@ async def limit_rounds(s: System, rounds: int, quick: bool = False) -> tuple[lis
                     final[e] = float(sps[-1]["current_a"])
                     sp_at[e] = next(ts_of(d) for d in sps if abs(float(d["current_a"]) - final[e]) <= 1e-9)
             acked_at: dict[str, float] = {}  # the service's status saying it applied it (after the write/answer)
-            for _t, e, d in m.status_log:
+            for _t, e, d in m.status_log[from_status:]:
                 ap = d.get("applied") or {}
                 if e in final and e not in acked_at and d.get("ts") and ts_of(d) >= t_send \
                         and abs(float(ap.get("current_a") or 0) - final[e]) <= 0.11:
                     acked_at[e] = ts_of(d)
             applied_at: dict[str, float] = {}
-            for _t, e, d in m.draw_log:
+            for _t, e, d in m.draw_log[from_draw:]:
                 if e in final and e not in applied_at and ts_of(d) >= t_send \
                         and abs(float(d.get("limit_a") or 0) - final[e]) <= 0.11:
                     applied_at[e] = ts_of(d)
@@ -187,6 +260,8 @@ async def limit_rounds(s: System, rounds: int, quick: bool = False) -> tuple[lis
                     hop[f"{kind}_{what}_p50_ms"] = round(statistics.median(xs) * 1000, 1)
                     hop[f"{kind}_{what}_max_ms"] = round(max(xs) * 1000, 1)
         hop["last"] = max(applied_at, key=lambda e: applied_at[e])
+        # CPU ms each process used until the last wallbox held its new value (0 and the idle ones left out)
+        hop["cpu_ms"] = {n: v for n, v in sorted(cpu.used(t_send, t_send + t).items(), key=lambda x: -x[1]) if v}
         slow = sorted((e for e in applied_at if applied_at[e] - t_send > 1.0), key=lambda e: applied_at[e])
         if slow:  # a few wallboxes late (one connection held up) or all of them (a process stalled)?
             hop["slow_over_1s"] = len(slow)
@@ -197,6 +272,7 @@ async def limit_rounds(s: System, rounds: int, quick: bool = False) -> tuple[lis
               f"{t * 1000:7.1f} ms (on bus {hop['on_bus_ms']} ms, setpoints out {hop['setpoints_ms']} ms, "
               f"Modbus service/wallbox max {hop.get('modbus_acked_max_ms')}/{hop.get('modbus_applied_max_ms')} ms, "
               f"OCPP {hop.get('ocpp_acked_max_ms')}/{hop.get('ocpp_applied_max_ms')} ms, last {hop['last']})"
+              + f"\n    CPU ms until then: {hop['cpu_ms']}"
               + (f"; {hop['slow_over_1s']} over 1 s: {' '.join(hop['slow'])}" if slow else ""),  # type: ignore[arg-type]
               flush=True)
     return lat, details
@@ -261,10 +337,47 @@ async def state_changes(s: System, n: int, quick: bool = False) -> tuple[list[fl
     return lat, by_kind, missing
 
 
+def profile_under_yappi(s: System, names: list[str]) -> dict[str, Path]:
+    """Run the named processes under bench/system/profiled.py (yappi, switched on by SIGUSR1, written
+    by SIGUSR2): ``{name: pstat file}``."""
+    out: dict[str, Path] = {}
+    here = str(Path(__file__).parent)
+    wrapper = ["-c", f"import sys; sys.path.insert(0, {here!r}); import profiled; profiled.main()"]
+    for name in names:
+        if name == "bench":  # this process (the invariant monitor, the operator), profiled in place
+            out[name] = s.dir / "bench.pstat"
+            continue
+        pr = s.procs.get(name)
+        if pr is None or pr.argv[1:2] != ["-m"]:
+            raise SystemExit(f"--profile: no process {name!r} started with -m (have {sorted(s.procs)})")
+        out[name] = s.dir / f"{name}.pstat"
+        pr.argv = [pr.argv[0], *wrapper, str(out[name]), *pr.argv[1:]]
+    return out
+
+
+def profile_signal(s: System, names: dict[str, Path], sig: int) -> None:
+    for name, path in names.items():
+        if name == "bench":
+            import yappi
+
+            if sig == signal.SIGUSR1:
+                yappi.clear_stats()
+                yappi.set_clock_type("cpu")
+                yappi.start()
+            else:
+                yappi.stop()
+                yappi.get_func_stats().save(str(path), type="pstat")
+            continue
+        pr = s.procs[name]
+        if pr.popen is not None and pr.alive():
+            pr.popen.send_signal(sig)
+
+
 async def main(args: argparse.Namespace) -> int:
     tmp = Path(args.dir or tempfile.mkdtemp(prefix="bench-system-"))
     plan = bench_plan(tmp, args.modbus, args.ocpp)
     s = System(plan, monitor_period_s=0.5)
+    profiled = profile_under_yappi(s, [n for n in (args.profile or "").split(",") if n])
     print(f"bench/system: {args.modbus} Modbus + {args.ocpp} OCPP wallboxes, {len(SERVICES)} services, dir {tmp}",
           flush=True)
     result: dict[str, Any] = {"modbus_wallboxes": args.modbus, "ocpp_wallboxes": args.ocpp, "cpus": os.cpu_count()}
@@ -282,11 +395,20 @@ async def main(args: argparse.Namespace) -> int:
         await asyncio.sleep(args.settle_s)
         print(f"steady state: every car charging, {m.controllable_w() / 1000:.0f} kW; measuring {args.steady_s:g} s",
               flush=True)
+        if args.profile_phase == "steady":
+            profile_signal(s, profiled, signal.SIGUSR1)
         res = await steady_resources(s, args.steady_s)
+        if args.profile_phase == "steady":
+            profile_signal(s, profiled, signal.SIGUSR2)
         result["steady"] = res
         for name, v in res.items():
             print(f"  {name:22s} {v}", flush=True)
+        if args.profile_phase == "limits":
+            profile_signal(s, profiled, signal.SIGUSR1)
         lat, details = await limit_rounds(s, args.rounds, args.smoke)
+        if args.profile_phase == "limits":
+            profile_signal(s, profiled, signal.SIGUSR2)
+            print("profiles: " + " ".join(str(x) for x in profiled.values()), flush=True)
         result["limit_rounds"] = details
         if lat:
             result["limit_to_applied_ms"] = {"p50": round(statistics.median(lat) * 1000, 1),
@@ -335,6 +457,11 @@ if __name__ == "__main__":
     ap.add_argument("--steady-s", type=float, default=30.0, help="CPU measurement window")
     ap.add_argument("--settle-s", type=float, default=10.0, help="wait before measuring")
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--profile", default="", help="processes to profile with yappi (comma separated, e.g. "
+                    "ocpp-gateway,sim-ocpp; bench: this process; pip install yappi into the venv first): "
+                    "<dir>/<name>.pstat")
+    ap.add_argument("--profile-phase", choices=("steady", "limits"), default="steady",
+                    help="the window profiled: the steady-state measurement or the limit rounds")
     ap.add_argument("--smoke", action="store_true", help="tiny run for the test suite: 3 Modbus + 2 OCPP wallboxes")
     a = ap.parse_args()
     if a.smoke:

@@ -10,6 +10,7 @@ a 1.6 wallbox on a WebSocket that answers every SetChargingProfile after 0.4 s.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from datetime import timedelta
 from pathlib import Path
@@ -160,6 +161,95 @@ async def test_a_wallbox_gone_during_the_install_is_no_task_failure(broker: Brok
         assert g.ctx is not None
         assert not {k: v for k, v in g.ctx.task_restarts.items() if k.startswith("apply:")}, g.ctx.task_restarts
         assert gw.ctx.counters.get("setpoint_apply_failed", 0) == 0, gw.ctx.counters  # type: ignore[attr-defined]
+    finally:
+        await ctl.stop()
+        await g.stop()
+
+
+async def test_applied_names_the_setpoint_the_wallbox_got(broker: BrokerHandle, tmp_path: Path) -> None:
+    """A setpoint that arrives while the wallbox is still answering the profile of the one before: the status
+    after that answer says the earlier one is applied (its current and its sequence number), not the new
+    one, whose profile follows - the controller must not take seq 2 for applied while the wallbox runs seq 1."""
+    cfg, path = gateway_config(tmp_path, broker.port, backend_url=None, evses=EVSES)
+    share_broker_secrets(cfg, broker.config)
+    g = InProcessGateway(cfg, path)
+    await g.start()
+    ctl = await connected_bus(broker, "load-controller")
+    statuses: list[p.EvseStatus] = []
+    ctl.subscribe("evse.status", lambda m: statuses.append(m.payload), evse_id="slow1")  # type: ignore[arg-type]
+    url = f"ws://127.0.0.1:{cfg.ocpp.local.port}/ocpp/CB-SLOW"
+    until_ = p.utcnow() + timedelta(seconds=30)
+    try:
+        ctl.publish("evse.setpoint", p.Setpoint(evse_id="slow1", current_a=10.0, phases=3, valid_until=until_, seq=1),
+                    evse_id="slow1")
+        async with connect(url, subprotocols=["ocpp1.6"], proxy=None, open_timeout=5) as ws:  # type: ignore[list-item]
+            await _boot(ws, "slow")
+            sent_second = False
+            async with asyncio.timeout(15):
+                while not any(s.applied and s.applied.seq == 2 for s in statuses):
+                    msg = json.loads(await ws.recv())
+                    if msg[0] != 2:
+                        continue
+                    if msg[2] != "SetChargingProfile":
+                        await ws.send(_plain_answer(msg))
+                        continue
+                    limit = msg[3]["csChargingProfiles"]["chargingSchedule"]["chargingSchedulePeriod"][0]["limit"]
+                    if limit == 10.0 and not sent_second:  # seq 1's profile: the next setpoint comes meanwhile
+                        ctl.publish("evse.setpoint", p.Setpoint(evse_id="slow1", current_a=12.0, phases=3,
+                                                                valid_until=until_, seq=2), evse_id="slow1")
+                        sent_second = True
+                        await asyncio.sleep(0.4)
+                    await ws.send(json.dumps([3, msg[1], {"status": "Accepted"}]))
+        applied = [(s.applied.current_a, s.applied.seq) for s in statuses if s.applied and not s.applied.fallback]
+        assert (10.0, 1) in applied and (12.0, 2) in applied, applied
+        assert all(pair in ((10.0, 1), (12.0, 2)) for pair in applied), applied
+    finally:
+        await ctl.stop()
+        await g.stop()
+
+
+async def test_a_refreshed_setpoint_extends_the_profile_with_time_in_hand(broker: BrokerHandle, tmp_path: Path) -> None:
+    """The controller refreshes a setpoint (same current, a later end) when about half of its validity is left;
+    the gateway sends the longer profile then, not only when the wallbox's profile is nearly over: a refresh
+    that came a little early was skipped, and the wallbox ran on to its profile's last seconds (one slow to
+    answer fell back to its safe current - 6 A for a paused car - before the next refresh landed)."""
+    cfg, path = gateway_config(tmp_path, broker.port, backend_url=None, evses=EVSES)
+    share_broker_secrets(cfg, broker.config)
+    g = InProcessGateway(cfg, path)
+    await g.start()
+    ctl = await connected_bus(broker, "load-controller")
+    url = f"ws://127.0.0.1:{cfg.ocpp.local.port}/ocpp/CB-SLOW"
+    valid_to: list[str] = []
+    try:
+        t0 = p.utcnow()
+        ctl.publish("evse.setpoint", p.Setpoint(evse_id="slow1", current_a=10.0, phases=3,
+                                                valid_until=t0 + timedelta(seconds=10), seq=1), evse_id="slow1")
+        async with connect(url, subprotocols=["ocpp1.6"], proxy=None, open_timeout=5) as ws:  # type: ignore[list-item]
+            await _boot(ws, "refresh")
+
+            async def profiles_until(deadline_s: float) -> None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(deadline_s):
+                        while True:
+                            msg = json.loads(await ws.recv())
+                            if msg[0] != 2:
+                                continue
+                            if msg[2] == "SetChargingProfile":
+                                prof = msg[3]["csChargingProfiles"]
+                                if prof["stackLevel"] == 1:
+                                    valid_to.append(prof["validTo"])
+                                await ws.send(json.dumps([3, msg[1], {"status": "Accepted"}]))
+                            else:
+                                await ws.send(_plain_answer(msg))
+
+            await profiles_until(4.4)  # the first profile, ends at t0 + 10 s
+            assert len(valid_to) == 1, valid_to
+            # 5.5 s of its 10 s left: the refresh (ending 10 s from now) goes out at once
+            ctl.publish("evse.setpoint", p.Setpoint(evse_id="slow1", current_a=10.0, phases=3,
+                                                    valid_until=p.utcnow() + timedelta(seconds=10), seq=2),
+                        evse_id="slow1")
+            await profiles_until(1.5)
+        assert len(valid_to) == 2 and valid_to[1] > valid_to[0], valid_to
     finally:
         await ctl.stop()
         await g.stop()

@@ -368,3 +368,60 @@ def test_client_context_without_brainpool_group_list_fallback(bp: Pki) -> None:
     names = {c["name"] for c in ctx.get_ciphers()}
     assert {"ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-ECDSA-AES128-SHA256"} <= names
     assert not any("RSA" in n.split("-")[1] for n in names if n.startswith("ECDHE"))
+
+
+async def test_channels_open_a_few_at_once_and_not_for_clients_that_hung_up(bp: Pki) -> None:
+    """Many local clients at once (1000 OCPP charge points after a start): at most OPEN_AT_ONCE HAN
+    handshakes run together, the others wait their turn; a client that hangs up while it waits costs no
+    handshake (counted as abandoned), the others all get their channel."""
+    from smgw_link import channel
+
+    sim, es = await start_sim(bp)
+    try:
+        cfg = smgw_cfg(bp, sim.port)
+        link = Link(cfg, lambda: HanConnector(cfg, bp.client_cert, bp.client_key), lambda: None)
+        await link.start_forwarders()
+        ep = cfg.endpoints[0]
+        running, most = 0, 0
+        real_open = HanConnector.open
+
+        async def counting_open(self: HanConnector, e: Endpoint) -> object:
+            nonlocal running, most
+            running += 1
+            most = max(most, running)
+            try:
+                return await real_open(self, e)
+            finally:
+                running -= 1
+
+        HanConnector.open = counting_open  # type: ignore[assignment,method-assign]
+        try:
+            # every slot taken: the clients below wait; the first ones hang up while waiting
+            for _ in range(channel.OPEN_AT_ONCE):
+                await link._opening.acquire()
+            gone = [await asyncio.open_connection(ep.listen_host, ep.listen_port) for _ in range(5)]
+            for _r, w in gone:
+                w.write(b"GET / HTTP/1.1\r\n\r\n")  # sent before hanging up: still buffered at the forwarder
+                await w.drain()
+                w.close()
+            await asyncio.sleep(0.3)
+            alive = [await asyncio.open_connection(ep.listen_host, ep.listen_port)
+                     for _ in range(3 * channel.OPEN_AT_ONCE)]
+            await asyncio.sleep(0.2)
+            for _ in range(channel.OPEN_AT_ONCE):
+                link._opening.release()
+            for i, (_r, w) in enumerate(alive):
+                w.write(f"client {i:03d}".encode())
+                await w.drain()
+            for i, (r, w) in enumerate(alive):
+                assert await asyncio.wait_for(r.readexactly(10), 20) == f"client {i:03d}".encode()
+                w.close()
+        finally:
+            HanConnector.open = real_open  # type: ignore[method-assign]
+        stats = link.channels["echo"]
+        assert stats.abandoned == 5 and stats.opened == len(alive) and stats.failed == 0
+        assert 1 < most <= channel.OPEN_AT_ONCE
+        await link.stop_forwarders()
+    finally:
+        await sim.stop()
+        es.close()

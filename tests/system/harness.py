@@ -363,6 +363,7 @@ class Monitor:
         self._subtrees = {c.id: plan.subtree(c.id) for c in plan.circuits}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event: asyncio.Event | None = None
+        self._wake_pending = False
         self._stop = threading.Event()
         self._clients: list[mqtt.Client] = []
         self._thread: threading.Thread | None = None
@@ -398,9 +399,21 @@ class Monitor:
             self._thread.join(2)
 
     def _wake(self) -> None:
-        if self._loop is not None and self._event is not None and not self._loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self._event.set)
+        """Wake the waiters (:meth:`until`) for a new message: one wake-up of the event loop for all that
+        arrive before it runs, not one per message (a burst of 1000 statuses and draws woke it 1000 times,
+        each re-evaluating a predicate over every wallbox: the benchmark process fell behind the system)."""
+        if self._wake_pending or self._loop is None or self._event is None or self._loop.is_closed():
+            return
+        self._wake_pending = True
+        try:
+            self._loop.call_soon_threadsafe(self._woken)
+        except RuntimeError:  # closed meanwhile
+            self._wake_pending = False
+
+    def _woken(self) -> None:
+        self._wake_pending = False  # first: a message from now on schedules another wake-up
+        if self._event is not None:
+            self._event.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if not msg.payload:

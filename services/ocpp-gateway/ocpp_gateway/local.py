@@ -376,6 +376,7 @@ class Connector:
 
     async def _apply(self, sess: WallboxSession) -> None:
         now = datetime.now(UTC)
+        sp = self.setpoint  # the one installed now: a newer one may arrive while the wallbox answers
         amps, phases, until, fallback = self.desired(now)
         if not self.base_installed:
             ok = await sess.set_profile(self.n, BASE_PROFILE_ID + self.n, 0, self.evse.safe_current_a,
@@ -385,18 +386,25 @@ class Connector:
         need = inst is None or abs(inst[0] - _amps(amps)) > 1e-9 or inst[1] != phases or (
             inst[2] is None) != (until is None)
         if not need and inst is not None and until is not None and inst[2] is not None:
+            # the same current with a later end: refresh the wallbox's profile once it has used up more than
+            # REFRESH_USED of what the new setpoint gives. The controller refreshes a setpoint when half of
+            # its validity is left, so with one half here a refresh that arrived a little early was skipped
+            # and the profile ran on to its last second before the next: a wallbox slow to answer (500 on one
+            # simulator) fell back to its safe current - 6 A for a paused one - before the new profile landed
             left = (inst[2] - now).total_seconds()
             total = (until - now).total_seconds()
-            need = left < total / 2 or left < 2
+            need = left < total * (1 - REFRESH_USED) or left < 2
         if not need:
             return
         ok = await sess.set_profile(self.n, SETPOINT_PROFILE_ID + self.n, 1, amps, phases, until)
         if ok:
             self.installed = (_amps(amps), phases, until)
             self._reject_logged = False
+            # the sequence number of the setpoint this profile carries, not of one that came in meanwhile (its
+            # own profile follows on the next round: the flag is set again)
             self.applied = p.AppliedSetpoint(current_a=_amps(amps), phases=phases,
-                                             seq=self.setpoint.seq if self.setpoint and not fallback else None,
-                                             source=self.setpoint.source if self.setpoint and not fallback else None,
+                                             seq=sp.seq if sp is not None and not fallback else None,
+                                             source=sp.source if sp is not None and not fallback else None,
                                              fallback=fallback)
             self.csms.counters["profiles_sent"] += 1
             self.publish()
@@ -560,6 +568,10 @@ class Connector:
 
 
 DRAWING_A = 1.0  # a phase current from this on: a car is drawing
+# a refreshed setpoint (same current, later end) is sent to the wallbox once its profile has used this share
+# of what the new setpoint gives: with the controller refreshing at half the validity, every refresh goes out
+# and the wallbox keeps about half the validity in hand (see Connector._apply)
+REFRESH_USED = 0.4
 STATUS_TRIGGER_RETRY_S = 2.0  # after a reconnect: the status trigger is repeated once when no status came
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -41,6 +42,12 @@ from smgw_link.tlsstream import TlsStream
 log = structlog.get_logger("smgw_link.channel")
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+# channels opened at once (HAN TLS handshake + SOCKS5 CONNECT); the others wait their turn. 1000 OCPP charge
+# points connecting after a start opened 1000 brainpool handshakes together: each side's CPU shared among all
+# of them, none finished within the connect timeout, every one was retried - and the link never came up
+# (bench/system, 500 + 500 wallboxes). An SMGW, an embedded device, handshakes one after the other anyway.
+OPEN_AT_ONCE = 8
 
 
 class HanConnector:
@@ -147,6 +154,7 @@ class ChannelStats:
     active: int = 0
     opened: int = 0
     failed: int = 0
+    abandoned: int = 0  # the local connection hung up while its channel waited for a slot (OPEN_AT_ONCE)
     bytes_tx: int = 0
     bytes_rx: int = 0
     last_error: str | None = None
@@ -210,6 +218,7 @@ class Link:
         self.connector_gen = 0
         self.ok_gen = -1
         self.failed_gen = -1
+        self._opening = asyncio.Semaphore(OPEN_AT_ONCE)
 
     # -- state -----------------------------------------------------------------------------------------
     def _set(self, state: str, error: LinkError | None = None) -> None:
@@ -305,11 +314,17 @@ class Link:
                 await asyncio.wait_for(s.wait_closed(), 2)
         self.servers.clear()
 
-    async def open_channel(self, ep: Endpoint) -> Streams:
+    async def open_channel(self, ep: Endpoint, local: Streams | None = None) -> Streams:
+        """A channel to ``ep`` for the ``local`` connection (none when it hung up while waiting its turn:
+        raises :class:`ClientGone`)."""
         stats = self.channels.setdefault(ep.name, ChannelStats(f"{ep.listen_host}:{ep.listen_port}",
                                                                f"{ep.host}:{ep.port}"))
         try:
-            streams = await self._connector().open(ep)
+            async with self._opening:  # the connect timeout counts from the handshake's start, not the wait
+                if local is not None and _hung_up(local[1]):
+                    stats.abandoned += 1
+                    raise ClientGone(ep.name)
+                streams = await self._connector().open(ep)
         except LinkError as e:
             stats.failed += 1
             stats.last_error = str(e)
@@ -333,8 +348,8 @@ class Link:
     async def _forward(self, ep: Endpoint, local: Streams) -> None:
         stats = self.channels[ep.name]
         try:
-            remote = await self.open_channel(ep)
-        except LinkError:
+            remote = await self.open_channel(ep, local)
+        except (LinkError, ClientGone):
             local[1].close()
             return
         except Exception as e:
@@ -454,6 +469,28 @@ class InboundServer:
                 await pipe((reader, writer), target, cin, cout)  # type: ignore[arg-type]
             finally:
                 self.stats["active"] -= 1
+
+
+class ClientGone(Exception):
+    """The local connection closed before its channel was opened (it gave up waiting)."""
+
+
+def _hung_up(writer: asyncio.StreamWriter) -> bool:
+    """The peer of ``writer`` closed its side (EOF), whatever is still buffered here: a peek at the socket
+    (on a duplicate of it: asyncio's transport owns the original) reads nothing. A charge point whose
+    connection timed out while its channel waited for a handshake slot costs no handshake."""
+    if writer.transport.is_closing():
+        return True
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        with sock.dup() as s:
+            return s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False  # open, nothing new
+    except OSError:
+        return True
 
 
 def _host(peer: Any) -> str:
