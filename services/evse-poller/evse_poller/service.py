@@ -68,7 +68,9 @@ async def serve(ctx: ServiceContext) -> None:
                      links=len(poller.pool.links), interval_s=config.poller.poll_interval_s,
                      event_loop=type(asyncio.get_running_loop()).__module__)
 
-    async def on_setpoint(msg: Message) -> None:
+    def on_setpoint(msg: Message) -> None:
+        # synchronous: the bus calls it as it dispatches the message, and the poller starts the write at once
+        # (a coroutine handler would cost a task and a turn of the loop per setpoint before that)
         sp = msg.payload
         assert isinstance(sp, p.Setpoint)
         poller = holder.get("poller")
