@@ -252,8 +252,6 @@ class _Sub:
     name: str | None  # registry name; None = raw
     handler: Handler | None = None
     queue: asyncio.Queue[Any] | None = None
-    # on the topic's parameters, before the payload is parsed: False = not for this subscriber
-    only: Callable[[dict[str, str]], bool] | None = None
 
 
 @dataclass
@@ -373,14 +371,9 @@ class Bus:
         self.publish_raw(self.registry.topic(name, **params), b"", 1, True)
 
     # -- subscribing -------------------------------------------------------------------------
-    def subscribe(self, name: str, handler: Handler, *, only: Callable[[dict[str, str]], bool] | None = None,
-                  **params: str) -> None:
-        """Call ``handler(message)`` for every valid message of topic ``name``. ``only(topic parameters)``
-        picks the messages wanted before their payload is parsed and validated (e.g. the EVSEs this service
-        drives, out of every ``evse/+/setpoint``): a service that takes a part of a wildcard does not pay
-        for parsing the rest. Asked for every message, so it may change its answer over time (a
-        reconfiguration); the others are not parsed, not counted and not logged when invalid."""
-        self._add(_Sub(self.registry.subscription(name, **params), name, handler=handler, only=only))
+    def subscribe(self, name: str, handler: Handler, **params: str) -> None:
+        """Call ``handler(message)`` for every valid message of topic ``name``."""
+        self._add(_Sub(self.registry.subscription(name, **params), name, handler=handler))
 
     def subscribe_raw(self, topic_filter: str, handler: Callable[[str, bytes, bool], Any]) -> None:
         """Unvalidated access for tools such as the status view (``handler(topic, payload, retained)``)."""
@@ -483,17 +476,12 @@ class Bus:
     def _dispatch(self, topic: str, payload: bytes, retained: bool) -> None:
         parsed: tuple[TopicSpec, dict[str, str], p.Payload] | None = None
         tried = False
-        resolved: tuple[TopicSpec, dict[str, str]] | None = None
         for sub in self._matching(topic):
             if sub.name is None:
                 self._run(sub.handler, topic, payload, retained)  # type: ignore[arg-type]
                 continue
-            if sub.only is not None:  # before parsing: only the topic is looked at
-                resolved = resolved or self.registry.resolve(topic)
-                if resolved is not None and resolved[0].name == sub.name and not sub.only(resolved[1]):
-                    continue
             if not tried:
-                parsed = self.registry.parse(topic, payload, resolved=resolved)
+                parsed = self.registry.parse(topic, payload)
                 tried = True
             if parsed is None or parsed[0].name != sub.name:
                 continue

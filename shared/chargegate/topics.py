@@ -177,11 +177,9 @@ class Registry:
                 return spec, params
         return None
 
-    def parse(self, topic: str, payload: bytes | str, *, resolved: tuple[TopicSpec, dict[str, str]] | None = None
-              ) -> tuple[TopicSpec, dict[str, str], p.Payload] | None:
-        """Validate an incoming message. Returns ``None`` (logged and counted) when it is bad. ``resolved``:
-        what :meth:`resolve` gave for ``topic`` (not looked up twice)."""
-        resolved = resolved or self.resolve(topic)
+    def parse(self, topic: str, payload: bytes | str) -> tuple[TopicSpec, dict[str, str], p.Payload] | None:
+        """Validate an incoming message. Returns ``None`` (logged and counted) when it is bad."""
+        resolved = self.resolve(topic)
         if resolved is None:
             self._reject(topic, "unknown topic", "?")
             return None

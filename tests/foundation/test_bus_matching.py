@@ -95,39 +95,3 @@ def test_typed_subscriptions_through_the_cache() -> None:
     assert setpoints[0].retained
     bus._dispatch(reg.topic("evse.setpoint", evse_id="wb2"), sp.to_json(), False)
     assert len(setpoints) == 1
-
-
-def test_only_picks_before_parsing(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """``only`` sees the topic's parameters; what it refuses is neither parsed nor delivered, and another
-    subscription of the same topic without ``only`` still gets every message."""
-    bus = new_bus()
-    reg = bus.registry
-    wanted = {"wb1"}
-    mine: list[Message] = []
-    everything: list[Message] = []
-    parsed: list[str] = []
-    real_parse = reg.parse
-
-    def counting_parse(topic, payload, **kw):  # type: ignore[no-untyped-def]
-        parsed.append(topic)
-        return real_parse(topic, payload, **kw)
-
-    monkeypatch.setattr(reg, "parse", counting_parse)
-    bus.subscribe("evse.setpoint", mine.append, only=lambda prm: prm["evse_id"] in wanted)
-    until = p.utcnow() + timedelta(seconds=10)
-    for evse in ("wb1", "wb2", "wb1"):
-        sp = p.Setpoint(evse_id=evse, current_a=10, phases=3, valid_until=until, seq=1)
-        bus._dispatch(reg.topic("evse.setpoint", evse_id=evse), sp.to_json(), False)
-    assert [m.payload.evse_id for m in mine] == ["wb1", "wb1"]  # type: ignore[attr-defined]
-    assert parsed == [reg.topic("evse.setpoint", evse_id="wb1")] * 2  # wb2's payload was never parsed
-    wanted.add("wb2")  # asked for every message: a reconfiguration takes effect at once
-    sp2 = p.Setpoint(evse_id="wb2", current_a=8, phases=3, valid_until=until, seq=2)
-    bus._dispatch(reg.topic("evse.setpoint", evse_id="wb2"), sp2.to_json(), False)
-    assert mine[-1].payload == sp2
-    bus.subscribe("evse.setpoint", everything.append)
-    bus._dispatch(reg.topic("evse.setpoint", evse_id="wb3"), sp2.model_copy(update={"evse_id": "wb3"}).to_json(),
-                  False)
-    assert [m.params["evse_id"] for m in everything] == ["wb3"] and mine[-1].payload == sp2
-    # an invalid payload for a wanted EVSE is dropped as before
-    bus._dispatch(reg.topic("evse.setpoint", evse_id="wb1"), b'{"nonsense": 1}', False)
-    assert len(mine) == 3

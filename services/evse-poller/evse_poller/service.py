@@ -68,18 +68,12 @@ async def serve(ctx: ServiceContext) -> None:
                      links=len(poller.pool.links), interval_s=config.poller.poll_interval_s,
                      event_loop=type(asyncio.get_running_loop()).__module__)
 
-    def on_setpoint(msg: Message) -> None:
+    async def on_setpoint(msg: Message) -> None:
         sp = msg.payload
         assert isinstance(sp, p.Setpoint)
         poller = holder.get("poller")
         if poller is not None:
             poller.set_setpoint(sp)
-
-    def ours(params: dict[str, str]) -> bool:
-        """An EVSE this instance polls: the setpoints of the others (OCPP wallboxes, other pollers' devices)
-        are not parsed here."""
-        poller = holder.get("poller")
-        return poller is not None and params.get("evse_id") in poller.evses
 
     async def on_command(msg: Message) -> None:
         cmd = msg.payload
@@ -110,8 +104,8 @@ async def serve(ctx: ServiceContext) -> None:
             poller.publish_broken()
 
     start(ctx.config)
-    ctx.bus.subscribe("evse.setpoint", on_setpoint, only=ours)
-    ctx.bus.subscribe("evse.command", on_command, only=ours)
+    ctx.bus.subscribe("evse.setpoint", on_setpoint)
+    ctx.bus.subscribe("evse.command", on_command)
     ctx.bus.on_connect(on_connect)
     ctx.on_reload(on_reload)
     try:
