@@ -254,8 +254,8 @@ async def test_refusals_counted_and_memory_bounded(rig: Rig, sockets: dict[str, 
     ws = sockets["1.6"]
     for i in range(1500):
         await ws.send(json.dumps([2, f"m{i}", "FooBar", {}]))
-    for _ in range(1500):
-        await asyncio.wait_for(ws.recv(), 5)
+    for i in range(1500):  # in order; the gateway's own CALLs in between get their plain answer
+        await answer_to(ws, f"m{i}", "FooBar")
     big = largest(rig.gw)
     assert big[0][0] <= 1024, big
     await check(rig, ws, "1.6", [("[", Expect("-1", frozenset({FRAME["1.6"]}))),  # on its own too
