@@ -6,7 +6,7 @@ retired, every example drawn from these strategies ran through both, cycle by cy
 next memories were equal (floats bit for bit); ``data/step_vectors.json.gz`` holds those examples with a
 fingerprint of the kept-simple step's outcome per cycle, and test_lc_step_equivalence.py replays them against
 today's step. The recorder and the kept-simple copy (tests/load_controller/record_step_vectors.py and
-lc_reference/) are in commit RECORDED_AT of this repository's history.
+lc_reference/) are in commit 6e5668eabb76 of this repository's history.
 
 Random installations: circuit trees, metered and unmetered nodes, 1- and 3-phase EVSEs on rotated phases,
 switching ones, priorities, charging rules, controller settings. Random event sequences: cars plugging in and
