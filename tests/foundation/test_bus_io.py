@@ -11,10 +11,10 @@ import asyncio
 import dataclasses
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from paho.mqtt.enums import CallbackAPIVersion
 
 from chargegate.broker import bus_settings
 from chargegate.bus import Bus, BusSettings, _BufferedSocket, _Client

@@ -25,9 +25,10 @@ def test_the_enumerations_are_the_librarys(version: str) -> None:
             "assert 'ocpp.' + sys.argv[1] not in sys.modules\n"
             "lib = importlib.import_module('ocpp.' + sys.argv[1] + '.enums')\n"
             "assert ours is not lib\n"
-            "names = sorted(n for n, v in vars(lib).items() if isinstance(v, enum.EnumMeta) and v.__module__ == lib.__name__)\n"
-            "print(json.dumps({'names': names, 'same': [n for n in names if [(m.name, m.value) for m in getattr(ours, n)]"
-            " == [(m.name, m.value) for m in getattr(lib, n)]]}))\n")
+            "names = sorted(n for n, v in vars(lib).items()\n"
+            "               if isinstance(v, enum.EnumMeta) and v.__module__ == lib.__name__)\n"
+            "def members(m, n): return [(x.name, x.value) for x in getattr(m, n)]\n"
+            "print(json.dumps({'names': names, 'same': [n for n in names if members(ours, n) == members(lib, n)]}))\n")
     out = subprocess.run([sys.executable, "-c", code, version], capture_output=True, text=True, check=True, timeout=60)
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(res["names"]) > 20 and res["same"] == res["names"]
