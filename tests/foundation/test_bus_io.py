@@ -14,6 +14,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from paho.mqtt.enums import CallbackAPIVersion
 
 from chargegate.broker import bus_settings
 from chargegate.bus import Bus, BusSettings, _BufferedSocket, _Client
@@ -181,3 +182,50 @@ async def test_events_from_paho_thread_run_in_order_and_none_is_lost() -> None:
         assert [i for tt, i in got if tt == t] == list(range(2000))
     assert not bus._inbox
 
+
+
+def _received(topic: str) -> mqtt.MQTTMessage:
+    msg = mqtt.MQTTMessage(mid=1, topic=topic.encode())
+    msg.payload = b"{}"
+    return msg
+
+
+def _garbage_of(client: mqtt.Client, topic: str, n: int = 50) -> int:
+    """Objects the cyclic collector frees after ``client`` handled ``n`` received messages."""
+    import gc
+
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(n):
+            client._handle_on_message(_received(topic))
+        return gc.collect()
+    finally:
+        gc.enable()
+
+
+def test_a_received_message_leaves_no_cyclic_garbage() -> None:
+    """paho searches its per-filter callbacks for every message with a recursive closure, a reference cycle
+    per message; the bus's client has none to search and leaves nothing for the collector."""
+    got: list[str] = []
+    plain = mqtt.Client(CallbackAPIVersion.VERSION2)
+    plain.on_message = lambda c, u, m: got.append(m.topic)
+    assert _garbage_of(plain, "cg/evse/a/setpoint") >= 50  # paho's own: the cycle this avoids
+    ours = _Client(CallbackAPIVersion.VERSION2)
+    ours.on_message = lambda c, u, m: got.append(m.topic)
+    assert _garbage_of(ours, "cg/evse/a/setpoint") == 0
+    assert got == ["cg/evse/a/setpoint"] * 100
+
+
+def test_per_filter_callbacks_still_work() -> None:
+    ours = _Client(CallbackAPIVersion.VERSION2)
+    general: list[str] = []
+    filtered: list[str] = []
+    ours.on_message = lambda c, u, m: general.append(m.topic)
+    ours.message_callback_add("cg/evse/+/setpoint", lambda c, u, m: filtered.append(m.topic))
+    ours._handle_on_message(_received("cg/evse/a/setpoint"))
+    ours._handle_on_message(_received("cg/evse/a/status"))
+    assert filtered == ["cg/evse/a/setpoint"] and general == ["cg/evse/a/status"]
+    ours.message_callback_remove("cg/evse/+/setpoint")
+    ours._handle_on_message(_received("cg/evse/a/setpoint"))
+    assert general == ["cg/evse/a/status", "cg/evse/a/setpoint"]

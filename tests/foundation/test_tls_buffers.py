@@ -1,4 +1,4 @@
-"""Every service runs asyncio TLS with 32 KiB read buffers instead of 256 KiB (chargegate.runtime.small_tls_buffers):
+"""Every service runs asyncio TLS with 16 KiB read buffers instead of 256 KiB (chargegate.runtime.small_tls_buffers):
 memory per connection drops, and messages larger than the buffer still arrive whole, over real TLS."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from smgw_link.pki import make_pki
 
 async def test_large_messages_cross_small_tls_buffers(tmp_path: Path) -> None:
     small_tls_buffers()
-    assert asyncio.sslproto.SSLProtocol.max_size == TLS_READ_BUFFER == 32 * 1024
+    assert asyncio.sslproto.SSLProtocol.max_size == TLS_READ_BUFFER == 16 * 1024
     pki = make_pki(tmp_path / "pki", "P-256")
     sctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     sctx.load_cert_chain(str(pki.operator_cert), str(pki.operator_key))

@@ -16,10 +16,8 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from ocpp.v16 import enums as e16
-from ocpp.v201 import enums as e201
-
 from chargegate import payloads as p
+from ocpp_gateway.ocpp_enums import e16, e201
 
 ENERGY = "Energy.Active.Import.Register"
 POWER = "Power.Active.Import"

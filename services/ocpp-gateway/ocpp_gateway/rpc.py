@@ -35,11 +35,10 @@ import ocpp
 import structlog
 from jsonschema import Draft4Validator, FormatChecker
 from jsonschema.exceptions import ValidationError as SchemaValidationError
-from ocpp.v16.enums import Action as Action16
-from ocpp.v201.enums import Action as Action201
 from websockets.exceptions import ConnectionClosed
 
 from chargegate.ratelog import LogLimiter
+from ocpp_gateway.ocpp_enums import e16, e201
 
 Version = Literal["1.6", "2.0.1"]
 SUBPROTOCOL: dict[str, Version] = {"ocpp1.6": "1.6", "ocpp2.0.1": "2.0.1"}
@@ -63,8 +62,10 @@ class RpcError(Exception):
         self.details = details or {}
 
 
+@lru_cache(maxsize=2)
 def known_actions(version: Version) -> frozenset[str]:
-    enum = Action16 if version == "1.6" else Action201
+    """The version's actions (one set per version, shared by every connection)."""
+    enum = e16.Action if version == "1.6" else e201.Action
     return frozenset(a.value for a in enum)
 
 
