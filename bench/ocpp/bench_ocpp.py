@@ -138,11 +138,12 @@ def hop_legs(stamps: Path, sends: dict[tuple[str, str], float],
 
 
 def callgrind_total(path: Path) -> int:
-    """The instruction count of a callgrind output file (its ``totals:`` or ``summary:`` line)."""
-    for line in path.read_text().splitlines():
-        if line.startswith(("totals:", "summary:")):
-            return int(line.split()[1])
-    raise RuntimeError(f"no totals in {path}")
+    """The instruction count of a callgrind output file (its ``totals:`` line; ``summary:`` may say 0 when the
+    instrumentation was switched on while running)."""
+    totals = [int(line.split()[1]) for line in path.read_text().splitlines() if line.startswith("totals:")]
+    if not totals:
+        raise RuntimeError(f"no totals in {path}")
+    return sum(totals)
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -186,7 +187,7 @@ ocpp:
         # (switched on and off around the measured window): instructions per forwarded message are repeatable
         # where CPU times and latencies move with the machine's load (the latencies under valgrind mean nothing)
         cg_out = tmp / "callgrind.out"
-        prefix = ["valgrind", "--tool=callgrind", "--collect-atstart=no", f"--callgrind-out-file={cg_out}"] \
+        prefix = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={cg_out}"] \
             if callgrind else []
         gw = subprocess.Popen([*prefix, sys.executable, "-m", "ocpp_gateway", "--config", str(tmp / "chargegate.yaml")],
                               stdout=open(tmp / "gateway.log", "wb"), stderr=subprocess.STDOUT, env=gw_env, cwd=REPO)
