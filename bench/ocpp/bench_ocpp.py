@@ -55,7 +55,7 @@ def rss_mb(pid: int) -> float:
 
 
 class Client:
-    """A minimal OCPP 1.6 charge point: boot, one transaction, periodic MeterValues."""
+    """A minimal OCPP 1.6 charge point: boot, its status, one transaction, periodic MeterValues."""
 
     def __init__(self, url: str, cbid: str, rate: float, sends: dict[tuple[str, str], float], key_cp: str) -> None:
         self.url, self.cbid, self.rate, self.sends, self.key_cp = url, cbid, rate, sends, key_cp
@@ -63,6 +63,8 @@ class Client:
         self.pending: dict[str, asyncio.Future[Any]] = {}
         self.ws: ClientConnection | None = None
         self.errors = 0
+        self.state = "Available"
+        self.background: set[asyncio.Task[None]] = set()
 
     async def call(self, action: str, payload: dict[str, Any]) -> Any:
         self.n += 1
@@ -82,8 +84,28 @@ class Client:
             elif msg[0] == 4 and msg[1] in self.pending:
                 self.errors += 1
                 self.pending.pop(msg[1]).set_result(None)
-            elif msg[0] == 2:  # SetChargingProfile etc. from the gateway
-                await self.ws.send(json.dumps([3, msg[1], {"status": "Accepted"}]))
+            elif msg[0] == 2:  # the gateway's calls, answered as a wallbox does
+                action, req = msg[2], msg[3]
+                if action == "GetConfiguration":
+                    res: dict[str, Any] = {"configurationKey": [
+                        {"key": "MeterValueSampleInterval", "readonly": False, "value": str(round(1 / self.rate))},
+                        {"key": "MeterValuesSampledData", "readonly": False,
+                         "value": "Energy.Active.Import.Register"}]}
+                else:  # SetChargingProfile, ChangeConfiguration, TriggerMessage
+                    res = {"status": "Accepted"}
+                await self.ws.send(json.dumps([3, msg[1], res]))
+                if action == "TriggerMessage" and req.get("requestedMessage") == "StatusNotification":
+                    task = asyncio.create_task(self.status())
+                    self.background.add(task)
+                    task.add_done_callback(self.background.discard)
+
+    async def status(self) -> None:
+        """The connector's status, as a wallbox sends it after its boot, on each change and when asked (without
+        it the gateway asks again and, 30 s after its start, reports the status as unknown to the backend for
+        every wallbox at once: the bench's clients once did not send it)."""
+        ts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        await self.call("StatusNotification", {"connectorId": 1, "errorCode": "NoError", "status": self.state,
+                                               "timestamp": ts})
 
     async def run(self, stop: asyncio.Event, start_at: float) -> None:
         self.ws = await connect(f"{self.url}/{self.cbid}", subprotocols=["ocpp1.6"],  # type: ignore[list-item]
@@ -91,10 +113,13 @@ class Client:
         rd = asyncio.create_task(self.reader())
         try:
             await self.call("BootNotification", {"chargePointVendor": "bench", "chargePointModel": "b"})
+            await self.status()
             ts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             res = await self.call("StartTransaction", {"connectorId": 1, "idTag": "BENCH", "meterStart": 0,
                                                        "timestamp": ts})
             tid = res["transactionId"]
+            self.state = "Charging"
+            await self.status()
             await asyncio.sleep(max(0.0, start_at - time.time()) + random.random() / self.rate)
             energy = 0
             while not stop.is_set():
@@ -108,6 +133,8 @@ class Client:
                 await asyncio.sleep(1 / self.rate)
         finally:
             rd.cancel()
+            for t in self.background:
+                t.cancel()
             await self.ws.close()
 
 
