@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +18,6 @@ from ocpp_gateway.txqueue import TxQueue
 from ocpp_gateway.upstream import UpstreamCP, upstream_target
 
 NAME = "ocpp-gateway"
-SWITCH_INTERVAL_S = 0.0005
 
 
 class Gateway:
@@ -295,10 +293,6 @@ async def serve(ctx: ServiceContext, tune: bool = False) -> None:
     await gw.start()
     if tune:
         tune_gc()  # its gen-2 passes over 400 connections' objects were the p99 of forwarding (bench/ocpp)
-        # the queue's sync thread needs the GIL for a moment before and after each fsync, and every forwarded
-        # message waits for it: at Python's default 5 ms switch interval the loop, busy with other connections,
-        # kept it from that thread for ~1 ms at the median, twice the fsync itself (bench/ocpp)
-        sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
         await asyncio.Event().wait()
     finally:
