@@ -38,6 +38,7 @@ from chargegate import config as cfgmod
 from chargegate.broker import LocalBroker, free_port
 
 REPO = Path(__file__).resolve().parents[2]
+STAMPS_DIR = Path(__file__).resolve().parent / "stamps"
 
 
 def wait_port(port: int, timeout: float = 20.0) -> None:
@@ -54,7 +55,7 @@ def rss_mb(pid: int) -> float:
 
 
 class Client:
-    """A minimal OCPP 1.6 charge point: boot, one transaction, periodic MeterValues."""
+    """A minimal OCPP 1.6 charge point: boot, its status, one transaction, periodic MeterValues."""
 
     def __init__(self, url: str, cbid: str, rate: float, sends: dict[tuple[str, str], float], key_cp: str) -> None:
         self.url, self.cbid, self.rate, self.sends, self.key_cp = url, cbid, rate, sends, key_cp
@@ -62,6 +63,8 @@ class Client:
         self.pending: dict[str, asyncio.Future[Any]] = {}
         self.ws: ClientConnection | None = None
         self.errors = 0
+        self.state = "Available"
+        self.background: set[asyncio.Task[None]] = set()
 
     async def call(self, action: str, payload: dict[str, Any]) -> Any:
         self.n += 1
@@ -81,8 +84,28 @@ class Client:
             elif msg[0] == 4 and msg[1] in self.pending:
                 self.errors += 1
                 self.pending.pop(msg[1]).set_result(None)
-            elif msg[0] == 2:  # SetChargingProfile etc. from the gateway
-                await self.ws.send(json.dumps([3, msg[1], {"status": "Accepted"}]))
+            elif msg[0] == 2:  # the gateway's calls, answered as a wallbox does
+                action, req = msg[2], msg[3]
+                if action == "GetConfiguration":
+                    res: dict[str, Any] = {"configurationKey": [
+                        {"key": "MeterValueSampleInterval", "readonly": False, "value": str(round(1 / self.rate))},
+                        {"key": "MeterValuesSampledData", "readonly": False,
+                         "value": "Energy.Active.Import.Register"}]}
+                else:  # SetChargingProfile, ChangeConfiguration, TriggerMessage
+                    res = {"status": "Accepted"}
+                await self.ws.send(json.dumps([3, msg[1], res]))
+                if action == "TriggerMessage" and req.get("requestedMessage") == "StatusNotification":
+                    task = asyncio.create_task(self.status())
+                    self.background.add(task)
+                    task.add_done_callback(self.background.discard)
+
+    async def status(self) -> None:
+        """The connector's status, as a wallbox sends it after its boot, on each change and when asked (without
+        it the gateway asks again and, 30 s after its start, reports the status as unknown to the backend for
+        every wallbox at once: the bench's clients once did not send it)."""
+        ts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        await self.call("StatusNotification", {"connectorId": 1, "errorCode": "NoError", "status": self.state,
+                                               "timestamp": ts})
 
     async def run(self, stop: asyncio.Event, start_at: float) -> None:
         self.ws = await connect(f"{self.url}/{self.cbid}", subprotocols=["ocpp1.6"],  # type: ignore[list-item]
@@ -90,10 +113,13 @@ class Client:
         rd = asyncio.create_task(self.reader())
         try:
             await self.call("BootNotification", {"chargePointVendor": "bench", "chargePointModel": "b"})
+            await self.status()
             ts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             res = await self.call("StartTransaction", {"connectorId": 1, "idTag": "BENCH", "meterStart": 0,
                                                        "timestamp": ts})
             tid = res["transactionId"]
+            self.state = "Charging"
+            await self.status()
             await asyncio.sleep(max(0.0, start_at - time.time()) + random.random() / self.rate)
             energy = 0
             while not stop.is_set():
@@ -107,7 +133,44 @@ class Client:
                 await asyncio.sleep(1 / self.rate)
         finally:
             rd.cancel()
+            for t in self.background:
+                t.cancel()
             await self.ws.close()
+
+
+def hop_legs(stamps: Path, sends: dict[tuple[str, str], float],
+             arrived: dict[tuple[str, str], float]) -> dict[str, list[float]]:
+    """Each forwarded MeterValues in three legs, in ms: the client's send until the gateway's OCPP layer reads
+    it (the wire and the gateway's loop getting to it), inside the gateway until it sends it on (schema
+    checks, queue commit, fsync, delivery loop), and from there until the backend reads it."""
+    got: dict[str, dict[tuple[str, str], float]] = {"in": {}, "out": {}}
+    if stamps.exists():
+        for line in stamps.read_text().splitlines():
+            t, name, direction, raw = json.loads(line)
+            msg = json.loads(raw)
+            if msg[0] != 2 or msg[2] != "MeterValues":
+                continue
+            with contextlib.suppress(KeyError, IndexError, TypeError):
+                value = msg[3]["meterValue"][0]["sampledValue"][0]["value"]
+                got[direction].setdefault((name.lower(), value), t)  # the first time (not a resend)
+    legs: dict[str, list[float]] = {"in": [], "hop": [], "out": []}
+    for key, t_in in got["in"].items():
+        sent, t_out, t_be = sends.get(key), got["out"].get(key), arrived.get(key)
+        if sent is None or t_out is None or t_be is None:
+            continue
+        legs["in"].append((t_in - sent) * 1000)
+        legs["hop"].append((t_out - t_in) * 1000)
+        legs["out"].append((t_be - t_out) * 1000)
+    return legs
+
+
+def callgrind_total(path: Path) -> int:
+    """The instruction count of a callgrind output file (its ``totals:`` line; ``summary:`` may say 0 when the
+    instrumentation was switched on while running)."""
+    totals = [int(line.split()[1]) for line in path.read_text().splitlines() if line.startswith("totals:")]
+    if not totals:
+        raise RuntimeError(f"no totals in {path}")
+    return sum(totals)
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -118,7 +181,7 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[k]
 
 
-async def bench(n: int, duration: float, rate: float, smoke: bool = False) -> int:
+async def bench(n: int, duration: float, rate: float, smoke: bool = False, callgrind: bool = False) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-ocpp-"))
     bport, gport, kport = free_port(), free_port(), free_port()
     evses = "\n".join(f"  - id: wb-{i}\n    circuit: grid\n    ocpp: {{charge_box_id: WB-{i}}}" for i in range(n))
@@ -141,10 +204,22 @@ ocpp:
     procs: list[subprocess.Popen[bytes]] = []
     backend: subprocess.Popen[bytes] | None = None
     try:
-        gw = subprocess.Popen([sys.executable, "-m", "ocpp_gateway", "--config", str(tmp / "chargegate.yaml")],
-                              stdout=open(tmp / "gateway.log", "wb"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        # the gateway alone gets stamps/ on its path: its sitecustomize stamps each MeterValues frame where it
+        # enters and leaves the gateway's OCPP layer (OcppRpc's on_frame hook), so the gateway's own share of the
+        # latency is measured, not only inferred from the difference to the direct path
+        stamps = tmp / "stamps.jsonl"
+        gw_env = dict(env, BENCH_OCPP_STAMPS=str(stamps),
+                      PYTHONPATH=os.pathsep.join(filter(None, [str(STAMPS_DIR), env.get("PYTHONPATH")])))
+        # --callgrind: the gateway runs under valgrind's callgrind, counting instructions only while it forwards
+        # (switched on and off around the measured window): instructions per forwarded message are repeatable
+        # where CPU times and latencies move with the machine's load (the latencies under valgrind mean nothing)
+        cg_out = tmp / "callgrind.out"
+        prefix = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={cg_out}"] \
+            if callgrind else []
+        gw = subprocess.Popen([*prefix, sys.executable, "-m", "ocpp_gateway", "--config", str(tmp / "chargegate.yaml")],
+                              stdout=open(tmp / "gateway.log", "wb"), stderr=subprocess.STDOUT, env=gw_env, cwd=REPO)
         procs.append(gw)
-        wait_port(gport)
+        wait_port(gport, 180.0 if callgrind else 20.0)
         pause = 0.5 if smoke else 2.0  # let the process settle before its memory is read
         await asyncio.sleep(pause)
         rss0 = rss_mb(gw.pid)
@@ -177,20 +252,35 @@ ocpp:
         await asyncio.sleep(max(0.0, start_at - time.time()))
         # the gateway's CPU time while it only forwards (every client connected and in its transaction):
         # CPU seconds do not depend much on what else the machine runs, unlike the latencies
+        if callgrind:
+            subprocess.run(["callgrind_control", "-i", "on", str(gw.pid)], check=True, capture_output=True)
         steady0, n0 = gwp.cpu_times(), len(sends)
         await asyncio.sleep(duration)
         steady1, n1 = gwp.cpu_times(), len(sends)
+        if callgrind:
+            subprocess.run(["callgrind_control", "-i", "off", str(gw.pid)], check=True, capture_output=True)
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         cpu1 = gwp.cpu_times()
         await asyncio.sleep(1.0 if smoke else 3.0)  # let the last forwarded messages arrive
         lat: dict[str, list[float]] = {"gateway": [], "direct": []}
+        arrived: dict[tuple[str, str], float] = {}
+        worst: dict[str, dict[int, float]] = {"gateway": {}, "direct": {}}  # per second of the run: the slowest
         for cp, raw, ts in db.execute("SELECT cp, raw, ts FROM frames WHERE dir = 'in' AND raw LIKE '%MeterValues%'"):
             msg = json.loads(raw)
             value = msg[3]["meterValue"][0]["sampledValue"][0]["value"]
             sent = sends.get((cp, value))
             if sent is not None:
-                lat["direct" if cp.startswith("DIRECT") else "gateway"].append((ts - sent) * 1000)
+                path = "direct" if cp.startswith("DIRECT") else "gateway"
+                lat[path].append((ts - sent) * 1000)
+                arrived[(cp, value)] = ts
+                sec = int(sent - start_at)
+                worst[path][sec] = max(worst[path].get(sec, 0.0), (ts - sent) * 1000)
+        # the gateway's stamps (written when it exits): the three legs of each message through it
+        gw.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            gw.wait(120 if callgrind else 10)
+        legs = hop_legs(stamps, sends, arrived)
         expected = {"gateway": sum(1 for k in sends if not k[0].startswith("DIRECT")),
                     "direct": sum(1 for k in sends if k[0].startswith("DIRECT"))}
         print(f"\nocpp-gateway benchmark: {n} wallboxes + {n} upstream connections through one gateway, "
@@ -204,6 +294,15 @@ ocpp:
         busy = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
         print(f"  added by the gateway: p50 +{percentile(lat['gateway'], 50) - percentile(lat['direct'], 50):.2f} ms,"
               f" p99 +{percentile(lat['gateway'], 99) - percentile(lat['direct'], 99):.2f} ms")
+        for leg, what in (("in", "client send -> gateway reads it"), ("hop", "inside the gateway (read -> sent on)"),
+                          ("out", "gateway sends -> backend reads it")):
+            xs = legs[leg]
+            print(f"  leg {what:38s}: n={len(xs)}  p50={percentile(xs, 50):.2f} ms  p99={percentile(xs, 99):.2f} ms"
+                  f"  max={max(xs) if xs else float('nan'):.1f} ms")
+        for path in ("direct", "gateway"):
+            top = sorted(worst[path].items(), key=lambda kv: -kv[1])[:3]
+            print(f"  {path:8s} slowest seconds of the run (second: max ms): "
+                  + ", ".join(f"{sec}: {ms:.0f}" for sec, ms in top))
         print(f"  gateway RSS: idle {rss0:.1f} MB, +{n} upstream {rss1:.1f} MB, +{n} wallboxes {rss2:.1f} MB")
         print(f"  memory per upstream connection {(rss1 - rss0) * 1024 / n:.1f} KB, "
               f"per wallbox connection {(rss2 - rss1) * 1024 / n:.1f} KB")
@@ -213,6 +312,10 @@ ocpp:
         cpu_per_msg = ((steady1.user + steady1.system) - (steady0.user + steady0.system)) * 1000 / max(1, steady_msgs)
         print(f"  gateway CPU per forwarded message while forwarding: {cpu_per_msg:.2f} ms "
               f"({steady_msgs} messages; receive, queue, answer, deliver, answer from the backend)")
+        if callgrind:
+            ir = callgrind_total(cg_out)
+            print(f"  gateway instructions per forwarded message (callgrind): {ir / max(1, steady_msgs) / 1e6:.2f} M "
+                  f"({ir / 1e6:.0f} M in all; {cg_out})")
         errors = sum(c.errors for c in via + direct)
         print(f"  CALLERRORs seen by clients: {errors}")
         figures = {"wallboxes": n, "upstream_registered": up, "duration_s": duration, "rate_per_s": rate,
@@ -223,12 +326,14 @@ ocpp:
                        ("p99_ms", round(percentile(lat[path], 99), 3)))},
                    "added_p50_ms": round(percentile(lat["gateway"], 50) - percentile(lat["direct"], 50), 3),
                    "added_p99_ms": round(percentile(lat["gateway"], 99) - percentile(lat["direct"], 99), 3),
+                   **{f"leg_{leg}_{k}": round(percentile(legs[leg], q), 3) for leg in ("in", "hop", "out")
+                      for k, q in (("p50_ms", 50), ("p99_ms", 99))},
                    "rss_idle_mb": round(rss0, 1), "rss_upstream_mb": round(rss1, 1), "rss_wallboxes_mb": round(rss2, 1),
                    "cpu_pct": round(100 * busy / (duration + lead - 0.5), 1),
                    "cpu_ms_per_message": round(cpu_per_msg, 3)}
         print("RESULT " + json.dumps(figures), flush=True)
         # every message forwarded and answered: anything else is a failure, whatever the timing
-        return 0 if errors == 0 and up >= n and all(lat[k] for k in lat) else 1
+        return 0 if errors == 0 and up >= n and all(lat[k] for k in lat) and legs["hop"] else 1
     finally:
         for p in procs:
             p.terminate()
@@ -244,10 +349,12 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--rate", type=float, default=0.5, help="MeterValues per second per client")
     ap.add_argument("--smoke", action="store_true", help="tiny run for the test suite: 3 wallboxes, 2 s")
+    ap.add_argument("--callgrind", action="store_true",
+                    help="run the gateway under callgrind: its instructions per forwarded message (slow; use --n 20)")
     args = ap.parse_args()
     if args.smoke:
         args.n, args.duration, args.rate = 3, 2.0, 2.0
-    sys.exit(asyncio.run(bench(args.n, args.duration, args.rate, args.smoke)))
+    sys.exit(asyncio.run(bench(args.n, args.duration, args.rate, args.smoke, args.callgrind)))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ FIGURES: dict[str, list[str]] = {
                                "requests_per_poll"],
     "ocpp/bench_ocpp.py": ["wallboxes", "gateway_n", "direct_n", "gateway_p50_ms", "gateway_p99_ms",
                            "direct_p50_ms", "direct_p99_ms", "added_p50_ms", "added_p99_ms", "rss_wallboxes_mb",
-                           "cpu_pct", "cpu_ms_per_message"],
+                           "cpu_pct", "cpu_ms_per_message", "leg_hop_p50_ms", "leg_hop_p99_ms"],
     "curtail/run.py": ["evses", "rounds", "p50_ms", "p99_ms", "direct_p50_ms", "ratio_p50", "hops"],
     "admin/run.py": ["evses", "status_p50_ms", "status_p99_ms", "add_p50_ms", "boot_p50_ms", "remove_p50_ms"],
     "footprint/run.py": ["evse_poller_rss_mb", "load_controller_rss_mb", "ocpp_gateway_rss_mb", "smgw_link_rss_mb",

@@ -13,6 +13,7 @@ from chargegate.config import Config, Evse
 from chargegate.runtime import ServiceContext, run_service, tune_gc
 from ocpp_gateway.local import Box, Connector, LocalCsms
 from ocpp_gateway.modbus import ModbusEvse
+from ocpp_gateway.rpc import Version, warm_up
 from ocpp_gateway.txqueue import TxQueue
 from ocpp_gateway.upstream import UpstreamCP, upstream_target
 
@@ -71,6 +72,11 @@ class Gateway:
                 if self.watch is not None:
                     self.watch(evse.id)
             self._connect_upstream(evse)
+        versions: set[Version] = {up.version for up in self.upstreams.values()}
+        if self.local is not None:
+            for box in self.local.boxes.values():
+                versions |= {box.version} if box.version else {"1.6", "2.0.1"}
+        warm_up(versions)  # before the first wallbox: its first messages are not the ones that wait
         if self.local is not None and cfg.ocpp.local.enabled:
             await self.local.start()
         for evse_id in self.upstreams:

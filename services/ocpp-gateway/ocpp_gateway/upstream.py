@@ -597,11 +597,10 @@ class UpstreamCP:
         while True:
             m = self.queue.head(self.cbid)
             if m is None:
+                # nothing can queue a message between head() and clear() (no await, kick() runs on the loop)
                 self._wake.clear()
-                m = self.queue.head(self.cbid)
-                if m is None:
-                    await self._wake.wait()
-                    continue
+                await self._wake.wait()
+                continue
             wait = m.due_in()
             if wait > 0:
                 self._wake.clear()
