@@ -296,8 +296,9 @@ class Logs:
 # -- memory ----------------------------------------------------------------------------------------------------
 
 _LEAVES = (str, bytes, bytearray, int, float, bool, type(None), datetime, timedelta)
-# attributes known to be bounded by other means (the bus's topic-match cache: MATCH_CACHE_SIZE entries)
-SKIP_ATTRS = frozenset({"__class__", "__module__", "_matches", "_client"})
+# attributes known to be bounded by other means (the bus's topic-match cache: MATCH_CACHE_SIZE entries; the
+# registry's resolved topics: RESOLVE_CACHE_SIZE entries)
+SKIP_ATTRS = frozenset({"__class__", "__module__", "_matches", "_resolved", "_client"})
 
 
 def containers(root: Any, skip: tuple[type, ...] = (), max_depth: int = 12,

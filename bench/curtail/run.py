@@ -149,11 +149,18 @@ class Stamps:
     """An observer on the local bus that stamps grid/limit/dso and every setpoint on arrival (in
     ``time.perf_counter()`` terms): ``mosquitto_sub`` in its own process (C, its own clock stamps), since this
     process's event loop also runs the wallbox simulators and would stamp late; paho in its own network
-    thread when ``mosquitto_sub`` is not installed."""
+    thread when ``mosquitto_sub`` is not installed.
+
+    The reader thread only keeps the raw lines: this process also runs the simulated wallboxes, and parsing
+    100 setpoints (JSON, pydantic) in a second thread while they arrive took the GIL from the simulators
+    just when they had to answer the poller's writes. ``catch_up()`` parses what came since, after a round
+    (or while waiting for a limit, in ``--until grid-limit``)."""
 
     def __init__(self, cfg: cfgmod.Config, tmp: Path) -> None:
         self.limits: list[tuple[float, p.GridLimit]] = []
         self.setpoints: list[tuple[float, str, float]] = []  # (arrival, evse, current)
+        self.raw: list[tuple[float, str, bytes]] = []  # (arrival, topic, payload), appended by the reader
+        self._parsed = 0
         self.root = cfg.site.topic_root
         self.offset = time.time() - time.perf_counter()  # wall clock -> perf_counter
         st = bus_settings(cfg, "observer")
@@ -179,8 +186,8 @@ class Stamps:
             self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-curtail-stamps-{os.getpid()}")
             self.client.username_pw_set(st.username, st.password)
             self.client.on_connect = lambda c, u, f, rc, pr: c.subscribe([(t, 1) for t in topics])
-            self.client.on_message = lambda c, u, m: None if m.retain else self._seen(time.perf_counter(), m.topic,
-                                                                                      m.payload)
+            self.client.on_message = lambda c, u, m: None if m.retain else self.raw.append(
+                (time.perf_counter(), m.topic, m.payload))
             self.client.connect(st.host, st.port)
             self.client.loop_start()
 
@@ -189,7 +196,15 @@ class Stamps:
         for line in self.proc.stdout:
             with contextlib.suppress(ValueError):
                 stamp, topic, payload = line.rstrip(b"\n").split(b" ", 2)
-                self._seen(float(stamp) - self.offset, topic.decode(), payload)
+                self.raw.append((float(stamp) - self.offset, topic.decode(), payload))
+
+    def catch_up(self) -> None:
+        """Parse the lines that arrived since the last call into ``limits`` and ``setpoints``."""
+        raw, start = self.raw, self._parsed
+        end = len(raw)
+        for at, topic, payload in raw[start:end]:
+            self._seen(at, topic, payload)
+        self._parsed = end
 
     def _seen(self, at: float, topic: str, payload: bytes) -> None:
         if not payload:
@@ -366,7 +381,11 @@ async def main(args: argparse.Namespace) -> int:
                     print("wallbox currents:", Counter(holds.current(e) for e in ids), flush=True)
                     raise
             else:
-                await wait_until(lambda: bool(limits) and not limits[-1][1].active, 10, "release on the bus")
+                def released() -> bool:
+                    stamps.catch_up()
+                    return bool(limits) and not limits[-1][1].active
+
+                await wait_until(released, 10, "release on the bus")
             await asyncio.sleep(0.2)
             t0 = time.perf_counter()
             mid = backend.limit(low_w - r)  # a new value every round
@@ -376,10 +395,14 @@ async def main(args: argparse.Namespace) -> int:
                 t = holds.settle_time(t0, lambda x: x < MAX_A)
                 if t is None:
                     raise RuntimeError("a wallbox did not hold a reduced current")
+                stamps.catch_up()
                 hops.append(hop_times(t0, low_w - r, limits, sp_log, holds, ids))
             else:
-                await wait_until(lambda v=low_w - r, t0=t0: any(lp.active and lp.power_w == v and at >= t0
-                                                                for at, lp in limits[-5:]), 10, "the limit on the bus")
+                def on_bus(v: int = low_w - r, t0: float = t0) -> bool:
+                    stamps.catch_up()
+                    return any(lp.active and lp.power_w == v and at >= t0 for at, lp in limits[-5:])
+
+                await wait_until(on_bus, 10, "the limit on the bus")
                 t = next(at for at, lp in reversed(limits) if lp.active and lp.power_w == low_w - r) - t0
             latencies.append(t)
             extra = ""

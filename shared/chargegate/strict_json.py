@@ -54,6 +54,10 @@ def _depth_ok(data: str) -> bool:
     return True
 
 
+# one decoder for every call (``json.loads`` with hooks builds a new one each time); it keeps no state per document
+_DECODER = json.JSONDecoder(parse_constant=_constant, parse_float=_float, parse_int=_int)
+
+
 def loads(data: bytes | bytearray | str) -> Any:
     """Parse ``data``; every problem is a ``ValueError`` with a message naming it."""
     if isinstance(data, bytes | bytearray):
@@ -66,7 +70,7 @@ def loads(data: bytes | bytearray | str) -> Any:
     if not _depth_ok(text):
         raise ValueError(f"payload is nested more than {MAX_DEPTH} levels deep")
     try:
-        return json.loads(text, parse_constant=_constant, parse_float=_float, parse_int=_int)
+        return _DECODER.decode(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"payload is not JSON: {e}") from None
     except RecursionError:

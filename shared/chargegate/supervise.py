@@ -21,6 +21,8 @@ future that someone else cancelled) is a failure like any other, not a way to di
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import types
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, MutableMapping
 from dataclasses import dataclass
@@ -97,6 +99,82 @@ async def supervised(name: str, factory: Factory, *, health: MutableMapping[str,
         delay = min(delay * 2, backoff.max_s)
 
 
+class _FirstStep:
+    """What running a coroutine up to its first suspension gave (see :func:`eager_task`)."""
+
+    __slots__ = ("done", "error", "value", "yielded")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.yielded: Any = None
+
+
+@types.coroutine
+def _go_on(coro: Coroutine[Any, Any, Any], first: _FirstStep) -> Any:
+    """The rest of ``coro`` after its first step: what it yields goes to the task, what the task sends or
+    throws (a cancellation) goes back into it."""
+    if first.error is not None:
+        err, first.error = first.error, None
+        raise err
+    if first.done:
+        return first.value
+    yielded = first.yielded
+    first.yielded = None
+    while True:
+        try:
+            sent = yield yielded
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                yielded = coro.send(sent)
+            except StopIteration as stop:
+                return stop.value
+
+
+async def _rest(coro: Coroutine[Any, Any, Any], first: _FirstStep) -> Any:
+    return await _go_on(coro, first)
+
+
+def eager_task(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+    """A task for ``coro`` whose first step runs now, inside the caller, as Python 3.12's eager tasks do:
+    a setpoint's Modbus write goes out while the bus is still handing over the rest of a burst, instead
+    of after all of them (a task's first step waits for the loop's next turn). The step runs as the
+    task (``asyncio.current_task()`` is it, ``asyncio.timeout`` works) and in the task's own context;
+    the task then goes on from where the coroutine is suspended, or ends with what the step returned or
+    raised. Called from within another task, it is an ordinary task (a task cannot run inside another)."""
+    loop = asyncio.get_running_loop()
+    if asyncio.current_task(loop) is not None:
+        return loop.create_task(coro)
+    first = _FirstStep()
+    ctx = contextvars.copy_context()
+    task = loop.create_task(_rest(coro, first), context=ctx)
+    # cancelled before its first turn, the task never enters _go_on: close the coroutine where it waits (its
+    # ``finally`` blocks and ``async with`` exits run: a lock it holds is released)
+    task.add_done_callback(lambda _: coro.close())
+    asyncio.tasks._enter_task(loop, task)
+    try:
+        first.yielded = ctx.run(coro.send, None)
+    except StopIteration as stop:
+        first.done, first.value = True, stop.value
+    except (Exception, asyncio.CancelledError) as exc:  # the task raises it, as if the step had run in it
+        first.error = exc
+    except BaseException:  # KeyboardInterrupt, SystemExit: to the caller, as out of any loop callback
+        task.cancel()
+        raise
+    finally:
+        asyncio.tasks._leave_task(loop, task)
+    return task
+
+
 class Tasks:
     """Starts a service's supervised tasks; restarts are counted in ``restarts`` (health ``task_restarts``).
 
@@ -123,11 +201,12 @@ class Tasks:
                           expected=expected, context=context)
         return asyncio.create_task(coro, name=name)
 
-    def oneshot(self, name: str, coro: Coroutine[Any, Any, Any], **context: Any) -> asyncio.Task[Any]:
+    def oneshot(self, name: str, coro: Coroutine[Any, Any, Any], *, eager: bool = False,
+                **context: Any) -> asyncio.Task[Any]:
         """A task that does one thing (apply a setpoint now, send one message): not restarted, but its
         failure is logged (the 1st with its traceback, then the 2nd, 4th, 8th, ... of that name), never
-        lost in an unretrieved task exception."""
-        task = asyncio.ensure_future(coro)
+        lost in an unretrieved task exception. ``eager``: see :func:`eager_task`."""
+        task = eager_task(coro) if eager else asyncio.ensure_future(coro)
 
         def done(t: asyncio.Future[Any]) -> None:
             if t.cancelled() or t.exception() is None:

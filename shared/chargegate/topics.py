@@ -33,6 +33,7 @@ SERVICES = ("evse-poller", "ocpp-gateway", "load-controller", "smgw-link", "hist
 # broker accounts that write topics but are no service: the household (web page, Home Assistant, scripts)
 USERS = ("user",)
 REJECT_LINES_PER_MINUTE = 10  # "invalid message dropped" lines per registry and minute (the counter counts all)
+RESOLVE_CACHE_SIZE = 20_000  # topics whose spec and parameters are remembered (see Registry.resolve)
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ class Registry:
         self.root = root
         self.specs = {s.name: s for s in specs}
         self.invalid: Counter[str] = Counter()  # per topic pattern: payloads dropped
+        self._resolved: dict[str, tuple[TopicSpec, dict[str, str]]] = {}  # topic -> resolve()'s answer
         self._reject_log = LogLimiter(log, per_event=REJECT_LINES_PER_MINUTE)
 
     def spec(self, name: str) -> TopicSpec:
@@ -167,6 +169,12 @@ class Registry:
         return f"{self.root}/{spec.pattern.format(**parts)}"
 
     def resolve(self, topic: str) -> tuple[TopicSpec, dict[str, str]] | None:
+        """The spec and parameters of ``topic``. A service sees the same few hundred topics over and over
+        (a burst of 100 setpoints, a poller's statuses): the answer is kept per topic (bounded: cleared when
+        full) instead of trying the patterns' regular expressions one after another every time."""
+        hit = self._resolved.get(topic)
+        if hit is not None:
+            return hit[0], dict(hit[1])  # the caller may keep (or change) its own copy of the parameters
         prefix = self.root + "/"
         if not topic.startswith(prefix):
             return None
@@ -174,6 +182,9 @@ class Registry:
         for spec in self.specs.values():
             params = spec.match(rel)
             if params is not None:
+                if len(self._resolved) >= RESOLVE_CACHE_SIZE:
+                    self._resolved.clear()
+                self._resolved[topic] = (spec, dict(params))
                 return spec, params
         return None
 

@@ -187,3 +187,106 @@ async def test_tasks_spawn_names_counts_and_oneshot_logs() -> None:
     assert tasks.failed == {"apply-now:wb1": 1}
     assert [(e["task"], e["error_type"]) for e in logs] == [("poll:evse:wb1", "RuntimeError"),
                                                            ("apply-now:wb1", "ZeroDivisionError")]
+
+
+# -- eager one-shot tasks ----------------------------------------------------------------------------------
+
+def _from_a_callback(fn: Any) -> asyncio.Future[Any]:
+    """Run ``fn()`` in a plain loop callback (as the bus hands a message to a handler: no task current)."""
+    loop = asyncio.get_running_loop()
+    out: asyncio.Future[Any] = loop.create_future()
+    loop.call_soon(lambda: out.set_result(fn()))
+    return out
+
+
+async def test_eager_task_runs_its_first_step_at_once_as_the_task() -> None:
+    from chargegate.supervise import eager_task
+
+    steps: list[str] = []
+    gate: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    seen: dict[str, Any] = {}
+
+    async def apply() -> int:
+        seen["task"] = asyncio.current_task()
+        async with asyncio.timeout(5):  # needs a current task: it is the eager task's
+            steps.append("sent")
+            got = await gate
+        steps.append("answered")
+        await asyncio.sleep(0)
+        return got * 2
+
+    def handler() -> asyncio.Task[Any]:
+        t = eager_task(apply())
+        steps.append("handler returns")
+        return t
+
+    task = await _from_a_callback(handler)
+    assert steps == ["sent", "handler returns"]  # the first step ran inside the caller
+    assert seen["task"] is task and asyncio.current_task() is not task
+    gate.set_result(21)
+    assert await task == 42 and steps[-1] == "answered"
+
+
+async def test_eager_task_without_a_suspension_and_with_a_failure() -> None:
+    from chargegate.supervise import eager_task
+
+    async def nothing_to_wait_for() -> str:
+        return "done"
+
+    async def fails_at_once() -> None:
+        raise ValueError("bad setpoint")
+
+    done = await _from_a_callback(lambda: eager_task(nothing_to_wait_for()))
+    assert await done == "done"
+    failed = await _from_a_callback(lambda: eager_task(fails_at_once()))
+    with pytest.raises(ValueError, match="bad setpoint"):
+        await failed
+    # a one-shot's failure in its eager step is counted and logged like any other
+    tasks = Tasks()
+    with capture_logs() as logs:
+        t = await _from_a_callback(lambda: tasks.oneshot("apply-now:wb1", fails_at_once(), eager=True, evse="wb1"))
+        await asyncio.gather(t, return_exceptions=True)
+        await asyncio.sleep(0)
+    assert tasks.failed == {"apply-now:wb1": 1}
+    assert [e["task"] for e in logs if e["event"] == "task failed"] == ["apply-now:wb1"]
+
+
+async def test_eager_task_cancelled_before_its_next_turn_releases_what_it_holds() -> None:
+    from chargegate.supervise import eager_task
+
+    lock = asyncio.Lock()
+    cleaned: list[str] = []
+
+    async def holds_the_lock() -> None:
+        async with lock:
+            try:
+                await asyncio.Event().wait()
+            finally:
+                cleaned.append("finally")
+
+    task = await _from_a_callback(lambda: eager_task(holds_the_lock()))
+    assert lock.locked()
+    task.cancel()  # before the task's first turn
+    await asyncio.gather(task, return_exceptions=True)
+    assert task.cancelled() and cleaned == ["finally"] and not lock.locked()
+    # cancelled while waiting (after its first turn): the cancellation goes into the coroutine
+    task = await _from_a_callback(lambda: eager_task(holds_the_lock()))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert task.cancelled() and cleaned == ["finally", "finally"] and not lock.locked()
+
+
+async def test_eager_task_inside_a_task_is_an_ordinary_task() -> None:
+    from chargegate.supervise import eager_task
+
+    steps: list[str] = []
+
+    async def step() -> None:
+        steps.append("ran")
+
+    t = eager_task(step())  # this test runs in a task
+    assert steps == []
+    await t
+    assert steps == ["ran"]

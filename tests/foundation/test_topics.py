@@ -173,3 +173,20 @@ def test_readme_topic_table_is_what_chargegate_topics_prints() -> None:
                         else {"extra services"})
     assert "sim/*/command" in printed and "admin" in printed["service/*/command"][1]
     assert printed == documented
+
+
+def test_resolve_is_cached_bounded_and_hands_out_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    import chargegate.topics as topics
+
+    monkeypatch.setattr(topics, "RESOLVE_CACHE_SIZE", 10)
+    reg = Registry("site")
+    for i in range(25):
+        topic = reg.topic("evse.setpoint", evse_id=f"wb{i}")
+        for _ in range(2):  # the first answer and the remembered one are the same
+            got = reg.resolve(topic)
+            assert got is not None and got[0].name == "evse.setpoint" and got[1] == {"evse_id": f"wb{i}"}
+        got[1]["evse_id"] = "changed by a caller"
+        assert reg.resolve(topic) == (got[0], {"evse_id": f"wb{i}"})
+        assert len(reg._resolved) <= 10
+    assert reg.resolve("other/evse/wb1/setpoint") is None and reg.resolve("site/evse/wb1/nothing") is None
+    assert reg.resolve("site/evse/wb3/status") == (reg.spec("evse.status"), {"evse_id": "wb3"})

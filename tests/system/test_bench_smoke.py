@@ -36,6 +36,7 @@ FIGURES: dict[str, list[str]] = {
                            "direct_p50_ms", "direct_p99_ms", "added_p50_ms", "added_p99_ms", "rss_wallboxes_mb",
                            "cpu_pct", "cpu_ms_per_message", "leg_hop_p50_ms", "leg_hop_p99_ms"],
     "curtail/run.py": ["evses", "rounds", "p50_ms", "p99_ms", "direct_p50_ms", "ratio_p50", "hops"],
+    "curtail/setpoint_cost.py": ["evses", "setpoints", "cpu_us_per_setpoint"],
     "admin/run.py": ["evses", "status_p50_ms", "status_p99_ms", "add_p50_ms", "boot_p50_ms", "remove_p50_ms"],
     "footprint/run.py": ["evse_poller_rss_mb", "load_controller_rss_mb", "ocpp_gateway_rss_mb", "smgw_link_rss_mb",
                          "history_rss_mb", "runtime_rss_mb", "services_total_rss_mb"],

@@ -358,7 +358,8 @@ class Poller:
             return True
         dev.setpoint = sp
         self.counters["setpoints_received"] += 1
-        task = self.tasks.oneshot(f"apply-now:{dev.id}", dev.apply_now(), evse=dev.id)
+        # eager: the write goes out now, not after the rest of a burst of setpoints has been handed over
+        task = self.tasks.oneshot(f"apply-now:{dev.id}", dev.apply_now(), eager=True, evse=dev.id)
         self._apply_tasks.add(task)
         task.add_done_callback(self._apply_tasks.discard)
         return True

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from functools import cache
 from importlib import resources
 from typing import Any
 
+import fastjsonschema
 from jsonschema import Draft7Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT7
@@ -59,8 +61,48 @@ def message_validator() -> Draft7Validator:
     return Draft7Validator(_load("message.schema.json"), registry=_registry())
 
 
+def _inlined(node: Any, seen: tuple[str, ...] = ()) -> Any:
+    """``node`` with every ``file:`` reference replaced by what it points to and no ``$id`` (the references
+    are resolved here, as :func:`_registry` resolves them for the reference validator)."""
+    if isinstance(node, list):
+        return [_inlined(x, seen) for x in node]
+    if not isinstance(node, dict):
+        return node
+    ref = node.get("$ref")
+    if isinstance(ref, str) and ref.startswith("file:"):
+        if ref in seen:
+            raise ValueError(f"recursive schema reference {ref}")
+        rel, _, pointer = ref[len("file:"):].partition("#")
+        target: Any = _load(rel)
+        for part in [p for p in pointer.split("/") if p]:
+            target = target[part]
+        # draft-07: keywords beside a $ref are ignored (so does the reference validator)
+        return _inlined(target, (*seen, ref))
+    return {k: _inlined(v, seen) for k, v in node.items() if k not in ("$id", "$schema")}
+
+
+@cache
+def fast_message_validator() -> Callable[[Any], Any]:
+    """The message schema compiled to Python code (fastjsonschema, its references inlined): about ten times
+    faster than the reference validator on a control message. Its "valid" is final, its "invalid" is not:
+    :func:`schema_errors` then asks the reference validator, which names the violations (and decides);
+    tests/smgw_link/test_smgw_fast_schema.py checks that it never passes what the reference refuses."""
+    schema = {"$schema": "http://json-schema.org/draft-07/schema#", **_inlined(_load("message.schema.json"))}
+    return fastjsonschema.compile(schema, use_default=False)
+
+
+def _passes(msg: Any) -> bool:
+    try:
+        fast_message_validator()(msg)
+    except Exception:  # JsonSchemaValueException, or anything odd: the reference validator decides
+        return False
+    return True
+
+
 def schema_errors(msg: Any, limit: int = 5) -> list[str]:
     """Schema violations of a whole message (envelope and ``data``), as readable strings."""
+    if _passes(msg):
+        return []
     out = []
     for err in sorted(message_validator().iter_errors(msg), key=lambda e: list(e.absolute_path)):
         path = "/".join(str(x) for x in err.absolute_path) or "(message)"
