@@ -126,3 +126,50 @@ async def test_backend_profiles_per_charge_point_are_capped(env: tuple[Gateway, 
             )["status"] == "Accepted"
     res = await backend.call("mbp", "ClearChargingProfile", {"chargingProfilePurpose": "ChargePointMaxProfile"})
     assert res["status"] == "Accepted" and gw.upstreams["mbp"]._profiles == []
+
+
+async def test_backend_profile_with_a_negative_or_huge_limit(env: tuple[Gateway, int, BackendSim]) -> None:
+    """Schema-valid but hostile limits (the schemas allow any number): a negative one (discharging) is refused
+    with Rejected, counted and logged, and the profiles in force stay; one above anything a connection carries
+    is that maximum. The gateway keeps answering (it once failed the handler: EvseLimit refused -15.4 A)."""
+    gw, _, backend = env
+    await backend.wait_connected("mbp")
+    up = gw.upstreams["mbp"]
+
+    def profile(pid: int, limit: float, unit: str = "A") -> dict[str, Any]:
+        return {"connectorId": 0, "csChargingProfiles": {
+            "chargingProfileId": pid, "stackLevel": 3, "chargingProfilePurpose": "TxDefaultProfile",
+            "chargingProfileKind": "Absolute", "chargingSchedule": {
+                "chargingRateUnit": unit,
+                "chargingSchedulePeriod": [{"startPeriod": 0, "limit": 16}, {"startPeriod": 60, "limit": limit}]}}}
+
+    assert (await backend.call("mbp", "SetChargingProfile", profile(900, 16)))["status"] == "Accepted"
+    before = gw.ctx.counters["backend_profiles_refused"]
+    with capture_logs() as logs:
+        res = await backend.call("mbp", "SetChargingProfile", profile(901, -15.4))
+    assert res["status"] == "Rejected"
+    assert gw.ctx.counters["backend_profiles_refused"] == before + 1
+    line = next(x for x in logs if x["event"] == "backend charging profile refused")
+    assert line["profile_id"] == 901 and "negative limit (-15.4 A)" in line["reason"]
+    assert [x.id for x in up._profiles if x.id >= 900] == [900]  # the one in force stays
+
+    for pid, unit, want in ((902, "A", 1000.0), (903, "W", 10_000_000.0)):
+        # the backend library's own check stops at 28 digits (1e300: test_ocppgw_fast_schema.py)
+        big = profile(pid, 1e25, unit)
+        big["csChargingProfiles"]["chargingSchedule"]["chargingSchedulePeriod"] = [{"startPeriod": 0, "limit": 1e25}]
+        big["csChargingProfiles"]["stackLevel"] = 4 if unit == "A" else 5
+        got: list[Any] = []
+        orig = up.publish_limit
+
+        def seen(m: Any, got: list[Any] = got, orig: Any = orig) -> None:
+            got.append(m)
+            orig(m)
+
+        up.publish_limit = seen  # type: ignore[method-assign]
+        try:
+            assert (await backend.call("mbp", "SetChargingProfile", big))["status"] == "Accepted"
+        finally:
+            up.publish_limit = orig  # type: ignore[method-assign]
+        assert got and got[-1].active and (got[-1].current_a if unit == "A" else got[-1].power_w) == want
+    res = await backend.call("mbp", "ClearChargingProfile", {"chargingProfilePurpose": "TxDefaultProfile"})
+    assert res["status"] == "Accepted"

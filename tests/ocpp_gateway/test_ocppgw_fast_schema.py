@@ -111,3 +111,22 @@ def test_date_time_as_the_reference_sees_it(ts: str, valid: bool) -> None:
     assert fast is not None
     assert rpc._passes(fast, p) is valid
     assert (_reference("1.6", "MeterValues", "request", p) is None) is valid
+
+
+@pytest.mark.parametrize(("limit", "valid"), [("1e300", True), ("1.7e308", True), ("-15.4", True), ("16", True),
+                                              ("15.43", False), ("1e-300", False)])
+def test_multiple_of_on_huge_and_tiny_decimals(limit: str, valid: bool) -> None:
+    """1.6's limit is a multiple of 0.1, checked on decimals: 1e300 / 0.1 once raised decimal's
+    DivisionImpossible out of the check (28 digits) instead of a verdict."""
+    from chargegate import strict_json
+
+    d = strict_json.loads('{"connectorId": 0, "csChargingProfiles": {"chargingProfileId": 1, "stackLevel": 3, '
+                          '"chargingProfilePurpose": "TxDefaultProfile", "chargingProfileKind": "Absolute", '
+                          '"chargingSchedule": {"chargingRateUnit": "A", "chargingSchedulePeriod": '
+                          f'[{{"startPeriod": 0, "limit": {limit}}}]}}}}}}')
+    if valid:
+        rpc.validate("1.6", "SetChargingProfile", "request", d)
+    else:
+        with pytest.raises(rpc.RpcError) as e:
+            rpc.validate("1.6", "SetChargingProfile", "request", d)
+        assert e.value.code == "PropertyConstraintViolation" and "is not a multiple of 0.1" in str(e.value)

@@ -9,6 +9,7 @@ with ``valid_until`` at the next point where the result can change.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 from ocpp_gateway.rpc import RpcError, parse_datetime
 
 MAX_VALIDITY = timedelta(hours=24)
+MAX_PROFILE_A = 1000.0  # what evse/<id>/limit carries at most (chargegate.payloads.Amps, PositiveWatts)
+MAX_PROFILE_W = 10_000_000.0
 
 
 @dataclass
@@ -66,6 +69,17 @@ class Profile:
             raise RpcError("PropertyConstraintViolation" if not isinstance(e, KeyError) else
                            ("OccurenceConstraintViolation" if version == "1.6" else "OccurrenceConstraintViolation"),
                            f"charging profile: {e}") from None
+
+    def refusal(self) -> str | None:
+        """Why a schema-valid profile cannot be followed (None: it can): a negative limit asks for discharging,
+        which a charging limit cannot express; a limit that is no finite number means nothing."""
+        for q in self.periods:
+            if not math.isfinite(q.limit):
+                return f"the period starting at {q.start_s} s has no finite limit ({q.limit!r})"
+            if q.limit < 0:
+                return (f"the period starting at {q.start_s} s has a negative limit ({q.limit:g} {self.unit}): "
+                        "discharging is not supported")
+        return None
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "stack": self.stack, "purpose": self.purpose, "kind": self.kind, "unit": self.unit,

@@ -47,6 +47,7 @@ SUBPROTOCOL_OF: dict[str, str] = {v: k for k, v in SUBPROTOCOL.items()}
 CALL, CALLRESULT, CALLERROR = 2, 3, 4
 TRANSACTION_ACTIONS = frozenset({"StartTransaction", "StopTransaction", "TransactionEvent"})
 _SCHEMA_DIR = Path(ocpp.__file__).parent
+DECIMAL_PRECISION = 800  # digits: any JSON float (up to 1.8e308) divided by a schema's multipleOf (0.1)
 _DECIMAL_ACTIONS_16 = frozenset({"SetChargingProfile", "RemoteStartTransaction", "GetCompositeScheduleResponse"})
 
 Handler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -201,7 +202,14 @@ def validate(version: Version, action: str, kind: Literal["request", "response"]
         return
     if version == "1.6" and (action + ("Response" if kind == "response" else "")) in _DECIMAL_ACTIONS_16:
         payload = json.loads(json.dumps(payload), parse_float=decimal.Decimal)
-    err = next(iter(sorted(v.iter_errors(payload), key=lambda e: e.path)), None)
+    try:
+        with decimal.localcontext() as ctx:
+            # multipleOf on decimals: 1e300 / 0.1 needs 301 digits (the default 28 raised DivisionImpossible)
+            ctx.prec = DECIMAL_PRECISION
+            err = next(iter(sorted(v.iter_errors(payload), key=lambda e: e.path)), None)
+    except decimal.DecimalException as e:
+        raise RpcError("PropertyConstraintViolation",
+                       f"{action}: a number cannot be checked against the schema ({type(e).__name__})") from None
     if err is not None:
         where = "/".join(str(p) for p in err.absolute_path) or "(payload)"
         raise RpcError(schema_error_code(version, err), f"{where}: {err.message}"[:500],

@@ -31,7 +31,7 @@ from chargegate import payloads as p
 from chargegate.config import Config, Evse
 from chargegate.supervise import Tasks
 from ocpp_gateway import conv, passthrough
-from ocpp_gateway.profiles import Profile, effective
+from ocpp_gateway.profiles import MAX_PROFILE_A, MAX_PROFILE_W, Profile, effective
 from ocpp_gateway.rpc import SUBPROTOCOL_OF, OcppRpc, RpcError, Version
 from ocpp_gateway.txqueue import TX_ID_PLACEHOLDER, TxQueue, TxRow
 
@@ -918,6 +918,12 @@ class UpstreamCP:
 
     def _add_profile(self, d: dict[str, Any], tx_profile_ok: bool = False) -> bool:
         prof = Profile.parse(d, self.version)
+        why = prof.refusal()
+        if why is not None:
+            # schema-valid but not a limit this charge point can follow: refused (Rejected), the profiles in force stay
+            self.counters["backend_profiles_refused"] += 1
+            self.log.warning("backend charging profile refused", profile_id=prof.id, reason=why)
+            return False
         if prof.purpose == "TxProfile" and not tx_profile_ok and self.queue.open_tx(self.evse.id) is None:
             return False  # OCPP: a TxProfile needs a transaction
         keep = [x for x in self._profiles
@@ -968,7 +974,10 @@ class UpstreamCP:
         else:
             until = lim.valid_until
             phases = lim.phases if lim.phases in (1, 3) else None
-            msg = p.EvseLimit(evse_id=self.evse.id, active=True, current_a=lim.current_a, power_w=lim.power_w,
+            # a limit above what any connection carries is no tighter than that maximum
+            cur = None if lim.current_a is None else min(lim.current_a, MAX_PROFILE_A)
+            pw = None if lim.power_w is None else min(lim.power_w, MAX_PROFILE_W)
+            msg = p.EvseLimit(evse_id=self.evse.id, active=True, current_a=cur, power_w=pw,
                               phases=phases, valid_until=until, id=",".join(str(i) for i in lim.ids))
         self.publish_limit(msg)
         delay = max(0.5, (until - now).total_seconds())
