@@ -46,7 +46,7 @@ from typing import Any
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "system"))
-from harness import SERVICES, Circuit, Plan, System, Tuning, Wallbox
+from harness import Circuit, Plan, System, Tuning, Wallbox
 
 MAX_A = 16.0
 
@@ -61,19 +61,25 @@ FUSE_A = 4000.0  # the largest grid connection a configuration takes (circuits[0
 
 
 def car_phases(n: int) -> int:
-    """Three-phase cars while every car at the high limit (about 10 A) and every wallbox at its safe current
-    fit the fuse (up to 360 wallboxes); beyond, one-phase cars spread evenly over L1..L3 (a third of them
-    per phase): 1000 three-phase cars need 10000 A per phase, and even their safe 6 A (6000 A) is above the
-    largest fuse - the controller paused a third of them and a paused wallbox whose profile ran out fell
-    back to its 6 A, overloading the fuse (a plan whose failsafe does not fit its fuse)."""
+    """Three-phase wallboxes and cars while every car at the high limit (about 10 A) and every wallbox at its
+    safe current fit the fuse (up to 360 wallboxes); beyond, one-phase wallboxes with one-phase cars, spread
+    evenly over L1..L3 (a third of them per phase): 1000 three-phase cars need 10000 A per phase, and even the
+    wallboxes' safe 6 A (6000 A) is above the largest fuse. An earlier plan kept three-phase wallboxes with
+    one-phase cars: the controller paused a third of the cars, a paused wallbox whose profile ran out fell back
+    to its 6 A, and the fuse was overloaded - a plan whose failsafe does not fit its fuse, which `chargegate
+    config check` now reports (the safe currents of a circuit's EVSEs against its fuse)."""
     return 3 if n * 11.0 + 100 <= FUSE_A else 1
 
 
-def bench_plan(tmp: Path, n_modbus: int, n_ocpp: int) -> Plan:
+def bench_plan(tmp: Path, n_modbus: int, n_ocpp: int, *, sim_procs: int = 1, poller_instances: int = 0) -> Plan:
     ph = car_phases(n_modbus + n_ocpp)
-    boxes = [Wallbox(f"mb{i:03d}", "modbus", "grid", rotation=[[1, 2, 3], [2, 3, 1], [3, 1, 2]][i % 3],
-                     profile="alfen-eve", car_phases=ph) for i in range(n_modbus)]
-    boxes += [Wallbox(f"oc{i:03d}", "ocpp", "grid", rotation=[[1, 2, 3], [2, 3, 1], [3, 1, 2]][i % 3],
+
+    def rotation(i: int) -> list[int]:
+        return [[1, 2, 3], [2, 3, 1], [3, 1, 2]][i % 3] if ph == 3 else [i % 3 + 1]
+
+    boxes = [Wallbox(f"mb{i:03d}", "modbus", "grid", phases=ph, rotation=rotation(i), profile="alfen-eve",
+                     car_phases=ph) for i in range(n_modbus)]
+    boxes += [Wallbox(f"oc{i:03d}", "ocpp", "grid", phases=ph, rotation=rotation(i),
                       version="1.6" if i % 2 == 0 else "2.0.1", car_phases=ph) for i in range(n_ocpp)]
     # production timings (the defaults of the configuration), a connection that does not bind
     tuning = Tuning(setpoint_validity_s=10.0, evse_timeout_s=10.0, meter_timeout_s=10.0, watchdog_timeout_s=15.0,
@@ -82,7 +88,7 @@ def bench_plan(tmp: Path, n_modbus: int, n_ocpp: int) -> Plan:
     # no grid meter: 200 cars draw more than the bus's meter reading can carry (1000 A per phase); the
     # operator's limit on the controllable devices is what binds
     return Plan(dir=tmp, circuits=[Circuit("grid", FUSE_A)], wallboxes=boxes, base_load_a=(20.0, 20.0, 20.0),
-                tuning=tuning, grid_meter=False)
+                tuning=tuning, grid_meter=False, sim_procs=sim_procs, poller_instances=poller_instances)
 
 
 def limits_for(plan: Plan) -> tuple[int, int]:
@@ -135,9 +141,12 @@ async def steady_resources(s: System, seconds: float) -> dict[str, Any]:
             out[name] = {"cpu_pct": round(p.cpu_percent(None), 1), "rss_mb": round(p.memory_info().rss / 2**20, 1)}
         except psutil.Error as e:
             out[name] = {"error": str(e)}
-    svc = [out[n] for n in SERVICES if "cpu_pct" in out.get(n, {})]
+    svc = [out[n] for n in s.services if "cpu_pct" in out.get(n, {})]
     out["services total"] = {"cpu_pct": round(sum(x["cpu_pct"] for x in svc), 1),
                              "rss_mb": round(sum(x["rss_mb"] for x in svc), 1)}
+    sims = [out[n] for n in s.sims if "cpu_pct" in out.get(n, {})]
+    out["simulators total"] = {"cpu_pct": round(sum(x["cpu_pct"] for x in sims), 1),
+                               "rss_mb": round(sum(x["rss_mb"] for x in sims), 1)}
     return out
 
 
@@ -375,12 +384,13 @@ def profile_signal(s: System, names: dict[str, Path], sig: int) -> None:
 
 async def main(args: argparse.Namespace) -> int:
     tmp = Path(args.dir or tempfile.mkdtemp(prefix="bench-system-"))
-    plan = bench_plan(tmp, args.modbus, args.ocpp)
+    plan = bench_plan(tmp, args.modbus, args.ocpp, sim_procs=args.sim_procs, poller_instances=args.poller_instances)
     s = System(plan, monitor_period_s=0.5)
     profiled = profile_under_yappi(s, [n for n in (args.profile or "").split(",") if n])
-    print(f"bench/system: {args.modbus} Modbus + {args.ocpp} OCPP wallboxes, {len(SERVICES)} services, dir {tmp}",
-          flush=True)
-    result: dict[str, Any] = {"modbus_wallboxes": args.modbus, "ocpp_wallboxes": args.ocpp, "cpus": os.cpu_count()}
+    print(f"bench/system: {args.modbus} Modbus + {args.ocpp} OCPP wallboxes, {len(s.services)} service processes "
+          f"({', '.join(s.services)}), {len(s.sims)} simulator processes, dir {tmp}", flush=True)
+    result: dict[str, Any] = {"modbus_wallboxes": args.modbus, "ocpp_wallboxes": args.ocpp, "cpus": os.cpu_count(),
+                              "sim_procs": args.sim_procs, "poller_instances": args.poller_instances}
     try:
         took = await s.start(ready_within_s=240)
         print(f"system ready after {took:.1f} s (every EVSE online, {len(plan.wallboxes)} charge points at the "
@@ -434,7 +444,8 @@ async def main(args: argparse.Namespace) -> int:
     print("targets: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in targets.items()))
     (tmp / "result.json").write_text(json.dumps(result, indent=1))
     print("RESULT " + json.dumps({
-        "modbus_wallboxes": args.modbus, "ocpp_wallboxes": args.ocpp, "ready_s": result.get("ready_s"),
+        "modbus_wallboxes": args.modbus, "ocpp_wallboxes": args.ocpp, "sim_procs": args.sim_procs,
+        "poller_instances": args.poller_instances, "ready_s": result.get("ready_s"),
         "services_cpu_pct": tot.get("cpu_pct"), "services_rss_mb": tot.get("rss_mb"),
         "limit_rounds": lim.get("rounds"),
         "limit_rounds_ms": [d.get("applied_ms") for d in result.get("limit_rounds", [])],
@@ -456,6 +467,10 @@ if __name__ == "__main__":
     ap.add_argument("--changes", type=int, default=40, help="wallbox state changes (half unplug, half plug)")
     ap.add_argument("--steady-s", type=float, default=30.0, help="CPU measurement window")
     ap.add_argument("--settle-s", type=float, default=10.0, help="wait before measuring")
+    ap.add_argument("--sim-procs", type=int, default=1, help="processes per simulator kind (Modbus, OCPP): the "
+                    "simulators are the bench's lab equipment, not the system under test")
+    ap.add_argument("--poller-instances", type=int, default=0, help="split the Modbus wallboxes over this many "
+                    "evse-poller instances (poller.instances; 0: one evse-poller)")
     ap.add_argument("--dir", default=None)
     ap.add_argument("--profile", default="", help="processes to profile with yappi (comma separated, e.g. "
                     "ocpp-gateway,sim-ocpp; bench: this process; pip install yappi into the venv first): "

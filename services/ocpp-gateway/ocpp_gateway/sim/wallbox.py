@@ -38,11 +38,15 @@ from ocpp.v201 import call_result as result201
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from ocpp_gateway.sim import schema
+
 logging.getLogger("ocpp").setLevel(logging.WARNING)
 # the library validates every message in the default thread pool (two hand-overs of the GIL per message, each
 # up to the 5 ms switch interval on a busy machine): 100 simulated wallboxes answering a burst of
 # SetChargingProfile took seconds, in order, one after the other. Validated inline it is the same check.
 ocpp.messages.ASYNC_VALIDATION = False
+# and compiled: the library's interpreted jsonschema was most of the simulators' CPU (ocpp_gateway/sim/schema.py)
+schema.install()
 
 NOMINAL_V = 230.0
 IEC_MIN_A = 6.0
