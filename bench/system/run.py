@@ -234,8 +234,16 @@ async def limit_rounds(s: System, rounds: int, quick: bool = False) -> tuple[lis
             final: dict[str, float] = {}  # the EVSEs whose setpoint the limit changed, and their new value
             sp_at: dict[str, float] = {}  # when the controller issued that new setpoint (its ts)
             for e in ids:
-                before = [d for t, d in m.setpoints.get(e, []) if ts_of(d) < t_send]
-                sps = [d for t, d in m.setpoints.get(e, []) if ts_of(d) >= t_send]
+                # newest first, back to the last one before the limit (not every setpoint of the run, under the
+                # monitor's lock: with 1000 wallboxes that held up the monitor for seconds)
+                sps: list[dict[str, Any]] = []
+                before: list[dict[str, Any]] = []
+                for _t, d in reversed(m.setpoints.get(e, [])):
+                    if ts_of(d) < t_send:
+                        before.append(d)
+                        break
+                    sps.append(d)
+                sps.reverse()
                 if sps and before and abs(float(sps[-1]["current_a"]) - float(before[-1]["current_a"])) > 1e-9:
                     final[e] = float(sps[-1]["current_a"])
                     sp_at[e] = next(ts_of(d) for d in sps if abs(float(d["current_a"]) - final[e]) <= 1e-9)

@@ -394,6 +394,7 @@ class Monitor:
         self.messages = 0
         self._circuit_of = {w.id: w.circuit for w in plan.wallboxes}
         self._controllable = {w.id: w.controllable for w in plan.wallboxes}
+        self._safe_a = {w.id: w.safe_a for w in plan.wallboxes}
         self._subtrees = {c.id: plan.subtree(c.id) for c in plan.circuits}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event: asyncio.Event | None = None
@@ -609,7 +610,7 @@ class Monitor:
                 except (KeyError, ValueError):
                     continue
                 expired_for = (now - vu).total_seconds()
-                safe = self.plan.wallbox(evse).safe_a
+                safe = self._safe_a[evse]  # (plan.wallbox() searches the list: 1000 x 1000 per evaluation)
                 if expired_for > 0 and float(d.get("limit_a") or 0.0) > safe + self.tol_a:
                     breaches[f"fallback:{evse}"] = (float(d["limit_a"]) - safe,
                                                     f"no valid setpoint for {expired_for:.1f} s, offers "
