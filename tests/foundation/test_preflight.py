@@ -241,7 +241,8 @@ def test_config_check_warns_when_the_safe_currents_of_a_circuit_exceed_its_fuse(
     cfg = make_config(tmp_path, FALLBACK_SITE.format(garage_fuse=25, wb4_safe=10))
     found = fallback_warnings(cfg)
     assert [p for p, _ in found] == ["circuits[0]", "circuits[0].children[0]"], found
-    assert "circuit garage: the safe currents of its 3 EVSEs add up to 26 A on L2, above its fuse of 25 A" in found[1][1]
+    assert ("circuit garage: the safe currents of its 3 EVSEs add up to 26 A on L2, above its fuse of 25 A"
+            in found[1][1])
     # safe current 0 (off) counts nothing; everything fits: no warning
     cfg = make_config(tmp_path, FALLBACK_SITE.format(garage_fuse=32, wb4_safe=0))
     assert fallback_warnings(cfg) == []
