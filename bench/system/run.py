@@ -21,6 +21,12 @@ p99 < 1 s. Exit code 0 when all are met (the figures are printed either way).
 
     .venv/bin/python bench/system/run.py [--modbus 100] [--ocpp 100] [--rounds 20] [--changes 40]
     .venv/bin/python bench/system/run.py --smoke   # 3 + 2 wallboxes, 2 rounds (the test suite runs it)
+    .venv/bin/python bench/system/run.py --modbus 500 --ocpp 500 --sim-procs 2 --poller-instances 2
+
+``--sim-procs N`` runs each simulator kind (Modbus, OCPP) as N processes (the simulators are the bench's lab
+equipment, not the system under test), ``--poller-instances N`` splits the Modbus wallboxes over N evse-poller
+instances (``poller.instances``), ``--bench-nice`` (default 5) lowers this process's priority once the system is
+up. The smoke run uses two of each.
 
 A line ``RESULT {json}`` carries the figures.
 """
@@ -506,4 +512,6 @@ if __name__ == "__main__":
     a = ap.parse_args()
     if a.smoke:
         a.modbus, a.ocpp, a.rounds, a.changes, a.steady_s, a.settle_s = 3, 2, 2, 4, 1.0, 0.0
+        # the large-site set-up (two simulator processes of each kind, two evse-poller instances) stays runnable
+        a.sim_procs, a.poller_instances = max(a.sim_procs, 2), max(a.poller_instances, 2)
     sys.exit(asyncio.run(main(a)))

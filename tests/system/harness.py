@@ -13,9 +13,12 @@ test PKI, and starts, each as its own process:
   this process: it *is* the grid operator), the operator's OCPP backend simulator
   (``ocpp_gateway.backend_sim``, records every frame) and the SMGW simulator
   (``smgw_link.sim.smgw``: brainpool HAN TLS, SOCKS5 to both operator endpoints);
-* the Modbus simulators (``evse_poller.sim``) and the OCPP wallbox simulators (``ocpp_gateway.sim``);
+* the Modbus simulators (``evse_poller.sim``) and the OCPP wallbox simulators (``ocpp_gateway.sim``),
+  each kind as ``Plan.sim_procs`` processes (``--shard K/N``; ``sim-modbus``, ``sim-modbus.1``, ...);
 * the four services (``python -m <package>``), with OCPP to the backend through the SMGW channel and
-  power reduction switched on.
+  power reduction switched on; with ``Plan.poller_instances`` the Modbus devices are split over that many
+  evse-poller instances (``poller.instances`` p0, p1, ...; processes ``evse-poller.p0``, ...):
+  :attr:`System.services` lists the service processes.
 
 Faults: :meth:`System.kill_broker` / :meth:`start_broker`, :meth:`kill_service` /
 :meth:`start_service` (SIGKILL), :meth:`cut_smgw` / :meth:`restore_smgw` (the SMGW simulator

@@ -471,7 +471,7 @@ async def run(config: Config, *, base_load_a: tuple[float, float, float] = (1.0,
     """Run the simulators of ``config`` until ``stop`` is set (or cancelled); ``shard`` (K, N): only the
     K-th of N shares of the endpoints (see :class:`Simulators`)."""
     sims = Simulators(config, base_load_a=base_load_a, shard=shard)
-    if not sims.evses and not sims.meters:
+    if not sims.evses and not sims.meters and shard == (0, 1):
         log.error("nothing to simulate: no Modbus EVSE or meter with a simulator in the configuration",
                   skipped=sims.skipped)
         return 1
