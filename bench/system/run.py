@@ -21,12 +21,14 @@ p99 < 1 s. Exit code 0 when all are met (the figures are printed either way).
 
     .venv/bin/python bench/system/run.py [--modbus 100] [--ocpp 100] [--rounds 20] [--changes 40]
     .venv/bin/python bench/system/run.py --smoke   # 3 + 2 wallboxes, 2 rounds (the test suite runs it)
-    .venv/bin/python bench/system/run.py --modbus 500 --ocpp 500 --sim-procs 2 --poller-instances 2
+    .venv/bin/python bench/system/run.py --modbus 500 --ocpp 500 --sim-procs 2 --poller-instances 2 \
+        --sim-draw-interval 5
 
 ``--sim-procs N`` runs each simulator kind (Modbus, OCPP) as N processes (the simulators are the bench's lab
 equipment, not the system under test), ``--poller-instances N`` splits the Modbus wallboxes over N evse-poller
 instances (``poller.instances``), ``--bench-nice`` (default 5) lowers this process's priority once the system is
-up. The smoke run uses two of each.
+up, ``--sim-draw-interval S`` has the simulators publish an unchanged draw every S seconds (default 1; a change
+at once). The smoke run uses two simulator processes of each kind and two poller instances.
 
 A line ``RESULT {json}`` carries the figures.
 """
@@ -77,7 +79,8 @@ def car_phases(n: int) -> int:
     return 3 if n * 11.0 + 100 <= FUSE_A else 1
 
 
-def bench_plan(tmp: Path, n_modbus: int, n_ocpp: int, *, sim_procs: int = 1, poller_instances: int = 0) -> Plan:
+def bench_plan(tmp: Path, n_modbus: int, n_ocpp: int, *, sim_procs: int = 1, poller_instances: int = 0,
+               draw_interval_s: float = 1.0) -> Plan:
     ph = car_phases(n_modbus + n_ocpp)
 
     def rotation(i: int) -> list[int]:
@@ -94,7 +97,8 @@ def bench_plan(tmp: Path, n_modbus: int, n_ocpp: int, *, sim_procs: int = 1, pol
     # no grid meter: 200 cars draw more than the bus's meter reading can carry (1000 A per phase); the
     # operator's limit on the controllable devices is what binds
     return Plan(dir=tmp, circuits=[Circuit("grid", FUSE_A)], wallboxes=boxes, base_load_a=(20.0, 20.0, 20.0),
-                tuning=tuning, grid_meter=False, sim_procs=sim_procs, poller_instances=poller_instances)
+                tuning=tuning, grid_meter=False, sim_procs=sim_procs, poller_instances=poller_instances,
+                draw_interval_s=draw_interval_s)
 
 
 def limits_for(plan: Plan) -> tuple[int, int]:
@@ -411,14 +415,15 @@ def nice_this_process(n: int) -> None:
 
 async def main(args: argparse.Namespace) -> int:
     tmp = Path(args.dir or tempfile.mkdtemp(prefix="bench-system-"))
-    plan = bench_plan(tmp, args.modbus, args.ocpp, sim_procs=args.sim_procs, poller_instances=args.poller_instances)
+    plan = bench_plan(tmp, args.modbus, args.ocpp, sim_procs=args.sim_procs, poller_instances=args.poller_instances,
+                      draw_interval_s=args.sim_draw_interval)
     s = System(plan, monitor_period_s=0.5)
     profiled = profile_under_yappi(s, [n for n in (args.profile or "").split(",") if n])
     print(f"bench/system: {args.modbus} Modbus + {args.ocpp} OCPP wallboxes, {len(s.services)} service processes "
           f"({', '.join(s.services)}), {len(s.sims)} simulator processes, dir {tmp}", flush=True)
     result: dict[str, Any] = {"modbus_wallboxes": args.modbus, "ocpp_wallboxes": args.ocpp, "cpus": os.cpu_count(),
                               "sim_procs": args.sim_procs, "poller_instances": args.poller_instances,
-                              "bench_nice": args.bench_nice}
+                              "bench_nice": args.bench_nice, "sim_draw_interval_s": args.sim_draw_interval}
     try:
         took = await s.start(ready_within_s=240)
         print(f"system ready after {took:.1f} s (every EVSE online, {len(plan.wallboxes)} charge points at the "
@@ -500,6 +505,9 @@ if __name__ == "__main__":
                     "simulators are the bench's lab equipment, not the system under test")
     ap.add_argument("--poller-instances", type=int, default=0, help="split the Modbus wallboxes over this many "
                     "evse-poller instances (poller.instances; 0: one evse-poller)")
+    ap.add_argument("--sim-draw-interval", type=float, default=1.0, help="the simulators publish every draw at least "
+                    "this often, in s (a change at once): 1000 wallboxes' draws every second are 1000 messages a "
+                    "second for the monitor and the lab broker")
     ap.add_argument("--bench-nice", type=int, default=5, help="lower this process's priority by N once the system "
                     "is up (0: not): the monitor and the operator do not take the cores from the system under test")
     ap.add_argument("--dir", default=None)

@@ -157,6 +157,7 @@ class Plan:
     # plain evse-poller), and each simulator kind run as this many processes (lab equipment, not under test)
     poller_instances: int = 0
     sim_procs: int = 1
+    draw_interval_s: float = 1.0  # the simulators publish every draw at least this often (a change at once)
 
     def __post_init__(self) -> None:
         taken: set[int] = set()
@@ -755,14 +756,17 @@ class System:
                                   "--db", str(self.dir / "backend.sqlite"), "--control-port",
                                   str(plan.backend_control_port)])
         n = max(1, plan.sim_procs)
+        extra = ["--draw-interval", str(plan.draw_interval_s)] if plan.draw_interval_s != 1.0 else []
         self.sims = [*sim_process_names(plan, "modbus"), *sim_process_names(plan, "ocpp")]
         for k, name in enumerate(sim_process_names(plan, "modbus")):
             self._add(name, [py, "-m", "evse_poller.sim", "--config", str(self.cfg_path), "--base-load-a",
-                             ",".join(str(x) for x in plan.base_load_a), *(["--shard", f"{k}/{n}"] if n > 1 else [])],
+                             ",".join(str(x) for x in plan.base_load_a), *(["--shard", f"{k}/{n}"] if n > 1 else []),
+                             *extra],
                       sim_env)
         for k, name in enumerate(sim_process_names(plan, "ocpp")):
             self._add(name, [py, "-m", "ocpp_gateway.sim", "--config", str(self.cfg_path), "--meter-interval",
-                             str(t.meter_values_interval_s), *(["--shard", f"{k}/{n}"] if n > 1 else [])], sim_env)
+                             str(t.meter_values_interval_s), *(["--shard", f"{k}/{n}"] if n > 1 else []), *extra],
+                      sim_env)
         # the service processes (health names): SERVICES, or an evse-poller per instance
         self.services: list[str] = []
         for name, (pkg, extra) in service_processes(plan).items():

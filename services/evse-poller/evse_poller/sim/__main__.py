@@ -40,6 +40,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="K/N",
                     help="simulate only every N-th endpoint (TCP port or serial line), starting at the K-th (0-based), "
                          "so that N processes share the devices; the meters belong to shard 0")
+    ap.add_argument("--draw-interval", type=float, default=1.0, metavar="S",
+                    help="publish every draw at least every S seconds (a change at once; default 1)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -56,7 +58,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         return await run(config, base_load_a=args.base_load_a, use_bus=not args.no_bus, stop=stop,
-                         shard=getattr(args, "shard", (0, 1)))
+                         shard=getattr(args, "shard", (0, 1)), draw_interval_s=getattr(args, "draw_interval", 1.0))
 
     return asyncio.run(main())
 

@@ -94,9 +94,10 @@ class Simulators:
 
     def __init__(self, config: Config, *, base_load_a: tuple[float, float, float] = (1.0, 1.0, 1.0),
                  settings: dict[str, SimSettings] | None = None, host_override: str | None = None,
-                 shard: tuple[int, int] = (0, 1)) -> None:
+                 shard: tuple[int, int] = (0, 1), draw_interval_s: float = DRAW_INTERVAL_S) -> None:
         self.config = config
         self.base_load_a = list(base_load_a)
+        self.draw_interval_s = draw_interval_s  # every draw at least this often (a change at once)
         self.evses: dict[str, SimEvse] = {}
         self.meters: dict[str, MeterModel] = {}
         self.meter_maps: dict[str, RegisterMap] = {}
@@ -410,8 +411,9 @@ class Simulators:
         self._last_sent[evse_id] = _change_key(snap)
 
     async def _draw_loop(self) -> None:
-        """Every EVSE's draw once a second; in between, within a quarter of a second, each one that changed:
-        at once for those that said so (a write, a car), every quarter second looking at all of them (what
+        """Every EVSE's draw once per ``draw_interval_s`` (a second); in between, within a quarter of a second,
+        each one that changed: at once for those that said so (a write, a car), every quarter second looking
+        at all of them (what
         changes by itself: a watchdog running out). A burst of writes to 500 wallboxes used to look at every
         one of them on every wake-up."""
         assert self._dirty is not None
@@ -431,7 +433,7 @@ class Simulators:
                 m.tick()
             if self._bus is None:
                 continue
-            if now - last_full >= DRAW_INTERVAL_S:
+            if now - last_full >= self.draw_interval_s:
                 last_full = now
                 self.publish_draws()
             else:
@@ -467,10 +469,11 @@ def sim_bus(config: Config) -> Bus:
 
 
 async def run(config: Config, *, base_load_a: tuple[float, float, float] = (1.0, 1.0, 1.0),
-              use_bus: bool = True, stop: asyncio.Event | None = None, shard: tuple[int, int] = (0, 1)) -> int:
+              use_bus: bool = True, stop: asyncio.Event | None = None, shard: tuple[int, int] = (0, 1),
+              draw_interval_s: float = DRAW_INTERVAL_S) -> int:
     """Run the simulators of ``config`` until ``stop`` is set (or cancelled); ``shard`` (K, N): only the
     K-th of N shares of the endpoints (see :class:`Simulators`)."""
-    sims = Simulators(config, base_load_a=base_load_a, shard=shard)
+    sims = Simulators(config, base_load_a=base_load_a, shard=shard, draw_interval_s=draw_interval_s)
     if not sims.evses and not sims.meters and shard == (0, 1):
         log.error("nothing to simulate: no Modbus EVSE or meter with a simulator in the configuration",
                   skipped=sims.skipped)

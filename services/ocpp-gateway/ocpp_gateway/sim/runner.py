@@ -56,7 +56,7 @@ def build_sims(config: Config, *, meter_interval_s: float = 10.0, ca_file: str |
 
 
 async def run(config: Config, *, meter_interval_s: float = 10.0, ca_file: str | None = None,
-              shard: tuple[int, int] = (0, 1)) -> None:
+              shard: tuple[int, int] = (0, 1), draw_interval_s: float = 1.0) -> None:
     registry = Registry(config.site.topic_root)
     root = registry.root
     bus = Bus("sim", registry, bus_settings(config, "sim"))
@@ -69,7 +69,7 @@ async def run(config: Config, *, meter_interval_s: float = 10.0, ca_file: str | 
         key = json.dumps({k: v for k, v in state.items() if k not in ("ts", "energy_wh")}, sort_keys=True)
         prev = last.get(c.evse_id)
         now = time.monotonic()
-        if prev is not None and prev[1] == key and now - prev[0] < 1.0:
+        if prev is not None and prev[1] == key and now - prev[0] < draw_interval_s:
             return
         last[c.evse_id] = (now, key)
         # handed to the MQTT client at the end of this turn of the event loop, with the others of the turn
