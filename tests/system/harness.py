@@ -133,6 +133,7 @@ class Tuning:
     log_level: str = "info"
     min_charge_time_s: float = 5.0
     min_pause_s: float = 5.0
+    imbalance_limit_a: float | None = None  # controller.imbalance_limit_a (None: the default, 20 A)
 
 
 @dataclass
@@ -292,7 +293,8 @@ def config_dict(plan: Plan, pki_dir: Path, cert_store: Path) -> dict[str, Any]:
         "controller": {"cycle_s": t.cycle_s, "setpoint_validity_s": t.setpoint_validity_s,
                        "evse_timeout_s": t.evse_timeout_s, "meter_timeout_s": t.meter_timeout_s,
                        "link_loss_grace_s": t.link_loss_grace_s, "min_charge_time_s": t.min_charge_time_s,
-                       "min_pause_s": t.min_pause_s},
+                       "min_pause_s": t.min_pause_s,
+                       **({"imbalance_limit_a": t.imbalance_limit_a} if t.imbalance_limit_a is not None else {})},
         "ocpp": {
             "local": {"host": "127.0.0.1", "port": plan.local_ocpp_port},
             "backend": {"enabled": True, "url": f"ws://{OCPP_BACKEND_HOST}:{OCPP_BACKEND_PORT}/ocpp",
