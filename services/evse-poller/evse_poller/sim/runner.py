@@ -413,9 +413,8 @@ class Simulators:
     async def _draw_loop(self) -> None:
         """Every EVSE's draw once per ``draw_interval_s`` (a second); in between, within a quarter of a second,
         each one that changed: at once for those that said so (a write, a car), every quarter second looking
-        at all of them (what
-        changes by itself: a watchdog running out). A burst of writes to 500 wallboxes used to look at every
-        one of them on every wake-up."""
+        at all of them (what changes by itself: a watchdog running out). A burst of writes to 500 wallboxes
+        used to look at every one of them on every wake-up."""
         assert self._dirty is not None
         last_full = last_scan = 0.0
         while True:
