@@ -27,7 +27,7 @@ def config_argument(parser: argparse.ArgumentParser, what: str = "the configurat
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
-    from chargegate.preflight import problems
+    from chargegate.preflight import problems, warnings
 
     try:
         cfg = cfgmod.load(args.file)
@@ -37,8 +37,15 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     except cfgmod.ConfigError as e:
         print(e, file=sys.stderr)
         return 1
+    warned = warnings(cfg)
+    for path, msg in warned:
+        print(f"{args.file}: warning: {path}: {msg}", file=sys.stderr)
+    if warned and args.strict:
+        print(f"{len(warned)} warning(s), --strict: not ok", file=sys.stderr)
+        return 1
     print(f"ok ({len(cfg.evses)} EVSEs, {len(cfg.meters)} meters, {len(cfg.all_circuits())} circuits, "
-          f"version {cfg.digest()}; every secret, file and device profile found)")
+          f"version {cfg.digest()}; every secret, file and device profile found"
+          + (f"; {len(warned)} warning(s) above" if warned else "") + ")")
     return 0
 
 
@@ -132,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("config", help="configuration tools")
     csub = c.add_subparsers(dest="config_command", required=True)
-    chk = csub.add_parser("check", help="validate a configuration file; prints the errors or 'ok'")
+    chk = csub.add_parser("check", help="validate a configuration file; prints the errors or 'ok' (and warnings)")
     chk.add_argument("file")
+    chk.add_argument("--strict", action="store_true", help="exit 1 on a warning too")
     chk.set_defaults(func=_cmd_config_check)
 
     r = sub.add_parser("run", help="start the services (and a local broker unless broker.host is set)")

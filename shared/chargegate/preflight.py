@@ -176,3 +176,53 @@ def service_problems(cfg: cfgmod.Config, service: str) -> list[tuple[str, str]]:
         if needed_by(loc) in (None, base):
             out.append((format_loc(loc), msg))
     return out
+
+
+NOMINAL_V = 230.0
+
+
+def fallback_warnings(cfg: cfgmod.Config) -> list[tuple[str, str]]:
+    """Circuits whose EVSEs, all at their ``safe_current_a`` at once, draw more than the circuit carries
+    (its fuse or ``max_current_a`` on some phase, or ``max_power_w`` at 230 V), as ``(path, message)``.
+
+    The safe current is what each EVSE falls back to without a valid setpoint (safety rule 2), and they
+    all fall back together when chargegate, the broker or a poller is down - when nothing can keep the
+    fuse. The EVSE's own phases count (through ``phase_rotation``; a car may use fewer), the base load
+    does not. A warning, not an error: the site works and keeps its fuse while chargegate runs, and the
+    installer may know better (the fallback staggered by the devices, a selective fuse) - but it is the
+    case the fallback is meant to be safe for (the benchmark's 1000 wallboxes at 6 A on a 4000 A fuse
+    tripped it when some of their profiles ran out)."""
+    out: list[tuple[str, str]] = []
+
+    def visit(c: Any, loc: tuple[Any, ...]) -> None:
+        below = {x.id for x in c.walk()}
+        evses = [e for e in cfg.evses if e.circuit in below and e.safe_current_a > 0]
+        amps = [0.0, 0.0, 0.0]
+        for e in evses:
+            for ph in e.phase_rotation[: e.phases]:
+                amps[ph - 1] += e.safe_current_a
+        limits = c.phase_limits()
+        over = [k for k in range(3) if limits is not None and amps[k] > limits[k] + 1e-6]
+        what = "fuse" if c.fuse_a is not None and c.max_current_a is None else "limit"
+        if over:
+            worst = max(over, key=lambda k: amps[k] - limits[k])
+            out.append((format_loc(loc), f"circuit {c.id}: the safe currents of its {len(evses)} EVSEs add up to "
+                        f"{amps[worst]:g} A on L{worst + 1}, above its {what} of {limits[worst]:g} A"
+                        + (f" (also on {', '.join(f'L{k + 1}' for k in over if k != worst)})" if len(over) > 1 else "")
+                        + ": when they fall back together (no valid setpoint: chargegate, the broker or a poller "
+                        "down) they overload it; lower safe_current_a (0 = off) or check the circuit"))
+        watts = sum(amps) * NOMINAL_V
+        if c.max_power_w is not None and watts > c.max_power_w + 1e-6:
+            out.append((format_loc(loc), f"circuit {c.id}: the safe currents of its {len(evses)} EVSEs add up to "
+                        f"{watts:.0f} W at {NOMINAL_V:g} V, above its max_power_w {c.max_power_w:g} W: when they fall "
+                        "back together they overload it; lower safe_current_a (0 = off) or check the circuit"))
+        for i, child in enumerate(c.children):
+            visit(child, (*loc, "children", i))
+
+    visit(cfg.root_circuit, ("circuits", 0))
+    return out
+
+
+def warnings(cfg: cfgmod.Config) -> list[tuple[str, str]]:
+    """What ``config check`` warns of (the configuration is valid and runs): ``(path, message)``."""
+    return fallback_warnings(cfg)

@@ -209,3 +209,50 @@ def test_a_service_without_its_secret_exits_2_and_waits_for_the_configuration(tm
         assert marker.read_text() == "xx"
     finally:
         sup.stop_all()
+
+
+FALLBACK_SITE = """
+site: {{name: test}}
+circuits:
+  - id: grid
+    fuse_a: 35
+    children:
+      - id: garage
+        fuse_a: {garage_fuse}
+evses:
+  - {{id: wb1, circuit: garage, safe_current_a: 10, modbus: {{profile: alfen-eve, host: 127.0.0.1, port: 1502}}}}
+  - {{id: wb2, circuit: garage, safe_current_a: 10, modbus: {{profile: alfen-eve, host: 127.0.0.1, port: 1504}}}}
+  - {{id: wb3, circuit: garage, phases: 1, phase_rotation: [2], safe_current_a: 6, ocpp: {{charge_box_id: CB1}}}}
+  - {{id: wb4, circuit: grid, phases: 1, phase_rotation: [2], safe_current_a: {wb4_safe}, ocpp: {{charge_box_id: CB2}}}}
+"""
+
+
+def test_config_check_warns_when_the_safe_currents_of_a_circuit_exceed_its_fuse(tmp_path: Path) -> None:
+    # the garage's EVSEs fall back to 10 + 10 A on L1/L3 and 10 + 10 + 6 A on L2 (wb3 is one-phase on L2): 26 A
+    # on L2 fits the garage's 32 A fuse; with wb4 (on L2, below the 35 A root) 26 + 10 = 36 A does not fit the root
+    cfg = make_config(tmp_path, FALLBACK_SITE.format(garage_fuse=32, wb4_safe=10))
+    from chargegate.preflight import fallback_warnings, warnings
+
+    found = fallback_warnings(cfg)
+    assert [p for p, _ in found] == ["circuits[0]"], found
+    assert "circuit grid: the safe currents of its 4 EVSEs add up to 36 A on L2, above its fuse of 35 A" in found[0][1]
+    assert warnings(cfg) == found
+    # a smaller garage fuse: the garage too (26 A on L2, 20 A on L1 and L3 against 25 A)
+    cfg = make_config(tmp_path, FALLBACK_SITE.format(garage_fuse=25, wb4_safe=10))
+    found = fallback_warnings(cfg)
+    assert [p for p, _ in found] == ["circuits[0]", "circuits[0].children[0]"], found
+    assert ("circuit garage: the safe currents of its 3 EVSEs add up to 26 A on L2, above its fuse of 25 A"
+            in found[1][1])
+    # safe current 0 (off) counts nothing; everything fits: no warning
+    cfg = make_config(tmp_path, FALLBACK_SITE.format(garage_fuse=32, wb4_safe=0))
+    assert fallback_warnings(cfg) == []
+
+    # the command: a warning on stderr, still ok (exit 0); --strict makes it fail
+    site = tmp_path / "site.yaml"
+    site.write_text(FALLBACK_SITE.format(garage_fuse=32, wb4_safe=10))
+    r = subprocess.run([*CLI, "config", "check", str(site)], capture_output=True, text=True, timeout=60, env=_env())
+    assert r.returncode == 0 and r.stdout.startswith("ok") and "1 warning(s)" in r.stdout, (r.stdout, r.stderr)
+    assert f"{site}: warning: circuits[0]: circuit grid: the safe currents of its 4 EVSEs add up to 36 A" in r.stderr
+    r = subprocess.run([*CLI, "config", "check", "--strict", str(site)], capture_output=True, text=True, timeout=60,
+                       env=_env())
+    assert r.returncode == 1 and "warning: circuits[0]" in r.stderr, (r.stdout, r.stderr)

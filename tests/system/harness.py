@@ -13,9 +13,12 @@ test PKI, and starts, each as its own process:
   this process: it *is* the grid operator), the operator's OCPP backend simulator
   (``ocpp_gateway.backend_sim``, records every frame) and the SMGW simulator
   (``smgw_link.sim.smgw``: brainpool HAN TLS, SOCKS5 to both operator endpoints);
-* the Modbus simulators (``evse_poller.sim``) and the OCPP wallbox simulators (``ocpp_gateway.sim``);
+* the Modbus simulators (``evse_poller.sim``) and the OCPP wallbox simulators (``ocpp_gateway.sim``),
+  each kind as ``Plan.sim_procs`` processes (``--shard K/N``; ``sim-modbus``, ``sim-modbus.1``, ...);
 * the four services (``python -m <package>``), with OCPP to the backend through the SMGW channel and
-  power reduction switched on.
+  power reduction switched on; with ``Plan.poller_instances`` the Modbus devices are split over that many
+  evse-poller instances (``poller.instances`` p0, p1, ...; processes ``evse-poller.p0``, ...):
+  :attr:`System.services` lists the service processes.
 
 Faults: :meth:`System.kill_broker` / :meth:`start_broker`, :meth:`kill_service` /
 :meth:`start_service` (SIGKILL), :meth:`cut_smgw` / :meth:`restore_smgw` (the SMGW simulator
@@ -130,6 +133,7 @@ class Tuning:
     log_level: str = "info"
     min_charge_time_s: float = 5.0
     min_pause_s: float = 5.0
+    imbalance_limit_a: float | None = None  # controller.imbalance_limit_a (None: the default, 20 A)
 
 
 @dataclass
@@ -150,6 +154,11 @@ class Plan:
     fwd_ocpp_port: int = 0
     device_id: str = "house-1"
     grid_meter: bool = True  # a meter at the grid connection (the bus carries at most 1000 A per phase)
+    # the Modbus devices split over this many evse-poller instances (poller.instances p0, p1, ...; 0: one
+    # plain evse-poller), and each simulator kind run as this many processes (lab equipment, not under test)
+    poller_instances: int = 0
+    sim_procs: int = 1
+    draw_interval_s: float = 1.0  # the simulators publish every draw at least this often (a change at once)
 
     def __post_init__(self) -> None:
         taken: set[int] = set()
@@ -211,6 +220,29 @@ def system_plan(tmp: Path) -> Plan:
     )
 
 
+def poller_instance_names(plan: Plan) -> list[str]:
+    """``poller.instances`` of the plan (none: one plain evse-poller)."""
+    return [f"p{k}" for k in range(plan.poller_instances)]
+
+
+def service_processes(plan: Plan) -> dict[str, tuple[str, list[str]]]:
+    """The service processes of the plan: name -> (package, extra arguments). The services of
+    :data:`SERVICES`, with ``evse-poller`` replaced by ``evse-poller.<instance>`` per poller instance."""
+    out: dict[str, tuple[str, list[str]]] = {}
+    for name, pkg in SERVICES.items():
+        if name == "evse-poller" and plan.poller_instances:
+            for inst in poller_instance_names(plan):
+                out[cfgmod.instance_service(inst)] = (pkg, ["--instance", inst])
+        else:
+            out[name] = (pkg, [])
+    return out
+
+
+def sim_process_names(plan: Plan, kind: str) -> list[str]:
+    """``sim-modbus``, ``sim-modbus.1``, ... (``kind``: modbus or ocpp), one per simulator process."""
+    return [f"sim-{kind}" + (f".{k}" if k else "") for k in range(max(1, plan.sim_procs))]
+
+
 def config_dict(plan: Plan, pki_dir: Path, cert_store: Path) -> dict[str, Any]:
     t = plan.tuning
     children: dict[str | None, list[Circuit]] = {}
@@ -227,11 +259,16 @@ def config_dict(plan: Plan, pki_dir: Path, cert_store: Path) -> dict[str, Any]:
         return out
 
     evses: list[dict[str, Any]] = []
+    instances = poller_instance_names(plan)
+    n_modbus = 0
     for wb in plan.wallboxes:
         e: dict[str, Any] = {"id": wb.id, "circuit": wb.circuit, "phases": wb.phases, "phase_rotation": wb.rotation,
                              "max_current_a": wb.max_a, "safe_current_a": wb.safe_a, "controllable": wb.controllable}
         if wb.kind == "modbus":
             e["modbus"] = {"profile": wb.profile, "host": "127.0.0.1", "port": wb.port, "device_id": wb.device_id}
+            if instances:  # round robin over the instances
+                e["modbus"]["instance"] = instances[n_modbus % len(instances)]
+            n_modbus += 1
         else:
             e["ocpp"] = {"charge_box_id": f"CB-{wb.id}", "connector_id": 1, "version": wb.version}
         if wb.upstream_version:
@@ -246,15 +283,18 @@ def config_dict(plan: Plan, pki_dir: Path, cert_store: Path) -> dict[str, Any]:
         "circuits": [node(plan.root)],
         "evses": evses,
         "meters": [{"id": "grid-meter", "role": "grid",
-                    "modbus": {"profile": "sdm630", "host": "127.0.0.1", "port": plan.meter_port, "device_id": 1}}]
+                    "modbus": {"profile": "sdm630", "host": "127.0.0.1", "port": plan.meter_port, "device_id": 1,
+                               **({"instance": instances[0]} if instances else {})}}]
         if plan.grid_meter else [],
         "poller": {"poll_interval_s": t.poll_interval_s, "watchdog_timeout_s": t.watchdog_timeout_s,
                    # a big site's grid meter reads more than the default plausibility bound (1000 A)
-                   "meter_max_current_a": max(1000.0, min(10000.0, 2 * plan.root.fuse_a))},
+                   "meter_max_current_a": max(1000.0, min(10000.0, 2 * plan.root.fuse_a)),
+                   **({"instances": instances} if instances else {})},
         "controller": {"cycle_s": t.cycle_s, "setpoint_validity_s": t.setpoint_validity_s,
                        "evse_timeout_s": t.evse_timeout_s, "meter_timeout_s": t.meter_timeout_s,
                        "link_loss_grace_s": t.link_loss_grace_s, "min_charge_time_s": t.min_charge_time_s,
-                       "min_pause_s": t.min_pause_s},
+                       "min_pause_s": t.min_pause_s,
+                       **({"imbalance_limit_a": t.imbalance_limit_a} if t.imbalance_limit_a is not None else {})},
         "ocpp": {
             "local": {"host": "127.0.0.1", "port": plan.local_ocpp_port},
             "backend": {"enabled": True, "url": f"ws://{OCPP_BACKEND_HOST}:{OCPP_BACKEND_PORT}/ocpp",
@@ -360,6 +400,7 @@ class Monitor:
         self.messages = 0
         self._circuit_of = {w.id: w.circuit for w in plan.wallboxes}
         self._controllable = {w.id: w.controllable for w in plan.wallboxes}
+        self._safe_a = {w.id: w.safe_a for w in plan.wallboxes}
         self._subtrees = {c.id: plan.subtree(c.id) for c in plan.circuits}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event: asyncio.Event | None = None
@@ -575,7 +616,7 @@ class Monitor:
                 except (KeyError, ValueError):
                     continue
                 expired_for = (now - vu).total_seconds()
-                safe = self.plan.wallbox(evse).safe_a
+                safe = self._safe_a[evse]  # (plan.wallbox() searches the list: 1000 x 1000 per evaluation)
                 if expired_for > 0 and float(d.get("limit_a") or 0.0) > safe + self.tol_a:
                     breaches[f"fallback:{evse}"] = (float(d["limit_a"]) - safe,
                                                     f"no valid setpoint for {expired_for:.1f} s, offers "
@@ -716,12 +757,23 @@ class System:
         self._add("backend-sim", [py, "-m", "ocpp_gateway.backend_sim", "--port", str(plan.backend_port),
                                   "--db", str(self.dir / "backend.sqlite"), "--control-port",
                                   str(plan.backend_control_port)])
-        self._add("sim-modbus", [py, "-m", "evse_poller.sim", "--config", str(self.cfg_path), "--base-load-a",
-                                 ",".join(str(x) for x in plan.base_load_a)], sim_env)
-        self._add("sim-ocpp", [py, "-m", "ocpp_gateway.sim", "--config", str(self.cfg_path), "--meter-interval",
-                               str(t.meter_values_interval_s)], sim_env)
-        for name, pkg in SERVICES.items():
-            self._add(name, [py, "-m", pkg, "--config", str(self.cfg_path), "--log-format", "json"], svc_env)
+        n = max(1, plan.sim_procs)
+        extra = ["--draw-interval", str(plan.draw_interval_s)] if plan.draw_interval_s != 1.0 else []
+        self.sims = [*sim_process_names(plan, "modbus"), *sim_process_names(plan, "ocpp")]
+        for k, name in enumerate(sim_process_names(plan, "modbus")):
+            self._add(name, [py, "-m", "evse_poller.sim", "--config", str(self.cfg_path), "--base-load-a",
+                             ",".join(str(x) for x in plan.base_load_a), *(["--shard", f"{k}/{n}"] if n > 1 else []),
+                             *extra],
+                      sim_env)
+        for k, name in enumerate(sim_process_names(plan, "ocpp")):
+            self._add(name, [py, "-m", "ocpp_gateway.sim", "--config", str(self.cfg_path), "--meter-interval",
+                             str(t.meter_values_interval_s), *(["--shard", f"{k}/{n}"] if n > 1 else []), *extra],
+                      sim_env)
+        # the service processes (health names): SERVICES, or an evse-poller per instance
+        self.services: list[str] = []
+        for name, (pkg, extra) in service_processes(plan).items():
+            self._add(name, [py, "-m", pkg, *extra, "--config", str(self.cfg_path), "--log-format", "json"], svc_env)
+            self.services.append(name)
 
     def _add(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         self.procs[name] = Proc(name, argv, env=dict(env or {}), logfile=self.logs / f"{name}.log")
@@ -751,7 +803,7 @@ class System:
         self.sim_client.username_pw_set("sim", account_password(self.cfg, "sim"))
         self.sim_client.connect("127.0.0.1", self.plan.lab_port)
         self.sim_client.loop_start()
-        for name in ("backend-sim", "smgw-sim", "sim-modbus", "sim-ocpp", *SERVICES):
+        for name in ("backend-sim", "smgw-sim", *self.sims, *self.services):
             self.procs[name].start()
         self._watch = asyncio.create_task(self._watchdog())
         await self.ready(ready_within_s)
@@ -778,7 +830,7 @@ class System:
         ids = [w.id for w in self.plan.wallboxes]
 
         def all_ready() -> bool:
-            healthy = all(self.health_state(s) == "online" for s in SERVICES)
+            healthy = all(self.health_state(s) == "online" for s in self.services)
             link = bool(m.links) and m.links[-1][1].get("state") == "up"
             online = all(m.status.get(e, (0, {}))[1].get("online") for e in ids)
             draws = all(e in m.draws for e in ids)
@@ -793,7 +845,7 @@ class System:
     def why_not_ready(self) -> str:
         m = self.monitor
         return json.dumps({
-            "health": {s: self.health_state(s) for s in SERVICES},
+            "health": {s: self.health_state(s) for s in self.services},
             "link": m.links[-1][1].get("state") if m.links else None,
             "evse_online": {w.id: m.status.get(w.id, (0, {}))[1].get("online") for w in self.plan.wallboxes},
             "draws": sorted(m.draws),
@@ -823,7 +875,9 @@ class System:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
-        for name in ("sim-ocpp", *SERVICES, "sim-modbus", "backend-sim", "smgw-sim"):
+        ocpp_sims = sim_process_names(self.plan, "ocpp")
+        modbus_sims = sim_process_names(self.plan, "modbus")
+        for name in (*ocpp_sims, *self.services, *modbus_sims, "backend-sim", "smgw-sim"):
             p = self.procs.get(name)
             if p is not None and p.alive():
                 assert p.popen is not None

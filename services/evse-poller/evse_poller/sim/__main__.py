@@ -22,10 +22,26 @@ def parse_load(text: str) -> tuple[float, float, float]:
     return (parts[0], parts[1], parts[2])
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    k, sep, n = text.partition("/")
+    try:
+        shard = (int(k), int(n))
+    except ValueError:
+        shard = (-1, 0)
+    if not sep or not 0 <= shard[0] < shard[1]:
+        raise argparse.ArgumentTypeError("give K/N with 0 <= K < N, e.g. 0/2")
+    return shard
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--base-load-a", type=parse_load, default=(1.0, 1.0, 1.0),
                     help="house base load seen by the grid meter, A per phase (one value or L1,L2,L3)")
     ap.add_argument("--no-bus", action="store_true", help="do not connect to the broker (no plug/unplug commands)")
+    ap.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="K/N",
+                    help="simulate only every N-th endpoint (TCP port or serial line), starting at the K-th (0-based), "
+                         "so that N processes share the devices; the meters belong to shard 0")
+    ap.add_argument("--draw-interval", type=float, default=1.0, metavar="S",
+                    help="publish every draw at least every S seconds (a change at once; default 1)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -41,7 +57,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        return await run(config, base_load_a=args.base_load_a, use_bus=not args.no_bus, stop=stop)
+        return await run(config, base_load_a=args.base_load_a, use_bus=not args.no_bus, stop=stop,
+                         shard=getattr(args, "shard", (0, 1)), draw_interval_s=getattr(args, "draw_interval", 1.0))
 
     return asyncio.run(main())
 

@@ -93,9 +93,11 @@ class Simulators:
     """Simulated devices for every Modbus EVSE and meter of ``config``."""
 
     def __init__(self, config: Config, *, base_load_a: tuple[float, float, float] = (1.0, 1.0, 1.0),
-                 settings: dict[str, SimSettings] | None = None, host_override: str | None = None) -> None:
+                 settings: dict[str, SimSettings] | None = None, host_override: str | None = None,
+                 shard: tuple[int, int] = (0, 1), draw_interval_s: float = DRAW_INTERVAL_S) -> None:
         self.config = config
         self.base_load_a = list(base_load_a)
+        self.draw_interval_s = draw_interval_s  # every draw at least this often (a change at once)
         self.evses: dict[str, SimEvse] = {}
         self.meters: dict[str, MeterModel] = {}
         self.meter_maps: dict[str, RegisterMap] = {}
@@ -107,6 +109,7 @@ class Simulators:
         self._bus: Bus | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._dirty: asyncio.Event | None = None
+        self._dirty_ids: set[str] = set()  # EVSEs that said they changed since the draw loop last looked
         self._last_sent: dict[str, str] = {}
         # grid currents of configured EVSEs simulated elsewhere (OCPP wallbox simulators), from their draws
         self.external: dict[str, list[float]] = {}
@@ -132,7 +135,7 @@ class Simulators:
             cp = ChargePoint(phases=evse.phases, max_current_a=evse.max_current_a)
             regmap = build(cp, s)
             ep.add(device_id, regmap)
-            cp.on_change(self._mark_dirty)
+            cp.on_change(lambda evse_id=evse.id: self._mark_dirty(evse_id))
             self.evses[evse.id] = SimEvse(evse, cp, regmap, ep)
         for meter in config.meters:
             name = meter.modbus.profile
@@ -161,6 +164,30 @@ class Simulators:
                 ep.add(device_id, self.meter_maps[meter.id])
             self.meters[meter.id] = model
             self._meter_endpoints[meter.id] = ep
+        if shard != (0, 1):
+            self._keep_shard(*shard)
+
+    def _keep_shard(self, k: int, n: int) -> None:
+        """Keep the k-th of n shares of the endpoints (every n-th in the configuration's order, from the k-th),
+        with the devices they serve; the meters stay in shard 0 (with their endpoints). Several processes
+        started with 0/n .. n-1/n simulate the whole configuration together; an EVSE of another shard is
+        external here (its draw is read from the bus like an OCPP wallbox's)."""
+        meter_eps = {id(ep) for ep in self._meter_endpoints.values()}
+        keep: dict[Any, TcpEndpoint | SerialEndpoint | HttpEndpoint] = {}
+        j = 0
+        for key, ep in self.endpoints.items():
+            if id(ep) in meter_eps:
+                if k == 0:
+                    keep[key] = ep
+                continue
+            if j % n == k:
+                keep[key] = ep
+            j += 1
+        kept = {id(ep) for ep in keep.values()}
+        self.endpoints = keep
+        self.evses = {i: se for i, se in self.evses.items() if id(se.endpoint) in kept}
+        if k != 0:
+            self.meters, self.meter_maps, self._meter_endpoints = {}, {}, {}
 
     def _skip(self, ident: str, why: str) -> None:
         self.skipped[ident] = why
@@ -295,16 +322,20 @@ class Simulators:
         self._bus = bus
         root = bus.registry.root
         bus.subscribe_raw(f"{root}/sim/+/command", self._on_command)
-        bus.subscribe_raw(f"{root}/sim/+/draw", self._on_draw)
+        if self.meters:  # the other simulators' draws count only at a meter (without one: every draw, for nothing)
+            bus.subscribe_raw(f"{root}/sim/+/draw", self._on_draw)
         bus.on_connect(self._mark_all)
         self._mark_all()
 
-    def _mark_dirty(self) -> None:
+    def _mark_dirty(self, evse_id: str | None = None) -> None:
+        if evse_id is not None:
+            self._dirty_ids.add(evse_id)
         if self._dirty is not None:
             self._dirty.set()
 
     def _mark_all(self) -> None:
         self._last_sent.clear()
+        self._dirty_ids.update(self.evses)
         self._mark_dirty()
 
     def _on_command(self, topic: str, payload: bytes, retained: bool) -> None:
@@ -380,27 +411,39 @@ class Simulators:
         self._last_sent[evse_id] = _change_key(snap)
 
     async def _draw_loop(self) -> None:
+        """Every EVSE's draw once per ``draw_interval_s`` (a second); in between, within a quarter of a second,
+        each one that changed: at once for those that said so (a write, a car), every quarter second looking
+        at all of them (what changes by itself: a watchdog running out). A burst of writes to 500 wallboxes
+        used to look at every one of them on every wake-up."""
         assert self._dirty is not None
-        last_full = 0.0
+        last_full = last_scan = 0.0
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._dirty.wait(), DRAW_INTERVAL_S / 4)
             self._dirty.clear()
-            for se in self.evses.values():
-                se.point.tick()
+            dirty, self._dirty_ids = self._dirty_ids, set()
+            now = time.monotonic()
+            scan = now - last_scan >= DRAW_INTERVAL_S / 4
+            if scan:
+                last_scan = now
+                for se in self.evses.values():
+                    se.point.tick()
             for m in self.meters.values():
                 m.tick()
-            now = time.monotonic()
             if self._bus is None:
                 continue
-            if now - last_full >= DRAW_INTERVAL_S:
+            if now - last_full >= self.draw_interval_s:
                 last_full = now
                 self.publish_draws()
             else:
-                self._publish_changed()
+                self._publish_changed(None if scan else dirty)
 
-    def _publish_changed(self) -> None:
-        for evse_id, se in self.evses.items():
+    def _publish_changed(self, only: set[str] | None = None) -> None:
+        """Publish the draw of every EVSE (of ``only``) whose draw changed since it was last published."""
+        for evse_id in self.evses if only is None else only:
+            se = self.evses.get(evse_id)
+            if se is None:
+                continue
             snap = se.snapshot()
             if self._last_sent.get(evse_id) != _change_key(snap):
                 self._send(evse_id, snap)
@@ -425,10 +468,12 @@ def sim_bus(config: Config) -> Bus:
 
 
 async def run(config: Config, *, base_load_a: tuple[float, float, float] = (1.0, 1.0, 1.0),
-              use_bus: bool = True, stop: asyncio.Event | None = None) -> int:
-    """Run the simulators of ``config`` until ``stop`` is set (or cancelled)."""
-    sims = Simulators(config, base_load_a=base_load_a)
-    if not sims.evses and not sims.meters:
+              use_bus: bool = True, stop: asyncio.Event | None = None, shard: tuple[int, int] = (0, 1),
+              draw_interval_s: float = DRAW_INTERVAL_S) -> int:
+    """Run the simulators of ``config`` until ``stop`` is set (or cancelled); ``shard`` (K, N): only the
+    K-th of N shares of the endpoints (see :class:`Simulators`)."""
+    sims = Simulators(config, base_load_a=base_load_a, shard=shard, draw_interval_s=draw_interval_s)
+    if not sims.evses and not sims.meters and shard == (0, 1):
         log.error("nothing to simulate: no Modbus EVSE or meter with a simulator in the configuration",
                   skipped=sims.skipped)
         return 1

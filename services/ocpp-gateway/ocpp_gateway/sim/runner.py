@@ -28,7 +28,9 @@ log = structlog.get_logger("ocpp_gateway.sim")
 
 
 def build_sims(config: Config, *, meter_interval_s: float = 10.0, ca_file: str | None = None,
-               host: str | None = None, port: int | None = None) -> list[WallboxSim]:
+               host: str | None = None, port: int | None = None, shard: tuple[int, int] = (0, 1)) -> list[WallboxSim]:
+    """One simulated wallbox per charge box of ``config``; ``shard`` (K, N): only every N-th charge box from the
+    K-th (0-based, in the configuration's order), so that N processes simulate them together."""
     lc = config.ocpp.local
     h = host or (lc.host if lc.host not in ("0.0.0.0", "::", "") else "127.0.0.1")
     scheme = "wss" if lc.tls == "on" else "ws"
@@ -48,15 +50,17 @@ def build_sims(config: Config, *, meter_interval_s: float = 10.0, ca_file: str |
             b["password"] = e.ocpp.password.reveal()
         if e.ocpp.version:
             b["version"] = e.ocpp.version
+    k, n = shard
     return [WallboxSim(cb, url, b["connectors"], version=b["version"], password=b["password"], ssl_context=ctx,
-                       meter_interval_s=meter_interval_s) for cb, b in boxes.items()]
+                       meter_interval_s=meter_interval_s) for j, (cb, b) in enumerate(boxes.items()) if j % n == k]
 
 
-async def run(config: Config, *, meter_interval_s: float = 10.0, ca_file: str | None = None) -> None:
+async def run(config: Config, *, meter_interval_s: float = 10.0, ca_file: str | None = None,
+              shard: tuple[int, int] = (0, 1), draw_interval_s: float = 1.0) -> None:
     registry = Registry(config.site.topic_root)
     root = registry.root
     bus = Bus("sim", registry, bus_settings(config, "sim"))
-    sims = build_sims(config, meter_interval_s=meter_interval_s, ca_file=ca_file)
+    sims = build_sims(config, meter_interval_s=meter_interval_s, ca_file=ca_file, shard=shard)
     by_evse: dict[str, tuple[WallboxSim, SimConnector]] = {}
     last: dict[str, tuple[float, str]] = {}
 
@@ -65,7 +69,7 @@ async def run(config: Config, *, meter_interval_s: float = 10.0, ca_file: str | 
         key = json.dumps({k: v for k, v in state.items() if k not in ("ts", "energy_wh")}, sort_keys=True)
         prev = last.get(c.evse_id)
         now = time.monotonic()
-        if prev is not None and prev[1] == key and now - prev[0] < 1.0:
+        if prev is not None and prev[1] == key and now - prev[0] < draw_interval_s:
             return
         last[c.evse_id] = (now, key)
         # handed to the MQTT client at the end of this turn of the event loop, with the others of the turn

@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import ocpp.messages
-from ocpp.charge_point import camel_to_snake_case, remove_nones, serialize_as_dict, snake_to_camel_case
+from ocpp.charge_point import remove_nones, serialize_as_dict
 from ocpp.routing import on
 from ocpp.v16 import ChargePoint as CP16
 from ocpp.v16 import call as call16
@@ -38,11 +38,16 @@ from ocpp.v201 import call_result as result201
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from ocpp_gateway.sim import schema
+
 logging.getLogger("ocpp").setLevel(logging.WARNING)
 # the library validates every message in the default thread pool (two hand-overs of the GIL per message, each
 # up to the 5 ms switch interval on a busy machine): 100 simulated wallboxes answering a burst of
 # SetChargingProfile took seconds, in order, one after the other. Validated inline it is the same check.
 ocpp.messages.ASYNC_VALIDATION = False
+# and compiled: the library's interpreted jsonschema was most of the simulators' CPU (ocpp_gateway/sim/schema.py);
+# the library's key conversions (camelCase <-> snake_case, regular expressions per key) remembered per key
+schema.install()
 
 NOMINAL_V = 230.0
 IEC_MIN_A = 6.0
@@ -104,16 +109,17 @@ class SimConnector:
     def limit_a(self, now: datetime | None = None) -> tuple[float, int]:
         """The current the wallbox offers now (and the phase count) from its profiles."""
         now = now or datetime.now(UTC)
-        valid = [x for x in self.profiles if x.valid_to is None or now < x.valid_to]
-        if self.tx_key is None:
-            valid = [x for x in valid if x.purpose != "TxProfile"]
-
-        def top(purpose: str) -> SimProfile | None:
-            c = [x for x in valid if x.purpose == purpose]
-            return max(c, key=lambda x: x.stack) if c else None
-
-        tx = top("TxProfile") or top("TxDefaultProfile")
-        mx = top("ChargePointMaxProfile")
+        # of each purpose the valid profile with the highest stack level (the first of equal ones), in one pass:
+        # the simulators' physics asks this several times per wallbox and tick (a third of their CPU with lists)
+        top: dict[str, SimProfile] = {}
+        for x in self.profiles:
+            if (x.valid_to is not None and now >= x.valid_to) or (x.purpose == "TxProfile" and self.tx_key is None):
+                continue
+            best = top.get(x.purpose)
+            if best is None or x.stack > best.stack:
+                top[x.purpose] = x
+        tx = top.get("TxProfile") or top.get("TxDefaultProfile")
+        mx = top.get("ChargePointMaxProfile")
         limit, phases = self.max_current_a, self.phases
         for prof in (tx, mx):
             if prof is not None:
@@ -451,9 +457,9 @@ class WallboxSim:
         if cp is None:
             raise ConnectionError("not connected")
         mod = call16 if self.version == "1.6" else call201
-        req = getattr(mod, action)(**camel_to_snake_case(payload))
+        req = getattr(mod, action)(**schema.camel_to_snake_case(payload))
         res = await cp.call(req, suppress=False, unique_id=unique_id)
-        answer = dict(snake_to_camel_case(remove_nones(serialize_as_dict(res))))
+        answer = dict(schema.snake_to_camel_case(remove_nones(serialize_as_dict(res))))
         self.sent.append((action, payload, answer))
         return answer
 
