@@ -156,11 +156,15 @@ async def steady_resources(s: System, seconds: float) -> dict[str, Any]:
     for name, p in procs.items():
         try:
             out[name] = {"cpu_pct": round(p.cpu_percent(None), 1), "rss_mb": round(p.memory_info().rss / 2**20, 1)}
+            with contextlib.suppress(psutil.Error, AttributeError):
+                # PSS: each shared page (libraries, the interpreter) counted once over the processes sharing it
+                out[name]["pss_mb"] = round(p.memory_full_info().pss / 2**20, 1)
         except psutil.Error as e:
             out[name] = {"error": str(e)}
     svc = [out[n] for n in s.services if "cpu_pct" in out.get(n, {})]
     out["services total"] = {"cpu_pct": round(sum(x["cpu_pct"] for x in svc), 1),
-                             "rss_mb": round(sum(x["rss_mb"] for x in svc), 1)}
+                             "rss_mb": round(sum(x["rss_mb"] for x in svc), 1),
+                             "pss_mb": round(sum(x.get("pss_mb", x["rss_mb"]) for x in svc), 1)}
     sims = [out[n] for n in s.sims if "cpu_pct" in out.get(n, {})]
     out["simulators total"] = {"cpu_pct": round(sum(x["cpu_pct"] for x in sims), 1),
                                "rss_mb": round(sum(x["rss_mb"] for x in sims), 1)}
@@ -493,6 +497,7 @@ async def main(args: argparse.Namespace) -> int:
         "modbus_wallboxes": args.modbus, "ocpp_wallboxes": args.ocpp, "sim_procs": args.sim_procs,
         "poller_instances": args.poller_instances, "ready_s": result.get("ready_s"),
         "services_cpu_pct": tot.get("cpu_pct"), "services_rss_mb": tot.get("rss_mb"),
+        "services_pss_mb": tot.get("pss_mb"),
         "limit_rounds": lim.get("rounds"),
         "limit_rounds_ms": [d.get("applied_ms") for d in result.get("limit_rounds", [])],
         "limit_p50_ms": lim.get("p50"), "limit_p99_ms": lim.get("p99"),
