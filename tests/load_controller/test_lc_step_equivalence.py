@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import json
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,18 @@ class Check:
         assert self.seen == len(self.recorded), f"{self.what}: {self.seen} cycles run, {len(self.recorded)} recorded"
 
 
+def replay(x: dict[str, Any], what: str, prepare: Callable[[Plant], None]) -> None:
+    """One recorded example: its plant prepared, the first cycle, then a cycle after every event."""
+    check = Check(x["cycles"], what)
+    plant = Plant(x["site"], check)
+    prepare(plant)
+    plant.cycle()
+    for raw in x["events"]:
+        plant.apply(event(raw))
+        plant.cycle()
+    check.done()
+
+
 def chunks(kind: str, size: int) -> list[range]:
     n = len(VECTORS[kind])
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
@@ -69,26 +82,12 @@ def test_the_recording_covers_what_it_claims() -> None:
 def test_random_installations_decide_as_recorded(which: range) -> None:
     for i in which:
         x = VECTORS["random"][i]
-        check = Check(x["cycles"], f"random example {i}")
-        plant = Plant(x["site"], check)
-        start_plant(plant, x["setup"], x["house"])
-        plant.cycle()
-        for raw in x["events"]:
-            plant.apply(event(raw))
-            plant.cycle()
-        check.done()
+        replay(x, f"random example {i}", lambda plant, x=x: start_plant(plant, x["setup"], x["house"]))
 
 
 def test_restarts_with_setpoints_in_force_decide_as_recorded() -> None:
     for i, x in enumerate(VECTORS["restart"]):
-        check = Check(x["cycles"], f"restart example {i}")
-        plant = Plant(x["site"], check)
-        restart_plant(plant, x["setpoints"])
-        plant.cycle()
-        for raw in x["events"]:
-            plant.apply(event(raw))
-            plant.cycle()
-        check.done()
+        replay(x, f"restart example {i}", lambda plant, x=x: restart_plant(plant, x["setpoints"]))
 
 
 def test_bench_installation_decides_as_recorded() -> None:

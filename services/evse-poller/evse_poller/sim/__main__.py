@@ -10,6 +10,7 @@ import sys
 
 from chargegate import config as cfgmod
 from chargegate import log as logsetup
+from chargegate.shards import parse_shard
 from evse_poller.sim.runner import run
 
 
@@ -20,17 +21,6 @@ def parse_load(text: str) -> tuple[float, float, float]:
     if len(parts) != 3 or any(p < 0 or p > 1000 for p in parts):
         raise argparse.ArgumentTypeError("give one current or three (L1,L2,L3) in A, 0..1000")
     return (parts[0], parts[1], parts[2])
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    k, sep, n = text.partition("/")
-    try:
-        shard = (int(k), int(n))
-    except ValueError:
-        shard = (-1, 0)
-    if not sep or not 0 <= shard[0] < shard[1]:
-        raise argparse.ArgumentTypeError("give K/N with 0 <= K < N, e.g. 0/2")
-    return shard
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:

@@ -8,18 +8,8 @@ import contextlib
 
 from chargegate import config as cfgmod
 from chargegate import log as logsetup
+from chargegate.shards import parse_shard
 from ocpp_gateway.sim.runner import run
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    k, sep, n = text.partition("/")
-    try:
-        shard = (int(k), int(n))
-    except ValueError:
-        shard = (-1, 0)
-    if not sep or not 0 <= shard[0] < shard[1]:
-        raise argparse.ArgumentTypeError("give K/N with 0 <= K < N, e.g. 0/2")
-    return shard
 
 
 def main(argv: list[str] | None = None) -> None:
