@@ -178,12 +178,11 @@ def service_problems(cfg: cfgmod.Config, service: str) -> list[tuple[str, str]]:
     return out
 
 
-NOMINAL_V = 230.0
-
 
 def fallback_warnings(cfg: cfgmod.Config) -> list[tuple[str, str]]:
     """Circuits whose EVSEs, all at their ``safe_current_a`` at once, draw more than the circuit carries
-    (its fuse or ``max_current_a`` on some phase, or ``max_power_w`` at 230 V), as ``(path, message)``.
+    (its fuse or ``max_current_a`` on some phase, or ``max_power_w`` at ``controller.voltage_v``), as
+    ``(path, message)``.
 
     The safe current is what each EVSE falls back to without a valid setpoint (safety rule 2), and they
     all fall back together when chargegate, the broker or a poller is down - when nothing can keep the
@@ -193,6 +192,7 @@ def fallback_warnings(cfg: cfgmod.Config) -> list[tuple[str, str]]:
     case the fallback is meant to be safe for (the benchmark's 1000 wallboxes at 6 A on a 4000 A fuse
     tripped it when some of their profiles ran out)."""
     out: list[tuple[str, str]] = []
+    volts = cfg.controller.voltage_v
 
     def visit(c: Any, loc: tuple[Any, ...]) -> None:
         below = {x.id for x in c.walk()}
@@ -211,10 +211,10 @@ def fallback_warnings(cfg: cfgmod.Config) -> list[tuple[str, str]]:
                         + (f" (also on {', '.join(f'L{k + 1}' for k in over if k != worst)})" if len(over) > 1 else "")
                         + ": when they fall back together (no valid setpoint: chargegate, the broker or a poller "
                         "down) they overload it; lower safe_current_a (0 = off) or check the circuit"))
-        watts = sum(amps) * NOMINAL_V
+        watts = sum(amps) * volts
         if c.max_power_w is not None and watts > c.max_power_w + 1e-6:
             out.append((format_loc(loc), f"circuit {c.id}: the safe currents of its {len(evses)} EVSEs add up to "
-                        f"{watts:.0f} W at {NOMINAL_V:g} V, above its max_power_w {c.max_power_w:g} W: when they fall "
+                        f"{watts:.0f} W at {volts:g} V, above its max_power_w {c.max_power_w:g} W: when they fall "
                         "back together they overload it; lower safe_current_a (0 = off) or check the circuit"))
         for i, child in enumerate(c.children):
             visit(child, (*loc, "children", i))
