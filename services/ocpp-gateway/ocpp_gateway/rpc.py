@@ -16,7 +16,7 @@ The frame format, the message classes, the JSON schemas and the error classes co
 
 A payload is checked by its schema compiled with fastjsonschema; the reference validator (jsonschema, with
 referencing, rpds and attrs: about 4 MB and 50 modules) is imported only when a payload fails that check (it
-words the violation and decides) or for the three 1.6 messages whose ``multipleOf`` is checked on decimals.
+words the violation and decides).
 """
 
 from __future__ import annotations
@@ -101,19 +101,28 @@ def parse_datetime(value: str) -> datetime:
     return dt
 
 
-@lru_cache(maxsize=512)
-def schema(version: Version, action: str, kind: Literal["request", "response"]) -> dict[str, Any] | None:
-    """The library's JSON schema for ``action`` (None when the version has no such message)."""
+def _schema_path(version: Version, action: str, kind: Literal["request", "response"]) -> Path | None:
     if version == "1.6":
         name = action + ("Response" if kind == "response" else "")
         path = _SCHEMA_DIR / "v16" / "schemas" / f"{name}.json"
     else:
         name = action + ("Response" if kind == "response" else "Request")
         path = _SCHEMA_DIR / "v201" / "schemas" / f"{name}.json"
-    if not path.exists():
+    return path if path.exists() else None
+
+
+def _is_decimal_action(version: Version, action: str, kind: Literal["request", "response"]) -> bool:
+    return version == "1.6" and action + ("Response" if kind == "response" else "") in _DECIMAL_ACTIONS_16
+
+
+@lru_cache(maxsize=512)
+def schema(version: Version, action: str, kind: Literal["request", "response"]) -> dict[str, Any] | None:
+    """The library's JSON schema for ``action`` as the reference validator takes it (the numbers of the three
+    1.6 messages with ``multipleOf`` as decimals); None when the version has no such message."""
+    path = _schema_path(version, action, kind)
+    if path is None:
         return None
-    parse_float: Callable[[str], Any] = decimal.Decimal if version == "1.6" and name in _DECIMAL_ACTIONS_16 \
-        else float
+    parse_float: Callable[[str], Any] = decimal.Decimal if _is_decimal_action(version, action, kind) else float
     doc: dict[str, Any] = json.loads(path.read_text(encoding="utf-8-sig"), parse_float=parse_float)
     doc.pop("$id", None)
     return doc
@@ -149,14 +158,18 @@ def fast_validator(version: Version, action: str, kind: Literal["request", "resp
     """The same schema compiled to Python code (fastjsonschema): ~20 times faster than ``validator``'s on a
     MeterValues. Its "valid" is final, its "invalid" is not: :func:`validate` then asks the reference
     validator, which names the violation (and decides). tests/ocpp_gateway/test_ocppgw_fast_schema.py
-    checks both verdicts on every official schema. None where there is no schema, and for the 1.6 messages
-    whose ``multipleOf`` the reference checks on decimals (not on the hot path)."""
-    doc = schema(version, action, kind)
-    if doc is None:
+    checks both verdicts on every official schema. None where there is no schema.
+
+    The three 1.6 messages whose ``multipleOf`` (0.1) the reference checks on decimals (SetChargingProfile, the
+    gateway's every limit, RemoteStartTransaction, GetCompositeSchedule's response): fastjsonschema checks it
+    on ``Decimal(repr(x)) / Decimal("0.1")``, exact for every float (a ``repr`` has at most 17 digits, the
+    context 28) - the number the reference's decimal round trip (``json.dumps``, ``repr`` too) divides; above
+    1.7e307 the float quotient overflows and it says invalid, where the reference decides."""
+    path = _schema_path(version, action, kind)
+    if path is None:
         return None
-    name = action + ("Response" if kind == "response" else "")
-    if version == "1.6" and name in _DECIMAL_ACTIONS_16:
-        return None
+    doc = json.loads(path.read_text(encoding="utf-8-sig"))  # floats: fastjsonschema's multipleOf takes a float
+    doc.pop("$id", None)
     # Draft 4 as the reference, whatever the file says (2.0.1's say draft-06, where 1.0 is an integer);
     # use_default=False: it must not fill in the schemas' defaults (the payload is forwarded as it came)
     return fastjsonschema.compile({**doc, "$schema": "http://json-schema.org/draft-04/schema#"},
@@ -223,7 +236,7 @@ def validate(version: Version, action: str, kind: Literal["request", "response"]
     fast = fast_validator(version, action, kind)
     if fast is not None and _passes(fast, payload):
         return
-    if version == "1.6" and (action + ("Response" if kind == "response" else "")) in _DECIMAL_ACTIONS_16:
+    if _is_decimal_action(version, action, kind):
         payload = json.loads(json.dumps(payload), parse_float=decimal.Decimal)
     v = validator(version, action, kind)
     assert v is not None  # the same schema
