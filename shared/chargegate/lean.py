@@ -6,6 +6,12 @@ service it costs about 5 MB and 80 modules in every process (bench/footprint). :
 called first in each service's ``__main__``, makes ``import rich`` fail in that process only: structlog
 then writes its plain tracebacks (same content, no colours). Tests and the CLI are unaffected.
 
+pydantic looks for plugins (the ``pydantic`` entry point group) when it builds its first model: that
+imports ``importlib.metadata`` (with email, zipfile, csv, tempfile, shutil, bz2, lzma ...) and reads the
+metadata of every installed distribution, about 1.5 MB in each process. chargegate uses no pydantic plugin;
+:func:`service_process` puts a plugin loader that finds none in place of pydantic's (its one function,
+``get_plugins``), in the service processes only.
+
 glibc's malloc gives threads that allocate their own arenas (up to 8 per core) and keeps what was freed in
 its heaps. :func:`service_process` caps the arenas at :data:`ARENAS` (``mallopt(M_ARENA_MAX)``, before the
 service's threads start; a ``MALLOC_ARENA_MAX`` in the environment, as the Dockerfiles and the compose file
@@ -21,8 +27,11 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import types
+from collections.abc import Iterable
 
 KEPT_OUT = ("rich",)
+PYDANTIC_PLUGIN_LOADER = "pydantic.plugin._loader"
 M_ARENA_MAX = -8  # mallopt(3)
 ARENAS = 2
 
@@ -61,9 +70,17 @@ def release_memory() -> bool:
     return bool(lib is not None and lib.malloc_trim(0))
 
 
+def _no_pydantic_plugins() -> Iterable[object]:
+    return ()
+
+
 def service_process() -> None:
     """Call before anything else is imported in a service's ``python -m`` entry point."""
     for name in KEPT_OUT:
         if name not in sys.modules:
             sys.modules[name] = None  # type: ignore[assignment]  # ``import rich`` raises ImportError
+    if PYDANTIC_PLUGIN_LOADER not in sys.modules:
+        loader = types.ModuleType(PYDANTIC_PLUGIN_LOADER, "chargegate.lean: no pydantic plugins in a service process")
+        loader.get_plugins = _no_pydantic_plugins  # type: ignore[attr-defined]
+        sys.modules[PYDANTIC_PLUGIN_LOADER] = loader
     limit_arenas()

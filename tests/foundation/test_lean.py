@@ -90,3 +90,43 @@ async def test_the_runtime_releases_memory_after_start_up_and_then_periodically(
     await asyncio.sleep(0.1)
     task.cancel()
     assert len(calls) >= 3
+
+
+PLUGINS = """
+import json, sys
+from chargegate.lean import service_process
+service_process()
+import runpy
+runpy.run_module(sys.argv[1], run_name="probe", alter_sys=True)
+from pydantic import BaseModel, ValidationError
+from pydantic.plugin._loader import get_plugins
+class M(BaseModel):
+    a: int
+ok = M.model_validate({"a": 1}).a == 1
+try:
+    M.model_validate({"a": "x"})
+    refused = False
+except ValidationError:
+    refused = True
+from chargegate import config, payloads
+print(json.dumps({"plugins": list(get_plugins()), "ok": ok, "refused": refused,
+                  "metadata": "importlib.metadata" in sys.modules}))
+"""
+
+
+@pytest.mark.parametrize("module", ["evse_poller", "load_controller", "smgw_link", "history"])
+def test_a_service_process_does_not_look_for_pydantic_plugins(module: str) -> None:
+    """pydantic's plugin loader (``importlib.metadata`` and a scan of every installed distribution) is not
+    in a service process; its models build and validate as before."""
+    out = subprocess.run([sys.executable, "-c", PLUGINS, module], capture_output=True, text=True, check=True,
+                         timeout=60)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r == {"plugins": [], "ok": True, "refused": True, "metadata": False}
+
+
+def test_the_plugin_loader_of_a_process_that_is_no_service_is_pydantics() -> None:
+    out = subprocess.run([sys.executable, "-c", "import sys, json; from pydantic import BaseModel\n"
+                          "class M(BaseModel):\n    a: int\n"
+                          "print(json.dumps('importlib.metadata' in sys.modules))"],
+                         capture_output=True, text=True, check=True, timeout=60)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) is True
