@@ -121,14 +121,15 @@ def _parse_args(name: str, argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-TLS_READ_BUFFER = 16 * 1024
+TLS_READ_BUFFER = 4 * 1024
 
 
 def small_tls_buffers(size: int = TLS_READ_BUFFER) -> None:
     """asyncio gives every TLS connection a 256 KiB read buffer (``SSLProtocol.max_size``), allocated and
-    zeroed when it connects: 200 channels through smgw-link held 45 MB for it (3.2 MB at 16 KiB). The buffer
-    only takes what the socket has; OpenSSL reassembles records across reads (a full record, 16 KiB of
-    plaintext plus its overhead, takes two), so larger messages are just read in more calls."""
+    zeroed when it connects: 200 channels through smgw-link held 45 MB for it (3.2 MB at 16 KiB, 0.8 MB at
+    4 KiB). The buffer only takes what the socket has; OpenSSL reassembles records across reads (a full
+    record, 16 KiB of plaintext plus its overhead, takes five), so larger messages are just read in more
+    calls; an OCPP or CLS.EEDI message (a few hundred bytes) takes one."""
     asyncio.sslproto.SSLProtocol.max_size = size
 
 
