@@ -118,7 +118,8 @@ def _is_decimal_action(version: Version, action: str, kind: Literal["request", "
 @lru_cache(maxsize=512)
 def schema(version: Version, action: str, kind: Literal["request", "response"]) -> dict[str, Any] | None:
     """The library's JSON schema for ``action`` as the reference validator takes it (the numbers of the three
-    1.6 messages with ``multipleOf`` as decimals); None when the version has no such message."""
+    1.6 messages with ``multipleOf`` as decimals); None when the version has no such message. Loaded for the
+    reference validator only: the compiled check reads the file itself."""
     path = _schema_path(version, action, kind)
     if path is None:
         return None
@@ -229,12 +230,12 @@ def schema_error_code(version: Version, err: SchemaValidationError) -> str:
 
 def validate(version: Version, action: str, kind: Literal["request", "response"], payload: Any) -> None:
     """Raise :class:`RpcError` with the right code when ``payload`` violates the schema."""
-    if schema(version, action, kind) is None:
+    fast = fast_validator(version, action, kind)  # every schema has one (None: no schema)
+    if fast is None:
         return
     if not isinstance(payload, dict):
         raise RpcError(code_for(version, "format"), "payload must be a JSON object")
-    fast = fast_validator(version, action, kind)
-    if fast is not None and _passes(fast, payload):
+    if _passes(fast, payload):
         return
     if _is_decimal_action(version, action, kind):
         payload = json.loads(json.dumps(payload), parse_float=decimal.Decimal)
