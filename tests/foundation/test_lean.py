@@ -108,7 +108,7 @@ try:
     refused = False
 except ValidationError:
     refused = True
-from chargegate import config, payloads
+from chargegate import config, payloads, preflight  # preflight: run_service's check of the secrets and files
 print(json.dumps({"plugins": list(get_plugins()), "ok": ok, "refused": refused,
                   "metadata": "importlib.metadata" in sys.modules}))
 """
@@ -117,7 +117,8 @@ print(json.dumps({"plugins": list(get_plugins()), "ok": ok, "refused": refused,
 @pytest.mark.parametrize("module", ["evse_poller", "load_controller", "smgw_link", "history"])
 def test_a_service_process_does_not_look_for_pydantic_plugins(module: str) -> None:
     """pydantic's plugin loader (``importlib.metadata`` and a scan of every installed distribution) is not
-    in a service process; its models build and validate as before."""
+    in a service process, nor is importlib.metadata by the start-up's preflight check; pydantic's models
+    build and validate as before."""
     out = subprocess.run([sys.executable, "-c", PLUGINS, module], capture_output=True, text=True, check=True,
                          timeout=60)
     r = json.loads(out.stdout.strip().splitlines()[-1])
