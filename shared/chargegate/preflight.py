@@ -13,7 +13,6 @@ load-controller`` does not need the OCPP backend's password).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +109,11 @@ def file_problems(cfg: cfgmod.Config) -> list[tuple[Loc, str]]:
 def service_checks(cfg: cfgmod.Config) -> list[tuple[str, str]]:
     """The services' own checks of a valid configuration (entry point group ``chargegate.config_checks``:
     each entry is ``check(config) -> [(path, message), ...]``), e.g. the evse-poller's device profiles
-    and the current ranges each device accepts. Each entry is named after its service."""
+    and the current ranges each device accepts. Each entry is named after its service. (importlib.metadata
+    is imported here: a service process, which imports this module for :func:`service_problems` at start-up,
+    does not need it - bench/footprint.)"""
+    from importlib.metadata import entry_points
+
     errors: list[tuple[str, str]] = []
     for ep in entry_points(group="chargegate.config_checks"):
         try:

@@ -1,50 +1,61 @@
-"""Every service runs asyncio TLS with 16 KiB read buffers instead of 256 KiB (chargegate.runtime.small_tls_buffers):
-memory per connection drops, and messages larger than the buffer still arrive whole, over real TLS."""
+"""The services' small TLS read buffer (``chargegate.runtime.small_tls_buffers``: 4 KiB instead of asyncio's
+256 KiB per connection): messages larger than the buffer and than a TLS record arrive whole, both ways."""
 
 from __future__ import annotations
 
 import asyncio
-import asyncio.sslproto
-import hashlib
-import os
+import datetime
 import ssl
 from pathlib import Path
 
-from chargegate.runtime import TLS_READ_BUFFER, small_tls_buffers
-from smgw_link.pki import make_pki
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from chargegate import runtime
 
 
-async def test_large_messages_cross_small_tls_buffers(tmp_path: Path) -> None:
-    small_tls_buffers()
-    assert asyncio.sslproto.SSLProtocol.max_size == TLS_READ_BUFFER == 16 * 1024
-    pki = make_pki(tmp_path / "pki", "P-256")
-    sctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    sctx.load_cert_chain(str(pki.operator_cert), str(pki.operator_key))
-    cctx = ssl.create_default_context(cafile=str(pki.operator_ca))
-    cctx.check_hostname = False
-    buffers: list[int] = []
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .sign(key, hashes.SHA256()))
+    crt, pem = tmp / "c.pem", tmp / "k.pem"
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+    return crt, pem
 
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        proto = writer.transport.get_protocol()
-        ssl_proto = getattr(writer.transport, "_ssl_protocol", proto)
-        buffers.append(len(getattr(ssl_proto, "_ssl_buffer", b"")))
-        n = int.from_bytes(await reader.readexactly(4), "big")
-        data = await reader.readexactly(n)
-        writer.write(hashlib.sha256(data).digest() + data[-10:])
-        await writer.drain()
-        writer.close()
+
+async def test_large_messages_cross_a_small_tls_read_buffer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(asyncio.sslproto.SSLProtocol, "max_size", asyncio.sslproto.SSLProtocol.max_size)
+    runtime.small_tls_buffers()
+    assert asyncio.sslproto.SSLProtocol.max_size == runtime.TLS_READ_BUFFER == 4096
+    crt, key = _self_signed(tmp_path)
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(crt, key)
+    cctx = ssl.create_default_context(cafile=str(crt))
+    blobs = [bytes([i % 251]) * n for i, n in enumerate((1, 300, 4095, 4096, 4097, 16384, 16385, 200_000))]
+
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        for b in blobs:
+            w.write(await r.readexactly(len(b)))
+            await w.drain()
+        w.close()
 
     server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=sctx)
     port = server.sockets[0].getsockname()[1]
-    try:
-        payload = os.urandom(300_000)  # many TLS records, many buffer fills
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=cctx)
-        writer.write(len(payload).to_bytes(4, "big") + payload)
-        await writer.drain()
-        answer = await asyncio.wait_for(reader.readexactly(42), 10)
-        writer.close()
-        assert answer == hashlib.sha256(payload).digest() + payload[-10:]
-        assert buffers == [TLS_READ_BUFFER]  # the server side's connection buffer, not 256 KiB
-    finally:
-        server.close()
-        await server.wait_closed()
+    r, w = await asyncio.open_connection("127.0.0.1", port, ssl=cctx, server_hostname="localhost")
+    for b in blobs:
+        w.write(b)
+        await w.drain()
+        assert await asyncio.wait_for(r.readexactly(len(b)), 10) == b
+    w.close()
+    server.close()
+    await server.wait_closed()

@@ -41,3 +41,40 @@ def test_a_process_with_the_library_loaded_shares_its_modules() -> None:
     from ocpp_gateway import ocpp_enums
 
     assert ocpp_enums._enums("v16") is ocpp.v16.enums and ocpp_enums._enums("v201") is ocpp.v201.enums
+
+
+REFERENCE = ("jsonschema", "referencing", "rpds", "attr", "attrs", "jsonschema_specifications")
+_REFERENCE_LOADED = ("def loaded(): return sorted(m for m in sys.modules if m.split('.')[0] in "
+                     f"{REFERENCE!r} and sys.modules[m] is not None)\n")
+
+
+def test_the_reference_validator_is_imported_only_for_a_payload_the_compiled_check_refuses() -> None:
+    """jsonschema (with referencing, rpds, attrs) is not in the service process after start-up (warm_up
+    included); the first payload that fails the compiled check imports it and gets the reference's wording
+    and OCPP-J code, as before; so does a 1.6 message whose multipleOf is checked on decimals."""
+    code = ("import json, sys, runpy\n" + _REFERENCE_LOADED +
+            "runpy.run_module('ocpp_gateway', run_name='probe', alter_sys=True)\n"
+            "from ocpp_gateway import rpc\n"
+            "rpc.warm_up({'1.6', '2.0.1'})\n"
+            "out = {'after_start': loaded()}\n"
+            "mv = [{'timestamp': '2026-12-07T10:00:00Z', 'sampledValue': [{'value': '1'}]}]\n"
+            "rpc.validate('1.6', 'MeterValues', 'request', {'connectorId': 1, 'meterValue': mv})\n"
+            "out['after_valid'] = loaded()\n"
+            "def err(*a):\n"
+            "    try:\n"
+            "        rpc.validate(*a)\n"
+            "    except rpc.RpcError as e:\n"
+            "        return [e.code, e.description, e.details]\n"
+            "out['bad'] = err('1.6', 'MeterValues', 'request', {'connectorId': 'x', 'meterValue': mv})\n"
+            "out['after_bad'] = loaded()\n"
+            "out['decimal'] = err('1.6', 'SetChargingProfile', 'request', {'connectorId': 1})\n"
+            "out['when'] = err('2.0.1', 'Heartbeat', 'response', {'currentTime': '2026-12-07T10:00:00'})\n"
+            "print(json.dumps(out))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["after_start"] == [] and res["after_valid"] == []
+    assert res["bad"] == ["TypeConstraintViolation", "connectorId: 'x' is not of type 'integer'",
+                          {"path": "connectorId", "keyword": "type"}]
+    assert "jsonschema" in res["after_bad"]
+    assert res["decimal"][0] == "OccurenceConstraintViolation" and "csChargingProfiles" in res["decimal"][1]
+    assert res["when"][0] == "PropertyConstraintViolation" and res["when"][2]["keyword"] == "format"

@@ -13,6 +13,10 @@ The frame format, the message classes, the JSON schemas and the error classes co
   GenericError at once, transaction messages wait for a token (backpressure on that one socket,
   nothing is dropped, the other connections are untouched),
 * raw payloads (camelCase dicts) in and out, so that messages can be forwarded unchanged.
+
+A payload is checked by its schema compiled with fastjsonschema; the reference validator (jsonschema, with
+referencing, rpds and attrs: about 4 MB and 50 modules) is imported only when a payload fails that check (it
+words the violation and decides).
 """
 
 from __future__ import annotations
@@ -28,17 +32,19 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import fastjsonschema
 import ocpp
 import structlog
-from jsonschema import Draft4Validator, FormatChecker
-from jsonschema.exceptions import ValidationError as SchemaValidationError
 from websockets.exceptions import ConnectionClosed
 
 from chargegate.ratelog import LogLimiter
 from ocpp_gateway.ocpp_enums import e16, e201
+
+if TYPE_CHECKING:
+    from jsonschema import Draft4Validator, FormatChecker
+    from jsonschema.exceptions import ValidationError as SchemaValidationError
 
 Version = Literal["1.6", "2.0.1"]
 SUBPROTOCOL: dict[str, Version] = {"ocpp1.6": "1.6", "ocpp2.0.1": "2.0.1"}
@@ -70,10 +76,16 @@ def known_actions(version: Version) -> frozenset[str]:
     return frozenset(a.value for a in enum)
 
 
-_FORMATS = FormatChecker(formats=())
+@lru_cache(maxsize=1)
+def _formats() -> FormatChecker:
+    """The reference validator's format checks: date-time only (every other format passes)."""
+    from jsonschema import FormatChecker
+
+    checker = FormatChecker(formats=())
+    checker.checks("date-time", raises=ValueError)(_is_datetime)
+    return checker
 
 
-@_FORMATS.checks("date-time", raises=ValueError)
 def _is_datetime(value: object) -> bool:
     if not isinstance(value, str):
         return True
@@ -89,22 +101,44 @@ def parse_datetime(value: str) -> datetime:
     return dt
 
 
-@lru_cache(maxsize=512)
-def validator(version: Version, action: str, kind: Literal["request", "response"]) -> Draft4Validator | None:
-    """The library's JSON schema for ``action`` (None when the version has no such message)."""
+def _schema_path(version: Version, action: str, kind: Literal["request", "response"]) -> Path | None:
     if version == "1.6":
         name = action + ("Response" if kind == "response" else "")
         path = _SCHEMA_DIR / "v16" / "schemas" / f"{name}.json"
     else:
         name = action + ("Response" if kind == "response" else "Request")
         path = _SCHEMA_DIR / "v201" / "schemas" / f"{name}.json"
-    if not path.exists():
+    return path if path.exists() else None
+
+
+def _is_decimal_action(version: Version, action: str, kind: Literal["request", "response"]) -> bool:
+    return version == "1.6" and action + ("Response" if kind == "response" else "") in _DECIMAL_ACTIONS_16
+
+
+@lru_cache(maxsize=512)
+def schema(version: Version, action: str, kind: Literal["request", "response"]) -> dict[str, Any] | None:
+    """The library's JSON schema for ``action`` as the reference validator takes it (the numbers of the three
+    1.6 messages with ``multipleOf`` as decimals); None when the version has no such message. Loaded for the
+    reference validator only: the compiled check reads the file itself."""
+    path = _schema_path(version, action, kind)
+    if path is None:
         return None
-    parse_float: Callable[[str], Any] = decimal.Decimal if version == "1.6" and name in _DECIMAL_ACTIONS_16 \
-        else float
-    schema = json.loads(path.read_text(encoding="utf-8-sig"), parse_float=parse_float)
-    schema.pop("$id", None)
-    return Draft4Validator(schema, format_checker=_FORMATS)
+    parse_float: Callable[[str], Any] = decimal.Decimal if _is_decimal_action(version, action, kind) else float
+    doc: dict[str, Any] = json.loads(path.read_text(encoding="utf-8-sig"), parse_float=parse_float)
+    doc.pop("$id", None)
+    return doc
+
+
+@lru_cache(maxsize=512)
+def validator(version: Version, action: str, kind: Literal["request", "response"]) -> Draft4Validator | None:
+    """The reference validator (jsonschema) of :func:`schema` (None when the version has no such message);
+    jsonschema is imported at the first call."""
+    doc = schema(version, action, kind)
+    if doc is None:
+        return None
+    from jsonschema import Draft4Validator
+
+    return Draft4Validator(doc, format_checker=_formats())
 
 
 def _check_datetime(value: str) -> bool:
@@ -125,18 +159,22 @@ def fast_validator(version: Version, action: str, kind: Literal["request", "resp
     """The same schema compiled to Python code (fastjsonschema): ~20 times faster than ``validator``'s on a
     MeterValues. Its "valid" is final, its "invalid" is not: :func:`validate` then asks the reference
     validator, which names the violation (and decides). tests/ocpp_gateway/test_ocppgw_fast_schema.py
-    checks both verdicts on every official schema. None where there is no schema, and for the 1.6 messages
-    whose ``multipleOf`` the reference checks on decimals (not on the hot path)."""
-    ref = validator(version, action, kind)
-    if ref is None:
+    checks both verdicts on every official schema. None where there is no schema.
+
+    The three 1.6 messages whose ``multipleOf`` (0.1) the reference checks on decimals (SetChargingProfile, the
+    gateway's every limit, RemoteStartTransaction, GetCompositeSchedule's response): fastjsonschema checks it
+    on ``Decimal(repr(x)) / Decimal("0.1")``, exact for every float (a ``repr`` has at most 17 digits, the
+    context 28) - the number the reference's decimal round trip (``json.dumps``, ``repr`` too) divides; above
+    1.7e307 the float quotient overflows and it says invalid, where the reference decides."""
+    path = _schema_path(version, action, kind)
+    if path is None:
         return None
-    name = action + ("Response" if kind == "response" else "")
-    if version == "1.6" and name in _DECIMAL_ACTIONS_16:
-        return None
+    doc = json.loads(path.read_text(encoding="utf-8-sig"))  # floats: fastjsonschema's multipleOf takes a float
+    doc.pop("$id", None)
     # Draft 4 as the reference, whatever the file says (2.0.1's say draft-06, where 1.0 is an integer);
     # use_default=False: it must not fill in the schemas' defaults (the payload is forwarded as it came)
-    schema = {**ref.schema, "$schema": "http://json-schema.org/draft-04/schema#"}
-    return fastjsonschema.compile(schema, formats=_FAST_FORMATS, use_default=False)
+    return fastjsonschema.compile({**doc, "$schema": "http://json-schema.org/draft-04/schema#"},
+                                  formats=_FAST_FORMATS, use_default=False)
 
 
 # the messages every wallbox sends, and their answers: their schema checks are compiled at start-up (warm_up)
@@ -151,12 +189,12 @@ def warm_up(versions: set[Version]) -> int:
     """Compile the schema checks of :data:`HOT_ACTIONS` now, not at the first such message: one compile (the
     reference validator and fastjsonschema's generated code) is ~30 M instructions, tens of ms with the event
     loop and every connection waiting - the first MeterValues of 200 wallboxes showed it (bench/ocpp). The
-    others are still compiled when first used. Returns how many were compiled."""
+    others are still compiled when first used; the reference validators (for a payload the compiled check
+    refuses) too. Returns how many were compiled."""
     n = 0
     for version in sorted(versions):
         for action in HOT_ACTIONS[version]:
             for kind in ("request", "response"):
-                validator(version, action, kind)
                 n += fast_validator(version, action, kind) is not None
     return n
 
@@ -192,16 +230,17 @@ def schema_error_code(version: Version, err: SchemaValidationError) -> str:
 
 def validate(version: Version, action: str, kind: Literal["request", "response"], payload: Any) -> None:
     """Raise :class:`RpcError` with the right code when ``payload`` violates the schema."""
-    v = validator(version, action, kind)
-    if v is None:
+    fast = fast_validator(version, action, kind)  # every schema has one (None: no schema)
+    if fast is None:
         return
     if not isinstance(payload, dict):
         raise RpcError(code_for(version, "format"), "payload must be a JSON object")
-    fast = fast_validator(version, action, kind)
-    if fast is not None and _passes(fast, payload):
+    if _passes(fast, payload):
         return
-    if version == "1.6" and (action + ("Response" if kind == "response" else "")) in _DECIMAL_ACTIONS_16:
+    if _is_decimal_action(version, action, kind):
         payload = json.loads(json.dumps(payload), parse_float=decimal.Decimal)
+    v = validator(version, action, kind)
+    assert v is not None  # the same schema
     try:
         with decimal.localcontext() as ctx:
             # multipleOf on decimals: 1e300 / 0.1 needs 301 digits (the default 28 raised DivisionImpossible)

@@ -1,5 +1,10 @@
 """CLS.EEDI 1.x messages: validation against the official schemas (copied unchanged into
-``schemas/``), envelopes, and conversion of bus readings into ``state`` measurements."""
+``schemas/``), envelopes, and conversion of bus readings into ``state`` measurements.
+
+A message is checked by the schema compiled with fastjsonschema; only one that it refuses goes to the reference
+validator (jsonschema with referencing, rpds and attrs: about 4 MB and 50 modules), which words the violations.
+That is imported then, not with this module (bench/footprint).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,13 @@ import uuid
 from collections.abc import Callable
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fastjsonschema
-from jsonschema import Draft7Validator
-from referencing import Registry, Resource
-from referencing.jsonschema import DRAFT7
+
+if TYPE_CHECKING:
+    from jsonschema import Draft7Validator
+    from referencing import Registry
 
 PROTOCOL = "1.0.0"
 MAJOR = "1"
@@ -45,6 +51,9 @@ def _load(rel: str) -> dict[str, Any]:
 
 @cache
 def _registry() -> Registry:
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT7
+
     reg: Registry = Registry()
     for uri, rel in _FILES.items():
         res = Resource.from_contents(_load(rel), default_specification=DRAFT7)
@@ -57,7 +66,10 @@ def _registry() -> Registry:
 
 @cache
 def message_validator() -> Draft7Validator:
-    """The official message schema (draft-07) with its ``file:`` references resolved locally."""
+    """The official message schema (draft-07) with its ``file:`` references resolved locally (imported here:
+    only a message the compiled check refuses needs it)."""
+    from jsonschema import Draft7Validator
+
     return Draft7Validator(_load("message.schema.json"), registry=_registry())
 
 
