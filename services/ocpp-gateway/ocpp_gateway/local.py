@@ -42,7 +42,7 @@ from chargegate.config import Config, Evse
 from chargegate.ratelog import LogLimiter
 from chargegate.supervise import Tasks
 from ocpp_gateway import conv, passthrough
-from ocpp_gateway.rpc import SUBPROTOCOL, SUBPROTOCOL_OF, OcppRpc, RpcError, Version
+from ocpp_gateway.rpc import SUBPROTOCOL, SUBPROTOCOL_OF, OcppRpc, RpcError, Version, is_transaction_message
 from ocpp_gateway.txqueue import TxQueue, TxRow
 from ocpp_gateway.upstream import UpstreamCP
 
@@ -793,6 +793,10 @@ class WallboxSession:
         with queue.deferred_sync() as ticket:
             res = await self._dispatch(action, d)
         if ticket.written:
+            await queue.sync(ticket.upto)  # its own commits (and all before them), not those that came after
+        elif queue.unsynced and is_transaction_message(action, d):
+            # a repeat answered from what is stored (nothing queued again): that may be a commit whose fsync
+            # still runs (the first copy's, on a connection that dropped before its answer)
             await queue.sync()
         return res
 
