@@ -107,3 +107,44 @@ async def test_checkpoints_run_in_the_sync_thread(tmp_path: Path, monkeypatch: A
         assert q.count("cp") == txqueue.CHECKPOINT_EVERY + 6  # the start and every update, all there
     finally:
         q.close()
+
+
+async def test_until_durable_waits_for_the_insert_and_a_failed_fsync_keeps_the_message(tmp_path: Path,
+                                                                                      monkeypatch: Any) -> None:
+    """The delivery loop's guard before a delete (a meter value forwarded while its fsync ran): until_durable
+    returns only after the fsync that covers the insert; when that fsync fails it raises (the loop deletes
+    nothing, the message stays queued and goes out again with its id) and the next one covers it."""
+    q = TxQueue(tmp_path / "q.sqlite")
+    tx = _start(q)
+    gate = threading.Event()
+    real = TxQueue._fdatasync_wal
+    mode = {"fail": True}
+
+    def held(self: TxQueue) -> None:
+        gate.wait(10)
+        if mode["fail"]:
+            raise OSError(errno.EIO, "Input/output error")
+        real(self)
+
+    monkeypatch.setattr(TxQueue, "_fdatasync_wal", held)
+    try:
+        assert q.durable_after(1) == 0  # the start: committed synchronous=FULL, on disk at once
+        with q.deferred_sync():
+            _meter(q, tx, 1)
+        head = q.head("cp")
+        assert head is not None and head.kind == "start"
+        m = q.db.execute("SELECT MAX(seq) FROM msg").fetchone()[0]
+        assert q.durable_after(m) > 0
+        waiter = asyncio.ensure_future(q.until_durable(m))
+        await asyncio.sleep(0.1)
+        assert not waiter.done()  # held: the delete would have to wait
+        gate.set()
+        with pytest.raises(OSError):
+            await asyncio.wait_for(waiter, 5)
+        assert q.durable_after(m) > 0 and q.count("cp") == 2  # not durable, still queued
+        mode["fail"] = False
+        await asyncio.wait_for(q.until_durable(m), 5)
+        assert q.durable_after(m) == 0
+    finally:
+        gate.set()
+        q.close()

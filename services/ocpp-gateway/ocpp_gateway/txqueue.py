@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import sqlite3
@@ -93,15 +94,17 @@ TX_ID_PLACEHOLDER = "__backend_transaction_id__"
 class SyncTicket:
     """The commits one task makes inside :meth:`TxQueue.deferred_sync` (see there)."""
 
-    __slots__ = ("queue", "task", "written")
+    __slots__ = ("queue", "task", "upto", "written")
 
     def __init__(self, queue: TxQueue, task: asyncio.Task[Any] | None) -> None:
         self.queue, self.task, self.written = queue, task, False
+        self.upto = 0  # the last of its commits (``TxQueue._written``): ``sync(ticket.upto)`` covers them all
 
 
 _DEFERRED: ContextVar[SyncTicket | None] = ContextVar("txqueue_deferred_sync", default=None)
 
 
+ROW_CACHE_MAX = 4096  # transaction rows kept in memory (TxQueue._rows; far more than open transactions)
 CHECKPOINT_EVERY = 100  # commits (about 800 WAL pages: SQLite's own default is a checkpoint per 1000 pages)
 
 
@@ -238,6 +241,14 @@ class TxQueue:
         self._since_checkpoint = 0  # commits since the sync thread was last asked for a checkpoint
         self._wal_fd: int | None = None
         self._deferred_tx: SyncTicket | None = None  # the open transaction is a deferred_sync one
+        self._tx_inserted: list[int] = []  # the messages the open transaction inserted
+        # messages of deferred commits whose fsync has not returned yet: seq -> the commit (``_written``) that
+        # must be on disk before anything may happen to them that rests on their being stored (their delete)
+        self._unsynced_msg: dict[int, int] = {}
+        # transaction rows as last read or written by this connection (the hot path read one up to four times per
+        # MeterValues); every write to a row replaces or drops its entry, so a hit equals what SELECT would say
+        self._rows: dict[str, TxRow] = {}
+        self._by_local: dict[tuple[str, str], str] = {}  # (evse_id, local_id) -> the newest tx with it
 
     def close(self) -> None:
         if self._syncer is not None:
@@ -271,12 +282,12 @@ class TxQueue:
         """Commits whose fsync is still to come (nothing of them may leave the gateway yet)."""
         return self._synced < self._written
 
-    async def sync(self) -> None:
-        """Return once every commit made so far is on disk: the WAL file fsynced (``fdatasync``, what SQLite
-        does at a ``synchronous=FULL`` commit in WAL mode) by the sync thread. Commits arriving while one
-        fsync runs share the next one (group commit). An error (EIO) raises: the caller does not acknowledge
-        (a later ``sync`` tries again)."""
-        target = self._written
+    async def sync(self, upto: int | None = None) -> None:
+        """Return once every commit made so far (or up to the ``upto``-th deferred one) is on disk: the WAL
+        file fsynced (``fdatasync``, what SQLite does at a ``synchronous=FULL`` commit in WAL mode) by the sync
+        thread. Commits arriving while one fsync runs share the next one (group commit). An error (EIO) raises:
+        the caller does not acknowledge (a later ``sync`` tries again)."""
+        target = self._written if upto is None else min(upto, self._written)
         if self._synced >= target:
             return
         syncer = self._syncer
@@ -286,11 +297,29 @@ class TxQueue:
         syncer.request(target, retry=target <= self._failed_upto)
         await fut
 
+    def durable_after(self, seq: int) -> int:
+        """0 when message ``seq`` is on disk (or was committed ``synchronous=FULL``), else the deferred commit
+        whose fsync must return first (for :meth:`until_durable`)."""
+        n = self._unsynced_msg.get(seq, 0)
+        return n if n > self._synced else 0
+
+    async def until_durable(self, seq: int) -> None:
+        """Return once message ``seq``'s insert is on disk. The delivery loop forwards a meter value while its
+        fsync may still run (services/ocpp-gateway/README.md, "Forwarding while the fsync runs") and awaits this
+        before it deletes the message: a delete is never committed before the insert it undoes is durable.
+        Raises like :meth:`sync` when the fsync fails (the message stays queued)."""
+        n = self.durable_after(seq)
+        if n:
+            await self.sync(n)
+
     def _synced_to(self, upto: int, error: OSError | None) -> None:
         """The sync thread's report (on the loop): commits up to ``upto`` are on disk, or failed to be."""
         if error is None:
             self._synced = max(self._synced, upto)
             done = self._synced
+            if self._unsynced_msg:
+                synced = self._synced
+                self._unsynced_msg = {s: n for s, n in self._unsynced_msg.items() if n > synced}
         else:
             self._failed_upto = max(self._failed_upto, upto)
             done = upto
@@ -331,6 +360,7 @@ class TxQueue:
             ticket.task is asyncio.current_task() else None
         if self._deferred_tx is not None:
             self.db.execute("PRAGMA synchronous=NORMAL")
+        self._tx_inserted.clear()
         try:
             self.db.execute("BEGIN IMMEDIATE")
         except BaseException:
@@ -353,6 +383,9 @@ class TxQueue:
         if ticket is not None:
             self._written += 1
             ticket.written = True
+            ticket.upto = self._written
+            for seq in self._tx_inserted:
+                self._unsynced_msg[seq] = self._written
             syncer = self._syncer
             if syncer is None:
                 syncer = self._syncer = _Syncer(self, asyncio.get_running_loop())
@@ -366,6 +399,7 @@ class TxQueue:
                 self._syncer.checkpoint()
 
     def _rollback(self) -> None:
+        self._tx_inserted.clear()
         try:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
@@ -411,19 +445,23 @@ class TxQueue:
         except BaseException:
             self._rollback()
             raise
+        self._rows.pop(tx, None)
+        if local_id is not None:
+            self._by_local[(evse_id, local_id)] = tx  # the newest row with it, as tx_by_local's ORDER BY says
         self._enforce_bound()
         return tx
 
     def add(self, tx: str, kind: str, action: str, payload: dict[str, Any], *, meter: float | None = None,
             stopped: str | None = None, last_ts: str | None = None, local_seq: int | None = None) -> int:
         """Queue an update or stop message of transaction ``tx``. Returns its sequence number."""
-        row = self.db.execute("SELECT cp FROM tx WHERE tx = ?", (tx,)).fetchone()
+        row = self.tx(tx)
         if row is None:
             raise KeyError(f"unknown transaction {tx}")
+        changes = meter is not None or stopped is not None or last_ts is not None or local_seq is not None
         self._begin()
         try:
-            seq = self._insert(row[0], tx, kind, action, payload)
-            if meter is not None or stopped is not None or last_ts is not None or local_seq is not None:
+            seq = self._insert(row.cp, tx, kind, action, payload)
+            if changes:
                 # one statement for what is given (None: left as it is)
                 self.db.execute(
                     "UPDATE tx SET meter_last = coalesce(?, meter_last), stopped = coalesce(?, stopped), "
@@ -431,20 +469,30 @@ class TxQueue:
                     (meter, stopped, last_ts, local_seq, tx))
             self._commit()
         except BaseException:
+            self._rows.pop(tx, None)
             self._rollback()
             raise
+        if changes:  # the row as the UPDATE left it (what a SELECT would read now)
+            self._rows[tx] = dataclasses.replace(
+                row, meter_last=float(meter) if meter is not None else row.meter_last,
+                stopped=stopped if stopped is not None else row.stopped,
+                last_ts=last_ts if last_ts is not None else row.last_ts,
+                local_seq=int(local_seq) if local_seq is not None else row.local_seq)
         self._enforce_bound()
         return seq
 
     def add_seq_only(self, tx: str, local_seq: int) -> None:
         """Remember a wallbox's TransactionEvent seqNo that carried nothing to forward (duplicate check)."""
+        self._rows.pop(tx, None)
         self.db.execute("UPDATE tx SET local_seq = ? WHERE tx = ?", (local_seq, tx))
 
     def mark_stopped(self, tx: str, stopped: str) -> None:
+        self._rows.pop(tx, None)
         self.db.execute("UPDATE tx SET stopped = ? WHERE tx = ?", (stopped, tx))
 
     def next_seq_no(self, tx: str) -> int:
         """2.0.1 TransactionEvent seqNo, persisted per transaction."""
+        self._rows.pop(tx, None)
         self._begin()
         try:
             row = self.db.execute("SELECT seq_no FROM tx WHERE tx = ?", (tx,)).fetchone()
@@ -461,7 +509,9 @@ class TxQueue:
             "INSERT INTO msg (cp, tx, kind, action, payload, uid, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (cp, tx, kind, action, json.dumps(payload, separators=(",", ":")), str(uuid.uuid4()), time.time()))
         self._count += 1
-        return int(cur.lastrowid or 0)
+        seq = int(cur.lastrowid or 0)
+        self._tx_inserted.append(seq)
+        return seq
 
     def _enforce_bound(self) -> None:
         while self._count > self.max_messages:
@@ -520,9 +570,11 @@ class TxQueue:
     def _delivered(self, seq: int, backend_id: str | None, id_status: str | None) -> None:
         self._begin()
         try:
-            row = self.db.execute("SELECT tx FROM msg WHERE seq = ?", (seq,)).fetchone()
+            row = self.db.execute("SELECT tx FROM msg WHERE seq = ?", (seq,)).fetchone() \
+                if backend_id is not None else None
             cur = self.db.execute("DELETE FROM msg WHERE seq = ?", (seq,))
             if row is not None and backend_id is not None:
+                self._rows.pop(row[0], None)
                 self.db.execute("UPDATE tx SET backend_id = ?, id_status = ? WHERE tx = ?",
                                 (backend_id, id_status, row[0]))
                 self._fill_backend_id(row[0], backend_id)
@@ -531,6 +583,7 @@ class TxQueue:
         except BaseException:
             self._rollback()
             raise
+        self._unsynced_msg.pop(seq, None)
 
     def _fill_backend_id(self, tx: str, backend_id: str) -> None:
         """Write the backend's transaction id into the messages queued before it was known."""
@@ -594,13 +647,41 @@ class TxQueue:
                 "seq_no, last_ts, local_seq")
 
     def tx(self, tx: str) -> TxRow | None:
+        cached = self._rows.get(tx)
+        if cached is not None:
+            return cached
         row = self.db.execute(f"SELECT {self._TX_COLS} FROM tx WHERE tx = ?", (tx,)).fetchone()
-        return TxRow(*row) if row else None
+        if row is None:
+            return None
+        found = TxRow(*row)
+        self._remember(found)
+        return found
+
+    def _remember(self, row: TxRow) -> None:
+        if self.db.in_transaction:  # not committed yet: a rollback would leave the entry wrong
+            return
+        if len(self._rows) >= ROW_CACHE_MAX:
+            self._rows.clear()
+            self._by_local.clear()
+        self._rows[row.tx] = row
+        if row.local_id is not None:
+            self._by_local.setdefault((row.evse_id, row.local_id), row.tx)
 
     def tx_by_local(self, evse_id: str, local_id: str) -> TxRow | None:
+        key = self._by_local.get((evse_id, local_id))
+        if key is not None:
+            hit = self.tx(key)
+            if hit is not None and hit.evse_id == evse_id and hit.local_id == local_id:
+                return hit
         row = self.db.execute(f"SELECT {self._TX_COLS} FROM tx WHERE evse_id = ? AND local_id = ? "
                               "ORDER BY rowid DESC LIMIT 1", (evse_id, local_id)).fetchone()
-        return TxRow(*row) if row else None
+        if row is None:
+            return None
+        found = TxRow(*row)
+        if not self.db.in_transaction:
+            self._by_local[(evse_id, local_id)] = found.tx  # the newest (ORDER BY rowid DESC)
+            self._remember(found)
+        return found
 
     def tx_by_local_any(self, evse_ids: list[str], local_id: str) -> TxRow | None:
         if not evse_ids:
@@ -623,6 +704,8 @@ class TxQueue:
     def prune(self, keep_days: float = 60.0) -> None:
         """Forget finished transactions whose messages are all delivered (id mapping no longer needed)."""
         cutoff = time.time() - keep_days * 86400
+        self._rows.clear()
+        self._by_local.clear()
         self.db.execute(
             "DELETE FROM tx WHERE stopped IS NOT NULL AND stopped < ? "
             "AND NOT EXISTS (SELECT 1 FROM msg WHERE msg.tx = tx.tx)",

@@ -618,8 +618,13 @@ class UpstreamCP:
                     continue
                 from ocpp_gateway.txqueue import fill_transaction_id
                 payload = fill_transaction_id(payload, row.backend_id)
-            if self.queue.unsynced:
-                await self.queue.sync()  # nothing leaves the gateway before it is on disk here
+            if m.kind != "update" and self.queue.durable_after(m.seq):
+                # a start or stop leaves the gateway only once it is on disk: a second StartTransaction after a
+                # power cut would open a second transaction at a 1.6 backend (README, "Forwarding while the fsync
+                # runs")
+                await self.queue.until_durable(m.seq)
+            elif self.queue.durable_after(m.seq):
+                self.counters["tx_forwarded_before_fsync"] += 1
             t0 = asyncio.get_running_loop().time()
             try:
                 res = await rpc.call(m.action, payload, unique_id=m.uid)
@@ -627,6 +632,9 @@ class UpstreamCP:
                 self.counters["tx_delivery_timeouts"] += 1
                 continue  # same message, same id
             except RpcError as e:
+                # a meter value may have gone out while its fsync still ran: nothing is done to the message
+                # (retried, moved to dead, deleted below) before its insert is durable
+                await self.queue.until_durable(m.seq)
                 self.counters["tx_delivery_refused"] += 1
                 dead = self.queue.failed(m.seq, f"{e.code}: {e.description}", retry)
                 self.log.warning("backend refused a transaction message", action=m.action, error=str(e),
@@ -638,6 +646,7 @@ class UpstreamCP:
                             m.tx, "its StartTransaction was refused")
                 continue
             self.last_latency_s = asyncio.get_running_loop().time() - t0
+            await self.queue.until_durable(m.seq)  # the delete never before the insert is on disk
             if m.kind == "start" and self.version == "1.6":
                 backend_id = str(res["transactionId"])
                 status = (res.get("idTagInfo") or {}).get("status")
