@@ -9,6 +9,7 @@ and the reference refuses would let a bad message through: that is what this tes
 
 from __future__ import annotations
 
+import decimal
 import json
 from typing import Any
 
@@ -36,11 +37,14 @@ ALL = _all_schemas()
 FAST = [s for s in ALL if rpc.fast_validator(*s) is not None]  # type: ignore[arg-type]
 
 
-def test_every_schema_but_the_decimal_ones_has_a_fast_check() -> None:
+DECIMAL = [("1.6", "GetCompositeSchedule", "response"), ("1.6", "RemoteStartTransaction", "request"),
+           ("1.6", "SetChargingProfile", "request")]  # the reference checks their multipleOf on decimals
+
+
+def test_every_schema_has_a_fast_check() -> None:
     assert len(ALL) == 206
-    slow = sorted(set(ALL) - set(FAST))
-    assert slow == [("1.6", "GetCompositeSchedule", "response"), ("1.6", "RemoteStartTransaction", "request"),
-                    ("1.6", "SetChargingProfile", "request")]
+    assert sorted(set(ALL) - set(FAST)) == []
+    assert set(DECIMAL) <= set(FAST)
 
 
 def _drawn(version: str, action: str, kind: str) -> st.SearchStrategy[Any]:
@@ -55,7 +59,12 @@ def _reference(version: rpc.Version, action: str, kind: str, payload: Any) -> tu
         return rpc.code_for(version, "format"), "payload must be a JSON object"
     ref = rpc.validator(version, action, kind)  # type: ignore[arg-type]
     assert ref is not None
-    err = next(iter(sorted(ref.iter_errors(payload), key=lambda e: e.path)), None)
+    if (version, action, kind) in DECIMAL:  # as rpc.validate hands them to the reference: numbers as decimals
+        payload = json.loads(json.dumps(payload), parse_float=decimal.Decimal)
+    with decimal.localcontext() as ctx:
+        ctx.prec = rpc.DECIMAL_PRECISION
+        errors = list(ref.iter_errors(payload))
+    err = next(iter(sorted(errors, key=lambda e: e.path)), None)
     if err is None:
         return None
     where = "/".join(str(p) for p in err.absolute_path) or "(payload)"
@@ -130,3 +139,38 @@ def test_multiple_of_on_huge_and_tiny_decimals(limit: str, valid: bool) -> None:
         with pytest.raises(rpc.RpcError) as e:
             rpc.validate("1.6", "SetChargingProfile", "request", d)
         assert e.value.code == "PropertyConstraintViolation" and "is not a multiple of 0.1" in str(e.value)
+
+
+def _profile16(limit: Any) -> dict[str, Any]:
+    return {"connectorId": 1, "csChargingProfiles": {
+        "chargingProfileId": 101, "stackLevel": 1, "chargingProfilePurpose": "TxDefaultProfile",
+        "chargingProfileKind": "Absolute", "validTo": "2026-12-07T12:00:10Z",
+        "chargingSchedule": {"chargingRateUnit": "A", "startSchedule": "2026-12-07T12:00:00Z",
+                             "chargingSchedulePeriod": [{"startPeriod": 0, "limit": limit, "numberPhases": 3}]}}}
+
+
+@pytest.mark.parametrize("step", [0.1, 0.01])
+def test_fast_set_charging_profile_16_limits_as_the_reference(step: float) -> None:
+    """The gateway's own 1.6 SetChargingProfile (every setpoint to a 1.6 wallbox) takes the compiled check: the
+    same verdict as the reference's decimal check for every limit 0..80 A in 0.1 and 0.01 steps, floats as the
+    gateway builds them (round(x, 1)) and as arithmetic leaves them (0.1 * k), and odd numbers."""
+    fast = rpc.fast_validator("1.6", "SetChargingProfile", "request")
+    assert fast is not None
+    values: list[Any] = []
+    for k in range(round(80 / step) + 1):
+        values += [round(k * step, 2), k * step]
+    values += [1e300, 1.7e308, 1e-300, 2**70, 7, -15.4, 15.43, 0.30000000000000004, 19.01, 1e16 + 2]
+    for v in values:
+        p = _profile16(v)
+        expected = _reference("1.6", "SetChargingProfile", "request", p)
+        if rpc._passes(fast, p):
+            assert expected is None, (v, expected)  # "valid" is final: never one the reference refuses
+        else:
+            # invalid or undecided: rpc.validate asks the reference
+            assert not (v == round(v, 1) and isinstance(v, float) and abs(v) < 1e15 and expected is None), v
+        try:
+            rpc.validate("1.6", "SetChargingProfile", "request", p)
+            got = None
+        except rpc.RpcError as e:
+            got = (e.code, e.description)
+        assert got == expected, v
