@@ -428,7 +428,7 @@ async def main(args: argparse.Namespace) -> int:
     tmp = Path(args.dir or tempfile.mkdtemp(prefix="bench-system-"))
     plan = bench_plan(tmp, args.modbus, args.ocpp, sim_procs=args.sim_procs, poller_instances=args.poller_instances,
                       draw_interval_s=args.sim_draw_interval)
-    s = System(plan, monitor_period_s=0.5)
+    s = System(plan, monitor_period_s=0.5, monitor_allocations=False)
     profiled = profile_under_yappi(s, [n for n in (args.profile or "").split(",") if n])
     print(f"bench/system: {args.modbus} Modbus + {args.ocpp} OCPP wallboxes, {len(s.services)} service processes "
           f"({', '.join(s.services)}), {len(s.sims)} simulator processes, dir {tmp}", flush=True)
