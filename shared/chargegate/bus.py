@@ -375,6 +375,13 @@ class _FastInfo(mqtt.MQTTMessageInfo):
     def _set_as_published(self) -> None:
         self._published = True
 
+    def is_published(self) -> bool:
+        if self.rc == mqtt.MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            raise ValueError("Message is not queued due to ERR_QUEUE_SIZE")
+        if self.rc != mqtt.MQTTErrorCode.MQTT_ERR_AGAIN and self.rc > 0:
+            raise RuntimeError(f"Message publish failed: {mqtt.error_string(self.rc)}")
+        return self._published
+
     def wait_for_publish(self, timeout: float | None = None) -> None:
         raise RuntimeError("wait_for_publish() is not available for a message of publish_fast()")
 
