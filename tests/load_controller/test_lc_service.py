@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -366,3 +367,47 @@ async def test_event_driven_ocpp_status_stays_fresh_while_the_gateway_lives(env:
     await wait_for(lambda: (w := wb2()) is not None and w[0] == "evse_offline" and not w[1], timeout=3)
     await gw.stop()
     env.status("wb2")
+
+
+async def test_a_grid_limit_runs_its_cycle_in_its_own_handler(env: Env) -> None:
+    """A new grid limit is acted on inside the bus handler that took it (no wake-up of the control loop
+    first), the loop then finds nothing to do (no cycle without a reason), and a second limit within
+    DIRECT_CYCLE_MIN_S is left to the loop - and applied all the same."""
+    from load_controller.service import DIRECT_CYCLE_MIN_S
+
+    ctl = env.ctl
+    await wait_for(lambda: ctl.started)
+    calls: list[set[str]] = []
+    real = ctl.cycle
+
+    def recording() -> Any:
+        calls.append(set(ctl.wake_reasons))
+        return real()
+
+    ctl.cycle = recording  # type: ignore[method-assign]
+    try:
+        await asyncio.sleep(DIRECT_CYCLE_MIN_S)
+        spec = ctl.ctx.registry.spec("grid.limit")
+        topic = ctl.ctx.registry.topic("grid.limit", source="local")
+
+        def limit(w: int) -> Message:
+            lim = p.GridLimit(source=p.LimitSource.LOCAL, active=True, power_w=w,
+                              valid_until=p.utcnow() + timedelta(minutes=10))
+            return Message(topic, spec, {"source": "local"}, lim, False)
+
+        before = len(calls)
+        ctl.on_grid_limit(limit(50_000))
+        assert len(calls) == before + 1 and "grid_limit" in calls[-1]  # in the handler itself
+        assert not ctl.wake_reasons
+        ctl.on_grid_limit(limit(40_000))  # too soon for another cycle of its own: the loop's
+        assert len(calls) == before + 1 and ctl.wake_reasons == {"grid_limit"}
+        await wait_for(lambda: not ctl.wake_reasons, timeout=2)
+        assert ctl.last_decision is not None
+        assert any(g.get("power_w") == 40_000 for g in ctl.last_decision.limits["grid_limits"])
+        await asyncio.sleep(0.2)
+        assert all(reasons for reasons in calls[before:]), calls[before:]  # no cycle woken for nothing
+    finally:
+        ctl.cycle = real  # type: ignore[method-assign]
+        env.smgw.clear("grid.limit", source="local")
+        ctl.inputs.grid_limits.pop("local", None)
+        ctl.trigger("test")

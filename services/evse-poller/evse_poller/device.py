@@ -9,6 +9,7 @@ fresh initialisation (watchdog, failsafe current, init writes) when it answers a
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 import uuid
@@ -18,6 +19,7 @@ from typing import Any, Literal
 
 import structlog
 
+from chargegate import log as logsetup
 from chargegate import payloads as p
 from chargegate.config import Evse, Meter
 from chargegate.config.poller import Poller as PollerSettings
@@ -379,7 +381,7 @@ class EvseDevice(_Base):
                 self._last_words, self._last_write_at = words, now
                 wrote = True
                 self.counters["setpoint_writes"] += 1
-                if changed:
+                if changed and logsetup.enabled(logging.INFO):  # (asked first: see chargegate.log.enabled)
                     self.log.info("current limit written", evse=self.id, current_a=applied_a, phases=target.phases,
                                   reason=target.reason, seq=target.seq)
         if self.can_switch_phases and prof.phases is not None and target.phases != self._phases:
@@ -392,8 +394,11 @@ class EvseDevice(_Base):
                 self._warn_once("phases", "device refused the phase switch", evse=self.id, error=str(e))
         if wrote or self.applied is None or self.last_target != target:
             if self._last_words == words:
-                self.applied = p.AppliedSetpoint(current_a=applied_a, phases=self._phases, seq=target.seq,
-                                                 source=target.source, fallback=target.fallback)
+                # built from values checked already (the validated setpoint, the profile's encoding): not validated
+                # again, once per setpoint written
+                self.applied = p.AppliedSetpoint.model_construct(current_a=applied_a, phases=self._phases,
+                                                                 seq=target.seq, source=target.source,
+                                                                 fallback=target.fallback)
         self.last_target = target
         await self._keepalive(now)
 

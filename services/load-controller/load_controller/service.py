@@ -37,6 +37,7 @@ SERVICE = "load-controller"
 FUTURE_TOLERANCE_S = 60.0  # a message stamped further ahead than this gets its arrival time
 MAX_SEQ_AHEAD = 10**12  # a sequence number this far beyond our base (epoch ms at start) is not ours
 UNCONFIGURED_KEPT = 1000  # devices not (yet) configured whose latest message is kept for a reload
+DIRECT_CYCLE_MIN_S = 0.1  # a new grid limit runs a cycle at once, unless the last such cycle was this recent
 
 
 @dataclass(slots=True)
@@ -70,6 +71,8 @@ class LoadController:
         self.last_alloc_at = 0.0
         self.last_decision: Decision | None = None
         self.limit_arrived: dict[str, float] = {}  # source -> perf_counter() when it arrived
+        self.limit_logs: list[dict[str, Any]] = []  # "grid limit received" lines, written after the setpoints
+        self.last_direct_cycle = -math.inf  # time.monotonic() of the last cycle run by a grid limit itself
         self.cycle_done = asyncio.Event()  # set after every cycle (tests)
         self.topics: dict[str, str] = {}
         self.tune = True  # GC tuning once running (off in tests that share the process)
@@ -205,10 +208,23 @@ class LoadController:
         if prev is None or prev.model_dump(exclude={"ts"}) != lim.model_dump(exclude={"ts"}) or not msg.retained:
             if self.started:
                 self.limit_arrived[lim.source.value] = time.perf_counter()
-            self.log.info("grid limit received", source=lim.source.value, active=lim.active, power_w=lim.power_w,
-                          current_a=lim.current_a, scope=lim.scope.value if lim.scope else None,
-                          valid_until=lim.valid_until.isoformat())
+            self.limit_logs.append(dict(source=lim.source.value, active=lim.active, power_w=lim.power_w,
+                                        current_a=lim.current_a, scope=lim.scope.value if lim.scope else None,
+                                        valid_until=lim.valid_until.isoformat()))
             self.trigger("grid_limit")
+            mono = time.monotonic()
+            if self.started and mono - self.last_direct_cycle >= DIRECT_CYCLE_MIN_S:
+                # at once, in this handler: not after the control loop's wake-up (a task hand-over and turns of
+                # the event loop); the loop then finds nothing left to do. At most one such cycle per
+                # DIRECT_CYCLE_MIN_S: a burst of limits is left to the loop, which takes them in one cycle
+                self.last_direct_cycle = mono
+                self.cycle()
+            self.write_limit_logs()  # (the cycle wrote them unless it failed)
+
+    def write_limit_logs(self) -> None:
+        logs, self.limit_logs = self.limit_logs, []
+        for fields in logs:
+            self.log.info("grid limit received", **fields)
 
     def on_evse_limit(self, msg: Message) -> None:
         lim = msg.payload
@@ -337,6 +353,7 @@ class LoadController:
         # right behind the setpoints, serialised cheaply: measured best (deferring it made it collide
         # with the next burst, and CPU work while paho's thread writes holds the GIL its writes need)
         self.publish_allocation(decision, solve_ms)
+        self.write_limit_logs()  # behind the setpoints: a log line is also a message on the bus (service.log)
         if "grid_limit" in reasons:
             for src, at in list(self.limit_arrived.items()):
                 self.log.info("grid limit applied", source=src, latency_ms=round((done - at) * 1000, 2),
@@ -465,6 +482,8 @@ class LoadController:
                 except TimeoutError:
                     pass
             self.wake.clear()
+            if not self.wake_reasons and loop.time() < next_tick:
+                continue  # what woke it was already handled (a grid limit's own cycle)
             if loop.time() >= next_tick:
                 self.wake_reasons.add("tick")
                 next_tick += self.config.controller.cycle_s

@@ -68,13 +68,24 @@ class AdminService:
         self.ctx = ctx
         self.link_of = link_of
         self.view = BusView(ctx.config.admin.log_buffer)
-        self.view.attach(ctx.bus)
+        self.view_attached = False
+        if ctx.config.admin.enabled:
+            self.attach_view()
         self.lock = asyncio.Lock()
         self._audits: dict[Path, AuditLog] = {}
         self._unauth: list[float] = []
         self._version_cache: tuple[tuple[Any, ...], str | None] | None = None
         self.switcher = Switcher(self.cert_store, self._link_control, self._audit_switch,
                                  lambda: self.config.state_dir / "smgw" / "cert-switch.json")
+
+    def attach_view(self) -> None:
+        """Follow the bus for the admin API (once: the bus cannot unsubscribe). Only while the API is enabled:
+        otherwise nothing reads the view, and keeping it meant parsing every setpoint, status, allocation and log
+        record of the installation in smgw-link - 100 setpoints and 100 statuses on the CPU the curtail chain's
+        other services needed right then (bench/curtail). Retained state arrives with the subscriptions."""
+        if not self.view_attached:
+            self.view_attached = True
+            self.view.attach(self.ctx.bus)
 
     # -- configuration in force --------------------------------------------------------------------------
     @property

@@ -106,6 +106,8 @@ class AdminServer:
         """Apply admin settings: the listener restarts only when its own settings changed - in the
         background, so that the request that made the change (served by it) is answered first."""
         self.service.view.resize(config.admin.log_buffer)
+        if config.admin.enabled:
+            self.service.attach_view()
         key = self._key(config)
         if key == self._listen_key:
             return
