@@ -49,8 +49,9 @@ def count(le: int = MAX_INT) -> Any:
 
 Amps = num(0, 1000)
 SignedAmps = num(-1000, 1000)
-Watts = num(-10_000_000, 10_000_000)  # a site connection of up to 10 MW, import positive
-PositiveWatts = num(0, 10_000_000)
+MAX_POWER_W = 10_000_000  # a site connection of up to 10 MW
+Watts = num(-MAX_POWER_W, MAX_POWER_W)  # import positive
+PositiveWatts = num(0, MAX_POWER_W)
 MAX_ENERGY_WH = 1e12
 WattHours = num(0, MAX_ENERGY_WH)  # an energy register (1 TWh: more than any meter behind an SMGW counts)
 Volts = num(0, 1000)

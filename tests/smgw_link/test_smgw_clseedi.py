@@ -152,6 +152,33 @@ def test_protocol_errors_get_2_and_change_nothing(name: str) -> None:
     assert env.snapshot() == before and env.changes == 0
 
 
+@pytest.mark.parametrize("watts", [10_000_001, 4_000_000_000])
+def test_power_beyond_any_connection_gets_error_2_and_changes_nothing(watts: int) -> None:
+    """Schema-valid (int64) but above the 10 MW any payload on the bus carries: refused, counted, logged; the
+    limit and failsafe in force stay (was: accepted, then every output cycle failed building the grid limit)."""
+    env = Env()
+    env.send(fixture("control_limit_no_duration.json"))
+    before = env.snapshot()
+    limit = fixture("control_limit_no_duration.json")
+    limit["id"] = "huge-limit"
+    limit["data"]["limits"]["power"]["active"]["consumption"]["value"] = watts
+    failsafe = fixture("control_failsafe.json")
+    failsafe["id"] = "huge-failsafe"
+    failsafe["data"]["failsafes"]["power"]["active"]["consumption"] = watts
+    with capture_logs() as logs:
+        for msg in (limit, failsafe):
+            assert ack_of(env.send(msg)) == (m.PROTOCOL_ERROR, msg["id"])
+    assert [e["reason"] for e in logs if e["event"] == "CLS.EEDI control refused"] == [
+        f"limits: {watts} W is above the 10000000 W a site connection can carry",
+        f"failsafes: {watts} W is above the 10000000 W a site connection can carry"]
+    assert env.counters["clseedi_error_2"] == 2
+    assert env.snapshot() == before
+    assert env.control.outputs(T0).limits["dso"].power_w == 6000
+    edge = fixture("control_limit_no_duration.json")
+    edge["data"]["limits"]["power"]["active"]["consumption"]["value"] = 10_000_000
+    assert ack_of(env.send(edge))[0] == m.OK and env.control.outputs(T0).limits["dso"].power_w == 10_000_000
+
+
 def test_function_switch_off_answers_not_supported() -> None:
     env = Env(power_reduction=False)
     with capture_logs() as logs:

@@ -5,7 +5,8 @@ Decisions where the spec leaves room (documented in the README):
 * errorNumber 1 (schema): not JSON, not an object, or the message violates the official schemas.
 * errorNumber 2 (protocol): another major version; a ``state`` sent to us; a control that is
   empty, names several top-level elements without being a reply to our ``read``, carries a
-  consumption and a production element together, or a limit duration of 0 (must be positive).
+  consumption and a production element together, a limit duration of 0 (must be positive), or a
+  limit or failsafe above MAX_POWER_W (10 MW, the bound of every power on the bus).
 * errorNumber 4 (not supported): limits/failsafes while ``functions.power_reduction`` is off,
   production limits/failsafes (LPP: chargegate controls consumption only), ``trust`` (chargegate
   keeps no SHIP connections).
@@ -28,6 +29,7 @@ import structlog
 
 from chargegate import strict_json
 from chargegate.config.smgw import Smgw
+from chargegate.payloads import MAX_POWER_W
 from smgw_link.clseedi import messages as m
 from smgw_link.control import Notify, OperatorControl
 from smgw_link.measurements import Measurements
@@ -162,6 +164,10 @@ class ClsEediDevice:
                                     msg_id)
             if key == "limits" and active["consumption"].get("duration") == 0:
                 return self._refuse(m.PROTOCOL_ERROR, "limit duration must be positive", msg_id)
+            watts = active["consumption"]["value"] if key == "limits" else active["consumption"]
+            if watts > MAX_POWER_W:  # schema-valid (int64), but beyond any connection behind an SMGW
+                return self._refuse(m.PROTOCOL_ERROR, f"{key}: {watts} W is above the {MAX_POWER_W} W a site "
+                                                      f"connection can carry", msg_id)
             if not self.cfg.functions.power_reduction:
                 return self._refuse(m.NOT_SUPPORTED, f"{key}: function power_reduction is switched off in the "
                                                      f"configuration (smgw.functions.power_reduction)", msg_id,
