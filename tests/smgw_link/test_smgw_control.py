@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,6 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from chargegate import payloads as p
 from chargegate.config.smgw import Smgw
@@ -123,6 +125,29 @@ def test_state_survives_a_restart(tmp_path: Path) -> None:
     path.write_text("{broken")
     assert OperatorControl.load(cfg(), path, T0).lpc is None  # logged, not fatal
 
+
+
+@pytest.mark.parametrize("field,value", [("value_w", 10_000_001), ("value_w", -1),
+                                         ("failsafe_w", 10_000_001), ("failsafe_w", "4600")])
+def test_state_file_with_a_power_out_of_range_is_unreadable(tmp_path: Path, field: str, value: object) -> None:
+    """A stored power outside what the bus carries (an older version's state, a hand edit): the file is
+    unreadable (logged, started without it) instead of every output cycle failing in GridLimit."""
+    path = tmp_path / "operator.json"
+    oc = OperatorControl.load(cfg(), path, T0)
+    oc.set_limit(3500, True, None, T0, "m-1")
+    oc.set_failsafe(4600)
+    data = json.loads(path.read_text())
+    if field == "value_w":
+        data["lpc"]["value_w"] = value
+    else:
+        data["failsafe_w"] = value
+    path.write_text(json.dumps(data))
+    with capture_logs() as logs:
+        again = OperatorControl.load(cfg(), path, T0)
+    assert again.lpc is None and again.failsafe_w is None
+    assert any(e["event"] == "operator state file unreadable, starting without it" and "W outside" in e["error"]
+               for e in logs), logs
+    again.outputs(T0)
 
 def test_tariff_schedule_switches_periods() -> None:
     oc = OperatorControl.load(cfg(), None, T0)

@@ -136,6 +136,9 @@ class OperatorControl:
                 oc.lpc = LpcLimit(int(d["value_w"]), bool(d["active"]), d.get("duration_s"),
                                   _dt(d["received"]) or now, d.get("message_id"), bool(d.get("expired")))
             oc.failsafe_w = data.get("failsafe_w")
+            for w in (oc.lpc.value_w if oc.lpc else None, oc.failsafe_w):
+                if w is not None and not (isinstance(w, int) and 0 <= w <= p.MAX_POWER_W):
+                    raise ValueError(f"power {w!r} W outside 0..{p.MAX_POWER_W} W")
             if data.get("notify"):
                 n = data["notify"]
                 oc.notify = Notify(int(n["interval_s"]), int(n["end_time"]), list(n["sources"]))
