@@ -242,14 +242,8 @@ class _Client(mqtt.Client):
                 return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
             self._inflight_messages += 1
             msg.state = mqtt.mqtt_ms_wait_for_puback
-            rest = 4 + len(t) + len(payload)
-            head = bytearray((mqtt.PUBLISH | 2 | (1 if retain else 0),))
-            while True:
-                byte = rest & 127
-                rest >>= 7
-                head.append(byte | 0x80 if rest else byte)
-                if not rest:
-                    break
+            head = self._pack_remaining_length(bytearray((mqtt.PUBLISH | 2 | (1 if retain else 0),)),
+                                               4 + len(t) + len(payload))
             packet = b"".join((head, len(t).to_bytes(2, "big"), t, mid.to_bytes(2, "big"), payload))
             return self._packet_queue(mqtt.PUBLISH, packet, mid, 1, msg.info)
 

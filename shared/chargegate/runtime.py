@@ -168,7 +168,7 @@ async def _main(name: str, serve: Callable[[ServiceContext], Awaitable[None]], c
     loop.add_signal_handler(signal.SIGHUP, lambda: ctx.tasks.oneshot("reload", ctx.reload()))
     log.info("service starting", version=__version__, config_version=config.digest(), pid=os.getpid())
     task = asyncio.create_task(serve(ctx), name=f"{name}.serve")
-    trimmer = asyncio.create_task(_release_memory_now_and_then(log), name=f"{name}.release_memory")
+    trimmer = ctx.tasks.spawn("release-memory", lambda: _release_memory_now_and_then(log))
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
     failed: BaseException | None = None

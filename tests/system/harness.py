@@ -474,10 +474,7 @@ class Monitor:
         if not msg.payload:
             return
         t = time.monotonic()
-        parts = msg.topic[len(self.root) + 1:].split("/")
-        if not ((len(parts) == 3 and ((parts[0], parts[2]) in _KEPT or parts[:2] == ["grid", "limit"]))
-                or parts == ["link", "smgw"] or (parts == ["controller", "allocation"] and self.keep_allocations)):
-            return  # the topic first: what is not kept is not decoded
+        parts = msg.topic[len(self.root) + 1:].split("/")  # only kept topics are subscribed (start)
         try:
             data = json.loads(msg.payload)
         except ValueError:
@@ -505,7 +502,7 @@ class Monitor:
                 self.health.append((t, parts[1], str(data.get("status")), data.get("pid")))
             elif parts == ["link", "smgw"]:
                 self.links.append((t, data))
-            elif parts == ["controller", "allocation"] and self.keep_allocations:
+            elif parts == ["controller", "allocation"]:
                 self.allocation = (t, data)
                 self.allocation_log.append((t, data))
             elif parts[0] == "meter" and len(parts) == 3 and parts[2] == "reading":
@@ -721,11 +718,6 @@ class Monitor:
     def last_setpoint(self, evse: str) -> dict[str, Any] | None:
         sps = self.setpoints.get(evse)
         return sps[-1][1] if sps else None
-
-
-# (first, last) level of the three-level topics the monitor keeps (besides grid/limit/<source>)
-_KEPT = frozenset({("sim", "draw"), ("evse", "setpoint"), ("evse", "status"), ("service", "health"),
-                   ("meter", "reading")})
 
 
 def _limit_key(lim: dict[str, Any]) -> tuple[Any, ...]:
