@@ -14,7 +14,8 @@ tests/ocpp_gateway/schemas, validated here with jsonschema directly, not with th
 * an unknown action: NotImplemented; an action only the central system sends: some CALLERROR;
 * a payload against its schema: the code of one of its violations (a wrong type TypeConstraintViolation, a
   missing field or too many/few items the occurrence code, an unknown property the format code, anything
-  else PropertyConstraintViolation), with a description saying why;
+  else PropertyConstraintViolation, a "date-time" that is no RFC 3339 date-time included: the format JSON
+  Schema draft 4 section 7.3.1 gives it, checked here by :func:`rfc3339`), with a description saying why;
 * a schema-valid payload: a CALLRESULT, or a CALLERROR that is not a schema code;
 * a CALLRESULT/CALLERROR for no CALL of the gateway: no answer at all.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import decimal
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +36,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from jsonschema import Draft4Validator
+from jsonschema import Draft4Validator, FormatChecker
 from ocpp_schema_strategies import load, payloads
 from ocppgw_helpers import gateway_config, running_gateway, share_broker_secrets
 from websockets.asyncio.client import ClientConnection, connect
@@ -86,6 +88,30 @@ class Expect:
 ANY = frozenset({"*"})
 
 
+# RFC 3339 section 5.6, written out from its ABNF: full-date "T" partial-time time-offset, T and Z in any case
+_DATE_TIME = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]+)?"
+                        r"([Zz]|[+-]([0-9]{2}):([0-9]{2}))")
+
+
+def rfc3339(value: object) -> bool:
+    """date-mday 01-28/29/30/31 by month and leap year, hour 00-23, minute 00-59, second 00-60; the offset's
+    hour 00-23 and minute 00-59 (RFC 3339 section 5.6 and 5.7)."""
+    if not isinstance(value, str):
+        return True
+    m = _DATE_TIME.fullmatch(value)
+    if m is None:
+        return False
+    y, mo, d, h, mi, sec = (int(x) for x in m.groups()[:6])
+    leap = y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)
+    mdays = [31, 29 if leap else 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]
+    ok = 1 <= mo <= 12 and 1 <= d <= mdays[mo - 1] and h <= 23 and mi <= 59 and sec <= 60
+    return ok and (m.group(9) is None or (int(m.group(9)) <= 23 and int(m.group(10)) <= 59))
+
+
+DATE_TIME = FormatChecker(formats=())
+DATE_TIME.checks("date-time")(rfc3339)
+
+
 def spec_codes(version: str, action: str, text: str) -> frozenset[str] | None:
     """The codes the schema allows for a CALL payload (None: the payload is valid). 1.6 numbers are read
     as decimals, as the specification's JSON has them."""
@@ -95,7 +121,7 @@ def spec_codes(version: str, action: str, text: str) -> frozenset[str] | None:
     schema = load(version, action, "request")
     schema.pop("$id", None)
     codes = set()
-    for err in Draft4Validator(schema).iter_errors(doc):
+    for err in Draft4Validator(schema, format_checker=DATE_TIME).iter_errors(doc):
         kw = err.validator
         codes.add("TypeConstraintViolation" if kw == "type" else FORMAT[version] if kw == "additionalProperties"
                   else OCCURRENCE[version] if kw in ("required", "minItems", "maxItems") else
@@ -246,6 +272,26 @@ async def test_every_frame_gets_the_specified_answer(rig: Rig, sockets: dict[str
                                                      version: str, data: st.DataObject) -> None:
     batch = data.draw(st.lists(frames(version), min_size=1, max_size=5))
     await check(rig, sockets[version], version, batch)
+
+
+@pytest.mark.parametrize("stamp", ["", "2026-01-01 00:00:00Z", "2026-01-01T00:00:00+0100", "20260101T000000Z",
+                                   "2026-01-01T00:00Z", "2026-01-01T00:00:00", "2025-02-29T00:00:00Z",
+                                   "2026-01-01T00:00:00+00:60", "\uff12026-01-01T00:00:00Z"])
+async def test_a_date_time_that_is_no_rfc3339_gets_property_constraint_violation(
+        rig: Rig, sockets: dict[str, ClientConnection], stamp: str) -> None:
+    """Python's fromisoformat takes all of these but the last three; the schemas' "date-time" is RFC 3339's."""
+    assert not rfc3339(stamp)
+    ok = ["2024-02-29T23:59:60Z", "2026-01-01t00:00:00.1234567z", "2026-01-01T00:00:00-14:00"]
+    assert all(rfc3339(x) for x in ok)
+    calls = {"1.6": ("StatusNotification", "timestamp",
+                     {"connectorId": 1, "errorCode": "NoError", "status": "Available"}),
+             "2.0.1": ("NotifyReport", "generatedAt", {"requestId": 1, "seqNo": 0})}
+    for version, (action, key, body) in calls.items():
+        batch = [(json.dumps([2, "bad", action, {**body, key: stamp}]),
+                  Expect("bad", frozenset({"PropertyConstraintViolation"})))]
+        batch += [(json.dumps([2, f"ok{i}", action, {**body, key: x}]), Expect(f"ok{i}", None))
+                  for i, x in enumerate(ok)]
+        await check(rig, sockets[version], version, batch)
 
 
 async def test_refusals_counted_and_memory_bounded(rig: Rig, sockets: dict[str, ClientConnection]) -> None:
