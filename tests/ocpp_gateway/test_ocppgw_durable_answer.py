@@ -190,3 +190,37 @@ async def test_a_start_leaves_only_once_it_is_on_disk(broker: BrokerHandle, tmp_
         assert uid in a.answers and all(d[1] == 0 for d in h.deletes)
     finally:
         await _close(backend, g, boxes)
+
+
+async def test_a_meter_value_repeated_after_its_answer_was_lost_is_forwarded_once(broker: BrokerHandle,
+                                                                                  tmp_path: Any) -> None:
+    """The wallbox's connection drops after its MeterValues was stored and forwarded but before it read the
+    answer; it repeats the message on its new connection (with the same message id, or a new one): the backend
+    gets it once (the RPC layer knows message ids per connection only; the digest stored with the queued
+    message tells). A new sample is forwarded as always."""
+    backend, g, gw, boxes = await _two_boxes(broker, tmp_path)
+    try:
+        a = boxes[0]
+        start = await a.call("StartTransaction", {"connectorId": 1, "idTag": "T1", "meterStart": 0,
+                                                  "timestamp": "2026-12-07T12:00:00Z"})
+        tid = start[2]["transactionId"]
+        assert (await a.call("MeterValues", _mv(tid, "100")))[0] == 3
+        await until(lambda: len(_meter_values(backend, "wa")) == 1, what="MeterValues at the backend")
+        uid = f"m{a.n}"
+        a.reader.cancel()
+        await a.ws.close()
+        ws = await connect(f"ws://127.0.0.1:{g.cfg.ocpp.local.port}/ocpp/CB-A", subprotocols=["ocpp1.6"],  # type: ignore[list-item]
+                           proxy=None)
+        a = boxes[0] = Box(ws)
+        await a.ws.send(json.dumps([2, uid, "MeterValues", _mv(tid, "100")]))  # the same message id
+        await until(lambda: uid in a.answers, what="the repeat answered")
+        assert a.answers[uid][0] == 3
+        assert (await a.call("MeterValues", _mv(tid, "100")))[0] == 3  # the same content with a new id
+        assert gw.local.counters["duplicate_meter_values"] == 2
+        assert (await a.call("MeterValues", _mv(tid, "101")))[0] == 3  # a new sample
+        await until(lambda: len(_meter_values(backend, "wa")) == 2, what="the new sample at the backend")
+        await until(lambda: gw.queue.count("wa") == 0, what="the queue drained")
+        values = [m["meterValue"][0]["sampledValue"][0]["value"] for m in _meter_values(backend, "wa")]
+        assert values == ["100", "101"]
+    finally:
+        await _close(backend, g, boxes)

@@ -30,6 +30,9 @@ def test_cached_rows_equal_the_database_after_every_write(tmp_path: Path) -> Non
         check()
         q.add(tx, "update", "MeterValues", {"connectorId": 1})  # nothing of the row changes
         check()
+        q.add(tx, "update", "MeterValues", {"connectorId": 1}, digest="d1")
+        check()
+        assert q.tx(tx).last_digest == "d1"  # type: ignore[union-attr]
         q.add_seq_only(tx, 9)
         check()
         assert q.next_seq_no(tx) == 0
@@ -74,5 +77,33 @@ def test_a_rolled_back_add_leaves_the_cached_row_as_stored(tmp_path: Path) -> No
         except TypeError:
             pass
         assert q.tx(tx) == _fresh(q, tx) == before
+    finally:
+        q.close()
+
+
+def test_the_last_digest_survives_a_restart_and_an_older_file_gets_the_column(tmp_path: Path) -> None:
+    """The repeat check of a 1.6 MeterValues (local.meter_values_digest) rests on the digest being stored with
+    the message in one commit; a queue file of a version without the column is upgraded, its rows kept."""
+    import sqlite3
+
+    old = tmp_path / "old.sqlite"
+    q = TxQueue(old)
+    tx = q.begin_tx(cp="cp", evse_id="e", version="1.6", action="StartTransaction", payload={},
+                    id_tag="T", meter_start=0, started="2026-01-01T00:00:00Z", local_id="1")
+    q.close()
+    db = sqlite3.connect(old)
+    db.execute("ALTER TABLE tx DROP COLUMN last_digest")  # as the file of an older version
+    db.commit()
+    db.close()
+    q = TxQueue(old)
+    try:
+        assert q.tx(tx) is not None and q.tx(tx).last_digest is None  # type: ignore[union-attr]
+        q.add(tx, "update", "MeterValues", {"connectorId": 1}, digest="abc")
+    finally:
+        q.close()
+    q = TxQueue(old)
+    try:
+        assert q.tx(tx).last_digest == "abc"  # type: ignore[union-attr]
+        assert q.count("cp") == 2
     finally:
         q.close()

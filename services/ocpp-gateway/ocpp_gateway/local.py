@@ -17,7 +17,9 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hashlib
 import hmac
+import json
 import math
 import random
 import ssl
@@ -626,6 +628,14 @@ def _amps(a: float) -> float:
     return math.floor(a * 10 + 1e-9) / 10
 
 
+def meter_values_digest(d: dict[str, Any]) -> str:
+    """A 1.6 MeterValues' content (connector, transaction, every sampled value) as a short digest: the same
+    message repeated by the wallbox has the same one, a new sample a different one."""
+    text = json.dumps([d.get("connectorId"), d.get("transactionId"), d.get("meterValue")], sort_keys=True,
+                      separators=(",", ":"), ensure_ascii=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
 def _dt(s: str) -> datetime:
     try:
         d = datetime.fromisoformat(s.replace("Z", "+00:00"))
@@ -946,13 +956,19 @@ class WallboxSession:
             c.update_readings(samples)
             tid = d.get("transactionId")
             row = self.csms.queue.tx_by_local(c.evse.id, str(tid)) if tid is not None else None
-            if row is not None and row.stopped is None and c.up is not None:
+            digest = meter_values_digest(d) if row is not None else None
+            if row is not None and row.stopped is None and c.up is not None and row.last_digest == digest:
+                # the wallbox repeats the MeterValues queued last (same content): its answer was lost with a
+                # connection or a gateway that died after the commit. The RPC layer answers a repeated
+                # message id only on the same connection; this digest is stored with the queued message.
+                self.csms.counters["duplicate_meter_values"] += 1
+                c.log.info("repeated MeterValues not forwarded again", local_transaction_id=tid)
+            elif row is not None and row.stopped is None and c.up is not None:
                 # forwarded whatever its timestamp: equal timestamps are normal (Transaction.Begin at the
-                # start time, Sample.Clock next to Sample.Periodic); repeats of a message id are answered
-                # once by the RPC layer and never reach this point
+                # start time, Sample.Clock next to Sample.Periodic)
                 if row.last_ts is not None and samples[-1].timestamp < row.last_ts:
                     self.csms.counters["meter_values_out_of_order"] += 1
-                c.up.meter_tx(row.tx, samples)
+                c.up.meter_tx(row.tx, samples, digest=digest)
                 c.keep_signed(samples)
                 await _let_forward()
             elif c.up is not None and tid is None:

@@ -81,7 +81,8 @@ CREATE TABLE IF NOT EXISTS tx (
     seq_no INTEGER NOT NULL DEFAULT 0,
     id_status TEXT,
     last_ts TEXT,
-    local_seq INTEGER
+    local_seq INTEGER,
+    last_digest TEXT
 );
 CREATE INDEX IF NOT EXISTS tx_local ON tx (evse_id, local_id);
 CREATE INDEX IF NOT EXISTS tx_backend ON tx (cp, backend_id);
@@ -210,6 +211,7 @@ class TxRow:
     seq_no: int
     last_ts: str | None
     local_seq: int | None
+    last_digest: str | None = None  # the digest of the wallbox's last 1.6 MeterValues queued (repeat check)
 
 
 class TxQueue:
@@ -229,6 +231,8 @@ class TxQueue:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
+        if "last_digest" not in {r[1] for r in self.db.execute("PRAGMA table_info(tx)")}:  # a file of before
+            self.db.execute("ALTER TABLE tx ADD COLUMN last_digest TEXT")
         self.dropped = 0
         self.over_bound_logged = False
         self._count = self.db.execute("SELECT COUNT(*) FROM msg").fetchone()[0]
@@ -452,12 +456,15 @@ class TxQueue:
         return tx
 
     def add(self, tx: str, kind: str, action: str, payload: dict[str, Any], *, meter: float | None = None,
-            stopped: str | None = None, last_ts: str | None = None, local_seq: int | None = None) -> int:
-        """Queue an update or stop message of transaction ``tx``. Returns its sequence number."""
+            stopped: str | None = None, last_ts: str | None = None, local_seq: int | None = None,
+            digest: str | None = None) -> int:
+        """Queue an update or stop message of transaction ``tx``; ``digest`` (of the wallbox's message it
+        came from) is kept with the transaction in the same commit. Returns its sequence number."""
         row = self.tx(tx)
         if row is None:
             raise KeyError(f"unknown transaction {tx}")
-        changes = meter is not None or stopped is not None or last_ts is not None or local_seq is not None
+        changes = (meter is not None or stopped is not None or last_ts is not None or local_seq is not None
+                   or digest is not None)
         self._begin()
         try:
             seq = self._insert(row.cp, tx, kind, action, payload)
@@ -465,8 +472,9 @@ class TxQueue:
                 # one statement for what is given (None: left as it is)
                 self.db.execute(
                     "UPDATE tx SET meter_last = coalesce(?, meter_last), stopped = coalesce(?, stopped), "
-                    "last_ts = coalesce(?, last_ts), local_seq = coalesce(?, local_seq) WHERE tx = ?",
-                    (meter, stopped, last_ts, local_seq, tx))
+                    "last_ts = coalesce(?, last_ts), local_seq = coalesce(?, local_seq), "
+                    "last_digest = coalesce(?, last_digest) WHERE tx = ?",
+                    (meter, stopped, last_ts, local_seq, digest, tx))
             self._commit()
         except BaseException:
             self._rows.pop(tx, None)
@@ -477,7 +485,8 @@ class TxQueue:
                 row, meter_last=float(meter) if meter is not None else row.meter_last,
                 stopped=stopped if stopped is not None else row.stopped,
                 last_ts=last_ts if last_ts is not None else row.last_ts,
-                local_seq=int(local_seq) if local_seq is not None else row.local_seq)
+                local_seq=int(local_seq) if local_seq is not None else row.local_seq,
+                last_digest=digest if digest is not None else row.last_digest)
         self._enforce_bound()
         return seq
 
@@ -644,7 +653,7 @@ class TxQueue:
         return int(self.db.execute("SELECT COUNT(*) FROM dead").fetchone()[0])
 
     _TX_COLS = ("tx, cp, evse_id, version, local_id, backend_id, id_tag, meter_start, meter_last, started, stopped, "
-                "seq_no, last_ts, local_seq")
+                "seq_no, last_ts, local_seq, last_digest")
 
     def tx(self, tx: str) -> TxRow | None:
         cached = self._rows.get(tx)

@@ -280,7 +280,7 @@ class UpstreamCP:
         return tx
 
     def meter_tx(self, tx: str, samples: list[conv.Sample], *, charging_state: str | None = None,
-                 local_seq: int | None = None) -> None:
+                 local_seq: int | None = None, digest: str | None = None) -> None:
         row = self.queue.tx(tx)
         if row is None or not samples:
             return
@@ -292,7 +292,7 @@ class UpstreamCP:
             if not payload["meterValue"]:
                 return
             self.queue.add(tx, "update", "MeterValues", payload, meter=float(energy) if energy is not None else None,
-                           last_ts=last_ts, local_seq=local_seq)
+                           last_ts=last_ts, local_seq=local_seq, digest=digest)
         else:
             mv201 = conv.to_201(samples, "Sample.Periodic")
             if not mv201:
@@ -305,7 +305,8 @@ class UpstreamCP:
                        "evse": {"id": 1, "connectorId": 1},
                        "meterValue": mv201}
             self.queue.add(tx, "update", "TransactionEvent", payload,
-                           meter=float(energy) if energy is not None else None, last_ts=last_ts, local_seq=local_seq)
+                           meter=float(energy) if energy is not None else None, last_ts=last_ts, local_seq=local_seq,
+                           digest=digest)
         self.kick()
 
     def pass_event(self, payload: dict[str, Any], *, row: TxRow | None, meter_wh: Decimal | None, id_tag: str) -> str:

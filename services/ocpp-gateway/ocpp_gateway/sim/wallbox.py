@@ -574,7 +574,10 @@ class WallboxSim:
             self._queue(_TxMsg("TransactionEvent", lambda: payload2, tx_key=key))
         self._changed(c)
 
-    def _meter_tx(self, c: SimConnector) -> None:
+    def _meter_tx(self, c: SimConnector, triggered: bool = False) -> None:
+        # a value taken for a TriggerMessage has the context "Trigger" (1.6 ReadingContext, 2.0.1
+        # ReadingContextEnumType; its TransactionEvent the triggerReason "Trigger")
+        ctx = "Trigger" if triggered else "Sample.Periodic"
         key = c.tx_key
         if key is None:
             return
@@ -584,25 +587,26 @@ class WallboxSim:
         power = round(sum(draw) * NOMINAL_V, 1)
         if self.version == "1.6":
             values = [{"value": str(meter), "measurand": "Energy.Active.Import.Register", "unit": "Wh",
-                       "context": "Sample.Periodic"},
+                       "context": ctx},
                       {"value": str(power), "measurand": "Power.Active.Import", "unit": "W",
-                       "context": "Sample.Periodic"}]
+                       "context": ctx}]
             values += [{"value": str(a), "measurand": "Current.Import", "unit": "A", "phase": f"L{i + 1}",
-                        "context": "Sample.Periodic"} for i, a in enumerate(draw[: c.phases]) if self.sends_currents()]
+                        "context": ctx} for i, a in enumerate(draw[: c.phases]) if self.sends_currents()]
             self._queue(_TxMsg("MeterValues", lambda: {"connectorId": c.n, "transactionId": self._tx_id(key),
                                                        "meterValue": [{"timestamp": ts, "sampledValue": values}]},
                                tx_key=key))
         else:
             self._seq[key] += 1
             seq = self._seq[key]
-            vals2 = [{"value": meter, "measurand": "Energy.Active.Import.Register", "context": "Sample.Periodic",
+            vals2 = [{"value": meter, "measurand": "Energy.Active.Import.Register", "context": ctx,
                       "unitOfMeasure": {"unit": "Wh"}},
-                     {"value": power, "measurand": "Power.Active.Import", "context": "Sample.Periodic",
+                     {"value": power, "measurand": "Power.Active.Import", "context": ctx,
                       "unitOfMeasure": {"unit": "W"}}]
-            vals2 += [{"value": a, "measurand": "Current.Import", "phase": f"L{i + 1}", "context": "Sample.Periodic",
+            vals2 += [{"value": a, "measurand": "Current.Import", "phase": f"L{i + 1}", "context": ctx,
                        "unitOfMeasure": {"unit": "A"}} for i, a in enumerate(draw[: c.phases]) if self.sends_currents()]
             state = "Charging" if any(draw) else "SuspendedEVSE"
-            payload = {"eventType": "Updated", "timestamp": ts, "triggerReason": "MeterValuePeriodic", "seqNo": seq,
+            reason = "Trigger" if triggered else "MeterValuePeriodic"
+            payload = {"eventType": "Updated", "timestamp": ts, "triggerReason": reason, "seqNo": seq,
                        "transactionInfo": {"transactionId": key, "chargingState": state},
                        "evse": {"id": c.n, "connectorId": 1},
                        "meterValue": [{"timestamp": ts, "sampledValue": vals2}]}
@@ -788,7 +792,7 @@ class WallboxSim:
             if not self.triggers:
                 return "Rejected"
             for c in targets:
-                loop.call_soon(self._meter_tx, c)
+                loop.call_soon(self._meter_tx, c, True)
             return "Accepted"
         if what == "Heartbeat":
             loop.call_soon(lambda: self._spawn(self.call("Heartbeat", {})))
