@@ -662,7 +662,7 @@ class Bus:
         except Exception:
             log.exception("bus handler failed", handler=getattr(fn, "__qualname__", str(fn)))
             return
-        if inspect.isawaitable(res):
+        if res is not None and inspect.isawaitable(res):  # (a synchronous handler returns None: no look-up)
             task = asyncio.ensure_future(res)
             task.add_done_callback(_log_task_error)
 

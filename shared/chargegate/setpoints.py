@@ -20,12 +20,20 @@ from datetime import datetime, timedelta
 from chargegate.payloads import Setpoint
 
 VALIDITY_MARGIN_S = 2.0  # for clock skew between the controller's host and ours
+_MARGIN = timedelta(seconds=VALIDITY_MARGIN_S)
+_HOLD: dict[float, timedelta] = {}  # validity_s -> the longest a setpoint may hold (built once, not per setpoint)
 
 
 def on_arrival(sp: Setpoint, now: datetime, validity_s: float) -> Setpoint:
     """``sp`` with its timestamps made safe to keep (see the module's docstring)."""
-    ts = min(sp.ts, now)
-    until = min(sp.valid_until, now + timedelta(seconds=validity_s + VALIDITY_MARGIN_S))
+    hold = _HOLD.get(validity_s)
+    if hold is None:
+        if len(_HOLD) > 16:  # (a handful of configured validities at most; bounded whatever the caller)
+            _HOLD.clear()
+        hold = _HOLD[validity_s] = timedelta(seconds=validity_s + VALIDITY_MARGIN_S)
+    ts = sp.ts if sp.ts <= now else now
+    limit = now + hold
+    until = sp.valid_until if sp.valid_until <= limit else limit
     if ts == sp.ts and until == sp.valid_until:
         return sp
     return sp.model_copy(update={"ts": ts, "valid_until": until})
@@ -33,7 +41,7 @@ def on_arrival(sp: Setpoint, now: datetime, validity_s: float) -> Setpoint:
 
 def clamped(sp: Setpoint, now: datetime) -> bool:
     """Whether the setpoint as sent claimed a time from the future (for a counter and one warning)."""
-    return sp.ts > now + timedelta(seconds=VALIDITY_MARGIN_S)
+    return sp.ts > now + _MARGIN
 
 
 def out_of_order(new: Setpoint, old: Setpoint | None, now: datetime) -> bool:

@@ -221,6 +221,51 @@ async def test_own_timeout_and_answers_split_or_joined() -> None:
         srv.close()
 
 
+async def test_one_timer_per_connection_keeps_each_requests_own_deadline() -> None:
+    """The connection's single timer (``_Protocol.arm``): armed for an earlier request's shorter deadline it must not
+    fail a later request whose deadline has not come (it moves on to it); armed for a longer one it must not let a
+    later, shorter deadline pass; it lapses when nothing is pending, and a request after that is timed again."""
+    def respond(tid: int, unit: int, pdu: bytes, w: asyncio.StreamWriter) -> None:
+        _fc, address, _count = struct.unpack(">BHH", pdu[:5])
+        data = frame(tid, unit, registers(pdu))
+        if address == 1:
+            return  # never answered
+        delay = {2: 0.0, 3: 0.25}.get(address, 0.0)
+        asyncio.get_running_loop().call_later(delay, w.write, data)
+
+    srv, port = await raw_device(respond)
+    c = ModbusTcpClient("127.0.0.1", port)
+    await c.connect()
+    loop = asyncio.get_running_loop()
+    try:
+        # answered at once under a 0.1 s deadline: the timer stays armed for it; the next request (deadline 1 s,
+        # answered after 0.25 s) is still pending when that timer fires, and must get its answer
+        assert await c.read("holding", 2, 1, 1, timeout_s=0.1) == [2]
+        t0 = loop.time()
+        assert await c.read("holding", 3, 1, 1, timeout_s=1.0) == [3]
+        assert 0.2 <= loop.time() - t0 < 0.9
+        # armed for a 5 s deadline by an answered request: a silent device under 0.15 s is failed in time
+        assert await c.read("holding", 2, 1, 1, timeout_s=5.0) == [2]
+        t0 = loop.time()
+        with pytest.raises(TimeoutError):
+            await c.read("holding", 1, 1, 1, timeout_s=0.15)
+        assert 0.14 <= loop.time() - t0 < 1.0
+        # nothing pending: the timer lapses; the next silent request is timed by a new one
+        await asyncio.sleep(0.3)
+        assert c._proto is not None and c._proto.timer is None
+        t0 = loop.time()
+        with pytest.raises(TimeoutError):
+            await c.read("holding", 1, 1, 1, timeout_s=0.15)
+        assert 0.14 <= loop.time() - t0 < 1.0
+        # without a deadline, an armed timer does not fail the request
+        assert await c.read("holding", 2, 1, 1, timeout_s=0.05) == [2]
+        assert await c.read("holding", 3, 1, 1) == [3]
+    finally:
+        c.close()
+        srv.close()
+    assert c._proto is None
+
+
 @pytest.mark.parametrize(("answer", "error"), [
     (lambda tid, unit, pdu: frame(tid, unit + 1, registers(pdu)), "unit"),
     (lambda tid, unit, pdu: frame(tid, unit, b"\x04" + registers(pdu)[1:]), "function code 4"),

@@ -16,6 +16,7 @@ asked for. Anything malformed is a :class:`ModbusProtocolError` and the connecti
 from __future__ import annotations
 
 import asyncio
+import math
 import struct
 from typing import Literal, cast
 
@@ -50,6 +51,10 @@ class _Protocol(asyncio.Protocol):
         self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
         self.stale = 0  # answers to no pending request (late answers after a timeout)
         self.lost: Exception | None = None
+        # the pending request's deadline (loop time; inf: none) and the connection's one timer (see _check_deadline)
+        self.deadline = math.inf
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = math.inf
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
@@ -57,7 +62,41 @@ class _Protocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = exc or ConnectionResetError("connection closed by the device")
         self.transport = None
+        self.disarm()
         self._fail(ModbusProtocolError(f"connection lost: {self.lost}"))
+
+    def arm(self, loop: asyncio.AbstractEventLoop, timeout_s: float | None) -> None:
+        """The deadline of the request being sent. One timer per connection, not one per request (a uvloop
+        timer created and cancelled for every request: ~1.4 us of a request, timeit): it stays armed
+        while requests follow each other and, when it fires, fails the pending request if that one's deadline
+        has passed, or moves on to its deadline; with no request pending it lapses."""
+        if timeout_s is None:
+            self.deadline = math.inf
+            return
+        self.deadline = deadline = loop.time() + timeout_s
+        if self.timer is None or self.timer_at > deadline:  # none armed, or armed too late for this one
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer_at = deadline
+            self.timer = loop.call_at(deadline, self._check_deadline, loop)
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+            self.timer_at = math.inf
+
+    def _check_deadline(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.timer = None
+        self.timer_at = math.inf
+        w = self.waiter
+        if w is None or w.done() or self.deadline == math.inf:
+            return  # nothing pending (or no deadline): the next request arms it again
+        if loop.time() >= self.deadline:
+            w.set_exception(TimeoutError())
+        else:
+            self.timer_at = self.deadline
+            self.timer = loop.call_at(self.deadline, self._check_deadline, loop)
 
     def _fail(self, exc: Exception) -> None:
         w = self.waiter
@@ -96,11 +135,6 @@ class _Protocol(asyncio.Protocol):
                 self.stale += 1
 
 
-def _expire(waiter: asyncio.Future[tuple[int, bytes]]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
-
-
 class ModbusTcpClient:
     """One Modbus TCP connection. Not safe for concurrent requests: the caller serialises them."""
 
@@ -133,13 +167,14 @@ class ModbusTcpClient:
         if p is not None:
             if p.transport is not None:
                 p.transport.abort()
+            p.disarm()
             p._fail(ModbusProtocolError("connection closed"))
 
     async def request(self, unit: int, pdu: bytes, timeout_s: float | None = None) -> bytes:
         """Send one request PDU; returns the answer's PDU (function code first). Without an answer within
         ``timeout_s``: TimeoutError (the connection should then be dropped; a late answer is discarded
-        anyway). The timer is a plain loop timer: ``asyncio.timeout`` was the biggest item of a request's
-        Python time."""
+        anyway). The deadline is kept on the connection's one loop timer (``_Protocol.arm``): ``asyncio.timeout``
+        was the biggest item of a request's Python time."""
         p = self._proto
         if p is None or p.transport is None or p.transport.is_closing():
             raise ModbusProtocolError("not connected")
@@ -148,13 +183,11 @@ class ModbusTcpClient:
         waiter: asyncio.Future[tuple[int, bytes]] = loop.create_future()
         p.waiter = waiter
         p.transport.write(_MBAP.pack(p.tid, 0, len(pdu) + 1, unit) + pdu)
-        timer = loop.call_later(timeout_s, _expire, waiter) if timeout_s is not None else None
+        p.arm(loop, timeout_s)
         try:
             r_unit, answer = await waiter
         finally:
             p.waiter = None
-            if timer is not None:
-                timer.cancel()
         if unit and r_unit != unit:
             raise ModbusProtocolError(f"answer from unit {r_unit} to a request to unit {unit}")
         fc = pdu[0]
