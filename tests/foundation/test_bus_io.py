@@ -229,3 +229,55 @@ def test_per_filter_callbacks_still_work() -> None:
     ours.message_callback_remove("cg/evse/+/setpoint")
     ours._handle_on_message(_received("cg/evse/a/setpoint"))
     assert general == ["cg/evse/a/status", "cg/evse/a/setpoint"]
+
+
+async def test_publishes_of_one_loop_turn_wake_the_network_thread_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """PUBLISHes queued by the loop's thread wake paho's network thread once, after the callbacks that were
+    ready with them; every packet is queued at once, in order. Another packet kind, another thread and a client
+    without a deferring loop wake it at once."""
+    import asyncio
+    import threading
+
+    from chargegate.bus import _Client
+
+    c = _Client(CallbackAPIVersion.VERSION2, client_id="defer-test")
+    wakes: list[str] = []
+    monkeypatch.setattr(c, "_wake", lambda: wakes.append(threading.current_thread().name))
+    done = threading.Event()
+    network = threading.Thread(target=done.wait, name="paho-network")  # alive: its id is not reused meanwhile
+    network.start()
+    c._thread = network  # a network thread that is not this one
+
+    def queue(n: int, command: int = mqtt.PUBLISH) -> None:
+        for i in range(n):
+            c._packet_queue(command, bytes([command, 0]), i + 1, 1)
+
+    queue(3)
+    assert len(wakes) == 3  # no loop to defer to: paho's way, one per packet
+    wakes.clear()
+    c.defer_wakes_to(asyncio.get_running_loop())
+    later: list[int] = []
+    asyncio.get_running_loop().call_soon(lambda: later.append(len(wakes)))  # ready before the publishes
+    queue(5)
+    assert wakes == [] and len(c._out_packet) == 8
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert later == [0] and len(wakes) == 1
+    queue(2)
+    await asyncio.sleep(0)
+    assert len(wakes) == 2  # the next turn's publishes: one more
+    queue(1, mqtt.SUBSCRIBE)
+    assert len(wakes) == 3  # at once
+    th = threading.Thread(target=queue, args=(2,), name="other")
+    th.start()
+    th.join()
+    assert wakes[-2:] == ["other", "other"]
+    with c.one_wakeup():  # a batch: once, at its end, as before
+        queue(4)
+        assert len(wakes) == 5
+    assert len(wakes) == 6
+    await asyncio.sleep(0)
+    assert len(wakes) == 6
+    assert [pk["mid"] for pk in c._out_packet] == [1, 2, 3, 1, 2, 3, 4, 5, 1, 2, 1, 1, 2, 1, 2, 3, 4]
+    done.set()
+    network.join()
