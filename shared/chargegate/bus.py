@@ -69,10 +69,6 @@ class _Client(mqtt.Client):
         self._on_message_filtered = _Filters()
         self._holding: int | None = None  # thread id inside one_wakeup()
         self._wake_owed = False
-        # the asyncio loop whose PUBLISHes wake the network thread once per turn (see defer_wakes_to)
-        self._defer_loop: asyncio.AbstractEventLoop | None = None
-        self._defer_ident: int | None = None
-        self._wake_scheduled = False
         # (topic, payload, retained) of every PUBLISH read by the fast path (see _read_buffered); None: paho's way
         self.on_publish_fast: Callable[[str, bytes, bool], None] | None = None
 
@@ -92,31 +88,8 @@ class _Client(mqtt.Client):
         if ident == self._holding:
             self._wake_owed = True
             return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
-        if command == mqtt.PUBLISH and ident == self._defer_ident and self._defer_loop is not None:
-            if not self._wake_scheduled:
-                try:
-                    self._defer_loop.call_soon(self._scheduled_wake)
-                    self._wake_scheduled = True
-                except RuntimeError:  # the loop is closed: at once
-                    self._wake()
-            return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
         self._wake()
         return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
-
-    def defer_wakes_to(self, loop: asyncio.AbstractEventLoop | None) -> None:
-        """PUBLISHes queued by ``loop``'s thread (the service's code, outside ``one_wakeup``) wake the network
-        thread once, when the loop has run the callbacks that were ready with them: not one wake-up (a syscall
-        and a GIL hand-over to the network thread for one packet) per message - an evse-poller instance's
-        statuses of a burst of Modbus answers, a gateway's statuses of a burst of OCPP answers. A message waits
-        at most for the rest of that turn of the loop. Other packets (SUBSCRIBE, DISCONNECT, ...) and other
-        threads wake it at once. Must be called from ``loop``'s thread; None: at once, always."""
-        self._defer_loop = loop
-        self._defer_ident = threading.get_ident() if loop is not None else None
-        self._wake_scheduled = False  # one scheduled on a previous loop went with it
-
-    def _scheduled_wake(self) -> None:
-        self._wake_scheduled = False  # first: a PUBLISH from now on schedules another one
-        self._wake()
 
     def _wake(self) -> None:
         wake = self._sockpairW
@@ -520,7 +493,6 @@ class Bus:
         # events posted for a previous loop went with it (as its call_soon_threadsafe callbacks would)
         self._inbox.clear()
         self._drain_scheduled = False
-        self._client.defer_wakes_to(self._loop)
         self._client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive)
         self._client.loop_start()
         if wait is not None:
