@@ -18,7 +18,7 @@ import struct
 import threading
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -408,6 +408,15 @@ class _Sub:
     name: str | None  # registry name; None = raw
     handler: Handler | None = None
     queue: asyncio.Queue[Any] | None = None
+    order: int = 0  # position among the bus's subscriptions (handlers run in subscription order)
+
+    @property
+    def exact(self) -> bool:
+        """A filter without wildcards matches exactly one topic: itself."""
+        return "+" not in self.filter and "#" not in self.filter
+
+
+SUBSCRIBE_CHUNK = 200  # filters per SUBSCRIBE packet on (re)connect
 
 
 @dataclass
@@ -441,6 +450,11 @@ class Bus:
         self.connections = 0  # successful connects so far
         self.dropped_publishes = 0
         self._subs: list[_Sub] = []
+        self._added = 0  # subscriptions added so far (their ``order``)
+        # filters without wildcards (a service's per-EVSE subscriptions: hundreds at a car park) by their topic,
+        # and the others: a topic seen for the first time is tried against the wildcard filters only
+        self._exact: dict[str, list[_Sub]] = {}
+        self._wild: list[_Sub] = []
         # topic -> the subscriptions it matches, filled on first sight with paho's own matcher (exact MQTT
         # semantics: +, #, $-topics) and dropped whenever the subscriptions change
         self._matches: dict[str, tuple[_Sub, ...]] = {}
@@ -531,8 +545,23 @@ class Bus:
 
     # -- subscribing -------------------------------------------------------------------------
     def subscribe(self, name: str, handler: Handler, **params: str) -> None:
-        """Call ``handler(message)`` for every valid message of topic ``name``."""
+        """Call ``handler(message)`` for every valid message of topic ``name``. Parameters given are fixed
+        (``evse_id="wb1"``: that EVSE's topic only; the broker sends no other), the others are ``+``."""
         self._add(_Sub(self.registry.subscription(name, **params), name, handler=handler))
+
+    def unsubscribe(self, name: str, **params: str) -> int:
+        """Drop every subscription ``subscribe(name, ..., **params)`` made (e.g. of an EVSE no longer
+        configured); the broker is told when no other subscription of this bus uses the same filter. Returns
+        how many were dropped."""
+        topic_filter = self.registry.subscription(name, **params)
+        gone = [s for s in self._subs if s.filter == topic_filter and s.name == name]
+        if not gone:
+            return 0
+        self._subs = [s for s in self._subs if not (s.filter == topic_filter and s.name == name)]
+        self._index()
+        if self.connected.is_set() and all(s.filter != topic_filter for s in self._subs):
+            self._client.unsubscribe(topic_filter)
+        return len(gone)
 
     def subscribe_raw(self, topic_filter: str, handler: Callable[[str, bytes, bool], Any]) -> None:
         """Unvalidated access for tools such as the status view (``handler(topic, payload, retained)``)."""
@@ -546,10 +575,32 @@ class Bus:
             yield await q.get()
 
     def _add(self, sub: _Sub) -> None:
+        sub.order = self._added
+        self._added += 1
         self._subs.append(sub)
+        if sub.exact:
+            self._exact.setdefault(sub.filter, []).append(sub)
+        else:
+            self._wild.append(sub)
         self._matches = {}
         if self.connected.is_set():
             self._client.subscribe(sub.filter, qos=1)
+
+    def _index(self) -> None:
+        self._exact = {}
+        self._wild = []
+        for s in self._subs:
+            if s.exact:
+                self._exact.setdefault(s.filter, []).append(s)
+            else:
+                self._wild.append(s)
+        self._matches = {}
+
+    def _subscribe_all(self, client: mqtt.Client, filters: Iterable[str]) -> None:
+        """Subscribe ``filters`` with a few SUBSCRIBE packets (a car park's per-EVSE filters: hundreds)."""
+        todo = sorted(filters)
+        for i in range(0, len(todo), SUBSCRIBE_CHUNK):
+            client.subscribe([(f, 1) for f in todo[i:i + SUBSCRIBE_CHUNK]])
 
     # -- paho callbacks (paho's thread) ------------------------------------------------------
     def _paho_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -560,8 +611,7 @@ class Bus:
                 self._logged_down = True
             return
         done = {s.filter for s in list(self._subs)}
-        for f in done:
-            client.subscribe(f, qos=1)
+        self._subscribe_all(client, done)
         assert self._loop is not None
         self._post(self._connected, done)
 
@@ -608,8 +658,7 @@ class Bus:
         # subscriptions added on the loop between paho's connect callback and this point were not
         # sent (``connected`` was not set yet): send them now, or they would be lost until a reconnect
         if subscribed is not None:
-            for f in {s.filter for s in self._subs} - subscribed:
-                self._client.subscribe(f, qos=1)
+            self._subscribe_all(self._client, {s.filter for s in self._subs} - subscribed)
         log.info("bus connected", host=self.settings.host, port=self.settings.port, connections=self.connections)
         if self.connections > 1:
             for topic, (data, qos) in list(self._retained.items()):
@@ -629,7 +678,9 @@ class Bus:
         the profile, so the answer is kept per topic (bounded: cleared when full)."""
         subs = self._matches.get(topic)
         if subs is None:
-            subs = tuple(s for s in self._subs if mqtt.topic_matches_sub(s.filter, topic))
+            found = [*self._exact.get(topic, ()), *(s for s in self._wild if mqtt.topic_matches_sub(s.filter, topic))]
+            found.sort(key=lambda s: s.order)
+            subs = tuple(found)
             if len(self._matches) >= MATCH_CACHE_SIZE:
                 self._matches.clear()
             self._matches[topic] = subs

@@ -163,8 +163,15 @@ class Registry:
         return f"{self.root}/{spec.pattern.format(**values)}"
 
     def subscription(self, name: str, **params: str) -> str:
-        """An MQTT subscription for ``name``: given parameters fixed, the others ``+``."""
+        """An MQTT subscription for ``name``: given parameters fixed, the others ``+``. A given parameter must be
+        a valid topic segment (no ``+``, ``#`` or ``/`` widening the filter) and one of the topic's."""
         spec = self.spec(name)
+        extra = set(params) - set(spec.params)
+        if extra:
+            raise TopicError(f"topic {name}: extra {sorted(extra)}")
+        for k, v in params.items():
+            if not _SEGMENT_OK.match(str(v)):
+                raise TopicError(f"topic {name}: invalid {k} {v!r}")
         parts = {k: params.get(k, "+") for k in spec.params}
         return f"{self.root}/{spec.pattern.format(**parts)}"
 

@@ -5,11 +5,13 @@ Modbus TCP.
 Asserted: every refused payload is counted and nothing logs an error; no task restarts and the wallbox is
 still polled; refused payloads change neither the setpoint the poller holds nor the current written to the
 wallbox, and publish no command result; 1100 unknown EVSE ids leave every structure bounded, the warnings
-few and nothing published for them."""
+few and nothing published for them. The poller subscribes to its own EVSEs' setpoints and commands only: what
+is published for any other EVSE id never reaches it (not counted, nothing changes)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -24,6 +26,7 @@ from evse_poller.poller import Poller
 from evse_poller.service import serve
 from evse_poller.sim import Simulators
 from fuzz_support import (
+    HOSTILE_PAYLOADS,
     BusFuzz,
     Logs,
     Published,
@@ -33,10 +36,11 @@ from fuzz_support import (
     fuzz,
     messages,
     refused_only,
+    template,
     unknown_ids_round,
 )
 
-EVSES = ["wb1", "ghost"]
+EVSES = ["wb1"]  # the topics it subscribes to; any other EVSE's: test_only_its_own_evses_topics_reach_it
 TOPICS: dict[str, dict[str, list[str]]] = {
     "evse.setpoint": {"evse_id": EVSES},
     "evse.command": {"evse_id": EVSES},
@@ -140,3 +144,30 @@ async def test_unknown_ids_stay_bounded_and_quiet(rig: Rig) -> None:
     await rig.alive()
     await asyncio.sleep(0.2)
     assert [t for t in rig.published.mentioning(ids) if t not in rig.fuzz.topics_sent] == []
+
+
+async def test_only_its_own_evses_topics_reach_it(rig: Rig) -> None:
+    """Payloads it would refuse and valid ones, on the setpoint and command topics of EVSEs it does not poll
+    (an unknown one, an OCPP wallbox's, another instance's), are not counted and change nothing: it is not
+    subscribed to them. The same refused payloads on its own EVSE's topics are counted."""
+    await asyncio.sleep(0.05)
+    before, invalid, received = held(rig), rig.fuzz.invalid(), rig.ctx.counters["setpoints_received"]
+    topics = len(rig.published.topics)
+    lc, gw = rig.fuzz.publisher("load-controller"), rig.fuzz.publisher("ocpp-gateway")
+    for evse_id in ("ghost", "cp1", "fz1"):
+        for payload in (*HOSTILE_PAYLOADS[:8], json.dumps(template("evse.setpoint", evse_id=evse_id)).encode()):
+            lc.publish(rig.fuzz.oracle.topic("evse.setpoint", evse_id=evse_id), payload)
+        gw.publish(rig.fuzz.oracle.topic("evse.command", evse_id=evse_id),
+                   json.dumps(template("evse.command", evse_id=evse_id)).encode())
+        gw.publish(rig.fuzz.oracle.topic("evse.command", evse_id=evse_id), b"refused")
+    lc.publish(rig.fuzz.oracle.topic("evse.setpoint", evse_id="wb1"), b"refused")
+    gw.publish(rig.fuzz.oracle.topic("evse.command", evse_id="wb1"), b"refused")
+    await lc.flush()
+    await gw.flush()
+    await wait_for(lambda: rig.fuzz.invalid() >= invalid + 2, 10, what="its own EVSE's two refused payloads")
+    await asyncio.sleep(0.2)
+    assert rig.fuzz.invalid() == invalid + 2
+    rig.fuzz.expected_invalid += 2
+    assert rig.ctx.counters["setpoints_received"] == received and held(rig) == before
+    assert [t for t in rig.published.topics[topics:] if t.endswith("/command/result")
+            and t not in rig.fuzz.topics_sent] == []

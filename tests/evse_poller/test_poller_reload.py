@@ -1,10 +1,13 @@
 """Live configuration of the evse-poller service (real broker, Modbus TCP simulators): on ``reload``
 a new EVSE and a new meter are polled, a removed EVSE stops and its retained status is cleared,
-and the devices left unchanged keep polling on the same connection."""
+and the devices left unchanged keep polling on the same connection. The service subscribes to the
+setpoints and commands of its own EVSEs only, by their own topics: a new EVSE's setpoints reach it
+after the reload, a removed one's no longer."""
 
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -60,6 +63,15 @@ async def test_service_picks_up_new_devices_and_drops_removed_ones(broker: Broke
     task = asyncio.create_task(serve(ctx))
     obs = await connected_bus(broker, "observer")
     admin = await connected_bus(broker, "admin")
+    lc = await connected_bus(broker, "load-controller")
+    seq = iter(range(1, 1000))
+
+    def setpoint(evse: str, amps: float) -> None:
+        lc.publish("evse.setpoint", p.Setpoint(evse_id=evse, current_a=amps, phases=3, seq=next(seq),
+                                               valid_until=p.utcnow() + timedelta(seconds=30)), evse_id=evse)
+
+    def followed() -> set[str]:
+        return {s.filter.split("/")[2] for s in ctx.bus._subs if s.name in ("evse.setpoint", "evse.command")}
     status: dict[str, p.EvseStatus | None] = {}
     readings: dict[str, p.MeterReading] = {}
     counts: dict[str, int] = {}
@@ -75,10 +87,21 @@ async def test_service_picks_up_new_devices_and_drops_removed_ones(broker: Broke
         await eventually(lambda: status.get("wb1") is not None and status["wb1"].online, 10)
         await eventually(lambda: "m1" in readings and readings["m1"].online, 10)
         assert "wb2" not in status and "m2" not in readings
+        assert followed() == {"wb1"}  # its own EVSE's topics, no wildcard
+        setpoint("wb1", 9)
+        await eventually(lambda: sims.point("wb1").commanded_a == 9, 10)
+        received = ctx.counters["setpoints_received"]
+        setpoint("wb2", 7)  # not (yet) this poller's: the broker does not send it
+        setpoint("wb1", 10)
+        await eventually(lambda: sims.point("wb1").commanded_a == 10, 10)
+        assert ctx.counters["setpoints_received"] == received + 1
         path.write_text(_text(broker, port, wb1 + wb2, m1 + m2))
         admin.publish("service.command", p.ServiceCommand(action="reload", request_id="r1"), service="evse-poller")
         await eventually(lambda: status.get("wb2") is not None and status["wb2"].online, 10)
         await eventually(lambda: "m2" in readings and readings["m2"].online, 10)
+        assert followed() == {"wb1", "wb2"}
+        setpoint("wb2", 8)  # the new EVSE's setpoints reach it now
+        await eventually(lambda: sims.point("wb2").commanded_a == 8, 10)
         # remove wb2: it stops and its retained status is cleared
         path.write_text(_text(broker, port, wb1, m1 + m2))
         admin.publish("service.command", p.ServiceCommand(action="reload", request_id="r2"), service="evse-poller")
@@ -87,6 +110,12 @@ async def test_service_picks_up_new_devices_and_drops_removed_ones(broker: Broke
         before = counts["wb1"]
         await eventually(lambda: counts["wb1"] >= before + 3, 5)  # wb1 goes on polling
         assert counts["wb2"] == n and status["wb2"] is None
+        assert followed() == {"wb1"}
+        received = ctx.counters["setpoints_received"]
+        setpoint("wb2", 6)
+        setpoint("wb1", 11)
+        await eventually(lambda: sims.point("wb1").commanded_a == 11, 10)
+        assert ctx.counters["setpoints_received"] == received + 1 and sims.point("wb2").commanded_a == 8
         assert ctx.config.digest() == cfgmod.load(path).digest()
     finally:
         task.cancel()
@@ -95,6 +124,7 @@ async def test_service_picks_up_new_devices_and_drops_removed_ones(broker: Broke
         await stop_context(ctx)
         await obs.stop()
         await admin.stop()
+        await lc.stop()
         await sims.stop()
 
 

@@ -190,3 +190,16 @@ def test_resolve_is_cached_bounded_and_hands_out_copies(monkeypatch: pytest.Monk
         assert len(reg._resolved) <= 10
     assert reg.resolve("other/evse/wb1/setpoint") is None and reg.resolve("site/evse/wb1/nothing") is None
     assert reg.resolve("site/evse/wb3/status") == (reg.spec("evse.status"), {"evse_id": "wb3"})
+
+
+def test_subscription_parameters_are_topic_segments() -> None:
+    """A fixed parameter of a subscription is one topic segment: no wildcard or level separator widening it,
+    and only the topic's own parameters."""
+    reg = Registry()
+    assert reg.subscription("evse.setpoint", evse_id="wb1") == f"{reg.root}/evse/wb1/setpoint"
+    assert reg.subscription("evse.setpoint") == f"{reg.root}/evse/+/setpoint"
+    for bad in ("+", "#", "a/b", "", "wb1/#"):
+        with pytest.raises(TopicError):
+            reg.subscription("evse.setpoint", evse_id=bad)
+    with pytest.raises(TopicError):
+        reg.subscription("evse.setpoint", meter_id="m1")

@@ -136,8 +136,8 @@ async def test_refused_payloads_change_nothing(rig: Rig, batch: list) -> None:
 
 async def test_unknown_ids_stay_bounded_and_quiet(rig: Rig) -> None:
     ids = [f"fz{i}" for i in range(1100)]
-    await unknown_ids_round(rig.fuzz, rig.logs, rig.ctx, ids, (("evse.setpoint", "evse_id"),),
-                            refused_on=("evse.setpoint", "evse_id"))
+    # not subscribed to an unknown EVSE's setpoints (test_only_its_ocpp_evses_setpoints_reach_it): none to refuse
+    await unknown_ids_round(rig.fuzz, rig.logs, rig.ctx, ids, (("evse.setpoint", "evse_id"),), refused_on=None)
     await rig.alive()
     await asyncio.sleep(0.2)
     assert [t for t in rig.published.mentioning(ids) if t not in rig.fuzz.topics_sent] == []
@@ -159,3 +159,22 @@ async def test_only_the_modbus_evses_statuses_reach_it(rig: Rig) -> None:
     await asyncio.sleep(0.2)
     assert rig.fuzz.invalid() == before + 2
     rig.fuzz.expected_invalid += 2
+
+
+async def test_only_its_ocpp_evses_setpoints_reach_it(rig: Rig) -> None:
+    """Payloads it would refuse on the setpoint topics of the Modbus EVSE (the evse-poller's) and of unknown
+    EVSEs are not counted: it subscribes to its OCPP wallboxes' setpoints only, each by its own topic (the
+    wildcard brought it every Modbus EVSE's setpoint of a limit's burst to parse and drop). The same on its
+    OCPP wallbox's topic is counted."""
+    before = rig.fuzz.invalid()
+    pub = rig.fuzz.publisher("load-controller")
+    for evse_id in ("mb1", "ghost", "fz1"):
+        pub.publish(rig.fuzz.oracle.topic("evse.setpoint", evse_id=evse_id), b"refused")
+    pub.publish(rig.fuzz.oracle.topic("evse.setpoint", evse_id="cp1"), b"refused")
+    await pub.flush()
+    await wait_for(lambda: rig.fuzz.invalid() >= before + 1, 10, what="the OCPP EVSE's refused payload")
+    await asyncio.sleep(0.2)
+    assert rig.fuzz.invalid() == before + 1
+    rig.fuzz.expected_invalid += 1
+    assert {s.filter for s in rig.ctx.bus._subs if s.name == "evse.setpoint"} == {
+        rig.fuzz.oracle.topic("evse.setpoint", evse_id="cp1")}

@@ -1,7 +1,8 @@
 """The evse-poller service: bus in, Modbus out.
 
 Publishes ``evse/<id>/status`` for every Modbus EVSE and ``meter/<id>/reading`` for every meter;
-consumes ``evse/<id>/setpoint`` and ``evse/<id>/command`` (answering ``evse/<id>/command/result``).
+consumes ``evse/<id>/setpoint`` and ``evse/<id>/command`` (answering ``evse/<id>/command/result``), each
+subscribed per own EVSE.
 
 With ``poller.instances`` the Modbus devices are split over several processes: ``python -m evse_poller
 --instance garage`` (or ``CHARGEGATE_POLLER_INSTANCE=garage``) polls only the devices whose
@@ -85,6 +86,12 @@ async def serve(ctx: ServiceContext, tune: bool = False) -> None:
             await poller.command(cmd)
 
     async def on_reload(config: Config) -> None:
+        try:
+            await restart_or_reconfigure(config)
+        finally:
+            follow(config)
+
+    async def restart_or_reconfigure(config: Config) -> None:
         current = holder.get("poller")
         if current is not None and await current.reconfigure(config.for_poller(instance)):
             return  # device by device: the others keep polling
@@ -105,9 +112,25 @@ async def serve(ctx: ServiceContext, tune: bool = False) -> None:
         if poller is not None:
             poller.publish_broken()
 
+    followed: set[str] = set()
+
+    def follow(config: Config) -> None:
+        """Subscribe to the setpoints and commands of this instance's own Modbus EVSEs, each by its own topic:
+        the broker sends no other EVSE's (with 1000 EVSEs over several instances and the OCPP wallboxes, most
+        of ``evse/+/setpoint`` is someone else's - each was read, parsed, validated and dropped here). The
+        EVSEs of a reloaded configuration are followed, the removed ones no longer."""
+        want = {e.id for e in config.for_poller(instance).evses if e.modbus is not None}
+        for evse_id in sorted(want - followed):
+            ctx.bus.subscribe("evse.setpoint", on_setpoint, evse_id=evse_id)
+            ctx.bus.subscribe("evse.command", on_command, evse_id=evse_id)
+        for evse_id in sorted(followed - want):
+            ctx.bus.unsubscribe("evse.setpoint", evse_id=evse_id)
+            ctx.bus.unsubscribe("evse.command", evse_id=evse_id)
+        followed.clear()
+        followed.update(want)
+
     start(ctx.config)
-    ctx.bus.subscribe("evse.setpoint", on_setpoint)
-    ctx.bus.subscribe("evse.command", on_command)
+    follow(ctx.config)
     ctx.bus.on_connect(on_connect)
     ctx.on_reload(on_reload)
     if tune:

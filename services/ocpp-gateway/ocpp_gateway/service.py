@@ -23,10 +23,10 @@ NAME = "ocpp-gateway"
 class Gateway:
     """Everything the service runs for one configuration."""
 
-    def __init__(self, ctx: ServiceContext, config: Config, watch: Callable[[str], None] | None = None) -> None:
+    def __init__(self, ctx: ServiceContext, config: Config, watch: Subscriptions | None = None) -> None:
         self.ctx = ctx
         self.config = config
-        self.watch = watch  # subscribes a Modbus EVSE's status and command results (see subscribe)
+        self.watch = watch  # subscribes an EVSE's topics (see Subscriptions)
         qpath = config.ocpp.queue.path or (config.state_dir / "ocpp-queue.sqlite")
         self.queue = TxQueue(qpath, max_messages=config.ocpp.queue.max_messages)
         self.local: LocalCsms | None = None
@@ -71,6 +71,8 @@ class Gateway:
                 self.modbus[evse.id] = ModbusEvse(evse, cfg, ctx.bus, ctx.counters, ctx.tasks)
                 if self.watch is not None:
                     self.watch(evse.id)
+            elif evse.ocpp is not None and self.watch is not None:
+                self.watch.setpoints(evse.id)
             self._connect_upstream(evse)
         versions: set[Version] = {up.version for up in self.upstreams.values()}
         if self.local is not None:
@@ -173,6 +175,8 @@ class Gateway:
                 self.modbus[evse_id] = ModbusEvse(evse, new, self.ctx.bus, self.ctx.counters, self.ctx.tasks)
                 if self.watch is not None:
                     self.watch(evse_id)
+            elif evse.ocpp is not None and self.watch is not None:
+                self.watch.setpoints(evse_id)
             self._connect_upstream(evse)
         if self.local is not None:
             if started_local and new.ocpp.local.enabled:
@@ -255,23 +259,39 @@ class Gateway:
         self.queue.close()
 
 
-def subscribe(ctx: ServiceContext, current: Callable[[], Gateway]) -> Callable[[str], None]:
-    """The gateway's bus subscriptions, each dispatching to the ``current()`` gateway: the setpoints of every
-    EVSE, and - through the function returned, called once a Modbus EVSE is there - that EVSE's status and
-    command results (the evse-poller's). Not a wildcard for those: it would bring back every status the
-    gateway publishes for its own OCPP wallboxes, one MQTT message in, parsed and dropped, per MeterValues
-    forwarded (bench/ocpp)."""
-    ctx.bus.subscribe("evse.setpoint", lambda m: current().on_setpoint(m))
-    watched: set[str] = set()
+class Subscriptions:
+    """The gateway's bus subscriptions, each dispatching to the ``current()`` gateway, per EVSE: calling it with a
+    Modbus EVSE's id subscribes that EVSE's status and command results (the evse-poller's), ``setpoints(id)`` an
+    OCPP EVSE's setpoints. Not wildcards: ``evse/+/status`` would bring back every status the gateway publishes
+    for its own OCPP wallboxes, one MQTT message in, parsed and dropped, per MeterValues forwarded (bench/ocpp);
+    ``evse/+/setpoint`` every Modbus EVSE's setpoint, which only the evse-poller drives (at 500 + 500 wallboxes
+    half of every limit's burst, read, parsed, validated and dropped here). Subscribed once per id: the
+    subscriptions outlive a restart of the gateway with a new configuration; a removed EVSE's messages are
+    dropped by the gateway as before."""
 
-    def watch(evse_id: str) -> None:
-        if evse_id in watched:
+    def __init__(self, ctx: ServiceContext, current: Callable[[], Gateway]) -> None:
+        self.ctx = ctx
+        self.current = current
+        self.watched: set[str] = set()
+        self.followed: set[str] = set()
+
+    def __call__(self, evse_id: str) -> None:
+        if evse_id in self.watched:
             return
-        watched.add(evse_id)
-        ctx.bus.subscribe("evse.status", lambda m: current().on_status(m), evse_id=evse_id)
-        ctx.bus.subscribe("evse.command_result", lambda m: current().on_result(m), evse_id=evse_id)
+        self.watched.add(evse_id)
+        self.ctx.bus.subscribe("evse.status", lambda m: self.current().on_status(m), evse_id=evse_id)
+        self.ctx.bus.subscribe("evse.command_result", lambda m: self.current().on_result(m), evse_id=evse_id)
 
-    return watch
+    def setpoints(self, evse_id: str) -> None:
+        if evse_id in self.followed:
+            return
+        self.followed.add(evse_id)
+        self.ctx.bus.subscribe("evse.setpoint", lambda m: self.current().on_setpoint(m), evse_id=evse_id)
+
+
+def subscribe(ctx: ServiceContext, current: Callable[[], Gateway]) -> Subscriptions:
+    """The gateway's per-EVSE subscriptions (see :class:`Subscriptions`), made as the gateway meets its EVSEs."""
+    return Subscriptions(ctx, current)
 
 
 async def serve(ctx: ServiceContext, tune: bool = False) -> None:
