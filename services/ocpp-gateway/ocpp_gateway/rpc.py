@@ -336,15 +336,20 @@ class OcppRpc:
 
     # -- sending -----------------------------------------------------------------------------
     async def _send(self, frame: list[Any]) -> None:
-        text = json.dumps(frame, separators=(",", ":"), default=_json_default)
+        await self._send_text(json.dumps(frame, separators=(",", ":"), default=_json_default))
+
+    async def _send_text(self, text: str) -> None:
         if self.on_frame is not None:
             self.on_frame("out", text)
         await self.ws.send(text)
 
     async def call(self, action: str, payload: dict[str, Any], timeout_s: float | None = None,
-                   unique_id: str | None = None) -> dict[str, Any]:
+                   unique_id: str | None = None, payload_text: str | None = None) -> dict[str, Any]:
         """Send a CALL and return the CALLRESULT payload; a CALLERROR raises :class:`RpcError`,
-        no answer in time raises :class:`TimeoutError`, a lost connection ``ConnectionClosed``."""
+        no answer in time raises :class:`TimeoutError`, a lost connection ``ConnectionClosed``.
+        ``payload_text``: ``payload`` already encoded as ``json.dumps(payload, separators=(",", ":"))`` (the
+        transaction queue's stored text): the frame is built around it instead of encoding ``payload`` again
+        (the same bytes; ``payload`` is still what the schema check sees)."""
         if self.validate_out:
             validate(self.version, action, "request", payload)
         uid = unique_id or str(uuid.uuid4())
@@ -360,7 +365,10 @@ class OcppRpc:
             # cancelled after every answer, and asyncio.wait cost a third of this method's time: bench/ocpp)
             timer = loop.call_later(timeout, _expire, fut, self.name, action, timeout)
             try:
-                await self._send([CALL, uid, action, payload])
+                if payload_text is None:
+                    await self._send([CALL, uid, action, payload])
+                else:
+                    await self._send_text(f"[{CALL},{json.dumps(uid)},{json.dumps(action)},{payload_text}]")
                 return await fut
             finally:
                 timer.cancel()

@@ -190,6 +190,7 @@ class Queued:
     uid: str
     attempts: int
     next_try: float = 0.0  # time.time() of the next attempt after a refusal
+    text: str | None = None  # the payload as stored (JSON): what goes to the backend when nothing is filled in
 
     def due_in(self) -> float:
         return max(0.0, self.next_try - time.time())
@@ -229,6 +230,10 @@ class TxQueue:
         self.db.execute("PRAGMA journal_mode=WAL")
         private_sqlite(self.path)  # -wal/-shm an older version left wider
         self.db.execute("PRAGMA synchronous=FULL")
+        # the connection's synchronous level as last set: it is set before each write (``_sync_level``) and left
+        # there, so a run of deferred commits and deletes (the relay path: two per meter value) switches it
+        # never, not four times per message (each PRAGMA a statement on the loop)
+        self._level = "FULL"
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
         if "last_digest" not in {r[1] for r in self.db.execute("PRAGMA table_info(tx)")}:  # a file of before
@@ -253,6 +258,9 @@ class TxQueue:
         # MeterValues); every write to a row replaces or drops its entry, so a hit equals what SELECT would say
         self._rows: dict[str, TxRow] = {}
         self._by_local: dict[tuple[str, str], str] = {}  # (evse_id, local_id) -> the newest tx with it
+        # charge points whose queue this connection found empty and has inserted nothing for since (head() after
+        # each delivery found it empty with a SELECT per message); only _insert adds messages
+        self._empty: set[str] = set()
 
     def close(self) -> None:
         if self._syncer is not None:
@@ -356,14 +364,23 @@ class TxQueue:
         db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
     # -- helpers -----------------------------------------------------------------------------
-    def _begin(self) -> None:
+    def _sync_level(self, level: str) -> None:
+        """Set ``PRAGMA synchronous`` for the next commit (outside a transaction: SQLite takes it only there).
+        Every write of this class sets the level it needs first: FULL for everything but the deferred commits
+        (their fsync follows in sync()) and the deletes of delivered messages."""
+        if self._level != level:
+            self.db.execute(f"PRAGMA synchronous={level}")
+            self._level = level
+
+    def _begin(self, level: str = "FULL") -> None:
+        """Open a write transaction; its commit is ``level`` (FULL unless told), NORMAL in the task of a
+        deferred_sync (see there)."""
         ticket = _DEFERRED.get()
         # a commit of the task inside deferred_sync: written to the WAL, its fsync follows in sync() (SQLite
         # takes the level only outside a transaction; nothing else runs on the loop until COMMIT or ROLLBACK)
         self._deferred_tx = ticket if ticket is not None and ticket.queue is self and \
             ticket.task is asyncio.current_task() else None
-        if self._deferred_tx is not None:
-            self.db.execute("PRAGMA synchronous=NORMAL")
+        self._sync_level("NORMAL" if self._deferred_tx is not None else level)
         self._tx_inserted.clear()
         try:
             self.db.execute("BEGIN IMMEDIATE")
@@ -373,8 +390,6 @@ class TxQueue:
 
     def _end_deferred(self) -> SyncTicket | None:
         ticket, self._deferred_tx = self._deferred_tx, None
-        if ticket is not None:
-            self.db.execute("PRAGMA synchronous=FULL")
         return ticket
 
     def _commit(self) -> None:
@@ -396,6 +411,9 @@ class TxQueue:
                 # checkpoints from now on in the sync thread (see _checkpoint), not on the loop
                 self.db.execute("PRAGMA wal_autocheckpoint=0")
             syncer.request(self._written)  # the fsync starts now, while the caller goes on
+        self._count_commit()
+
+    def _count_commit(self) -> None:
         if self._syncer is not None:
             self._since_checkpoint += 1
             if self._since_checkpoint >= CHECKPOINT_EVERY:
@@ -428,6 +446,7 @@ class TxQueue:
         return row[0] if row else None
 
     def set_kv(self, key: str, value: str) -> None:
+        self._sync_level("FULL")
         self.db.execute("INSERT OR REPLACE INTO kv (k, v) VALUES (?, ?)", (key, value))
 
     # -- enqueue -----------------------------------------------------------------------------
@@ -493,10 +512,12 @@ class TxQueue:
     def add_seq_only(self, tx: str, local_seq: int) -> None:
         """Remember a wallbox's TransactionEvent seqNo that carried nothing to forward (duplicate check)."""
         self._rows.pop(tx, None)
+        self._sync_level("FULL")
         self.db.execute("UPDATE tx SET local_seq = ? WHERE tx = ?", (local_seq, tx))
 
     def mark_stopped(self, tx: str, stopped: str) -> None:
         self._rows.pop(tx, None)
+        self._sync_level("FULL")
         self.db.execute("UPDATE tx SET stopped = ? WHERE tx = ?", (stopped, tx))
 
     def next_seq_no(self, tx: str) -> int:
@@ -518,6 +539,7 @@ class TxQueue:
             "INSERT INTO msg (cp, tx, kind, action, payload, uid, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (cp, tx, kind, action, json.dumps(payload, separators=(",", ":")), str(uuid.uuid4()), time.time()))
         self._count += 1
+        self._empty.discard(cp)
         seq = int(cur.lastrowid or 0)
         self._tx_inserted.append(seq)
         return seq
@@ -542,6 +564,7 @@ class TxQueue:
                     log.error("transaction queue is over its bound with only start/stop messages left; "
                               "keeping them all", queued=self._count, bound=self.max_messages)
                 return
+            self._sync_level("FULL")
             self.db.execute("DELETE FROM msg WHERE seq = ?", (row[0],))
             self._count -= 1
             self.dropped += 1
@@ -552,12 +575,17 @@ class TxQueue:
 
     # -- delivery ----------------------------------------------------------------------------
     def head(self, cp: str) -> Queued | None:
+        """The oldest queued message of ``cp``; ``Queued.text`` is its payload as stored (``payload`` decoded)."""
+        if cp in self._empty:
+            return None
         row = self.db.execute(
             "SELECT seq, cp, tx, kind, action, payload, uid, attempts, next_try FROM msg WHERE cp = ? "
             "ORDER BY seq LIMIT 1", (cp,)).fetchone()
         if row is None:
+            if not self.db.in_transaction:  # committed state only (an open transaction may still roll back)
+                self._empty.add(cp)
             return None
-        return Queued(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7], row[8])
+        return Queued(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7], row[8], row[5])
 
     def due_in(self, seq: int) -> float:
         row = self.db.execute("SELECT next_try FROM msg WHERE seq = ?", (seq,)).fetchone()
@@ -570,14 +598,18 @@ class TxQueue:
         syncs the WAL up to here): a process crash loses nothing, a power cut can at worst bring a
         delivered message back, which is then sent again with its original message id - never a loss.
         """
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        try:
-            self._delivered(seq, backend_id, id_status)
-        finally:
-            self.db.execute("PRAGMA synchronous=FULL")
+        if backend_id is None and _DEFERRED.get() is None and not self.db.in_transaction:
+            # the usual case: one statement, its own transaction (BEGIN and COMMIT would be two more)
+            self._sync_level("NORMAL")
+            cur = self.db.execute("DELETE FROM msg WHERE seq = ?", (seq,))
+            self._count -= cur.rowcount
+            self._unsynced_msg.pop(seq, None)
+            self._count_commit()
+            return
+        self._delivered(seq, backend_id, id_status)
 
     def _delivered(self, seq: int, backend_id: str | None, id_status: str | None) -> None:
-        self._begin()
+        self._begin(level="NORMAL")  # a delete needs no fsync of its own (above)
         try:
             row = self.db.execute("SELECT tx FROM msg WHERE seq = ?", (seq,)).fetchone() \
                 if backend_id is not None else None
@@ -623,6 +655,7 @@ class TxQueue:
                 self._rollback()
                 raise
             return True
+        self._sync_level("FULL")
         self.db.execute("UPDATE msg SET attempts = ?, next_try = ?, last_error = ? WHERE seq = ?",
                         (attempts, time.time() + backoff_s * min(2 ** (attempts - 1), 32), error[:500], seq))
         return False
@@ -715,6 +748,7 @@ class TxQueue:
         cutoff = time.time() - keep_days * 86400
         self._rows.clear()
         self._by_local.clear()
+        self._sync_level("FULL")
         self.db.execute(
             "DELETE FROM tx WHERE stopped IS NOT NULL AND stopped < ? "
             "AND NOT EXISTS (SELECT 1 FROM msg WHERE msg.tx = tx.tx)",

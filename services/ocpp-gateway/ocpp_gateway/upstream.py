@@ -608,8 +608,10 @@ class UpstreamCP:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), wait)
                 continue
-            payload = m.payload
-            if _has_placeholder(payload):
+            payload, text = m.payload, m.text
+            # the placeholder can only be in the payload when its text holds it (the walk costs more than the test)
+            if (text is None or TX_ID_PLACEHOLDER in text) and _has_placeholder(payload):
+                text = None  # rewritten below: encoded anew
                 row = self.queue.tx(m.tx)
                 if row is None or row.backend_id is None:
                     n = self.queue.bury_tx(m.tx, "the backend never assigned a transaction id")
@@ -628,7 +630,7 @@ class UpstreamCP:
                 self.counters["tx_forwarded_before_fsync"] += 1
             t0 = asyncio.get_running_loop().time()
             try:
-                res = await rpc.call(m.action, payload, unique_id=m.uid)
+                res = await rpc.call(m.action, payload, unique_id=m.uid, payload_text=text)
             except TimeoutError:
                 self.counters["tx_delivery_timeouts"] += 1
                 continue  # same message, same id
